@@ -1,0 +1,209 @@
+"""Uptraining and early-exit losses on logits (§3.6–3.7, App. L, M; Tables 1, 11, 13).
+
+Conventions, one place for each:
+- Alignment. Every loss takes logits already aligned with their targets: position t of
+  `logits` predicts position t of `labels`. `shift_for_next_token` does the causal shift once.
+- Masking. CE ignores `labels == ignore_index`; KD takes a `mask` of the same leading shape
+  (True / 1 = keep). Masked positions are dropped *before* any arithmetic, so garbage (even inf)
+  in padded logits cannot reach the value or the gradient.
+- Averaging. Token-weighted: sum over every kept token of the batch / number of kept tokens
+  (not a per-sequence mean), so a long sequence counts as much as its tokens.
+- Precision. Half-precision logits are upcast to float32; float64 stays float64.
+- Temperature. Both distributions use logits / T, and the divergence is multiplied by T²
+  (Hinton et al., 2015) so its gradient keeps the same scale as T changes; T = 1 is the plain
+  divergence. The paper states no temperature, so 1.0 is the default.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+KD_KINDS = ("fkl", "rkl", "jsd", "tvd")
+LOOP_SCHEMES = ("weighted", "aggressive")
+
+
+def shift_for_next_token(logits, input_ids, attention_mask=None, ignore_index=-100):
+    """Return (logits [b, s-1, V], labels [b, s-1]) aligned for next-token prediction.
+
+    Position t predicts input_ids[t+1]. A target is ignored when it, or the position that
+    predicts it, is padding (attention_mask == 0): with left padding the first real token is
+    otherwise "predicted" from a pad position.
+    """
+    if logits.dim() != 3 or input_ids.shape != logits.shape[:2]:
+        raise ValueError(f"expected logits [batch, seq, vocab] and input_ids [batch, seq]; "
+                         f"got {tuple(logits.shape)} and {tuple(input_ids.shape)}")
+    labels = input_ids[:, 1:].clone()  # [b, s-1]
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != "
+                             f"input_ids shape {tuple(input_ids.shape)}")
+        keep = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+        labels[~keep] = ignore_index
+    return logits[:, :-1, :], labels
+
+
+def cross_entropy(logits, labels, ignore_index=-100):
+    """Return the token-averaged CE of logits [..., V] against labels [...]."""
+    _check_leading(logits, labels, "labels")
+    keep = labels != ignore_index                       # [...]
+    logits, labels = _upcast(logits[keep]), labels[keep]  # [n, V], [n]
+    # sum / count (not F.cross_entropy's mean) so an all-padding batch gives 0, not nan
+    return F.cross_entropy(logits, labels, reduction="sum") / max(labels.numel(), 1)
+
+
+def kd_loss(student_logits, teacher_logits, mask=None, kind="fkl", temperature=1.0):
+    """Return the token-averaged divergence between teacher and student, times T² (App. L).
+
+    kind: "fkl" KL(teacher‖student) — the paper's choice (§3.6, Table 11); "rkl"
+    KL(student‖teacher); "jsd" ½KL(P‖M) + ½KL(Q‖M), M = (P+Q)/2; "tvd" ½Σ|P−Q|.
+    Gradients reach both inputs: detach the teacher (or run it under no_grad) yourself.
+    """
+    _check_kind(kind)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape")
+    if mask is None:
+        mask = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
+    _check_leading(student_logits, mask, "mask")
+    keep = mask.bool()
+    log_q = F.log_softmax(_upcast(student_logits[keep]) / temperature, dim=-1)  # [n, V] student
+    log_p = F.log_softmax(_upcast(teacher_logits[keep]) / temperature, dim=-1)  # [n, V] teacher
+    per_token = _DIVERGENCES[kind](log_p, log_q)                                # [n]
+    return per_token.sum() / max(per_token.numel(), 1) * temperature**2
+
+
+def uptrain_loss(student_logits, labels, teacher_logits=None, kd_weight=1.0, kind="fkl",
+                 temperature=1.0, ignore_index=-100):
+    """Return (CE + kd_weight · KD, parts) for uptraining with an online teacher (§3.6, App. L).
+
+    KD covers the tokens CE counts. The teacher is frozen, so its logits are detached.
+    The paper gives no KD weight; 1.0 is the default. parts: detached "ce", "kd", "loss".
+    """
+    _check_kind(kind)
+    if kd_weight < 0:
+        raise ValueError(f"kd_weight must be >= 0; got {kd_weight}")
+    if teacher_logits is not None and teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape")
+    ce = cross_entropy(student_logits, labels, ignore_index)
+    parts = {"ce": ce.detach()}
+    loss = ce
+    if teacher_logits is not None:
+        kd = kd_loss(student_logits, teacher_logits.detach(), labels != ignore_index, kind,
+                     temperature)
+        parts["kd"] = kd.detach()
+        loss = ce + kd_weight * kd
+    parts["loss"] = loss.detach()
+    return loss, parts
+
+
+def loop_weights(num_loops, scheme="aggressive", coefficient=None):
+    """Return the loss coefficient of each loop exit, loop 1 first (§3.7, App. M, Table 13).
+
+    "weighted": αᵢ = i / Σⱼ j (§3.7, after Schuster et al. 2022; Bae et al. 2023); sums to 1.
+    "aggressive": `coefficient` on every intermediate loop, 1 on the last. The paper does not
+    normalise ("maintaining a coefficient of 1 for the final output", §3.7), so neither do we.
+    It found c = 0.1 best (0.3, 0.05, 0.01 tried, Table 13).
+    """
+    if not isinstance(num_loops, int) or num_loops < 1:
+        raise ValueError(f"num_loops must be an int >= 1; got {num_loops!r}")
+    if scheme not in LOOP_SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; valid: {LOOP_SCHEMES}")
+    if scheme == "weighted":
+        if coefficient is not None:
+            raise ValueError(f"coefficient={coefficient} applies only to scheme='aggressive'; "
+                             f"scheme='weighted' fixes αᵢ = i/Σj")
+        return [i / (num_loops * (num_loops + 1) / 2) for i in range(1, num_loops + 1)]
+    if coefficient is None or not 0.0 <= coefficient <= 1.0:
+        raise ValueError(f"aggressive coefficient must be in [0, 1]; got {coefficient!r}")
+    return [float(coefficient)] * (num_loops - 1) + [1.0]
+
+
+def early_exit_loss(loop_logits, labels, *, scheme="aggressive", coefficient=None,
+                    self_distill=False, self_distill_kind="fkl", teacher_logits=None,
+                    kd_weight=1.0, kd_kind="fkl", temperature=1.0, ignore_index=-100):
+    """Return (Σᵢ αᵢ·Lᵢ, parts) over the B loop exits, the last loop last (§3.7, App. M).
+
+    Lᵢ = CEᵢ, plus for i < B (if self_distill) the KD of loop i from the *detached* final-loop
+    distribution (§3.7: "knowledge distillation from the detached final outputs"), plus for
+    i = B (if teacher_logits) kd_weight · KD from the teacher (App. L). The self-distillation
+    term sits inside αᵢ: the paper gives it no separate weight, and it keeps the intermediate
+    loops' whole share at αᵢ. αᵢ from `loop_weights(B, scheme, coefficient)`.
+    parts (detached): "loss", "ce/loop_i", "self_distill/loop_i", "kd", "weight/loop_i".
+    """
+    _check_kind(self_distill_kind)
+    _check_kind(kd_kind)
+    if kd_weight < 0:
+        raise ValueError(f"kd_weight must be >= 0; got {kd_weight}")
+    if len(loop_logits) == 0:
+        raise ValueError("loop_logits is empty; expected one logits tensor per loop exit")
+    shapes = {tuple(x.shape) for x in loop_logits}
+    if len(shapes) != 1:
+        raise ValueError(f"every loop's logits must have one shape; got {sorted(shapes)}")
+    weights = loop_weights(len(loop_logits), scheme, coefficient)
+    final = loop_logits[-1]
+    _check_leading(final, labels, "labels")
+    if teacher_logits is not None and teacher_logits.shape != final.shape:
+        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} must match the loop "
+                         f"logits {tuple(final.shape)}")
+    keep = labels != ignore_index  # [...] the tokens every term averages over
+    total, parts = 0.0, {}
+    for i, (logits, weight) in enumerate(zip(loop_logits, weights), start=1):
+        loss_i = cross_entropy(logits, labels, ignore_index)
+        parts[f"ce/loop_{i}"] = loss_i.detach()
+        if self_distill and i < len(loop_logits):
+            # detached: the final loop is the target, never pulled towards the early exits
+            sd = kd_loss(logits, final.detach(), keep, self_distill_kind, temperature)
+            parts[f"self_distill/loop_{i}"] = sd.detach()
+            loss_i = loss_i + sd
+        if teacher_logits is not None and i == len(loop_logits):
+            kd = kd_loss(logits, teacher_logits.detach(), keep, kd_kind, temperature)
+            parts["kd"] = kd.detach()
+            loss_i = loss_i + kd_weight * kd
+        parts[f"weight/loop_{i}"] = weight
+        total = total + weight * loss_i
+    parts["loss"] = total.detach()
+    return total, parts
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+def _fkl(log_p, log_q):
+    # KL(P‖Q) = Σ p (log p − log q); xlogy-style guard so p = 0 terms are 0, not nan
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+
+
+def _rkl(log_p, log_q):
+    return _fkl(log_q, log_p)
+
+
+def _jsd(log_p, log_q):
+    # log M = log((P+Q)/2), computed in log space for stability
+    log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2.0)
+    return 0.5 * _fkl(log_p, log_m) + 0.5 * _fkl(log_q, log_m)
+
+
+def _tvd(log_p, log_q):
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+
+
+_DIVERGENCES = {"fkl": _fkl, "rkl": _rkl, "jsd": _jsd, "tvd": _tvd}
+
+
+def _upcast(x):
+    # bf16/fp16 log_softmax over a 32K–256K vocab loses the tail the divergences depend on
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _check_kind(kind):
+    if kind not in KD_KINDS:
+        raise ValueError(f"unknown KD loss kind {kind!r}; valid: {KD_KINDS}")
+
+
+def _check_leading(logits, target, name):
+    if target.shape != logits.shape[:-1]:
+        raise ValueError(f"{name} shape {tuple(target.shape)} must equal logits shape without "
+                         f"the vocab dim {tuple(logits.shape[:-1])}")

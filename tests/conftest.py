@@ -1,0 +1,31 @@
+"""Fixtures: tiny random models of every supported family (built once per session)."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the hub (read at import time)
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+import rrt  # noqa: E402
+from rrt.models import TINY  # noqa: E402
+
+
+@pytest.fixture(scope="session", params=TINY)
+def tiny(request):
+    """(name, model, tokenizer) for each tiny family; tests must not modify the model."""
+    model, tok = rrt.load_model(request.param)
+    return request.param, model, tok
+
+
+@pytest.fixture(scope="session")
+def tiny_ids(tiny):
+    """A [2, 17] batch of token ids for the tiny models (odd length on purpose)."""
+    _, _, tok = tiny
+    texts = ["The quick brown fox jumps over!", "Loops share one block of layers."]
+    return tok(texts, return_tensors="pt", padding=True).input_ids[:, :17]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (embedded GGUF), fp32."""
+    return rrt.load_model("smollm2-135m")

@@ -1,0 +1,242 @@
+"""Relaxation: DESIGN.md invariants 2–5 for every tiny family, merge, per-row-depth LoRA, counts."""
+import warnings
+
+import pytest
+import torch
+
+import rrt
+from rrt.models import decoder_layers, family_of
+from rrt.relax import LoopLoRALinear, lora_modules, merge, per_row_lora, per_row_loops, set_trainable
+from tests.test_recursive import assert_tied
+
+FULL = 10_000  # larger than any tiny matrix: clamped to full rank
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def quiet_convert(model, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return rrt.convert(model, rrt.RecursiveSpec(**kw))
+
+
+# --------------------------------------------------------------------------- invariant 3
+
+def test_rank_zero_is_the_plain_recursive_model(tiny, tiny_ids):
+    _, model, _ = tiny
+    plain = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, init="average"))
+    rank0 = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, init="average", lora_rank=0))
+    assert not lora_modules(rank0)
+    assert torch.equal(rank0(tiny_ids).logits, plain(tiny_ids).logits)
+
+
+def test_zero_init_lora_leaves_the_recursive_model_exact(tiny, tiny_ids):
+    _, model, _ = tiny
+    plain = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, init="average"))
+    relaxed = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, init="average", lora_rank=4,
+                                                   lora_init="zero"))
+    assert len(lora_modules(relaxed)) == 6 * len(family_of(model).linears)
+    assert all(m.lora_A.abs().sum() > 0 and not m.lora_B.any() for m in lora_modules(relaxed).values())
+    assert torch.equal(relaxed(tiny_ids).logits, plain(tiny_ids).logits)
+
+
+# --------------------------------------------------------------------------- invariant 4
+
+@pytest.mark.parametrize("init", ["stepwise", "average", "lower"])
+def test_full_rank_with_untied_norms_reproduces_original(tiny, tiny_ids, init):
+    _, model, _ = tiny
+    relaxed = quiet_convert(model, num_blocks=2, init=init, lora_rank=FULL, untie_norms=True)
+    assert rel_err(relaxed(tiny_ids).logits, model(tiny_ids).logits) < 1e-4
+
+
+def test_full_rank_with_tied_norms_does_not(tiny, tiny_ids):
+    """Why untie_norms exists: LoRA cannot express per-depth norm weights (or biases)."""
+    _, model, _ = tiny
+    relaxed = quiet_convert(model, num_blocks=2, init="average", lora_rank=FULL)
+    assert rel_err(relaxed(tiny_ids).logits, model(tiny_ids).logits) > 1e-3
+
+
+def test_rank_clamp_warns_once(tiny):
+    _, model, _ = tiny
+    with pytest.warns(UserWarning, match="clamped to full rank") as record:
+        rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, lora_rank=FULL))
+    assert len([w for w in record if "clamped" in str(w.message)]) == 1
+
+
+# --------------------------------------------------------------------------- invariant 5
+
+@pytest.mark.parametrize("init", ["stepwise", "average"])
+def test_svd_residual_is_the_dropped_singular_values(tiny, init):
+    _, model, _ = tiny
+    rank = 3
+    relaxed = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, init=init, lora_rank=rank))
+    orig, layers = decoder_layers(model), decoder_layers(relaxed)
+    for depth in range(6):
+        for name in family_of(model).linears:
+            lora = layers[depth].get_submodule(name)
+            target = orig[depth].get_submodule(name).weight.double()
+            shared = lora.base_layer.weight.double()
+            s = torch.linalg.svdvals(target - shared)
+            approx = shared + lora.lora_B.double() @ lora.lora_A.double()
+            dropped = s[rank:].norm()
+            torch.testing.assert_close((target - approx).norm(), dropped, rtol=1e-5, atol=1e-6)
+            if torch.equal(target, shared):  # App. E: the layer Stepwise picked gets standard init
+                assert not lora.lora_B.any() and lora.lora_A.any()
+
+
+def test_svd_delta_is_exactly_BA(tiny, tiny_ids):
+    """No α/r factor: the forward adds x·Aᵀ·Bᵀ and nothing else."""
+    _, model, _ = tiny
+    relaxed = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, init="average", lora_rank=2))
+    lora = next(iter(lora_modules(relaxed).values()))
+    x = torch.randn(5, lora.lora_A.shape[1])
+    expected = lora.base_layer(x) + x @ (lora.lora_B @ lora.lora_A).t()
+    torch.testing.assert_close(lora(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_rank_groups_map_to_module_names(tiny):
+    _, model, _ = tiny
+    ranks = {"q": 3, "kv": 2, "o": 0, "mlp": 5}
+    relaxed = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, lora_rank=ranks))
+    layer = decoder_layers(relaxed)[4]
+    for name, group in family_of(model).linears.items():
+        module = layer.get_submodule(name)
+        if ranks[group] == 0:
+            assert not isinstance(module, LoopLoRALinear)
+        else:
+            assert module.lora_A.shape[0] == ranks[group] and module.loop_idx == 2 * 4 // 6
+
+
+# --------------------------------------------------------------------------- invariant 2 + save/load
+
+def test_sharing_intact_after_relax_step_and_save_load(tiny, tiny_ids, tmp_path):
+    _, model, tok = tiny
+    relaxed = rrt.convert(model, rrt.RecursiveSpec(num_blocks=3, init="average", lora_rank=4))
+    assert_tied(relaxed, 3)
+    loras = lora_modules(relaxed)
+    assert len({id(m.lora_A) for m in loras.values()}) == len(loras)  # one LoRA per depth
+    relaxed.train()
+    opt = torch.optim.AdamW(relaxed.parameters(), lr=1e-2)
+    relaxed(tiny_ids, labels=tiny_ids).loss.backward()
+    opt.step()
+    relaxed.eval()
+    assert_tied(relaxed, 3)
+    rrt.save(relaxed, tmp_path / "ckpt", tokenizer=tok)
+    loaded = rrt.load(tmp_path / "ckpt")
+    assert_tied(loaded, 3)
+    assert torch.equal(loaded(tiny_ids).logits, relaxed(tiny_ids).logits)
+    assert rrt.count_parameters(loaded) == rrt.count_parameters(relaxed)
+
+
+def test_freeze_shared_base(tiny, tiny_ids):
+    _, model, _ = tiny
+    relaxed = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, lora_rank=2))
+    set_trainable(relaxed, base=False)
+    relaxed(tiny_ids, labels=tiny_ids).loss.backward()
+    for name, p in relaxed.named_parameters():
+        assert (p.grad is not None) == ("lora_" in name), name
+
+
+# --------------------------------------------------------------------------- merge
+
+def test_merge_is_a_plain_model_equal_to_the_relaxed_one(tiny, tiny_ids):
+    _, model, _ = tiny
+    relaxed = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, init="average", lora_rank=3,
+                                                   untie_norms=True))
+    merged = merge(relaxed)
+    assert type(merged) is type(model) and not getattr(merged.config, "rrt", None)
+    assert not lora_modules(merged)
+    assert rrt.count_parameters(merged)["non_embedding"] == rrt.count_parameters(model)["non_embedding"]
+    assert rel_err(merged(tiny_ids).logits, relaxed(tiny_ids).logits) < 1e-5
+    assert lora_modules(relaxed)  # the relaxed model itself is left as it was
+
+
+# --------------------------------------------------------------------------- per-row-depth LoRA
+
+@pytest.mark.parametrize("assignment", ["random", "all_last", "one_per_loop"])
+def test_per_row_path_equals_per_depth_path(tiny, assignment):
+    _, model, _ = tiny
+    num_blocks = 3
+    relaxed = rrt.convert(model, rrt.RecursiveSpec(num_blocks=num_blocks, init="average",
+                                                   lora_rank={"q": 3, "kv": 2, "o": 1, "mlp": 5}))
+    layers, k = decoder_layers(relaxed), 6 // num_blocks
+    gen = torch.Generator().manual_seed(0)
+    rows = {"random": 11, "all_last": 7, "one_per_loop": num_blocks}[assignment]
+    loop_idx = {"random": torch.randint(0, num_blocks, (rows,), generator=gen),
+                "all_last": torch.full((rows,), num_blocks - 1),
+                "one_per_loop": torch.arange(num_blocks)}[assignment]
+    for name in family_of(model).linears:
+        for j in range(k):
+            x = torch.randn(rows, layers[j].get_submodule(name).lora_A.shape[1], generator=gen)
+            with per_row_loops(relaxed, loop_idx):
+                got = layers[j].get_submodule(name)(x)
+            want = torch.stack([layers[j + int(b) * k].get_submodule(name)(x[i]) for i, b in enumerate(loop_idx)])
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert all(m.row_loras is None for m in lora_modules(relaxed).values())  # context cleaned up
+
+
+def test_per_row_lora_mixed_ranks_and_missing_loops():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 6, generator=gen)
+    loras = [(torch.randn(2, 6, generator=gen), torch.randn(4, 2, generator=gen)), None,
+             (torch.randn(5, 6, generator=gen), torch.randn(4, 5, generator=gen))]
+    loop_idx = torch.tensor([2, 0, 1, 2, 2, 0, 1, 1, 0])
+    got = per_row_lora(x, loop_idx, loras)
+    for i, b in enumerate(loop_idx.tolist()):
+        want = torch.zeros(4) if loras[b] is None else loras[b][1] @ (loras[b][0] @ x[i])
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- parameter counts
+
+def test_lora_count(tiny):
+    _, model, _ = tiny
+    rank = 3
+    relaxed = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, lora_rank=rank))
+    plain = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2))
+    per_depth = sum(rank * sum(decoder_layers(model)[0].get_submodule(n).weight.shape)
+                    for n in family_of(model).linears)
+    counts = rrt.count_parameters(relaxed)
+    assert counts["lora"] == 6 * per_depth
+    assert counts["non_embedding"] == rrt.count_parameters(plain)["non_embedding"] + 6 * per_depth
+
+
+def _paper_config(name):
+    import transformers as tf
+    return {
+        # published dimensions (paper Table 2)
+        "gemma-2b": tf.GemmaConfig(vocab_size=256000, hidden_size=2048, intermediate_size=16384,
+                                   num_hidden_layers=18, num_attention_heads=8, num_key_value_heads=1,
+                                   head_dim=256),
+        "tinyllama-1.1b": tf.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                                         num_hidden_layers=22, num_attention_heads=32,
+                                         num_key_value_heads=4),
+        "pythia-1b": tf.GPTNeoXConfig(vocab_size=50304, hidden_size=2048, intermediate_size=8192,
+                                      num_hidden_layers=16, num_attention_heads=8),
+    }[name]
+
+
+def _meta_model(name):
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(_paper_config(name))
+
+
+@pytest.mark.parametrize("name,non_emb,emb", [("gemma-2b", 1.98, 0.52), ("tinyllama-1.1b", 0.97, 0.13),
+                                              ("pythia-1b", 0.81, 0.21)])
+def test_full_size_counts_match_table_2(name, non_emb, emb):
+    counts = rrt.count_parameters(_meta_model(name))
+    assert round(counts["non_embedding"] / 1e9, 2) == non_emb
+    assert round(counts["embedding"] / 1e9, 2) == emb
+
+
+@pytest.mark.parametrize("rank,expected", [(0, 0.99), (64, 1.07), (128, 1.15), (256, 1.30), (512, 1.60)])
+def test_relaxed_gemma_2b_counts_match_table_17(rank, expected):
+    """N-emb of recursive Gemma B=2 and its relaxed variants; r=512 clamps k/v (256 wide) to 256."""
+    model = _meta_model("gemma-2b")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rec = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, lora_rank=rank, lora_init="zero"))
+    assert round(rrt.count_parameters(rec)["non_embedding"] / 1e9, 2) == expected
