@@ -1,0 +1,152 @@
+"""Corpora for uptraining and perplexity (`load_corpus`), packed into fixed-length sequences (`pack`, `load_packed`).
+
+Two sources give the same `datasets` objects with a `text` column, one document a row:
+"embedded" reads the real text vendored in the repository's `data/text` (offline, CPU scale);
+"hub" streams the paper's corpora by name (SlimPajama, RedPajama, PG19; cluster scale, §3).
+"""
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import datasets
+from tqdm.auto import tqdm
+
+# The library is installed editable from lib/rrt, so the repository root is two levels up.
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+
+# name -> split -> vendored file (under data/text), and how its text is cut into documents.
+EMBEDDED = {
+    # WikiText-2's train split could not be vendored (data/README.md): uptrain on validation.
+    "wikitext2": {"splits": {"validation": "wikitext-2/valid.txt.gz", "test": "wikitext-2/test.txt.gz"},
+                  "documents": "wiki_articles"},
+    "wikitext2-raw": {"splits": {"test": "wikitext-2/wiki.test.raw.gz"}, "documents": "wiki_articles"},
+    # Stand-ins for the paper's held-out sets (SlimPajama, RedPajama, PG19): books and stories.
+    "sherlock": {"splits": {"test": "sherlock/sherlock.txt.gz"}, "documents": "gutenberg_body"},
+    "tinyshakespeare": {"splits": {"test": "tinyshakespeare/input.txt.gz"}, "documents": "whole"},
+    "tinystories": {"splits": {"test": "tinystories/tinystories.txt.gz"}, "documents": "whole"},
+}
+
+# name -> load_dataset arguments and our split -> the hub split. Never fetched in tests.
+HUB = {
+    "slimpajama": {"args": {"path": "cerebras/SlimPajama-627B"},
+                   "splits": {"train": "train", "validation": "validation", "test": "test"}},
+    # The 1B-token sample ships a loading script (unsupported by datasets >= 4): read its JSON
+    # lines directly. It has one split and we never train on it, so all of it is held out.
+    "redpajama": {"args": {"path": "json", "data_files":
+                           "hf://datasets/togethercomputer/RedPajama-Data-1T-Sample/*.jsonl"},
+                  "splits": {"test": "train"}},
+    # deepmind/pg19 is script-based too; emozilla/pg19 is its Parquet copy with the same splits.
+    "pg19": {"args": {"path": "emozilla/pg19"},
+             "splits": {"train": "train", "validation": "validation", "test": "test"}},
+}
+SOURCES = ("embedded", "hub")
+
+
+def load_corpus(name, split, *, source="embedded", streaming=None, cache_dir=None):
+    """Returns corpus `name`'s `split` as a datasets Dataset (IterableDataset when streaming), column `text`.
+
+    streaming defaults to False for "embedded" and True for "hub" (SlimPajama is 627B tokens).
+    """
+    table = _table(source)
+    if name not in table:
+        raise ValueError(f"unknown {source} corpus {name!r}; known: {sorted(table)}")
+    splits = table[name]["splits"]
+    if split not in splits:
+        raise ValueError(f"corpus {name!r} ({source}) has no split {split!r}; known: {sorted(splits)}")
+    if source == "hub":
+        ds = datasets.load_dataset(**HUB[name]["args"], split=splits[split],
+                                   streaming=True if streaming is None else streaming, cache_dir=cache_dir)
+        return ds.select_columns(["text"])
+    # The "text" builder reads the gzipped file whole (one row) like any local file; cutting it into
+    # documents is a map, so the result is the same kind of object as the hub path's.
+    path = DATA_DIR / "text" / splits[split]
+    ds = datasets.load_dataset("text", data_files={split: str(path)}, sample_by="document", split=split,
+                               streaming=bool(streaming), cache_dir=cache_dir)
+    return ds.map(_documents, batched=True, fn_kwargs={"how": EMBEDDED[name]["documents"]})
+
+
+def corpora(source="embedded"):
+    """Returns {name: [splits]} of the corpora known for `source`."""
+    return {name: sorted(spec["splits"]) for name, spec in _table(source).items()}
+
+
+def load_packed(name, split, *, tokenizer, seq_len, source="embedded", cache_dir=None, max_seqs=None,
+                streaming=None):
+    """Returns corpus `name`/`split` packed into `seq_len`-token sequences (`pack`), cached under cache_dir.
+
+    The cache key is the tokenizer's vocabulary and special tokens, the source, name, split,
+    seq_len and max_seqs; a second call with the same key loads the sequences from disk.
+    """
+    if cache_dir is not None:
+        key = _cache_key(tokenizer=tokenizer, source=source, name=name, split=split, seq_len=seq_len,
+                         max_seqs=max_seqs)
+        path = Path(cache_dir) / f"{name}-{split}-{seq_len}-{key}"
+        if path.exists():
+            return datasets.load_from_disk(str(path))
+    ds = load_corpus(name, split, source=source, streaming=streaming, cache_dir=cache_dir)
+    packed = pack(ds, tokenizer, seq_len, max_seqs=max_seqs, desc=f"packing {name}/{split}")
+    if cache_dir is not None:
+        packed.save_to_disk(str(path))
+    return packed
+
+
+def pack(dataset, tokenizer, seq_len, *, max_seqs=None, desc="packing"):
+    """Returns a Dataset of `input_ids` sequences of exactly seq_len tokens: documents joined by EOS, the tail dropped.
+
+    Deterministic: documents are read in order, nothing is shuffled. Works on streamed datasets
+    (stops once max_seqs sequences are full).
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len={seq_len} must be >= 2 (one input and one predicted token)")
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to separate documents")
+    out, buffer = [], []
+    total = None if isinstance(dataset, datasets.IterableDataset) else len(dataset)
+    with tqdm(total=total, desc=desc, unit="doc") as bar:
+        for batch in dataset.iter(batch_size=64):
+            # verbose=False: documents longer than the model's context are fine here, we cut them below
+            for ids in tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]:
+                buffer.extend(ids)
+                buffer.append(tokenizer.eos_token_id)
+            n = len(buffer) // seq_len if max_seqs is None else min(len(buffer) // seq_len, max_seqs - len(out))
+            out += [buffer[i * seq_len:(i + 1) * seq_len] for i in range(n)]
+            buffer = buffer[n * seq_len:]
+            bar.update(len(batch["text"]))
+            if max_seqs is not None and len(out) >= max_seqs:
+                break
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
+    return datasets.Dataset.from_dict({"input_ids": out}, features=features)
+
+
+def _table(source):
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; known: {list(SOURCES)}")
+    return EMBEDDED if source == "embedded" else HUB
+
+
+_WIKI_TITLE = re.compile(r"^ = [^=].* = $", re.MULTILINE)  # " = Title = "; sections have "= =" or more
+_GUTENBERG = re.compile(r"\*\*\* START OF .*?\*\*\*\n(.*)\n\*\*\* END OF ", re.DOTALL)
+
+
+def _documents(batch, *, how):
+    """Cuts each whole-file row into documents (batched map: a row may become many)."""
+    docs = []
+    for text in batch["text"]:
+        text = text.replace("\r\n", "\n")
+        if how == "wiki_articles":
+            starts = [m.start() for m in _WIKI_TITLE.finditer(text)] or [0]
+            docs += [text[a:b].strip() for a, b in zip(starts, starts[1:] + [len(text)])]
+        elif how == "gutenberg_body":
+            # The Project Gutenberg header and licence footer are boilerplate, not the book.
+            docs.append(_GUTENBERG.search(text).group(1).strip())
+        else:
+            docs.append(text.strip())
+    return {"text": [d for d in docs if d]}
+
+
+def _cache_key(*, tokenizer, **fields):
+    """Returns a short hash of the tokenizer's vocabulary and special tokens and of the other fields."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    blob = json.dumps([type(tokenizer).__name__, vocab, tokenizer.all_special_tokens, fields], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

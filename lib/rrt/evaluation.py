@@ -1,0 +1,174 @@
+"""Evaluation: token-weighted perplexity (`perplexity`, `token_nll`, per loop: `per_loop_perplexity`), lm-eval
+few-shot accuracy (`few_shot`, per loop: `loop_idx` or `per_loop_few_shot`), tidy results on disk (`save_results`).
+
+Loops are counted from 0 (`loop_idx`); exiting every token at loop_idx b is the paper's static
+exiting (§3.7): loop b's hidden state through the final norm and the shared LM head.
+"""
+import importlib.metadata
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from rrt.recursive import loop_logits, num_loops
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+# The paper's seven tasks (§3.1) with its metric: length-normalised accuracy except LAMBADA and
+# WinoGrande. Keys are lm-eval's own task names (source="hub"); the offline YAMLs add "rrt_".
+TASKS = {"lambada_openai": "acc", "hellaswag": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
+         "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
+TASK_SOURCES = ("offline", "hub")
+
+
+def perplexity(model, sequences, *, batch_size=8, loop_idx=None, stride=None):
+    """Returns exp(mean NLL per predicted token) of `model` over packed `sequences` (Dataset of `input_ids`, or a tensor).
+
+    Token-weighted: every predicted token counts once, whatever sequence it is in. loop_idx=None scores
+    model(x).logits; an int scores loop loop_idx's exit (`rrt.loop_logits`). With `stride`, the
+    sequences are joined into one stream and scored by a sliding window of the sequence length moving by
+    `stride` tokens, each token scored once with up to seq_len - 1 tokens of context.
+    """
+    out = token_nll(model, sequences, batch_size=batch_size, loop_idx=loop_idx, stride=stride)
+    return math.exp(out["nll"] / out["tokens"])
+
+
+def token_nll(model, sequences, *, batch_size=8, loop_idx=None, stride=None):
+    """Returns {"nll": summed NLL in nats, "tokens": scored tokens}, counted as `perplexity` counts them (to pool sets)."""
+    nll, tokens = _nll(model, sequences, batch_size=batch_size, loop_idxs=[loop_idx], stride=stride)
+    return {"nll": nll[0], "tokens": tokens}
+
+
+def per_loop_perplexity(model, sequences, *, batch_size=8, stride=None):
+    """Returns a DataFrame (loop_idx, perplexity, nll, tokens), one row per loop exit, from one forward per batch."""
+    nll, tokens = _nll(model, sequences, batch_size=batch_size, loop_idxs=None, stride=stride)
+    return pd.DataFrame({"loop_idx": range(len(nll)), "perplexity": [math.exp(n / tokens) for n in nll],
+                         "nll": nll, "tokens": tokens})
+
+
+@torch.no_grad()
+def _nll(model, sequences, *, batch_size, loop_idxs, stride):
+    """Returns ([summed NLL per requested exit], number of scored tokens); loop_idxs=None means every loop."""
+    ids = sequences if torch.is_tensor(sequences) else torch.tensor(sequences["input_ids"])  # [n_seqs, seq_len]
+    ids = ids.long()
+    if ids.ndim != 2 or ids.shape[1] < 2:
+        raise ValueError(f"sequences must be [n_seqs, seq_len >= 2] token ids, got shape {tuple(ids.shape)}")
+    windows = _windows(ids, stride)
+    device = next(model.parameters()).device
+    sums, tokens = None, 0
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start:start + batch_size]
+        x = torch.stack([w for w, _ in batch]).to(device)       # [batch, seq_len]
+        n_score = torch.tensor([n for _, n in batch], device=device)
+        logits = _exits(model, x, loop_idxs)
+        targets = x[:, 1:]
+        # score only each window's last n_score targets: the earlier ones were scored by the previous window
+        pos = torch.arange(targets.shape[1], device=device)
+        mask = pos[None, :] >= targets.shape[1] - n_score[:, None]  # [batch, seq_len - 1]
+        # at least fp32 for the log-softmax (bf16 logits lose the tail); fp64 stays fp64
+        batch_sums = [(F.cross_entropy(lg[:, :-1].to(torch.promote_types(lg.dtype, torch.float32)).transpose(1, 2),
+                                       targets, reduction="none") * mask).sum().item() for lg in logits]
+        sums = batch_sums if sums is None else [a + b for a, b in zip(sums, batch_sums)]
+        tokens += int(mask.sum())
+    return sums, tokens
+
+
+def _exits(model, x, loop_idxs):
+    """Returns the list of logits [batch, seq, vocab] asked for: ordinary, one loop, or every loop."""
+    if loop_idxs == [None]:
+        return [model(input_ids=x).logits]
+    exits = loop_logits(model, x)
+    if loop_idxs is None:
+        return exits
+    for b in loop_idxs:
+        if not -len(exits) <= b < len(exits):
+            raise ValueError(f"loop_idx={b} out of range for a model with {len(exits)} loops (0..{len(exits) - 1})")
+    return [exits[b] for b in loop_idxs]
+
+
+def _windows(ids, stride):
+    """Returns [(window [seq_len], how many of its last targets to score)]: the sequences as they are, or sliding."""
+    seq_len = ids.shape[1]
+    if stride is None:
+        return [(row, seq_len - 1) for row in ids]
+    if not 1 <= stride <= seq_len - 1:
+        raise ValueError(f"stride={stride} must be in 1..seq_len-1={seq_len - 1}")
+    stream = ids.reshape(-1)
+    # Windows end at seq_len, seq_len + stride, ...; the first scores all its targets, later
+    # ones only the `stride` new tokens. A tail shorter than `stride` is dropped (equal lengths batch).
+    out = [(stream[:seq_len], seq_len - 1)]
+    for end in range(seq_len + stride, len(stream) + 1, stride):
+        out.append((stream[end - seq_len:end], stride))
+    return out
+
+
+def few_shot(model, tokenizer, *, tasks=tuple(TASKS), limit=None, loop_idx=None, source="offline",
+             num_fewshot=None, batch_size=8, model_name="model", seed=1234):
+    """Returns a DataFrame, one row per task: (model, task, loop_idx, metric, value, stderr, n, num_fewshot, source).
+
+    Runs lm-eval's HFLM on the in-memory model. source="offline" uses the task YAMLs in
+    rrt/tasks over the vendored benchmarks (no network); "hub" uses lm-eval's own task
+    definitions. num_fewshot=None keeps each task's default (zero-shot for all seven). With
+    loop_idx, lm-eval sees loop loop_idx's logits for every token (static exiting, §3.7).
+    """
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; known: {list(TASKS)}")
+    if source not in TASK_SOURCES:
+        raise ValueError(f"unknown task source {source!r}; known: {list(TASK_SOURCES)}")
+    if loop_idx is not None and not -num_loops(model) <= loop_idx < num_loops(model):
+        raise ValueError(f"loop_idx={loop_idx} out of range for a model with {num_loops(model)} loops")
+    prefix = "rrt_" if source == "offline" else ""
+    # include_defaults=False: indexing lm-eval's thousands of built-in YAMLs costs seconds per call
+    manager = (TaskManager(include_path=str(TASKS_DIR), include_defaults=False) if source == "offline"
+               else TaskManager())
+    lm = _loop_lm(model, tokenizer, loop_idx=loop_idx, batch_size=batch_size)
+    out = lm_eval.simple_evaluate(model=lm, tasks=[prefix + t for t in tasks], task_manager=manager,
+                                  num_fewshot=num_fewshot, limit=limit, random_seed=seed, numpy_random_seed=seed,
+                                  torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False)
+    rows = []
+    for task in tasks:
+        result, metric = out["results"][prefix + task], TASKS[task]
+        rows.append({"model": model_name, "task": task, "loop_idx": loop_idx, "metric": metric,
+                     "value": result[f"{metric},none"], "stderr": result.get(f"{metric}_stderr,none"),
+                     "n": out["n-samples"][prefix + task]["effective"],
+                     "num_fewshot": out["n-shot"][prefix + task], "source": source})
+    return pd.DataFrame(rows)
+
+
+def per_loop_few_shot(model, tokenizer, **kwargs):
+    """Returns `few_shot`'s DataFrame for every loop exit of a recursive model, stacked (one row per task x loop_idx)."""
+    return pd.concat([few_shot(model, tokenizer, loop_idx=b, **kwargs) for b in range(num_loops(model))],
+                     ignore_index=True)
+
+
+def _loop_lm(model, tokenizer, *, loop_idx, batch_size):
+    """Returns lm-eval's HFLM over `model`, reading loop loop_idx's logits when loop_idx is set."""
+    from lm_eval.models.huggingface import HFLM
+
+    class LoopLM(HFLM):
+        # HFLM scores through _model_call(inps) -> logits; swapping that one call is the whole change.
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            if loop_idx is None:
+                return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+            with torch.no_grad():
+                return loop_logits(self.model, inps)[loop_idx]
+
+    return LoopLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def save_results(df, out_dir, *, params, name="results"):
+    """Writes `name`.csv and `name`.json (rows + the params that produced them + package versions); returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv, js = out_dir / f"{name}.csv", out_dir / f"{name}.json"
+    df.to_csv(csv, index=False)
+    versions = {p: importlib.metadata.version(p) for p in ["torch", "transformers", "datasets", "lm_eval"]}
+    record = {"params": params, "versions": versions, "rows": json.loads(df.to_json(orient="records"))}
+    js.write_text(json.dumps(record, indent=2, default=str))
+    return csv, js

@@ -1,0 +1,80 @@
+"""Corpora and packing (rrt.data): the embedded path only; hub corpora are never fetched here."""
+import datasets
+import pytest
+
+import rrt
+from rrt import data
+
+
+@pytest.fixture(scope="module")
+def char_tok():
+    """The tiny models' character-level tokenizer (vocab 99, with EOS)."""
+    return rrt.load_model("tiny-llama")[1]
+
+
+@pytest.mark.parametrize("name", sorted(data.EMBEDDED))
+def test_embedded_corpora_load_as_datasets(name, tmp_path):
+    for split in data.corpora()[name]:
+        ds = data.load_corpus(name, split, cache_dir=tmp_path)
+        assert isinstance(ds, datasets.Dataset) and ds.column_names == ["text"]
+        assert len(ds) >= 1 and all(t.strip() for t in ds["text"])
+
+
+def test_wikitext_is_cut_into_articles(tmp_path):
+    test = data.load_corpus("wikitext2", "test", cache_dir=tmp_path)
+    assert len(test) == 62  # top-level " = Title = " headings in the test split
+    assert test[0]["text"].startswith("= Robert <unk> =")
+    raw = data.load_corpus("wikitext2-raw", "test", cache_dir=tmp_path)
+    assert len(raw) == 62 and raw[0]["text"].startswith("= Robert Boulter =") and "\r" not in raw[0]["text"]
+
+
+def test_gutenberg_boilerplate_is_cut(tmp_path):
+    text = data.load_corpus("sherlock", "test", cache_dir=tmp_path)[0]["text"]
+    assert text.startswith("The Adventures of Sherlock Holmes") and "Project Gutenberg" not in text[-2000:]
+
+
+def test_streaming_gives_the_same_documents(tmp_path):
+    streamed = data.load_corpus("wikitext2", "validation", streaming=True)
+    assert isinstance(streamed, datasets.IterableDataset)
+    assert next(iter(streamed))["text"] == data.load_corpus("wikitext2", "validation", cache_dir=tmp_path)[0]["text"]
+
+
+def test_unknown_names_list_the_known_ones():
+    with pytest.raises(ValueError, match="known: .*'tinystories'.*'wikitext2'"):
+        data.load_corpus("wikitext103", "test")
+    with pytest.raises(ValueError, match="known: \\['test', 'validation'\\]"):
+        data.load_corpus("wikitext2", "train")
+    with pytest.raises(ValueError, match="known: \\['embedded', 'hub'\\]"):
+        data.load_corpus("wikitext2", "test", source="web")
+    # hub names are checked before anything is fetched
+    with pytest.raises(ValueError, match="known: .*'pg19'.*'slimpajama'"):
+        data.load_corpus("c4", "test", source="hub")
+    with pytest.raises(ValueError, match="known: \\['test'\\]"):
+        data.load_corpus("redpajama", "train", source="hub")
+
+
+def test_pack_joins_documents_with_eos_into_exact_sequences(char_tok):
+    docs = datasets.Dataset.from_dict({"text": ["abc", "de", "fghij", "k"]})
+    out = data.pack(docs, char_tok, 4)
+    eos = char_tok.eos_token_id
+    stream = []
+    for t in ["abc", "de", "fghij", "k"]:
+        stream += char_tok(t, add_special_tokens=False)["input_ids"] + [eos]
+    assert len(stream) == 15
+    assert out["input_ids"] == [stream[0:4], stream[4:8], stream[8:12]]  # the 3-token tail is dropped
+    assert data.pack(docs, char_tok, 4, max_seqs=2)["input_ids"] == [stream[0:4], stream[4:8]]
+    with pytest.raises(ValueError, match="seq_len=1"):
+        data.pack(docs, char_tok, 1)
+
+
+def test_packing_is_deterministic_and_cached(char_tok, tmp_path):
+    first = data.load_packed("tinystories", "test", tokenizer=char_tok, seq_len=64, max_seqs=50, cache_dir=tmp_path)
+    again = data.load_packed("tinystories", "test", tokenizer=char_tok, seq_len=64, max_seqs=50, cache_dir=tmp_path)
+    fresh = data.load_packed("tinystories", "test", tokenizer=char_tok, seq_len=64, max_seqs=50)  # no cache
+    assert len(first) == 50 and all(len(b) == 64 for b in first["input_ids"])
+    assert first["input_ids"] == again["input_ids"] == fresh["input_ids"]
+    cached = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("tinystories-"))
+    assert len(cached) == 1
+    # another sequence length is another cache entry
+    data.load_packed("tinystories", "test", tokenizer=char_tok, seq_len=32, max_seqs=50, cache_dir=tmp_path)
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("tinystories-")]) == 2

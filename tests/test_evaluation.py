@@ -1,0 +1,222 @@
+"""Perplexity, per-loop perplexity and lm-eval few-shot accuracy (rrt.evaluation), offline only."""
+import json
+import math
+import socket
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+from lm_eval.tasks._yaml_loader import load_yaml
+from lm_eval.api.task import ConfigurableTask
+
+import rrt
+from rrt import data, evaluation
+from rrt.tasks import utils as task_utils
+
+V = 99
+
+
+class FixedModel(torch.nn.Module):
+    """Puts probability p on the next token of the cycle t -> t+1 mod V (p=1/V: uniform logits)."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(()))  # so the evaluator can find the device
+        self.p = p
+
+    def forward(self, input_ids):
+        rest = math.log((1 - self.p) / (V - 1)) if self.p < 1 else -1e9
+        logits = torch.full((*input_ids.shape, V), rest, dtype=torch.float64)
+        logits.scatter_(-1, ((input_ids + 1) % V)[..., None], math.log(self.p))
+        return SimpleNamespace(logits=logits)
+
+
+def cycle_seqs(n_seqs, seq_len):
+    return (torch.arange(n_seqs * seq_len) % V).reshape(n_seqs, seq_len)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return rrt.load_model("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_seqs(tiny):
+    return data.load_packed("tinystories", "test", tokenizer=tiny[1], seq_len=33, max_seqs=12)
+
+
+@pytest.fixture(scope="module")
+def recursive(tiny):
+    return rrt.convert(tiny[0], rrt.RecursiveSpec(num_blocks=2))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fails any attempt to open an internet connection (hub offline variables set, too)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+    def guard(sock, address, *args):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            raise AssertionError(f"network connection attempted to {address}")
+        return real_connect(sock, address, *args)
+
+    real_connect = socket.socket.connect
+    monkeypatch.setattr(socket.socket, "connect", guard)
+    monkeypatch.setattr(socket.socket, "connect_ex", guard)
+    monkeypatch.setattr(socket, "create_connection", lambda address, *a, **k: guard(
+        SimpleNamespace(family=socket.AF_INET), address))
+
+
+def test_embedded_corpora_load_and_pack_without_network(tiny, no_network, tmp_path):
+    for name, splits in data.corpora().items():
+        for split in splits:
+            assert len(data.load_corpus(name, split, cache_dir=tmp_path)) >= 1
+    packed = data.load_packed("sherlock", "test", tokenizer=tiny[1], seq_len=16, max_seqs=2, cache_dir=tmp_path)
+    assert len(packed) == 2
+
+
+def test_uniform_logits_give_perplexity_vocab_size():
+    assert evaluation.perplexity(FixedModel(1 / V), cycle_seqs(3, 17), batch_size=2) == pytest.approx(V, rel=1e-12)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.9, 1 / 3])
+def test_next_token_probability_p_gives_perplexity_one_over_p(p):
+    sequences = cycle_seqs(5, 16)
+    assert evaluation.perplexity(FixedModel(p), sequences, batch_size=2) == pytest.approx(1 / p, rel=1e-12)
+    assert evaluation.perplexity(FixedModel(p), sequences, batch_size=3, stride=5) == pytest.approx(1 / p, rel=1e-12)
+
+
+def test_sliding_window_scores_every_token_once():
+    sequences = cycle_seqs(4, 16)  # a 64-token stream
+    out = evaluation.token_nll(FixedModel(0.5), sequences, batch_size=4, stride=8)
+    assert out["tokens"] == 63  # windows end at 16, 24, ..., 64: 15 + 6 * 8
+    assert out["nll"] == pytest.approx(63 * math.log(2), rel=1e-12)
+    assert evaluation.token_nll(FixedModel(0.5), sequences, batch_size=3)["tokens"] == 4 * 15
+    with pytest.raises(ValueError, match="stride=16"):
+        evaluation.perplexity(FixedModel(0.5), sequences, stride=16)
+
+
+def test_sliding_window_equals_overlapping_sequences(tiny, tiny_seqs):
+    # stride = seq_len - 1: each window scores all its targets, windows overlap by one token
+    model, seq_len = tiny[0], 33
+    stream = torch.tensor(tiny_seqs["input_ids"]).reshape(-1)
+    n = (len(stream) - 1) // (seq_len - 1)
+    overlapping = torch.stack([stream[i * (seq_len - 1):i * (seq_len - 1) + seq_len] for i in range(n)])
+    assert evaluation.perplexity(model, tiny_seqs, batch_size=5, stride=seq_len - 1) == pytest.approx(
+        evaluation.perplexity(model, overlapping, batch_size=4), rel=1e-5)
+
+
+def test_token_weighted_and_batch_size_free(tiny, tiny_seqs):
+    a = evaluation.perplexity(tiny[0], tiny_seqs, batch_size=1)
+    assert evaluation.perplexity(tiny[0], tiny_seqs, batch_size=5) == pytest.approx(a, rel=1e-5)
+    assert 1 < a < 10 * V  # a random model is about uniform
+
+
+def test_per_loop_perplexity_last_loop_is_ordinary_perplexity(tiny, recursive, tiny_seqs):
+    df = evaluation.per_loop_perplexity(recursive, tiny_seqs, batch_size=4)
+    assert df["loop_idx"].tolist() == [0, 1]
+    ordinary = evaluation.perplexity(recursive, tiny_seqs, batch_size=4)
+    assert df["perplexity"].iloc[-1] == pytest.approx(ordinary, rel=1e-5)
+    assert evaluation.perplexity(recursive, tiny_seqs, batch_size=4, loop_idx=1) == pytest.approx(ordinary, rel=1e-5)
+    assert evaluation.perplexity(recursive, tiny_seqs, batch_size=4, loop_idx=0) == pytest.approx(
+        df["perplexity"].iloc[0], rel=1e-5)
+    # an ordinary model has one loop
+    plain = evaluation.per_loop_perplexity(tiny[0], tiny_seqs, batch_size=4)
+    assert len(plain) == 1 and plain["perplexity"].iloc[0] == pytest.approx(
+        evaluation.perplexity(tiny[0], tiny_seqs), rel=1e-5)
+    with pytest.raises(ValueError, match="loop_idx=2 out of range"):
+        evaluation.perplexity(recursive, tiny_seqs, loop_idx=2)
+
+
+def test_every_offline_task_runs_through_lm_eval_without_network(tiny, no_network):
+    model, tok = tiny
+    with pytest.raises(AssertionError, match="network connection attempted"):  # the guard is armed
+        socket.create_connection(("huggingface.co", 443))
+    df = evaluation.few_shot(model, tok, limit=2, batch_size=4, model_name="tiny-llama")
+    assert df["task"].tolist() == list(evaluation.TASKS)
+    assert df.columns.tolist() == ["model", "task", "loop_idx", "metric", "value", "stderr", "n", "num_fewshot",
+                                   "source"]
+    assert df["metric"].tolist() == ["acc", "acc_norm", "acc_norm", "acc", "acc_norm", "acc_norm", "acc_norm"]
+    assert (df["n"] == 2).all() and (df["num_fewshot"] == 0).all() and (df["source"] == "offline").all()
+    assert df["value"].between(0, 1).all() and df["stderr"].notna().all()
+
+
+def test_per_loop_accuracy_last_loop_is_ordinary(tiny, recursive, no_network):
+    tok = tiny[1]
+    kw = dict(tasks=["winogrande"], limit=3, batch_size=4, num_fewshot=1)
+    ordinary = evaluation.few_shot(recursive, tok, **kw)
+    per_loop = evaluation.per_loop_few_shot(recursive, tok, **kw)
+    assert per_loop["loop_idx"].tolist() == [0, 1] and (per_loop["num_fewshot"] == 1).all()
+    assert per_loop["value"].iloc[1] == ordinary["value"].iloc[0]
+    with pytest.raises(ValueError, match="loop_idx=2 out of range"):
+        evaluation.few_shot(recursive, tok, loop_idx=2, **kw)
+
+
+def test_loop_model_sees_that_loops_logits(tiny, recursive):
+    # what lm-eval scores with: the wrapped model's logits call returns loop loop_idx's exit
+    x = torch.tensor([[5, 17, 42, 8, 63, 21]])
+    exits = rrt.loop_logits(recursive, x)
+    for loop_idx in (0, 1):
+        lm = evaluation._loop_lm(recursive, tiny[1], loop_idx=loop_idx, batch_size=1)
+        torch.testing.assert_close(lm._model_call(x), exits[loop_idx], rtol=0, atol=0)
+    assert not torch.equal(exits[0], exits[1])
+
+
+def test_unknown_task_or_source_lists_the_known_ones(tiny):
+    with pytest.raises(ValueError, match="known: \\['lambada_openai', 'hellaswag', .*'openbookqa'\\]"):
+        evaluation.few_shot(*tiny, tasks=["mmlu"])
+    with pytest.raises(ValueError, match="known: \\['offline', 'hub'\\]"):
+        evaluation.few_shot(*tiny, tasks=["piqa"], source="web")
+
+
+# --- the offline YAMLs render the prompts of lm-eval's own task definitions ---
+OFFICIAL = {"lambada_openai": "lambada/lambada_openai.yaml", "piqa": "piqa/piqa.yaml",
+            "winogrande": "winogrande/default.yaml", "arc_easy": "arc/arc_easy.yaml",
+            "arc_challenge": "arc/arc_challenge.yaml", "openbookqa": "openbookqa/openbookqa.yaml"}
+
+
+def rendered(config, n=5):
+    task = ConfigurableTask(config=config)
+    docs = list(task.eval_docs)[:n]
+    return [(task.doc_to_text(d), task.doc_to_target(d),
+             task.doc_to_choice(d) if task.OUTPUT_TYPE == "multiple_choice" else None) for d in docs]
+
+
+@pytest.mark.parametrize("task", sorted(OFFICIAL))
+def test_offline_prompts_match_lm_eval_definitions(task, no_network):
+    import lm_eval.tasks
+
+    official = load_yaml(f"{lm_eval.tasks.__path__[0]}/{OFFICIAL[task]}")
+    # the official definition, reading the vendored docs (already in the hub layout) instead of the hub
+    official["custom_dataset"] = lambda **_: task_utils.load_vendored(task)
+    ours = load_yaml(evaluation.TASKS_DIR / f"rrt_{task}.yaml")
+    assert rendered(ours) == rendered(official)
+
+
+def test_hellaswag_prompt_matches_lm_eval_on_a_hand_built_hub_doc(no_network):
+    import lm_eval.tasks
+    from lm_eval.tasks.hellaswag import utils as official_utils
+    import datasets
+
+    # validation doc 0 as the hub stores it (Rowan/hellaswag: ctx_a, ctx_b, activity_label)
+    hub = datasets.Dataset.from_list([{
+        "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+        "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                    "is holding a rubik's cube.", "starts pulling up roofing on a roof."], "label": "3"}])
+    expected = official_utils.process_docs(hub)[0]
+    ours = ConfigurableTask(config=load_yaml(evaluation.TASKS_DIR / "rrt_hellaswag.yaml"))
+    doc = ours.eval_docs[0]
+    assert ours.doc_to_text(doc) == expected["query"] == "Roof shingle removal: A man is sitting on a roof. He"
+    assert ours.doc_to_choice(doc) == expected["choices"]
+    assert ours.doc_to_target(doc) == 3
+
+
+def test_save_results_writes_csv_and_json_with_params(tmp_path):
+    df = pd.DataFrame([{"model": "m", "task": "piqa", "loop_idx": None, "metric": "acc_norm", "value": 0.5,
+                        "stderr": 0.1, "n": 4}])
+    csv, js = evaluation.save_results(df, tmp_path / "out", params={"limit": 4})
+    assert pd.read_csv(csv)["value"].tolist() == [0.5]
+    record = json.loads(js.read_text())
+    assert record["params"] == {"limit": 4} and record["rows"][0]["task"] == "piqa" and "lm_eval" in record["versions"]
