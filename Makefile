@@ -2,11 +2,16 @@
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 SHELL   := /bin/bash
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+NOTEBOOKS := 00_explore 01_init_ablation 02_relaxation_rank_sweep 03_distillation 04_early_exit 05_throughput
+STAMP   := $(shell date +%Y%m%d-%H%M%S)
+NB      ?= 01_init_ablation
+SCALE   ?= smoke
 
-.PHONY: help setup test demo lab
+.PHONY: help setup test demo smoke run sweep report lab strip
 
 help:  ## list every target with one line each
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
 setup: .venv/.installed  ## create .venv and install rrt (editable) with every dependency (CPU torch)
 
@@ -19,11 +24,29 @@ setup: .venv/.installed  ## create .venv and install rrt (editable) with every d
 	$(PIP) install --no-deps $$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml','rb'))['project']['optional-dependencies']['embedded']))")
 	touch $@
 
-test: setup  ## run the test suite (tiny random models + the real embedded models), offline
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -rs
+test: setup  ## run the test suite (tiny random models, the real embedded models, every notebook at smoke scale), offline
+	$(OFFLINE) $(PY) -m pytest -q -rs
 
-demo: setup  ## the main job on the embedded default (SmolLM2-135M)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m rrt.demo
+RUN_DIR = $(CURDIR)/outputs/$(NB)/$(SCALE)-$(STAMP)
+run: setup  ## run one notebook: make run NB=01_init_ablation SCALE=cpu (outputs/<NB>/<SCALE>-<time>/)
+	mkdir -p $(RUN_DIR)
+	$(OFFLINE) $(PY) -m papermill notebooks/$(NB).ipynb $(RUN_DIR)/$(NB).ipynb \
+	  -f params/$(NB)/$(SCALE).yaml -p run_dir $(RUN_DIR) --progress-bar
+
+demo: setup  ## the main job: every notebook at cpu scale on the embedded SmolLM2-135M, headless
+	set -e; for nb in $(NOTEBOOKS); do $(MAKE) --no-print-directory run NB=$$nb SCALE=cpu STAMP=$(STAMP); done
+
+smoke: setup  ## every notebook at smoke scale (tiny random model; seconds each)
+	set -e; for nb in $(NOTEBOOKS); do $(MAKE) --no-print-directory run NB=$$nb SCALE=smoke STAMP=$(STAMP); done
+
+sweep: setup  ## papermill over a grid: make sweep GRID=params/grids/NAME.yaml [BACKEND=slurm]
+	$(OFFLINE) $(PY) -m rrt.sweep $(GRID) --backend $(or $(BACKEND),local)
+
+report: setup  ## render every executed notebook under outputs/ to HTML, with an index page
+	$(PY) -m rrt.report outputs
 
 lab: setup  ## start JupyterLab on the notebooks
 	.venv/bin/jupyter lab notebooks/
+
+strip: setup  ## strip outputs from the committed notebooks (keeps diffs reviewable)
+	$(PY) -m nbconvert --clear-output --inplace notebooks/*.ipynb

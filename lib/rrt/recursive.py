@@ -216,9 +216,9 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     """Return unique parameter counts: non_embedding (incl. LoRA), embedding, lora, total."""
     params = {id(p): p for p in model.parameters()}  # shared tensors count once
     emb_ids = {id(model.get_input_embeddings().weight)}
-    out_emb = model.get_output_embeddings()
-    if out_emb is not None:
-        emb_ids.add(id(out_emb.weight))
+    head = model.get_output_embeddings()
+    if head is not None:
+        emb_ids.add(id(getattr(head, "base_layer", head).weight))  # a LoRA-wrapped head (Table 13) too
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     embedding = sum(params[i].numel() for i in emb_ids if i in params)
     total = sum(p.numel() for p in params.values())

@@ -42,10 +42,6 @@ class LoopLoRALinear(nn.Module):
         self.row_loras: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.row_loop_idx: torch.Tensor | None = None
 
-    @property
-    def weight(self) -> torch.Tensor:  # some callers read .weight (dtype/device checks)
-        return self.base_layer.weight
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if self.row_loras is not None:

@@ -1,0 +1,185 @@
+"""Early-exit policies for Recursive Transformers (§2.4, §3.8): after loop b, exit a token or loop on.
+
+A policy answers, for n tokens that just finished a loop, which of them exit now:
+`policy.exit_mask(loop=[n], logits=[n, vocab], hidden=[n, hidden], prev_hidden=[n, hidden],
+keys=[(request_id, position)] * n) -> bool [n]`. `hidden` is loop b's output (before the final
+norm), `prev_hidden` its input (loop b−1's output, or the embeddings at loop 0). Callers always exit
+at the last loop whatever the policy says.
+
+- `NoExit`: every token runs all loops.
+- `OracleExit` (§3.8): exit at the first loop whose argmax equals the last loop's, read from
+  trajectories recorded by `record_oracle_trajectories` on the sequences that will be generated.
+- `MaxProbExit`, `MarginExit`, `CosineExit` (confidence measures of CALM, Schuster et al. 2022):
+  exit once max softmax probability / top-1 minus top-2 probability / cosine between loop b's and
+  loop b−1's hidden states reaches a threshold; `calibrate_threshold` picks it on held-out text.
+  Cosine never exits at loop 0 (there is no previous loop to compare with).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+
+from rrt.models import decoder_layers, head_logits
+from rrt.recursive import num_loops
+
+SCORED_POLICIES = ("max_prob", "margin", "cosine")
+
+
+@dataclass(frozen=True)
+class NoExit:
+    """Run every loop (the recursive model itself)."""
+
+    def exit_mask(self, *, loop, logits, **_):
+        return torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
+
+
+@dataclass(frozen=True)
+class OracleExit:
+    """Exit at the recorded oracle loop: trajectories {request_id: exit loop per position [seq]}."""
+    trajectories: Mapping = field(default_factory=dict)
+
+    def exit_mask(self, *, loop, keys, **_):
+        oracle = [int(self.trajectories[rid][pos]) for rid, pos in keys]
+        return torch.as_tensor(oracle, device=loop.device) <= loop
+
+
+@dataclass(frozen=True)
+class MaxProbExit:
+    """Exit once the largest softmax probability reaches `threshold`."""
+    threshold: float
+
+    def exit_mask(self, *, loop, logits, hidden, prev_hidden, **_):
+        return exit_scores("max_prob", loop=loop, logits=logits, hidden=hidden,
+                           prev_hidden=prev_hidden) >= self.threshold
+
+
+@dataclass(frozen=True)
+class MarginExit:
+    """Exit once top-1 minus top-2 softmax probability reaches `threshold`."""
+    threshold: float
+
+    def exit_mask(self, *, loop, logits, hidden, prev_hidden, **_):
+        return exit_scores("margin", loop=loop, logits=logits, hidden=hidden,
+                           prev_hidden=prev_hidden) >= self.threshold
+
+
+@dataclass(frozen=True)
+class CosineExit:
+    """Exit once cos(hidden after loop b, hidden after loop b−1) reaches `threshold` (never at loop 0)."""
+    threshold: float
+
+    def exit_mask(self, *, loop, logits, hidden, prev_hidden, **_):
+        return exit_scores("cosine", loop=loop, logits=logits, hidden=hidden,
+                           prev_hidden=prev_hidden) >= self.threshold
+
+
+POLICY_CLASSES = {"max_prob": MaxProbExit, "margin": MarginExit, "cosine": CosineExit}
+
+
+def exit_scores(kind: str, *, loop: torch.Tensor, logits: torch.Tensor, hidden: torch.Tensor,
+                prev_hidden: torch.Tensor) -> torch.Tensor:
+    """Return the confidence score [n] of a scored policy (higher = more confident)."""
+    if kind == "max_prob":
+        return logits.float().softmax(-1).amax(-1)
+    if kind == "margin":
+        top2 = logits.float().softmax(-1).topk(2, dim=-1).values
+        return top2[:, 0] - top2[:, 1]
+    if kind == "cosine":
+        cos = torch.nn.functional.cosine_similarity(hidden.float(), prev_hidden.float(), dim=-1)
+        return cos.masked_fill(loop == 0, float("-inf"))
+    raise ValueError(f"unknown exit policy {kind!r}; valid: {', '.join(SCORED_POLICIES)}")
+
+
+@torch.no_grad()
+def loop_states(model, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Return (per-loop hidden states, each [batch, seq, hidden] before the final norm; embeddings)."""
+    layers = decoder_layers(model)
+    k = len(layers) // num_loops(model)
+    states: list[torch.Tensor] = []
+    grab = lambda _m, _i, out: states.append(out[0] if isinstance(out, tuple) else out)  # noqa: E731
+    hooks = [layers[d].register_forward_hook(grab) for d in range(k - 1, len(layers), k)]
+    try:
+        model.base_model(input_ids=input_ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return states, model.get_input_embeddings()(input_ids)
+
+
+@torch.no_grad()
+def record_oracle_trajectories(model, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Return, per sequence, the oracle exit loop [seq] at each position (§3.8).
+
+    Position p's oracle loop is the first loop whose argmax next-token prediction equals the last
+    loop's. Record on the sequences the engine will produce (prompt + greedy output).
+    """
+    out = []
+    for seq in sequences:
+        ids = torch.as_tensor(list(seq), device=model.device)[None]
+        states, _ = loop_states(model, ids)
+        preds = torch.stack([head_logits(model, h)[0].argmax(-1) for h in states])  # [loops, seq]
+        agrees = preds == preds[-1]
+        out.append(agrees.int().argmax(0).cpu())  # first True (the last loop always agrees)
+    return out
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A calibrated threshold and what it gave on the held-out data."""
+    policy: str
+    threshold: float
+    agreement: float        # fraction of tokens whose exit prediction equals the last loop's
+    mean_exit_loop: float   # 0-based; num_loops − 1 means no saving
+
+
+@torch.no_grad()
+def calibrate_threshold(model, sequences: Sequence[Sequence[int]], *, policy: str,
+                        target_agreement: float = 0.95, max_candidates: int = 512) -> Calibration:
+    """Return the lowest threshold whose exits agree with the last loop on >= target_agreement of tokens.
+
+    Teacher-forced over every position of the held-out `sequences`; candidates are quantiles of the
+    observed scores (at most `max_candidates`). The lowest passing threshold exits the earliest.
+    """
+    if policy not in SCORED_POLICIES:
+        raise ValueError(f"unknown exit policy {policy!r}; valid: {', '.join(SCORED_POLICIES)}")
+    if not 0.0 <= target_agreement <= 1.0:
+        raise ValueError(f"target_agreement must be in [0, 1], got {target_agreement!r}")
+    scores, agree = _teacher_forced_scores(model, sequences, policy)  # [tokens, loops] each
+    last = scores.shape[1] - 1
+    candidates = torch.quantile(scores[:, :last][scores[:, :last].isfinite()].double(),
+                                torch.linspace(0, 1, max_candidates, dtype=torch.double)).unique()
+    candidates = torch.cat([candidates, torch.tensor([float("inf")], dtype=torch.double)])
+    for threshold in candidates.tolist():
+        exit_loop = _first_exit(scores, threshold)
+        agreement = agree.gather(1, exit_loop[:, None]).float().mean().item()
+        if agreement >= target_agreement:
+            return Calibration(policy, threshold, agreement, exit_loop.float().mean().item())
+    raise AssertionError("unreachable: an infinite threshold always agrees")
+
+
+def _first_exit(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Return each token's exit loop [tokens]: first loop with score >= threshold, else the last."""
+    passes = scores >= threshold
+    passes[:, -1] = True
+    return passes.int().argmax(1)
+
+
+def _teacher_forced_scores(model, sequences, policy):
+    """Return (scores [tokens, loops], agrees-with-last-loop [tokens, loops]) over all positions."""
+    all_scores, all_agree = [], []
+    for seq in sequences:
+        ids = torch.as_tensor(list(seq), device=model.device)[None]
+        states, embeddings = loop_states(model, ids)
+        prev = [embeddings[0]] + [h[0] for h in states[:-1]]
+        per_loop, preds = [], []
+        for b, h in enumerate(states):
+            logits = head_logits(model, h)[0]  # [seq, vocab]
+            loop = torch.full((len(logits),), b, device=logits.device)
+            per_loop.append(exit_scores(policy, loop=loop, logits=logits, hidden=h[0], prev_hidden=prev[b]))
+            preds.append(logits.argmax(-1))
+        preds = torch.stack(preds, 1)  # [seq, loops]
+        all_scores.append(torch.stack(per_loop, 1).cpu())
+        all_agree.append((preds == preds[:, -1:]).cpu())
+    return torch.cat(all_scores), torch.cat(all_agree)
