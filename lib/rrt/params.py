@@ -71,7 +71,8 @@ TRAINING = {
 SCHEMAS = {
     "00_explore": {**COMMON, "num_blocks": P(int, min=1), "init": P(str, choices=INITS),
                    "lora_rank": P(int, min=0), "untie_norms": P(bool), "prompt": P(str),
-                   "exit_policy": P(str), "exit_threshold": P(float, min=0, max=1),
+                   "exit_policy": P(str, choices=("none", "max_prob", "margin", "cosine")),
+                   "exit_threshold": P(float, min=0, max=1),
                    "max_new_tokens": P(int, min=1)},
     "01_init_ablation": {**COMMON, **TRAINING, "inits": P(list, items=INITS), "num_blocks": P(list, min=1),
                          "baselines": P(bool), "kd": P((str, type(None)), choices=KD_KINDS + (None,))},

@@ -91,3 +91,12 @@ def throughput(df: pd.DataFrame, x="throughput_ratio", y="avg_accuracy", hue="sy
     sns.scatterplot(df, x=x, y=y, hue=hue, s=70, ax=ax)
     ax.set(title=title, xlabel="throughput / vanilla")
     return fig
+
+
+def energy_heatmap(energy: pd.DataFrame, rank: int):
+    """Share of each depth's residual ‖Wℓ − W′‖² captured by a rank-r SVD, depth × linear."""
+    fig, ax = _figure(6.0, 3.6)
+    grid = energy.pivot(index="linear", columns="depth", values="energy_captured")
+    sns.heatmap(grid, vmin=0, vmax=1, cmap="viridis", ax=ax, cbar_kws={"label": "energy captured"})
+    ax.set(title=f"Residual energy captured at rank {rank} (eq. 4)")
+    return fig

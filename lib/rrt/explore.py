@@ -1,0 +1,109 @@
+"""Notebook 00's views of one conversion: sizes, SVD energy per layer, per-loop predictions, exits.
+
+`explorer(original, tokenizer)` wires them to ipywidgets for JupyterLab; under papermill the
+notebook calls the same functions once with its parameters (headless).
+"""
+from __future__ import annotations
+
+import warnings
+
+import pandas as pd
+import torch
+
+import rrt
+from rrt.exits import POLICY_CLASSES, SCORED_POLICIES, exit_scores, loop_states
+from rrt.models import decoder_layers, family_of, head_logits
+from rrt.serving import Engine, Request
+
+EXIT_POLICIES = ("none",) + SCORED_POLICIES
+
+
+def convert_quietly(original, **spec) -> torch.nn.Module:
+    """Return rrt.convert(original, RecursiveSpec(**spec)), rank clamping accepted silently."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return rrt.convert(original, rrt.RecursiveSpec(**spec))
+
+
+def parameter_table(original, rec) -> pd.DataFrame:
+    """Return unique parameter counts of the original and the converted model side by side."""
+    return pd.DataFrame({"original": rrt.count_parameters(original), "converted": rrt.count_parameters(rec)}).T
+
+
+@torch.no_grad()
+def residual_energy(original, rec, rank: int) -> pd.DataFrame:
+    """Return, per depth and linear, the share of ‖Wℓ − W′‖²_F that a rank-r truncated SVD captures (eq. 4)."""
+    rows = []
+    for depth, (src, dst) in enumerate(zip(decoder_layers(original), decoder_layers(rec))):
+        for name in family_of(original).linears:
+            shared = dst.get_submodule(name)
+            shared = getattr(shared, "base_layer", shared).weight
+            s = torch.linalg.svdvals(src.get_submodule(name).weight.double() - shared.double())
+            total = float((s ** 2).sum())
+            rows.append({"depth": depth, "linear": name,
+                         "energy_captured": 1.0 if total == 0 else float((s[:rank] ** 2).sum()) / total})
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def loop_predictions(model, tokenizer, prompt: str, *, k: int = 5, policy: str = "max_prob",
+                     threshold: float = 0.5) -> pd.DataFrame:
+    """Return each loop's top-k next tokens for the prompt's last position, its exit score, and whether it exits."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
+    states, embeddings = loop_states(model, ids)
+    rows, prev = [], embeddings[0, -1:]
+    for loop, hidden in enumerate(states):
+        logits = head_logits(model, hidden[:, -1:])[0]  # [1, vocab]
+        score = (exit_scores(policy, loop=torch.tensor([loop]), logits=logits, hidden=hidden[0, -1:],
+                             prev_hidden=prev).item() if policy != "none" else float("nan"))
+        top = logits.float().softmax(-1)[0].topk(k)
+        for r, (p, t) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+            rows.append({"loop": loop + 1, "rank": r + 1, "token": tokenizer.decode([t]), "prob": p,
+                         "exit_score": score, "exits": policy != "none" and score >= threshold})
+        prev = hidden[0, -1:]
+    return pd.DataFrame(rows)
+
+
+def generate_with_exits(model, tokenizer, prompt: str, *, policy: str = "max_prob", threshold: float = 0.5,
+                        max_new_tokens: int = 16) -> tuple[str, list[int]]:
+    """Return (generated text, exit loop per generated token) from the depth-wise batching engine."""
+    exit_policy = None if policy == "none" else POLICY_CLASSES[policy](threshold)
+    engine = Engine(model, token_budget=64, exit_policy=exit_policy, max_active=1)
+    ids = tokenizer(prompt).input_ids
+    out = engine.run([Request(prompt=ids, max_new_tokens=max_new_tokens, request_id=0)])
+    return tokenizer.decode(out[0]), [b + 1 for b in engine.exit_loops[0]]
+
+
+def explorer(original, tokenizer):
+    """Return an ipywidgets UI: choose block count, init, rank, norm tying, prompt and exit policy."""
+    import ipywidgets as w
+    from IPython.display import display
+
+    layers = len(decoder_layers(original))
+    controls = dict(
+        num_blocks=w.Dropdown(options=[b for b in range(1, layers + 1) if layers % b == 0], value=2, description="B"),
+        init=w.Dropdown(options=rrt.recursive.INITS, value="average", description="init"),
+        lora_rank=w.IntSlider(value=0, min=0, max=256, step=8, description="LoRA rank"),
+        untie_norms=w.Checkbox(value=False, description="untie norms"),
+        prompt=w.Text(value="The capital of France is", description="prompt"),
+        policy=w.Dropdown(options=EXIT_POLICIES, value="max_prob", description="exit policy"),
+        threshold=w.FloatSlider(value=0.5, min=0, max=1, step=0.05, description="threshold"),
+    )
+    out = w.Output()
+
+    def refresh(_=None):
+        c = {k: v.value for k, v in controls.items()}
+        with out:
+            out.clear_output()
+            rec = convert_quietly(original, num_blocks=c["num_blocks"], init=c["init"],
+                                  lora_rank=c["lora_rank"], untie_norms=c["untie_norms"])
+            display(parameter_table(original, rec))
+            display(loop_predictions(rec, tokenizer, c["prompt"], policy=c["policy"], threshold=c["threshold"]))
+            if not c["untie_norms"]:
+                text, loops = generate_with_exits(rec, tokenizer, c["prompt"], policy=c["policy"],
+                                                  threshold=c["threshold"])
+                print(f"generated: {text!r}\nexit loop per token: {loops}")
+
+    button = w.Button(description="convert and run")
+    button.on_click(refresh)
+    return w.VBox([*controls.values(), button, out])
