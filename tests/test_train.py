@@ -1,0 +1,224 @@
+"""Training loop (train.py, trainconfig.py): learning, ties, resume after SIGKILL, bad configs, regimes."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import rrt
+import rrt.train as rtrain
+from rrt.models import decoder_layers
+from rrt.train import TrainConfig, latest_checkpoint, train
+from tests.test_recursive import assert_tied
+
+
+def synthetic_blocks(n, length, seed=0):
+    """[n, length] arithmetic sequences mod 96 (token ids 3..98): learnable within a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, 96, (n, 1), generator=g)
+    step = torch.randint(1, 4, (n, 1), generator=g)
+    return 3 + (start + step * torch.arange(length)) % 96
+
+
+TRAIN, EVAL = synthetic_blocks(48, 17), synthetic_blocks(4, 17, seed=1)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return rrt.load_model("tiny-llama")[0]
+
+
+def tiny_config(tmp_path, name="run", **overrides):
+    values = dict(out=str(tmp_path / name), model="tiny-llama", num_blocks=2, lora_rank=4, steps=20,
+                  batch_size=4, lr=3e-3, warmup_steps=2, save_every=10)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def train_losses(metrics):
+    return [r["loss"] for r in metrics if r["kind"] == "train"]
+
+
+# ---- learning, ties, evaluation ---------------------------------------------------------------
+
+def test_twenty_steps_lower_the_loss_and_keep_ties(tmp_path, llama):
+    config = tiny_config(tmp_path, objective="early_exit", kd="fkl", self_distill=True, eval_every=10)
+    result = train(config, train_blocks=TRAIN, eval_blocks=EVAL, original=llama)
+    losses = train_losses(result.metrics)
+    assert len(losses) == 20 and all(map(math.isfinite, losses))
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1
+    assert_tied(result.model, 2)  # invariant 2 after optimiser steps
+    evals = [r for r in result.metrics if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 10, 20]
+    assert evals[-1]["ppl/loop_1"] < evals[0]["ppl/loop_1"]
+    assert set(evals[0]) == {"kind", "step", "ppl/loop_0", "ppl/loop_1"}
+    # the checkpoint is the compact format and holds the trained weights
+    loaded = rrt.load(result.checkpoint)
+    assert_tied(loaded, 2)
+    x = EVAL[:2]
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, result.model.eval()(x).logits)
+    run = Path(config.out)
+    assert json.loads((run / "config.json").read_text()) == config.to_dict()
+    assert "torch" in json.loads((run / "versions.json").read_text())
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000010", "step-00000020"]
+
+
+def test_teacher_stays_frozen_and_original_untouched(tmp_path, llama):
+    before = {k: v.clone() for k, v in llama.state_dict().items()}
+    train(tiny_config(tmp_path, kd="jsd", steps=2), train_blocks=TRAIN, original=llama)
+    assert all(torch.equal(v, llama.state_dict()[k]) for k, v in before.items())
+
+
+# ---- resume -----------------------------------------------------------------------------------
+
+RUN_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from tests.test_train import TRAIN, EVAL
+from rrt.train import TrainConfig, train
+train(TrainConfig.from_dict({config!r}), train_blocks=TRAIN, eval_blocks=EVAL)
+"""
+
+
+def test_sigkill_then_resume_repeats_the_uninterrupted_losses(tmp_path):
+    steps, save_every = 16, 4
+    config = tiny_config(tmp_path, "killed", steps=steps, save_every=save_every, kd="fkl", eval_every=8,
+                         objective="early_exit", grad_accum=2, batch_size=2)
+    script = RUN_SCRIPT.format(root=str(Path(__file__).parents[1]), config=config.to_dict())
+    log = tmp_path / "killed.log"  # a file, not a pipe: tqdm would fill an unread pipe and block the run
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=log.open("w"),
+                            env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    first = Path(config.out) / "checkpoints" / f"step-{save_every:08d}"
+    while not first.exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill: {log.read_text()[-2000:]}"
+    killed_at = latest_checkpoint(config.out)
+    assert killed_at is not None and int(killed_at.name.split("-")[1]) < steps
+
+    resumed = train(config, train_blocks=TRAIN, eval_blocks=EVAL)
+    reference = train(tiny_config(tmp_path, "reference", steps=steps, save_every=save_every, kd="fkl",
+                                  eval_every=8, objective="early_exit", grad_accum=2, batch_size=2),
+                      train_blocks=TRAIN, eval_blocks=EVAL)
+    got, want = train_losses(resumed.metrics), train_losses(reference.metrics)
+    assert [r["step"] for r in resumed.metrics if r["kind"] == "train"] == list(range(1, steps + 1))
+    assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-6 and len(got) == len(want)
+
+
+def test_restarting_a_finished_run_does_no_more_steps(tmp_path, llama):
+    config = tiny_config(tmp_path, steps=3, save_every=2)
+    first = train(config, train_blocks=TRAIN, original=llama)
+    again = train(config, train_blocks=TRAIN, original=llama)
+    assert again.checkpoint == first.checkpoint and again.metrics == first.metrics
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, llama, monkeypatch):
+    real_loss, calls = rtrain._loss, []
+
+    def poisoned(*args):
+        loss, parts = real_loss(*args)
+        calls.append(1)
+        if len(calls) == 4:  # step 4 (grad_accum=1)
+            loss, parts = loss * float("nan"), {**parts, "loss": torch.tensor(float("nan"))}
+        return loss, parts
+
+    monkeypatch.setattr(rtrain, "_loss", poisoned)
+    config = tiny_config(tmp_path, steps=6, save_every=2)
+    with pytest.raises(FloatingPointError, match="at step 4.*step-00000002"):
+        train(config, train_blocks=TRAIN, original=llama)
+    assert latest_checkpoint(config.out).name == "step-00000002"
+    assert_tied(rrt.load(latest_checkpoint(config.out)), 2)
+
+
+# ---- regimes: post-training with a head LoRA (Table 13), baselines ------------------------------
+
+def test_post_training_head_lora_trains_only_the_head_adapter(tmp_path, llama):
+    uptrained = train(tiny_config(tmp_path, "up", steps=2), train_blocks=TRAIN, original=llama)
+    config = tiny_config(tmp_path, "post", steps=3, init_from=str(uptrained.checkpoint), objective="early_exit",
+                         trainable="head_lora", head_lora_rank=3, exit_coefficient=0.1)
+    result = train(config, train_blocks=TRAIN, original=llama)
+    start = rrt.load(uptrained.checkpoint)
+    trained = dict(result.model.named_parameters())
+    changed = {n for n, p in start.named_parameters() if not torch.equal(p, trained[n])}
+    assert changed == set()  # every uptrained weight frozen
+    head = result.model.get_output_embeddings()
+    assert head.lora_B.abs().sum() > 0  # the adapter moved off its zero init
+    assert head.base_layer.weight is result.model.get_input_embeddings().weight  # the tie survives
+    assert_tied(result.model, 2)
+
+
+def test_baselines(tmp_path, llama):
+    full = train(tiny_config(tmp_path, "full", baseline="full", num_blocks=1, lora_rank=0, steps=2),
+                 train_blocks=TRAIN, eval_blocks=EVAL, original=llama)
+    assert len(decoder_layers(full.model)) == 6 and "ppl/loop_0" in full.metrics[0]
+    reduced = train(tiny_config(tmp_path, "reduced", baseline="reduced", num_blocks=3, lora_rank=0, steps=2),
+                    train_blocks=TRAIN, original=llama)
+    layers = decoder_layers(reduced.model)
+    assert len(layers) == 2 and layers[0].mlp.up_proj.weight.shape == (37, 32)
+    assert not torch.equal(layers[0].mlp.up_proj.weight, decoder_layers(llama)[0].mlp.up_proj.weight)
+
+
+# ---- bad configs fail before training -----------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"kd": "kl"}, "unknown kd 'kl'; valid: fkl, rkl, jsd, tvd"),
+    ({"objective": "exit"}, "unknown objective"),
+    ({"exit_coefficient": 1.5}, r"coefficient must be in \[0, 1\]; got 1.5"),
+    ({"exit_scheme": "weighted"}, "applies only to scheme='aggressive'"),
+    ({"self_distill": True}, "needs objective='early_exit'"),
+    ({"baseline": "full", "lora_rank": 0}, "set num_blocks=1"),
+    ({"baseline": "reduced", "lora_rank": 4}, "lora_rank 0"),
+    ({"trainable": "head_lora"}, "needs head_lora_rank > 0"),
+    ({"init": "middle"}, "unknown init 'middle'"),
+    ({"warmup_steps": 50}, "exceeds steps"),
+])
+def test_bad_config_fails(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(tmp_path, **overrides)
+
+
+def test_resume_dir_of_another_config_fails_before_training(tmp_path, llama):
+    train(tiny_config(tmp_path, steps=1, warmup_steps=0), train_blocks=TRAIN, original=llama)
+    with pytest.raises(ValueError, match=r"different config.*'lr': \(0.003, 0.001\)"):
+        train(tiny_config(tmp_path, steps=1, warmup_steps=0, lr=1e-3), train_blocks=TRAIN, original=llama)
+
+
+def test_cli_flags_build_the_config(tmp_path):
+    import argparse
+
+    from rrt.trainconfig import add_config_arguments, config_from_args
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--out", "x", "--kd", "fkl", "--exit-coefficient", "none", "--exit-scheme",
+                              "weighted", "--self-distill", "--objective", "early_exit", "--betas", "0.9", "0.99", "--lora-rank", "8"])
+    config = config_from_args(args)
+    assert config == TrainConfig(out="x", kd="fkl", exit_coefficient=None, exit_scheme="weighted",
+                                 self_distill=True, objective="early_exit", betas=(0.9, 0.99), lora_rank=8)
+    with pytest.raises(ValueError, match="unknown kd"):
+        config_from_args(parser.parse_args(["--out", "x", "--kd", "kl2"]))
+
+
+# ---- multi-process (DDP over gloo on CPU) --------------------------------------------------------
+
+def test_two_processes_follow_the_single_process_trajectory(tmp_path, llama):
+    """2 processes × batch 2 read the same samples per step as 1 process × batch 4 (see _micro_batch)."""
+    two = tiny_config(tmp_path, "two", steps=4, batch_size=2, kd="fkl", objective="early_exit")
+    script = tmp_path / "run.py"
+    script.write_text(RUN_SCRIPT.format(root=str(Path(__file__).parents[1]), config=two.to_dict()))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    subprocess.run([str(torchrun), "--nproc_per_node", "2", str(script)], check=True, capture_output=True,
+                   env=os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    got = train_losses([json.loads(line) for line in (Path(two.out) / "metrics.jsonl").read_text().splitlines()])
+    one = train(tiny_config(tmp_path, "one", steps=4, batch_size=4, kd="fkl", objective="early_exit"),
+                train_blocks=TRAIN, eval_blocks=EVAL, original=llama)
+    assert got == pytest.approx(train_losses(one.metrics), abs=1e-5)
+    assert sorted(p.name for p in latest_checkpoint(two.out).iterdir() if p.name.startswith("rank")) == \
+        ["rank0.pt", "rank1.pt"]
