@@ -138,11 +138,3 @@ def test_refusals():
     with pytest.raises(ValueError, match="non-empty prompt"):
         engine.submit(Request([], 2))
 
-
-def test_bench_writes_csv(tmp_path):
-    from rrt.serving.bench import main
-    rows = main(["--requests", "2", "--new-tokens", "3", "--prompt-len", "5", "--repeats", "1",
-                 "--out", str(tmp_path / "bench.csv")])
-    assert [r["method"] for r in rows] == ["vanilla_hf_generate_static", "recursive_cdb_no_exit",
-                                           "recursive_cdb_oracle_exit"]
-    assert (tmp_path / "bench.csv").read_text().count("\n") == 4

@@ -4,7 +4,7 @@ One loop for every regime in `TrainConfig`: AdamW + cosine schedule with warmup,
 accumulation and clipping, bf16 autocast on GPU (fp32 on CPU), an online teacher (the original
 model, frozen), per-loop perplexity on held-out blocks, metrics in `metrics.jsonl`, and atomic
 checkpoints that resume the same trajectory. It runs under `accelerate launch` (DDP or DeepSpeed
-ZeRO-2, configs/accelerate/): layers share nn.Parameters across depths, so per-layer FSDP wrapping
+ZeRO-2, params/accelerate/): layers share nn.Parameters across depths, so per-layer FSDP wrapping
 is never used. Data position = the step: step s reads a fixed slice of a seeded per-epoch permutation.
 """
 from __future__ import annotations

@@ -1,105 +1,298 @@
-"""Tokens/s on CPU: vanilla HF generate (static batches) vs the CDB engine, exits off and oracle exits.
+"""Serving benchmark: CDB with exits vs vanilla static / continuous batching and recursive without exits.
 
-    python -m rrt.serving.bench --model tiny-llama --num-blocks 2 --out outputs/serving_bench.csv
+    python -m rrt.serving.bench --model smollm2-135m --num-blocks 2 --out /tmp/bench/b2
 
-Measures wall-clock of the whole workload (warm-up run first, median of --repeats). This is the
-real engine on real hardware, not the paper's simulator (§3.8, which counts only block time):
-on CPU with tiny models, Python scheduling overhead dominates, so read the numbers as a check
-that the pipeline runs end to end, not as a reproduction of Fig. 8.
+Every system serves the same requests (prompts, all arriving at step 0, exactly `new_tokens` each,
+EOS ignored) through the same engine code, so ratios to `vanilla_static` measure scheduling, not
+implementation (see `baselines`). Oracle exit trajectories (§3.8) are recorded from the recursive
+model on its own no-exit outputs; oracle exits never change the emitted tokens. Each system runs
+once as warm-up, then `repeats` times; wall-clock medians (device synchronised by the engine's
+`.tolist()` reads each step). The paper's simulator (`simulate`) is run on the same trajectories
+with block times measured on this device, giving real / simulated.
+Memory: weight bytes (unique tensors) and KV bytes per token (every depth); peak memory is CUDA's
+max allocated on GPU, and on CPU weights + the engine's KV pool (process RSS cannot be split by system).
 """
 from __future__ import annotations
 
 import argparse
-import csv
+import json
 import statistics
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 import rrt
 from rrt.exits import OracleExit, record_oracle_trajectories
+from rrt.recursive import num_loops
+from rrt.relax import lora_modules
+from rrt.serving.baselines import StaticBatchEngine, hf_static_generate, profile
 from rrt.serving.engine import Engine, Request
+from rrt.serving.simulate import kv_bytes_per_token, measure_block_times, simulate, weight_bytes
 
 TEXT = ("Recursive transformers share one block of layers and loop it; continuous depth-wise "
         "batching lets tokens at different loops share a single call of that block. ")
 
+# Published configs (HF hub config.json of google/gemma-2b, TinyLlama/TinyLlama-1.1B-intermediate-
+# step-1431k-3T, EleutherAI/pythia-1b), built with random weights: timing needs shapes, not values.
+PAPER_CONFIGS = {
+    "paper-gemma-2b": ("gemma", dict(vocab_size=256000, hidden_size=2048, intermediate_size=16384,
+                                     num_hidden_layers=18, num_attention_heads=8, num_key_value_heads=1,
+                                     head_dim=256, max_position_embeddings=8192,
+                                     hidden_activation="gelu_pytorch_tanh")),
+    "paper-tinyllama-1.1b": ("llama", dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                                           num_hidden_layers=22, num_attention_heads=32,
+                                           num_key_value_heads=4, max_position_embeddings=2048,
+                                           rms_norm_eps=1e-5)),
+    "paper-pythia-1b": ("gpt_neox", dict(vocab_size=50304, hidden_size=2048, intermediate_size=8192,
+                                         num_hidden_layers=16, num_attention_heads=8, rotary_pct=0.25,
+                                         max_position_embeddings=2048, use_parallel_residual=True)),
+}
+RATIO_TO = "vanilla_static"
 
-def main(argv=None) -> list[dict]:
-    """Run the benchmark, write the CSV, print and return its rows."""
+
+def run_benchmark(model, tokenizer=None, *, num_blocks: int = 2, lora_rank: int = 0, num_requests: int = 8,
+                  prompt_len: int = 16, new_tokens: int = 24, token_budget: int = 64, batch_size: int = 8,
+                  repeats: int = 1, recursive=None, hf_generate: bool = True,
+                  lora_ablation: bool = True) -> pd.DataFrame:
+    """Return one row per system: tokens/s, ms/token, latency p50/p95, batch fill, exits, memory, ratios.
+
+    `recursive`: an already converted (e.g. uptrained, `rrt.load`) model; else `model` is converted
+    (Stepwise, `num_blocks`, `lora_rank`). `batch_size` is every system's live-request limit (KV
+    slots); `token_budget` the engine's rows per step. With `lora_rank > 0` and `lora_ablation`, the
+    oracle-exit system is also run with LoRA off (rank 0, same trajectories). Profile columns: see
+    `baselines.StepProfile`. The trajectories are in `df.attrs["trajectories"]`.
+    """
+    rec = recursive if recursive is not None else rrt.convert(
+        model, rrt.RecursiveSpec(num_blocks=num_blocks, lora_rank=lora_rank))
+    prompts = make_prompts(tokenizer, model.config.vocab_size, num_requests, prompt_len)
+    requests = lambda: [Request(list(p), new_tokens) for p in prompts]  # noqa: E731
+    trajectories = oracle_trajectories(rec, prompts, new_tokens, token_budget, batch_size)
+    oracle = OracleExit({i: t for i, t in enumerate(full_trajectories(rec, prompts, trajectories))})
+    seq = prompt_len + new_tokens  # KV pool rows per slot (the default, max_position_embeddings, is GBs)
+    engine = lambda cls, m, policy=None: cls(m, token_budget=token_budget, max_active=batch_size,  # noqa: E731
+                                             exit_policy=policy, max_seq_len=seq)
+    systems = [("vanilla_static", model, lambda: engine(StaticBatchEngine, model)),
+               ("vanilla_continuous", model, lambda: engine(Engine, model)),
+               ("recursive_no_exit", rec, lambda: engine(Engine, rec)),
+               ("recursive_oracle_exit", rec, lambda: engine(Engine, rec, oracle))]
+    if lora_ablation and lora_modules(rec):
+        bare = rrt.convert(model, rrt.RecursiveSpec(num_blocks=num_loops(rec), lora_rank=0))
+        systems.append(("recursive_oracle_exit_no_lora", bare, lambda: engine(Engine, bare, oracle)))
+    rows = [_run_engine(name, m, make, requests, repeats) for name, m, make in systems]
+    if hf_generate:
+        rows.insert(1, _run_hf(model, requests, batch_size, repeats))
+    df = pd.DataFrame(rows)
+    base = df.set_index("system").loc[RATIO_TO]
+    df["tokens_per_s_ratio"] = df["tokens_per_s"] / base["tokens_per_s"]
+    df["ms_per_token_ratio"] = df["ms_per_token"] / base["ms_per_token"]
+    df["latency_p50_ratio"] = df["latency_p50_s"] / base["latency_p50_s"]
+    df["latency_p95_ratio"] = df["latency_p95_s"] / base["latency_p95_s"]
+    df.attrs["trajectories"] = trajectories
+    return df
+
+
+def run_simulation(model, recursive, trajectories, *, batch_size: int, prompt_len: int, new_tokens: int,
+                   memory_cap_bytes: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return (simulated systems, block-time table) for the benchmark's workload on this device (App. N).
+
+    Block times are swept over powers of two up to batch_size × B (propagation rows can reach it).
+    The simulated table has one row per system for `propagate` False (paper) and True (our engine).
+    """
+    b = num_loops(recursive)
+    sizes = [2 ** i for i in range(0, (batch_size * b).bit_length() + 1)]
+    times = {name: measure_block_times(m, batch_sizes=sizes, prefix_len=prompt_len, decode_len=new_tokens,
+                                       memory_cap_bytes=memory_cap_bytes)
+             for name, m in [("vanilla", model), ("recursive", recursive)]}
+    sims = [simulate(trajectories, vanilla_times=times["vanilla"], recursive_times=times["recursive"],
+                     num_blocks=b, batch_size=batch_size, propagate=p).assign(propagate=p)
+            for p in (False, True)]
+    blocks = pd.concat([t.assign(model=name) for name, t in times.items()], ignore_index=True)
+    return pd.concat(sims, ignore_index=True), blocks
+
+
+def real_vs_simulated(bench: pd.DataFrame, sim: pd.DataFrame) -> pd.DataFrame:
+    """Return measured and simulated ratios to vanilla static side by side, and real / simulated."""
+    real = bench.set_index("system")["tokens_per_s_ratio"]
+    out = sim.pivot(index="system", columns="propagate", values="sim_ratio")
+    out.columns = [f"sim_ratio_propagate_{c}" for c in out.columns]
+    out.insert(0, "real_ratio", real.reindex(out.index))
+    out["real_over_sim_paper"] = out["real_ratio"] / out["sim_ratio_propagate_False"]
+    out["real_over_sim_propagate"] = out["real_ratio"] / out["sim_ratio_propagate_True"]
+    return out.reset_index()
+
+
+# ---------------------------------------------------------------------- workload
+
+
+def make_prompts(tokenizer, vocab_size: int, num_requests: int, prompt_len: int, seed: int = 0) -> list[list[int]]:
+    """Equal-length prompts (no padding anywhere): windows of TEXT, or random ids without a tokenizer."""
+    if tokenizer is None:
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randint(vocab_size, (num_requests, prompt_len), generator=gen).tolist()
+    ids = tokenizer(TEXT * (2 + num_requests * 7 // 20 + prompt_len // 20)).input_ids
+    if len(ids) < (num_requests - 1) * 7 + prompt_len:
+        raise ValueError(f"TEXT too short for {num_requests} prompts of {prompt_len} tokens")
+    return [ids[i * 7:i * 7 + prompt_len] for i in range(num_requests)]
+
+
+def oracle_trajectories(rec, prompts, new_tokens, token_budget, batch_size) -> list[list[int]]:
+    """Return per request the oracle exit loop of each generated token, on the model's own no-exit output."""
+    outputs = Engine(rec, token_budget=token_budget, max_active=batch_size,
+                     max_seq_len=len(prompts[0]) + new_tokens).run(
+        [Request(list(p), new_tokens) for p in prompts])
+    full = record_oracle_trajectories(rec, [p + outputs[i] for i, p in enumerate(prompts)])
+    return [full[i][len(p) - 1:len(p) - 1 + new_tokens].tolist() for i, p in enumerate(prompts)]
+
+
+def full_trajectories(rec, prompts, trajectories):
+    """Pad generated-token trajectories to positions (prompt positions never decide an exit)."""
+    last = num_loops(rec) - 1
+    return [[last] * (len(p) - 1) + t for p, t in zip(prompts, trajectories)]
+
+
+# ---------------------------------------------------------------------- timing
+
+
+def _run_engine(name, model, make, requests, repeats) -> dict:
+    make().run(requests())  # warm-up
+    runs = []
+    for _ in range(repeats):
+        e = make()
+        prof = profile(e)
+        _reset_peak(model)
+        start = time.perf_counter()
+        e.run(requests())
+        seconds = time.perf_counter() - start
+        kv_pool = 0 if e.kv.keys is None else 2 * e.kv.keys.numel() * e.kv.keys.element_size()
+        runs.append((seconds, e.summary(), list(e.latency().values()), prof, kv_pool))
+        del e  # its KV pool
+    seconds, s, latency, prof, kv_pool = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+    a, b = prof.fixed_and_per_row_cost()
+    exits = s["exits_per_loop"]
+    return {**_common(name, model, seconds, s["tokens"], latency, kv_pool),
+            "steps": s["steps"], "mean_batch_fill": s["mean_batch_fill"],
+            "mean_rows_per_step": s["items"] / max(s["steps"], 1),
+            "propagation_rows": s["propagation_items"],
+            "exits_per_loop": " ".join(map(str, exits)),
+            "mean_loops_per_token": sum((b_ + 1) * n for b_, n in enumerate(exits)) / max(sum(exits), 1),
+            "schedule_s": prof.schedule_s, "mask_s": prof.mask_s, "block_s": prof.block_s,
+            "attn_s": prof.attn_s, "route_s": prof.route_s,
+            "attn_score_waste": prof.attn_rows_keys / max(prof.attn_ideal, 1),
+            "block_fixed_ms_per_call": 1e3 * a, "block_ms_per_row": 1e3 * b}
+
+
+def _run_hf(model, requests, batch_size, repeats) -> dict:
+    hf_static_generate(model, requests(), batch_size=batch_size)  # warm-up
+    runs = []
+    for _ in range(repeats):
+        _reset_peak(model)
+        start = time.perf_counter()
+        latency = hf_static_generate(model, requests(), batch_size=batch_size)
+        runs.append((time.perf_counter() - start, latency))
+    seconds, latency = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+    tokens = sum(r.max_new_tokens for r in requests())
+    kv = batch_size * (len(requests()[0].prompt) + requests()[0].max_new_tokens) * kv_bytes_per_token(model)
+    return _common("vanilla_hf_generate_static", model, seconds, tokens, list(latency.values()), kv)
+
+
+def _common(name, model, seconds, tokens, latency, kv_bytes) -> dict:
+    lat = torch.tensor(latency, dtype=torch.float64)
+    peak = (torch.cuda.max_memory_allocated(model.device) if model.device.type == "cuda"
+            else weight_bytes(model) + kv_bytes)
+    return {"system": name, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+            "ms_per_token": 1e3 * seconds / tokens, "latency_p50_s": lat.quantile(0.5).item(),
+            "latency_p95_s": lat.quantile(0.95).item(), "weight_bytes": weight_bytes(model),
+            "kv_bytes_per_token": kv_bytes_per_token(model), "peak_memory_bytes": peak}
+
+
+def _reset_peak(model):
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+        torch.cuda.reset_peak_memory_stats(model.device)
+
+
+# ---------------------------------------------------------------------- models and CLI
+
+
+def load_bench_model(name: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Return (model, tokenizer or None): a `PAPER_CONFIGS` shape with random weights, or `rrt.load_model`."""
+    if name not in PAPER_CONFIGS:
+        return rrt.load_model(name, dtype=dtype, device=device)
+    from transformers import AutoConfig, AutoModelForCausalLM
+    model_type, kwargs = PAPER_CONFIGS[name]
+    config = AutoConfig.for_model(model_type, **kwargs)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval(), None
+
+
+def main(argv=None) -> pd.DataFrame:
+    """Run benchmark + simulator; write bench.csv, simulate.csv, block_times.csv, report.md, config.json."""
     args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, tok = rrt.load_model(args.model)
-    rec = rrt.convert(model, rrt.RecursiveSpec(num_blocks=args.num_blocks, lora_rank=args.lora_rank))
-    ids = tok(TEXT * 4).input_ids
-    prompts = [ids[i * 7:i * 7 + args.prompt_len] for i in range(args.requests)]  # equal lengths: no padding
-    rows = [_time("vanilla_hf_generate_static", args, lambda: _static_generate(model, prompts, args))]
-    outputs = Engine(rec, token_budget=args.token_budget).run(_requests(prompts, args))
-    trajectories = record_oracle_trajectories(rec, [p + outputs[i] for i, p in enumerate(prompts)])
-    for name, policy in [("recursive_cdb_no_exit", None), ("recursive_cdb_oracle_exit",
-                                                           OracleExit(dict(enumerate(trajectories))))]:
-        engines = []
-
-        def run(policy=policy):
-            engines.append(Engine(rec, token_budget=args.token_budget, exit_policy=policy,
-                                  max_active=args.requests))
-            engines[-1].run(_requests(prompts, args))
-        row = _time(name, args, run)
-        s = engines[-1].summary()
-        row.update(steps=s["steps"], mean_batch_fill=round(s["mean_batch_fill"], 3),
-                   exits_per_loop=" ".join(map(str, s["exits_per_loop"])))
-        rows.append(row)
+    dtype = getattr(torch, args.dtype)
+    model, tok = load_bench_model(args.model, device=args.device, dtype=dtype)
+    rec = (rrt.load(args.checkpoint, dtype=dtype, device=args.device) if args.checkpoint else
+           rrt.convert(model, rrt.RecursiveSpec(num_blocks=args.num_blocks, lora_rank=args.lora_rank)))
+    knobs = dict(num_blocks=args.num_blocks, lora_rank=args.lora_rank, num_requests=args.num_requests,
+                 prompt_len=args.prompt_len, new_tokens=args.new_tokens, token_budget=args.token_budget,
+                 batch_size=args.batch_size, repeats=args.repeats)
+    bench = run_benchmark(model, tok, recursive=rec, hf_generate=not args.no_hf_generate, **knobs)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    for r in rows:
-        print(r)
-    return rows
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({**vars(args), "device_name": _device_name(model)}, indent=1))
+    bench.to_csv(out / "bench.csv", index=False)
+    tables = [bench_table(bench)]
+    if not args.no_simulate:
+        sim, blocks = run_simulation(model, rec, bench.attrs["trajectories"], batch_size=args.batch_size,
+                                     prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+        sim.to_csv(out / "simulate.csv", index=False)
+        blocks.to_csv(out / "block_times.csv", index=False)
+        tables += [real_vs_simulated(bench, sim).to_markdown(index=False, floatfmt=".3g"),
+                   blocks.to_markdown(index=False, floatfmt=".4g")]
+    report = "\n\n".join(tables) + "\n"
+    (out / "report.md").write_text(report)
+    print(report)
+    return bench
+
+
+def bench_table(bench: pd.DataFrame) -> str:
+    """Return the markdown ratio table (the headline columns)."""
+    cols = ["system", "tokens_per_s", "tokens_per_s_ratio", "ms_per_token", "latency_p50_s",
+            "latency_p95_s", "mean_batch_fill", "mean_rows_per_step", "exits_per_loop", "weight_bytes", "kv_bytes_per_token",
+            "peak_memory_bytes", "schedule_s", "mask_s", "block_s", "attn_s", "route_s", "attn_score_waste",
+            "block_fixed_ms_per_call", "block_ms_per_row"]
+    return bench[[c for c in cols if c in bench]].to_markdown(index=False, floatfmt=".3g")
+
+
+def _device_name(model) -> str:
+    if model.device.type == "cuda":
+        return torch.cuda.get_device_name(model.device)
+    return f"cpu, {torch.get_num_threads()} threads"
 
 
 def _parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny-llama")
+    p.add_argument("--model", default="smollm2-135m",
+                   help=f"rrt.load_model source or one of {', '.join(PAPER_CONFIGS)} (random weights)")
+    p.add_argument("--checkpoint", default=None, help="an rrt.save directory: the recursive model to serve")
     p.add_argument("--num-blocks", type=int, default=2)
     p.add_argument("--lora-rank", type=int, default=0)
-    p.add_argument("--requests", type=int, default=8)
+    p.add_argument("--num-requests", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=8, help="static batch size for HF generate")
-    p.add_argument("--token-budget", type=int, default=64, help="engine items per step")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="outputs/serving_bench.csv")
+    p.add_argument("--new-tokens", type=int, default=24)
+    p.add_argument("--batch-size", type=int, default=8, help="live requests (KV slots) for every system")
+    p.add_argument("--token-budget", type=int, default=64, help="engine rows per step")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs after one warm-up; median reported")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-hf-generate", action="store_true", help="skip the HF generate reference row")
+    p.add_argument("--no-simulate", action="store_true", help="skip the paper-method simulator")
+    p.add_argument("--out", default="outputs/serving_bench")
     return p
-
-
-def _requests(prompts, args):
-    return [Request(list(p), args.new_tokens) for p in prompts]
-
-
-def _static_generate(model, prompts, args):
-    for i in range(0, len(prompts), args.batch_size):
-        batch = torch.tensor(prompts[i:i + args.batch_size])
-        model.generate(batch, attention_mask=torch.ones_like(batch), do_sample=False, pad_token_id=0,
-                       max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
-
-
-def _time(name, args, fn) -> dict:
-    fn()  # warm-up
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    tokens = args.requests * args.new_tokens
-    return {"method": name, "model": args.model, "num_blocks": args.num_blocks, "lora_rank": args.lora_rank,
-            "requests": args.requests, "new_tokens": args.new_tokens, "seconds_median": round(seconds, 4),
-            "tokens_per_s": round(tokens / seconds, 1)}
 
 
 if __name__ == "__main__":

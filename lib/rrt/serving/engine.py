@@ -93,6 +93,8 @@ class Engine:
         self.active: list[_Live] = []
         self.results: dict = {}
         self.exit_loops: dict = {}
+        self.arrived_at: dict = {}       # request_id -> perf_counter() at its first step >= arrival_step
+        self.finished_at: dict = {}      # request_id -> perf_counter() when its last token was emitted
         self.step_count = 0
         self._order = itertools.count()
         self._submitted = 0
@@ -127,6 +129,11 @@ class Engine:
     @torch.no_grad()
     def step(self) -> None:
         """Run one engine step: admit, schedule one batch, run the shared block once, route."""
+        now = time.perf_counter()
+        for r in self.queue:  # sorted by arrival_step
+            if r.arrival_step > self.step_count:
+                break
+            self.arrived_at.setdefault(r.request_id, now)
         self._admit()
         items = self._schedule()
         self.step_count += 1
@@ -137,6 +144,10 @@ class Engine:
         self._route(items, inputs, outputs)
         self.stats["steps"] += 1
         self.stats["items"] += len(items)
+
+    def latency(self) -> dict:
+        """Return {request_id: seconds from its arrival to its last token} for finished requests."""
+        return {rid: t - self.arrived_at[rid] for rid, t in self.finished_at.items()}
 
     def summary(self) -> dict:
         """Return stats plus derived numbers: mean batch fill and tokens per second."""
@@ -254,6 +265,7 @@ class Engine:
         if len(live.generated) == r.max_new_tokens or token == self.eos_token_id:
             self.results[r.request_id] = live.generated
             self.exit_loops[r.request_id] = live.exit_loops
+            self.finished_at[r.request_id] = time.perf_counter()
             self.active.remove(live)
             self.kv.release(live.slot)
 

@@ -1,0 +1,175 @@
+"""The paper's hypothetical-throughput simulator (§3.8, App. N, Tables 16–17), kept small and explicit.
+
+Step 1, `measure_block_times`: on dummy weights and inputs, for a sweep of batch sizes n (stopping
+at out-of-memory or a memory cap), prefill `prefix_len` random tokens, then decode `decode_len`
+tokens with HF's own cache, timing only the Transformer blocks (first layer in → last layer out;
+embedding and LM head excluded, as in the paper). Per-token time T(n) = block time / decode_len:
+the cost of one decode step of n sequences through *all* L depths.
+
+Step 2, `simulate`: replay a queue of requests with oracle exit trajectories, all arrived at t=0
+(the paper's queue, no arrival process), at most `batch_size` requests live. Only decode steps are
+counted (prefill is excluded, as in the paper's per-token times). Rules:
+
+- vanilla static: batches of `batch_size` requests in queue order; each batch runs as many steps
+  as its longest output, every step costs T_vanilla(batch rows) (finished rows stay as padding).
+- vanilla continuous (sequence-wise): each step, every live request emits one token; the step
+  costs T_vanilla(live); a finished request's slot is refilled from the queue at the next step.
+- recursive, CDB: one step = one call of the shared block (K layers) and costs
+  T_recursive(rows) / B. Each live request has one row: its current token at loop b. If b is the
+  token's exit loop (B−1 without exits), the token is emitted and the request's next token is at
+  loop 0 next step; otherwise it moves to loop b+1. With `propagate=True` (our engine's state
+  propagation, App. A; the paper leaves it out), an exited token also keeps one extra row per step
+  for its remaining loops b+1…B−1, so rows = live requests + propagating tokens.
+
+T(n) between measured batch sizes is interpolated linearly (extrapolated from the last two beyond).
+Throughput = emitted tokens / Σ step costs.
+"""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import pandas as pd
+import torch
+
+from rrt.models import decoder_layers
+
+
+def simulate(trajectories: Sequence[Sequence[int]], *, vanilla_times: pd.DataFrame,
+             recursive_times: pd.DataFrame, num_blocks: int, batch_size: int,
+             propagate: bool = False) -> pd.DataFrame:
+    """Return one row per system (simulated seconds, tokens/s, ratio to vanilla static; App. N).
+
+    `trajectories`: per request, the exit loop (0-based) of each generated token; its length is the
+    request's output length. `*_times`: `measure_block_times` tables (batch_size, block_s_per_token).
+    """
+    if batch_size < 1 or num_blocks < 1:
+        raise ValueError(f"batch_size and num_blocks must be >= 1, got {batch_size}, {num_blocks}")
+    lengths = [len(t) for t in trajectories]
+    t_vanilla = lambda n: _interpolate(vanilla_times, n)  # noqa: E731
+    t_loop = lambda n: _interpolate(recursive_times, n) / num_blocks  # noqa: E731
+    no_exit = [[num_blocks - 1] * n for n in lengths]
+    rows = [("vanilla_static", *_static(lengths, batch_size, t_vanilla)),
+            ("vanilla_continuous", *_continuous(lengths, batch_size, t_vanilla)),
+            ("recursive_no_exit", *_cdb(no_exit, batch_size, t_loop, num_blocks, propagate)),
+            ("recursive_oracle_exit", *_cdb(trajectories, batch_size, t_loop, num_blocks, propagate))]
+    df = pd.DataFrame(rows, columns=["system", "sim_seconds", "sim_steps", "sim_mean_rows"])
+    df["sim_tokens_per_s"] = sum(lengths) / df["sim_seconds"]
+    df["sim_ratio"] = df["sim_tokens_per_s"] / df["sim_tokens_per_s"].iloc[0]
+    return df
+
+
+@torch.no_grad()
+def measure_block_times(model, *, batch_sizes: Sequence[int], prefix_len: int, decode_len: int,
+                        memory_cap_bytes: int | None = None, seed: int = 0) -> pd.DataFrame:
+    """Return (batch_size, block_s_per_token, total_s_per_token) per batch size that fits (App. N).
+
+    Stops at the first batch size that runs out of memory or whose weights + KV exceed the cap.
+    """
+    layers, device = decoder_layers(model), model.device
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in batch_sizes:
+        kv = n * (prefix_len + decode_len) * kv_bytes_per_token(model)
+        if memory_cap_bytes is not None and weight_bytes(model) + kv > memory_cap_bytes:
+            break
+        ids = torch.randint(model.config.vocab_size, (n, prefix_len + decode_len), generator=gen).to(device)
+        block = [0.0]
+        start_at = [0.0]
+        pre = layers[0].register_forward_pre_hook(lambda *_: start_at.__setitem__(0, _now(device)))
+        post = layers[-1].register_forward_hook(
+            lambda *_: block.__setitem__(0, block[0] + _now(device) - start_at[0]))
+        try:
+            out = model(ids[:, :prefix_len], use_cache=True)
+            block[0] = 0.0  # prefill excluded
+            total = _now(device)
+            for i in range(decode_len):
+                out = model(ids[:, prefix_len + i:prefix_len + i + 1], past_key_values=out.past_key_values,
+                            use_cache=True)
+            total = _now(device) - total
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            pre.remove()
+            post.remove()
+        rows.append((n, block[0] / decode_len, total / decode_len))
+    return pd.DataFrame(rows, columns=["batch_size", "block_s_per_token", "total_s_per_token"])
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's unique parameters (tied tensors once; LoRA included)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def kv_bytes_per_token(model) -> int:
+    """KV-cache bytes one token needs over every depth: L × 2 (K, V) × kv_heads × head_dim × dtype bytes."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return len(decoder_layers(model)) * 2 * kv_heads * head_dim * model.dtype.itemsize
+
+
+# ---------------------------------------------------------------------- simulation rules
+
+
+def _static(lengths, batch_size, step_cost):
+    seconds, steps, rows = 0.0, 0, 0
+    for i in range(0, len(lengths), batch_size):
+        batch = lengths[i:i + batch_size]
+        seconds += max(batch) * step_cost(len(batch))
+        steps += max(batch)
+        rows += max(batch) * len(batch)
+    return seconds, steps, rows / max(steps, 1)
+
+
+def _continuous(lengths, batch_size, step_cost):
+    queue, live = list(lengths), []
+    seconds, steps, rows = 0.0, 0, 0
+    while queue or live:
+        while queue and len(live) < batch_size:
+            live.append(queue.pop(0))
+        seconds += step_cost(len(live))
+        steps, rows = steps + 1, rows + len(live)
+        live = [left - 1 for left in live if left > 1]
+    return seconds, steps, rows / max(steps, 1)
+
+
+def _cdb(trajectories, batch_size, loop_cost, num_blocks, propagate):
+    """Simulate CDB; a live request is [exit loops left to emit, current loop, propagating loops]."""
+    queue, live = [list(t) for t in trajectories], []
+    seconds, steps, rows_total = 0.0, 0, 0
+    while queue or live:
+        while queue and len(live) < batch_size:
+            live.append([queue.pop(0), 0, []])
+        rows = len(live) + sum(len(r[2]) for r in live)
+        seconds += loop_cost(rows)
+        steps, rows_total = steps + 1, rows_total + rows
+        for r in live:
+            exits, loop, propagating = r
+            r[2] = [b + 1 for b in propagating if b + 1 < num_blocks]  # each ran loop b this step
+            if loop >= exits[0]:
+                if propagate and loop + 1 < num_blocks:
+                    r[2].append(loop + 1)
+                exits.pop(0)
+                r[1] = 0
+            else:
+                r[1] = loop + 1
+        live = [r for r in live if r[0]]  # as in the engine: the last token's propagation is dropped
+    return seconds, steps, rows_total / max(steps, 1)
+
+
+def _interpolate(times: pd.DataFrame, n: int) -> float:
+    x = times["batch_size"].tolist()
+    y = times["block_s_per_token"].tolist()
+    if len(x) == 1:
+        return y[0] * n / x[0]
+    i = max(1, min(len(x) - 1, next((j for j, v in enumerate(x) if v >= n), len(x) - 1)))
+    return y[i - 1] + (y[i] - y[i - 1]) * (n - x[i - 1]) / (x[i] - x[i - 1])
+
+
+def _now(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
