@@ -120,6 +120,15 @@ def test_restarting_a_finished_run_does_no_more_steps(tmp_path, llama):
     assert again.checkpoint == first.checkpoint and again.metrics == first.metrics
 
 
+def test_restart_before_the_first_checkpoint_starts_a_clean_metrics_file(tmp_path, llama):
+    config = tiny_config(tmp_path, steps=3, save_every=3)
+    stale = train(config, train_blocks=TRAIN, eval_blocks=EVAL, original=llama)
+    for ckpt in (Path(config.out) / "checkpoints").iterdir():  # as if killed before any checkpoint
+        ckpt.rename(ckpt.with_name(".killed-" + ckpt.name))
+    fresh = train(config, train_blocks=TRAIN, eval_blocks=EVAL, original=llama)
+    assert [(r["kind"], r["step"]) for r in fresh.metrics] == [(r["kind"], r["step"]) for r in stale.metrics]
+
+
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, llama, monkeypatch):
     real_loss, calls = rtrain._loss, []
 

@@ -293,8 +293,8 @@ class _Metrics:
 
     def __init__(self, path: Path, writer: bool, keep_until: int):
         self.path, self.writer = path, writer
-        if writer and keep_until and path.exists():
-            kept = [r for r in self.read() if r["step"] <= keep_until]
+        if writer and path.exists():  # a fresh start (keep_until 0) keeps nothing of a killed attempt
+            kept = [r for r in self.read() if keep_until and r["step"] <= keep_until]
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             os.replace(tmp, path)
