@@ -240,3 +240,16 @@ def test_relaxed_gemma_2b_counts_match_table_17(rank, expected):
         warnings.simplefilter("ignore")
         rec = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, lora_rank=rank, lora_init="zero"))
     assert round(rrt.count_parameters(rec)["non_embedding"] / 1e9, 2) == expected
+
+
+def test_truncating_a_full_rank_init_equals_converting_at_that_rank(tiny, tiny_ids):
+    from rrt.relax import truncate_lora
+    _, model, _ = tiny
+    full = quiet_convert(model, num_blocks=2, init="average", lora_rank=FULL)
+    truncate_lora(full, 3)
+    direct = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, init="average", lora_rank=3))
+    assert rel_err(full(tiny_ids).logits, direct(tiny_ids).logits) < 1e-5
+    assert rrt.count_parameters(full) == rrt.count_parameters(direct)
+    truncate_lora(full, 0)
+    plain = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, init="average"))
+    assert torch.equal(full(tiny_ids).logits, plain(tiny_ids).logits)

@@ -131,6 +131,18 @@ def init_lora(lora: LoopLoRALinear, target: torch.Tensor | None) -> None:
     lora.lora_A.copy_(vh[:r])
 
 
+@torch.no_grad()
+def truncate_lora(model: nn.Module, rank: int) -> None:
+    """Keep the first `rank` components of every LoRA, in place (rank 0 leaves a zero delta).
+
+    An SVD-initialised LoRA is ordered by singular value, so truncating a full-rank init gives the
+    rank-r init of eq. 4 without another SVD: how a rank sweep converts once per init.
+    """
+    for lora in lora_modules(model).values():
+        lora.lora_A = nn.Parameter(lora.lora_A[:rank].clone())
+        lora.lora_B = nn.Parameter(lora.lora_B[:, :rank].clone())
+
+
 def lora_modules(model: nn.Module) -> dict[str, LoopLoRALinear]:
     """Return every LoopLoRALinear of a model by its qualified name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoopLoRALinear)}

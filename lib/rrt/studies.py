@@ -174,18 +174,23 @@ def init_perplexity(model, sequences, *, num_blocks=2, inits=("stepwise", "avera
     SVD init (eq. 4) makes rank interpolate between the recursive model (r=0) and, with per-depth
     norms, the original (full rank): the paper's "perplexity at initialisation" view (Fig. 16).
     """
+    from rrt.relax import truncate_lora
+
     full = max(min(w.shape) for w in model.parameters() if w.ndim == 2)
     rows = [{"model": "original", "init": "-", "lora_rank": "-", "untie_norms": "-",
              "perplexity": perplexity(model, sequences, batch_size=batch_size), **rrt.count_parameters(model)}]
-    grid = list(itertools.product(inits, ranks, untie_norms))
-    for init, rank, untie in tqdm(grid, desc="init perplexity"):
-        spec = rrt.RecursiveSpec(num_blocks=num_blocks, init=init, untie_norms=untie,
-                                 lora_rank=full if rank == "full" else rank)
+    # One full-rank SVD conversion per (init, tying); lower ranks truncate it (truncate_lora), largest first.
+    by_size = sorted(ranks, key=lambda r: full if r == "full" else r, reverse=True)
+    for init, untie in tqdm(list(itertools.product(inits, untie_norms)), desc="init perplexity"):
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "full" is clamped per matrix on purpose
-            rec = rrt.convert(model, spec)
-        rows.append({"model": f"B={num_blocks}", "init": init, "lora_rank": rank, "untie_norms": untie,
-                     "perplexity": perplexity(rec, sequences, batch_size=batch_size), **rrt.count_parameters(rec)})
+            warnings.simplefilter("ignore")  # full rank is clamped per matrix on purpose
+            rec = rrt.convert(model, rrt.RecursiveSpec(num_blocks=num_blocks, init=init, untie_norms=untie,
+                                                       lora_rank=full))
+        for rank in by_size:
+            truncate_lora(rec, full if rank == "full" else rank)
+            rows.append({"model": f"B={num_blocks}", "init": init, "lora_rank": rank, "untie_norms": untie,
+                         "perplexity": perplexity(rec, sequences, batch_size=batch_size),
+                         **rrt.count_parameters(rec)})
     return pd.DataFrame(rows)
 
 
