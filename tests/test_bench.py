@@ -6,7 +6,7 @@ import torch
 import rrt
 from rrt.serving import Engine, Request
 from rrt.serving.baselines import StaticBatchEngine, profile
-from rrt.serving.bench import PAPER_CONFIGS, load_bench_model, main, run_benchmark
+from rrt.serving.bench import PAPER_CONFIGS, load_bench_model, main, output_lengths, run_benchmark
 from rrt.serving.simulate import kv_bytes_per_token, measure_block_times, simulate, weight_bytes
 
 
@@ -69,7 +69,7 @@ def test_static_batch_engine_admits_whole_batches():
 def test_run_benchmark_rows_and_ratios():
     model, tok = rrt.load_model("tiny-llama")
     df = run_benchmark(model, tok, num_blocks=3, lora_rank=2, num_requests=3, prompt_len=5,
-                       new_tokens=3, batch_size=2, token_budget=8)
+                       new_tokens=3, length_spread=0.0, batch_size=2, token_budget=8)
     assert df["system"].tolist() == ["vanilla_static", "vanilla_hf_generate_static", "vanilla_continuous",
                                      "recursive_no_exit", "recursive_oracle_exit",
                                      "recursive_oracle_exit_no_lora"]
@@ -89,6 +89,15 @@ def test_cli_writes_tables(tmp_path):
     for name in ["bench.csv", "simulate.csv", "block_times.csv", "report.md", "config.json"]:
         assert (tmp_path / name).exists()
     assert "real_over_sim_paper" in (tmp_path / "report.md").read_text()
+    assert bench["tokens"].nunique() == 1 and bench.loc[0, "tokens"] == sum(output_lengths(2, 3, 0.5))
+
+
+def test_output_lengths_are_shared_and_bounded():
+    lengths = output_lengths(50, 24, 0.5, seed=1)
+    assert lengths == output_lengths(50, 24, 0.5, seed=1) and min(lengths) >= 12 and max(lengths) <= 36
+    assert output_lengths(3, 5, 0.0) == [5, 5, 5]
+    with pytest.raises(ValueError, match="length_spread"):
+        output_lengths(3, 5, 1.0)
 
 
 def test_memory_accounting_and_cap():
@@ -109,3 +118,13 @@ def test_paper_configs_match_table_16(name, non_embedding):
     assert name in PAPER_CONFIGS
     model, tok = load_bench_model(name, device="meta")  # shapes only: no memory, no time
     assert tok is None and rrt.count_parameters(model)["non_embedding"] == non_embedding
+
+
+def test_given_trajectories_replace_the_oracle():
+    model, tok = rrt.load_model("tiny-llama")
+    kw = dict(num_blocks=2, num_requests=2, prompt_len=4, new_tokens=3, length_spread=0.0, batch_size=2,
+              hf_generate=False)
+    df = run_benchmark(model, tok, trajectories=[[0, 0, 0], [0, 1, 0]], **kw).set_index("system")
+    assert df.loc["recursive_oracle_exit", "exits_per_loop"] == "5 1"
+    with pytest.raises(ValueError, match="one exit loop per generated token"):
+        run_benchmark(model, tok, trajectories=[[0], [0]], **kw)

@@ -86,9 +86,9 @@ SCHEMAS = {
                       "uptrain_steps": P(int, min=1), "coefficients": P(list, min=0, max=1),
                       "head_lora_rank": P(int, min=1)},
     "05_throughput": {**COMMON, "num_blocks": P(list, min=1), "lora_ranks": P(list, min=0),
-                      "num_requests": P(int, min=1), "prompt_len": P(int, min=1), "new_tokens": P(int, min=1),
-                      "token_budget": P(int, min=1), "eval_corpus": P(str), "sim_batch_sizes": P(list, min=1),
-                      "device": P(str, choices=("auto", "cpu", "cuda"))},
+                      "num_requests": P(int, min=1), "prompt_len": P(int, min=1), "new_tokens": P(int, min=2),
+                      "batch_size": P(int, min=1), "token_budget": P(int, min=1), "repeats": P(int, min=1),
+                      "threads": P(int, min=1), "tasks": P(list, items=tuple(TASKS)), "task_limit": P(OPT_INT, min=1)},
 }
 
 

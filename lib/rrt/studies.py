@@ -214,3 +214,47 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------- serving (notebook 05)
+
+def throughput_study(model, tokenizer, params: dict) -> dict[str, pd.DataFrame]:
+    """Return the real benchmark and the paper-method simulation for every (B, LoRA rank) (Fig. 8, Tables 16–17).
+
+    Tables: "throughput" (one row per system and configuration, ratios to vanilla static batching),
+    "simulated", "real_vs_simulated", "block_times", and "accuracy" (few-shot accuracy of the vanilla
+    and each recursive model; oracle exits emit the last loop's tokens, so they share its accuracy).
+    """
+    from rrt.serving.bench import real_vs_simulated, run_benchmark, run_simulation
+
+    knobs = {k: params[k] for k in ("num_requests", "prompt_len", "new_tokens", "token_budget", "batch_size",
+                                    "repeats", "seed")}
+    tables = {"throughput": [], "simulated": [], "real_vs_simulated": [], "block_times": [], "accuracy": []}
+    scored = bool(params["tasks"]) and tokenizer is not None  # dummy-weight models have no tokenizer
+    if scored:
+        tables["accuracy"].append(evaluate_accuracy(model, tokenizer, params).assign(model="vanilla"))
+    for b, rank in tqdm(list(itertools.product(params["num_blocks"], params["lora_ranks"])), desc="configs"):
+        tag = {"num_blocks": b, "lora_rank": rank}
+        rec = rrt.convert(model, rrt.RecursiveSpec(num_blocks=b, lora_rank=rank))
+        bench = run_benchmark(model, tokenizer, recursive=rec, num_blocks=b, lora_rank=rank, **knobs)
+        sim, blocks = run_simulation(model, rec, bench.attrs["trajectories"], batch_size=params["batch_size"],
+                                     prompt_len=params["prompt_len"], new_tokens=params["new_tokens"])
+        tables["throughput"].append(bench.assign(**tag))
+        tables["simulated"].append(sim.assign(**tag))
+        tables["real_vs_simulated"].append(real_vs_simulated(bench, sim).assign(**tag))
+        tables["block_times"].append(blocks.assign(**tag))
+        if scored:
+            tables["accuracy"].append(evaluate_accuracy(rec, tokenizer, params).assign(model=f"B={b} r={rank}", **tag))
+    return {k: pd.concat(v, ignore_index=True) if v else pd.DataFrame() for k, v in tables.items()}
+
+
+def throughput_vs_accuracy(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Return one point per system and configuration: throughput ratio and the model's average accuracy (Fig. 8)."""
+    acc = tables["accuracy"].groupby("model")["value"].mean() if len(tables["accuracy"]) else pd.Series(dtype=float)
+    rows = tables["throughput"].assign(
+        config=lambda d: "B=" + d.num_blocks.astype(str) + " r=" + d.lora_rank.astype(str),
+        model=lambda d: d.system.where(~d.system.str.startswith("vanilla"), "vanilla"))
+    rows["model"] = rows["model"].where(rows["model"] == "vanilla", rows["config"])
+    rows["avg_accuracy"] = rows["model"].map(acc)
+    return rows[["system", "config", "tokens_per_s", "tokens_per_s_ratio", "avg_accuracy"]].rename(
+        columns={"tokens_per_s_ratio": "throughput_ratio"})

@@ -2,8 +2,8 @@
 
     python -m rrt.serving.bench --model smollm2-135m --num-blocks 2 --out /tmp/bench/b2
 
-Every system serves the same requests (prompts, all arriving at step 0, exactly `new_tokens` each,
-EOS ignored) through the same engine code, so ratios to `vanilla_static` measure scheduling, not
+Every system serves the same requests (equal-length prompts, all arriving at step 0, per-request
+output lengths drawn once around `new_tokens`, generated exactly: EOS ignored) through the same engine code, so ratios to `vanilla_static` measure scheduling, not
 implementation (see `baselines`). Oracle exit trajectories (§3.8) are recorded from the recursive
 model on its own no-exit outputs; oracle exits never change the emitted tokens. Each system runs
 once as warm-up, then `repeats` times; wall-clock medians (device synchronised by the engine's
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -53,26 +53,37 @@ RATIO_TO = "vanilla_static"
 
 
 def run_benchmark(model, tokenizer=None, *, num_blocks: int = 2, lora_rank: int = 0, num_requests: int = 8,
-                  prompt_len: int = 16, new_tokens: int = 24, token_budget: int = 64, batch_size: int = 8,
-                  repeats: int = 1, recursive=None, hf_generate: bool = True,
-                  lora_ablation: bool = True) -> pd.DataFrame:
+                  prompt_len: int = 16, new_tokens: int = 24, length_spread: float = 0.5,
+                  token_budget: int = 64, batch_size: int = 4, repeats: int = 1, recursive=None,
+                  hf_generate: bool = True, lora_ablation: bool = True, seed: int = 0,
+                  trajectories: list[list[int]] | None = None) -> pd.DataFrame:
     """Return one row per system: tokens/s, ms/token, latency p50/p95, batch fill, exits, memory, ratios.
 
     `recursive`: an already converted (e.g. uptrained, `rrt.load`) model; else `model` is converted
-    (Stepwise, `num_blocks`, `lora_rank`). `batch_size` is every system's live-request limit (KV
-    slots); `token_budget` the engine's rows per step. With `lora_rank > 0` and `lora_ablation`, the
-    oracle-exit system is also run with LoRA off (rank 0, same trajectories). Profile columns: see
-    `baselines.StepProfile`. The trajectories are in `df.attrs["trajectories"]`.
+    (Stepwise, `num_blocks`, `lora_rank`). Output lengths are drawn once, uniform in
+    new_tokens·[1 − length_spread, 1 + length_spread], and shared by every system (with equal lengths
+    and no arrival process, static and continuous batching would schedule identically).
+    `batch_size` is every system's live-request limit (KV slots); `token_budget` the engine's rows
+    per step. With `lora_rank > 0` and `lora_ablation`, the oracle-exit system is also run with LoRA
+    off (rank 0, same trajectories). Systems are timed round-robin (one warm-up each, then `repeats`
+    rounds; median) so load drift on a shared machine hits all alike. Profile columns: see
+    `baselines.StepProfile`. `trajectories` (exit loop per generated token, per request) replaces
+    the recorded oracle ones, e.g. to replay another model's exits; the ones used are in
+    `df.attrs["trajectories"]`.
     """
     rec = recursive if recursive is not None else rrt.convert(
         model, rrt.RecursiveSpec(num_blocks=num_blocks, lora_rank=lora_rank))
-    prompts = make_prompts(tokenizer, model.config.vocab_size, num_requests, prompt_len)
-    requests = lambda: [Request(list(p), new_tokens) for p in prompts]  # noqa: E731
-    trajectories = oracle_trajectories(rec, prompts, new_tokens, token_budget, batch_size)
-    oracle = OracleExit({i: t for i, t in enumerate(full_trajectories(rec, prompts, trajectories))})
-    seq = prompt_len + new_tokens  # KV pool rows per slot (the default, max_position_embeddings, is GBs)
+    prompts = make_prompts(tokenizer, model.config.vocab_size, num_requests, prompt_len, seed=seed)
+    lengths = output_lengths(num_requests, new_tokens, length_spread, seed=seed)
+    requests = lambda: [Request(list(p), n) for p, n in zip(prompts, lengths)]  # noqa: E731
+    seq = prompt_len + max(lengths)  # KV pool rows per slot (the default, max_position_embeddings, is GBs)
     engine = lambda cls, m, policy=None: cls(m, token_budget=token_budget, max_active=batch_size,  # noqa: E731
                                              exit_policy=policy, max_seq_len=seq)
+    if trajectories is None:
+        trajectories = oracle_trajectories(engine(Engine, rec), rec, requests())
+    elif [len(t) for t in trajectories] != lengths:
+        raise ValueError(f"trajectories must have one exit loop per generated token: lengths {lengths}")
+    oracle = OracleExit({i: t for i, t in enumerate(full_trajectories(rec, prompts, trajectories))})
     systems = [("vanilla_static", model, lambda: engine(StaticBatchEngine, model)),
                ("vanilla_continuous", model, lambda: engine(Engine, model)),
                ("recursive_no_exit", rec, lambda: engine(Engine, rec)),
@@ -80,9 +91,21 @@ def run_benchmark(model, tokenizer=None, *, num_blocks: int = 2, lora_rank: int 
     if lora_ablation and lora_modules(rec):
         bare = rrt.convert(model, rrt.RecursiveSpec(num_blocks=num_loops(rec), lora_rank=0))
         systems.append(("recursive_oracle_exit_no_lora", bare, lambda: engine(Engine, bare, oracle)))
-    rows = [_run_engine(name, m, make, requests, repeats) for name, m, make in systems]
+    runners = [(name, m, lambda make=make: _time_engine(make, requests)) for name, m, make in systems]
     if hf_generate:
-        rows.insert(1, _run_hf(model, requests, batch_size, repeats))
+        runners.insert(1, ("vanilla_hf_generate_static", model,
+                           lambda: _time_hf(model, requests, batch_size, seq)))
+    runs = {name: [] for name, _, _ in runners}
+    for round_ in range(repeats + 1):  # round 0 is the warm-up
+        for name, m, run in runners:
+            _reset_peak(m)
+            result = run()
+            if round_:
+                runs[name].append(result)
+    rows = []
+    for name, m, _ in runners:
+        result = sorted(runs[name], key=lambda r: r["seconds"])[len(runs[name]) // 2]
+        rows.append({"system": name, **_common(m, result)})
     df = pd.DataFrame(rows)
     base = df.set_index("system").loc[RATIO_TO]
     df["tokens_per_s_ratio"] = df["tokens_per_s"] / base["tokens_per_s"]
@@ -137,13 +160,21 @@ def make_prompts(tokenizer, vocab_size: int, num_requests: int, prompt_len: int,
     return [ids[i * 7:i * 7 + prompt_len] for i in range(num_requests)]
 
 
-def oracle_trajectories(rec, prompts, new_tokens, token_budget, batch_size) -> list[list[int]]:
+def output_lengths(num_requests: int, new_tokens: int, spread: float, seed: int = 0) -> list[int]:
+    """Per-request output lengths, uniform integers in new_tokens·[1 − spread, 1 + spread], at least 1."""
+    if not 0 <= spread < 1:
+        raise ValueError(f"length_spread must be in [0, 1), got {spread!r}")
+    lo, hi = max(1, round(new_tokens * (1 - spread))), max(1, round(new_tokens * (1 + spread)))
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(lo, hi + 1, (num_requests,), generator=gen).tolist()
+
+
+def oracle_trajectories(engine: Engine, rec, requests: list[Request]) -> list[list[int]]:
     """Return per request the oracle exit loop of each generated token, on the model's own no-exit output."""
-    outputs = Engine(rec, token_budget=token_budget, max_active=batch_size,
-                     max_seq_len=len(prompts[0]) + new_tokens).run(
-        [Request(list(p), new_tokens) for p in prompts])
-    full = record_oracle_trajectories(rec, [p + outputs[i] for i, p in enumerate(prompts)])
-    return [full[i][len(p) - 1:len(p) - 1 + new_tokens].tolist() for i, p in enumerate(prompts)]
+    outputs = engine.run(requests)
+    full = record_oracle_trajectories(rec, [r.prompt + outputs[i] for i, r in enumerate(requests)])
+    return [full[i][len(r.prompt) - 1:len(r.prompt) - 1 + r.max_new_tokens].tolist()
+            for i, r in enumerate(requests)]
 
 
 def full_trajectories(rec, prompts, trajectories):
@@ -155,23 +186,18 @@ def full_trajectories(rec, prompts, trajectories):
 # ---------------------------------------------------------------------- timing
 
 
-def _run_engine(name, model, make, requests, repeats) -> dict:
-    make().run(requests())  # warm-up
-    runs = []
-    for _ in range(repeats):
-        e = make()
-        prof = profile(e)
-        _reset_peak(model)
-        start = time.perf_counter()
-        e.run(requests())
-        seconds = time.perf_counter() - start
-        kv_pool = 0 if e.kv.keys is None else 2 * e.kv.keys.numel() * e.kv.keys.element_size()
-        runs.append((seconds, e.summary(), list(e.latency().values()), prof, kv_pool))
-        del e  # its KV pool
-    seconds, s, latency, prof, kv_pool = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+def _time_engine(make, requests) -> dict:
+    """Serve the requests once on a fresh engine; return seconds, latencies, stats and profile."""
+    e = make()
+    prof = profile(e)
+    start = time.perf_counter()
+    e.run(requests())
+    seconds = time.perf_counter() - start
+    s = e.summary()
     a, b = prof.fixed_and_per_row_cost()
     exits = s["exits_per_loop"]
-    return {**_common(name, model, seconds, s["tokens"], latency, kv_pool),
+    kv_pool = 0 if e.kv.keys is None else 2 * e.kv.keys.numel() * e.kv.keys.element_size()
+    return {"seconds": seconds, "tokens": s["tokens"], "latency": list(e.latency().values()), "kv_pool": kv_pool,
             "steps": s["steps"], "mean_batch_fill": s["mean_batch_fill"],
             "mean_rows_per_step": s["items"] / max(s["steps"], 1),
             "propagation_rows": s["propagation_items"],
@@ -183,28 +209,26 @@ def _run_engine(name, model, make, requests, repeats) -> dict:
             "block_fixed_ms_per_call": 1e3 * a, "block_ms_per_row": 1e3 * b}
 
 
-def _run_hf(model, requests, batch_size, repeats) -> dict:
-    hf_static_generate(model, requests(), batch_size=batch_size)  # warm-up
-    runs = []
-    for _ in range(repeats):
-        _reset_peak(model)
-        start = time.perf_counter()
-        latency = hf_static_generate(model, requests(), batch_size=batch_size)
-        runs.append((time.perf_counter() - start, latency))
-    seconds, latency = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+def _time_hf(model, requests, batch_size, seq) -> dict:
+    start = time.perf_counter()
+    latency = hf_static_generate(model, requests(), batch_size=batch_size)
+    seconds = time.perf_counter() - start
     tokens = sum(r.max_new_tokens for r in requests())
-    kv = batch_size * (len(requests()[0].prompt) + requests()[0].max_new_tokens) * kv_bytes_per_token(model)
-    return _common("vanilla_hf_generate_static", model, seconds, tokens, list(latency.values()), kv)
+    return {"seconds": seconds, "tokens": tokens, "latency": list(latency.values()),
+            "kv_pool": batch_size * seq * kv_bytes_per_token(model)}
 
 
-def _common(name, model, seconds, tokens, latency, kv_bytes) -> dict:
-    lat = torch.tensor(latency, dtype=torch.float64)
+def _common(model, result) -> dict:
+    """Derived metrics for one system's median run; memory: see the module docstring."""
+    lat = torch.tensor(result.pop("latency"), dtype=torch.float64)
+    kv_pool = result.pop("kv_pool")
+    seconds, tokens = result["seconds"], result["tokens"]
     peak = (torch.cuda.max_memory_allocated(model.device) if model.device.type == "cuda"
-            else weight_bytes(model) + kv_bytes)
-    return {"system": name, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
-            "ms_per_token": 1e3 * seconds / tokens, "latency_p50_s": lat.quantile(0.5).item(),
-            "latency_p95_s": lat.quantile(0.95).item(), "weight_bytes": weight_bytes(model),
-            "kv_bytes_per_token": kv_bytes_per_token(model), "peak_memory_bytes": peak}
+            else weight_bytes(model) + kv_pool)
+    return {**result, "tokens_per_s": tokens / seconds, "ms_per_token": 1e3 * seconds / tokens,
+            "latency_p50_s": lat.quantile(0.5).item(), "latency_p95_s": lat.quantile(0.95).item(),
+            "weight_bytes": weight_bytes(model), "kv_bytes_per_token": kv_bytes_per_token(model),
+            "peak_memory_bytes": peak}
 
 
 def _reset_peak(model):
@@ -234,17 +258,24 @@ def main(argv=None) -> pd.DataFrame:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     model, tok = load_bench_model(args.model, device=args.device, dtype=dtype)
-    rec = (rrt.load(args.checkpoint, dtype=dtype, device=args.device) if args.checkpoint else
-           rrt.convert(model, rrt.RecursiveSpec(num_blocks=args.num_blocks, lora_rank=args.lora_rank)))
+    if args.checkpoint:
+        rec = rrt.load(args.checkpoint, dtype=dtype, device=args.device)
+        if num_loops(rec) != args.num_blocks or args.lora_rank:
+            raise ValueError(f"--checkpoint has num_blocks={num_loops(rec)} and its own LoRA: pass "
+                             f"--num-blocks {num_loops(rec)} and no --lora-rank")
+    else:
+        rec = rrt.convert(model, rrt.RecursiveSpec(num_blocks=args.num_blocks, lora_rank=args.lora_rank))
     knobs = dict(num_blocks=args.num_blocks, lora_rank=args.lora_rank, num_requests=args.num_requests,
-                 prompt_len=args.prompt_len, new_tokens=args.new_tokens, token_budget=args.token_budget,
-                 batch_size=args.batch_size, repeats=args.repeats)
+                 prompt_len=args.prompt_len, new_tokens=args.new_tokens, length_spread=args.length_spread,
+                 seed=args.seed, token_budget=args.token_budget, batch_size=args.batch_size,
+                 repeats=args.repeats)
     bench = run_benchmark(model, tok, recursive=rec, hf_generate=not args.no_hf_generate, **knobs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({**vars(args), "device_name": _device_name(model)}, indent=1))
     bench.to_csv(out / "bench.csv", index=False)
-    tables = [bench_table(bench)]
+    tables = [f"`{' '.join(argv if argv is not None else sys.argv[1:])}` on {_device_name(model)}",
+              bench_table(bench)]
     if not args.no_simulate:
         sim, blocks = run_simulation(model, rec, bench.attrs["trajectories"], batch_size=args.batch_size,
                                      prompt_len=args.prompt_len, new_tokens=args.new_tokens)
@@ -279,11 +310,14 @@ def _parser():
                    help=f"rrt.load_model source or one of {', '.join(PAPER_CONFIGS)} (random weights)")
     p.add_argument("--checkpoint", default=None, help="an rrt.save directory: the recursive model to serve")
     p.add_argument("--num-blocks", type=int, default=2)
-    p.add_argument("--lora-rank", type=int, default=0)
+    p.add_argument("--lora-rank", type=int, default=0, help="per-loop LoRA rank of the conversion")
     p.add_argument("--num-requests", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=24)
-    p.add_argument("--batch-size", type=int, default=8, help="live requests (KV slots) for every system")
+    p.add_argument("--length-spread", type=float, default=0.5,
+                   help="output lengths uniform in new_tokens·[1-spread, 1+spread]")
+    p.add_argument("--seed", type=int, default=0, help="prompts (without a tokenizer) and output lengths")
+    p.add_argument("--batch-size", type=int, default=4, help="live requests (KV slots) for every system")
     p.add_argument("--token-budget", type=int, default=64, help="engine rows per step")
     p.add_argument("--repeats", type=int, default=1, help="timed runs after one warm-up; median reported")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")

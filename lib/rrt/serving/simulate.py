@@ -3,8 +3,9 @@
 Step 1, `measure_block_times`: on dummy weights and inputs, for a sweep of batch sizes n (stopping
 at out-of-memory or a memory cap), prefill `prefix_len` random tokens, then decode `decode_len`
 tokens with HF's own cache, timing only the Transformer blocks (first layer in → last layer out;
-embedding and LM head excluded, as in the paper). Per-token time T(n) = block time / decode_len:
-the cost of one decode step of n sequences through *all* L depths.
+embedding and LM head excluded, as in the paper). Per-token time T(n): the paper's block time /
+decode_len is the mean decode step; we take the median step instead (robust to a loaded shared
+machine) — the cost of one decode step of n sequences through *all* L depths.
 
 Step 2, `simulate`: replay a queue of requests with oracle exit trajectories, all arrived at t=0
 (the paper's queue, no arrival process), at most `batch_size` requests live. Only decode steps are
@@ -26,6 +27,7 @@ Throughput = emitted tokens / Σ step costs.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Sequence
 
@@ -74,14 +76,12 @@ def measure_block_times(model, *, batch_sizes: Sequence[int], prefix_len: int, d
         if memory_cap_bytes is not None and weight_bytes(model) + kv > memory_cap_bytes:
             break
         ids = torch.randint(model.config.vocab_size, (n, prefix_len + decode_len), generator=gen).to(device)
-        block = [0.0]
-        start_at = [0.0]
+        steps, start_at = [], [0.0]
         pre = layers[0].register_forward_pre_hook(lambda *_: start_at.__setitem__(0, _now(device)))
-        post = layers[-1].register_forward_hook(
-            lambda *_: block.__setitem__(0, block[0] + _now(device) - start_at[0]))
+        post = layers[-1].register_forward_hook(lambda *_: steps.append(_now(device) - start_at[0]))
         try:
             out = model(ids[:, :prefix_len], use_cache=True)
-            block[0] = 0.0  # prefill excluded
+            steps.clear()  # prefill excluded
             total = _now(device)
             for i in range(decode_len):
                 out = model(ids[:, prefix_len + i:prefix_len + i + 1], past_key_values=out.past_key_values,
@@ -92,7 +92,7 @@ def measure_block_times(model, *, batch_sizes: Sequence[int], prefix_len: int, d
         finally:
             pre.remove()
             post.remove()
-        rows.append((n, block[0] / decode_len, total / decode_len))
+        rows.append((n, statistics.median(steps), total / decode_len))
     return pd.DataFrame(rows, columns=["batch_size", "block_s_per_token", "total_s_per_token"])
 
 
