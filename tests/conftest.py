@@ -29,3 +29,13 @@ def tiny_ids(tiny):
 def smollm2():
     """The real SmolLM2-135M-Instruct (embedded GGUF), fp32."""
     return rrt.load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one torch thread is ~30x faster than two on a loaded 2-core machine (contention)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

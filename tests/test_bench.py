@@ -10,12 +10,7 @@ from rrt.serving.bench import PAPER_CONFIGS, load_bench_model, main, output_leng
 from rrt.serving.simulate import kv_bytes_per_token, measure_block_times, simulate, weight_bytes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _table(cost):

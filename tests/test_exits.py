@@ -7,13 +7,7 @@ from rrt.exits import (CosineExit, MarginExit, MaxProbExit, NoExit, OracleExit, 
                        exit_scores, loop_states, record_oracle_trajectories)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is ~30x faster than two on a loaded 2-core machine (thread contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

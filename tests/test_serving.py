@@ -12,13 +12,7 @@ TEXTS = ["Hello world, this is", "Ab", "The quick brown fox", "Loops!"]
 NEW = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is ~30x faster than two on a loaded 2-core machine (thread contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _relaxed(name, num_blocks=2):
