@@ -17,7 +17,7 @@ at the last loop whatever the policy says.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import ClassVar, Mapping, Sequence
 
 import torch
 
@@ -46,33 +46,29 @@ class OracleExit:
 
 
 @dataclass(frozen=True)
-class MaxProbExit:
+class _ScoredExit:
+    """Exit once `exit_scores(kind)` reaches `threshold`; subclasses name the score."""
+    threshold: float
+    kind: ClassVar[str]
+
+    def exit_mask(self, *, loop, logits, hidden, prev_hidden, **_):
+        return exit_scores(self.kind, loop=loop, logits=logits, hidden=hidden,
+                           prev_hidden=prev_hidden) >= self.threshold
+
+
+class MaxProbExit(_ScoredExit):
     """Exit once the largest softmax probability reaches `threshold`."""
-    threshold: float
-
-    def exit_mask(self, *, loop, logits, hidden, prev_hidden, **_):
-        return exit_scores("max_prob", loop=loop, logits=logits, hidden=hidden,
-                           prev_hidden=prev_hidden) >= self.threshold
+    kind = "max_prob"
 
 
-@dataclass(frozen=True)
-class MarginExit:
+class MarginExit(_ScoredExit):
     """Exit once top-1 minus top-2 softmax probability reaches `threshold`."""
-    threshold: float
-
-    def exit_mask(self, *, loop, logits, hidden, prev_hidden, **_):
-        return exit_scores("margin", loop=loop, logits=logits, hidden=hidden,
-                           prev_hidden=prev_hidden) >= self.threshold
+    kind = "margin"
 
 
-@dataclass(frozen=True)
-class CosineExit:
+class CosineExit(_ScoredExit):
     """Exit once cos(hidden after loop b, hidden after loop b−1) reaches `threshold` (never at loop 0)."""
-    threshold: float
-
-    def exit_mask(self, *, loop, logits, hidden, prev_hidden, **_):
-        return exit_scores("cosine", loop=loop, logits=logits, hidden=hidden,
-                           prev_hidden=prev_hidden) >= self.threshold
+    kind = "cosine"
 
 
 POLICY_CLASSES = {"max_prob": MaxProbExit, "margin": MarginExit, "cosine": CosineExit}
