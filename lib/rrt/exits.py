@@ -21,8 +21,8 @@ from typing import ClassVar, Mapping, Sequence
 
 import torch
 
-from rrt.models import decoder_layers, head_logits
-from rrt.recursive import num_loops
+from rrt.models import head_logits
+from rrt.recursive import loop_hidden_states
 
 SCORED_POLICIES = ("max_prob", "margin", "cosine")
 
@@ -91,17 +91,7 @@ def exit_scores(kind: str, *, loop: torch.Tensor, logits: torch.Tensor, hidden: 
 @torch.no_grad()
 def loop_states(model, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Return (per-loop hidden states, each [batch, seq, hidden] before the final norm; embeddings)."""
-    layers = decoder_layers(model)
-    k = len(layers) // num_loops(model)
-    states: list[torch.Tensor] = []
-    grab = lambda _m, _i, out: states.append(out[0] if isinstance(out, tuple) else out)  # noqa: E731
-    hooks = [layers[d].register_forward_hook(grab) for d in range(k - 1, len(layers), k)]
-    try:
-        model.base_model(input_ids=input_ids, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return states, model.get_input_embeddings()(input_ids)
+    return loop_hidden_states(model, input_ids), model.get_input_embeddings()(input_ids)
 
 
 @torch.no_grad()

@@ -237,6 +237,12 @@ def loop_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
 
     The last entry equals model(input_ids).logits (DESIGN invariant 7).
     """
+    return [head_logits(model, h) for h in loop_hidden_states(model, input_ids, attention_mask, **kwargs)]
+
+
+def loop_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       **kwargs) -> list[torch.Tensor]:
+    """Return each loop's output hidden states [batch, seq, hidden] (before the final norm)."""
     layers = decoder_layers(model)
     k = len(layers) // num_loops(model)
     exits: list[torch.Tensor] = []
@@ -250,4 +256,4 @@ def loop_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     finally:
         for h in hooks:
             h.remove()
-    return [head_logits(model, h) for h in exits]
+    return exits
