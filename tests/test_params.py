@@ -63,6 +63,11 @@ def test_bad_values_are_named(override, error, match):
         resolve("00_explore", {**_defaults("00_explore"), **override})
 
 
+def test_a_list_passed_as_text_says_how_to_pass_lists():
+    with pytest.raises(TypeError, match=r"must be list, got str; papermill -p passes text, pass lists with -y '\{inits: "):
+        resolve("01_init_ablation", {**_defaults("01_init_ablation"), "inits": '["stepwise"]'})
+
+
 def test_bad_list_items_are_named():
     with pytest.raises(ValueError, match="holds 'hellaswagg'; allowed items"):
         resolve("01_init_ablation", {**_defaults("01_init_ablation"), "tasks": ["hellaswagg"]})

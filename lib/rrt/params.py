@@ -34,7 +34,11 @@ class P:
 
     def check(self, key, value):
         if not isinstance(value, self.kind) or (isinstance(value, bool) and bool not in _kinds(self.kind)):
-            raise TypeError(f"parameter {key}={value!r} must be {_kind_name(self.kind)}, got {type(value).__name__}")
+            hint = ""
+            if isinstance(value, str) and list in _kinds(self.kind):
+                # papermill's -p passes text; lists need YAML (-y) or a params file
+                hint = f"; papermill -p passes text, pass lists with -y '{{{key}: [...]}}' or in a params file"
+            raise TypeError(f"parameter {key}={value!r} must be {_kind_name(self.kind)}, got {type(value).__name__}{hint}")
         if self.choices and value not in self.choices:
             raise ValueError(f"parameter {key}={value!r} is not allowed; allowed: {', '.join(map(str, self.choices))}")
         for item in value if isinstance(value, list) else [value]:
