@@ -58,10 +58,15 @@ def perplexity_bars(ppl: pd.DataFrame, title="Held-out perplexity"):
 
 
 def rank_curve(df: pd.DataFrame, x="lora_rank", y="perplexity", hue="init", style=None, logy=True,
-               title="Perplexity at initialisation vs LoRA rank"):
-    """Fig. 7a / 16: a metric against LoRA rank, one line per init (and style, e.g. norm tying)."""
+               title="Perplexity at initialisation vs LoRA rank", reference: float | None = None):
+    """Fig. 7a / 16: a metric against LoRA rank, one line per init (and style, e.g. norm tying).
+
+    reference: a horizontal line labelled "original" (the unconverted model's value)."""
     fig, ax = _figure()
     sns.lineplot(df, x=x, y=y, hue=hue, style=style, marker="o", ax=ax)
+    if reference is not None:
+        ax.axhline(reference, color="k", ls="--", lw=1, label="original")
+        ax.legend(fontsize=8)
     ax.set(title=title, yscale="log" if logy else "linear")
     return fig
 
