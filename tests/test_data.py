@@ -1,4 +1,6 @@
 """Corpora and packing (rrt.data): the embedded path only; hub corpora are never fetched here."""
+from pathlib import Path
+
 import datasets
 import pytest
 
@@ -78,3 +80,28 @@ def test_packing_is_deterministic_and_cached(char_tok, tmp_path):
     # another sequence length is another cache entry
     data.load_packed("tinystories", "test", tokenizer=char_tok, seq_len=32, max_seqs=50, cache_dir=tmp_path)
     assert len([p for p in tmp_path.iterdir() if p.name.startswith("tinystories-")]) == 2
+
+
+def test_cached_packing_is_written_to_disk_and_read_memory_mapped(char_tok, tmp_path):
+    packed = data.load_packed("wikitext2", "test", tokenizer=char_tok, seq_len=128, cache_dir=tmp_path)
+    in_memory = data.pack(data.load_corpus("wikitext2", "test"), char_tok, 128)
+    assert packed["input_ids"] == in_memory["input_ids"] and len(packed) > 1000
+    # an Arrow file on disk, not a table in memory; nothing half-written left beside it
+    assert [Path(f["filename"]).parent for f in packed.cache_files] == [tmp_path]
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_study_data_packs_a_hub_corpus_only_as_far_as_the_longest_run_reads(monkeypatch, tmp_path):
+    import rrt.studies
+    calls = []
+    monkeypatch.setattr(rrt.studies, "load_packed", lambda name, split, **kw: calls.append((name, split, kw)))
+    params = dict(seq_len=2048, data_source="hub", train_corpus="slimpajama", train_split="train",
+                  max_train_seqs=None, eval_corpora=["pg19/test"], max_eval_seqs=4, steps=100, long_steps=300,
+                  batch_size=8, grad_accum=2)
+    rrt.studies.study_data(params, tokenizer=None, cache_dir=tmp_path)
+    assert [(c[0], c[1], c[2]["max_seqs"], c[2]["source"]) for c in calls] == [
+        ("slimpajama", "train", 300 * 8 * 2, "hub"), ("pg19", "test", 4, "hub")]
+    # the vendored corpora are small: None still means all of them
+    calls.clear()
+    rrt.studies.study_data({**params, "data_source": "embedded"}, tokenizer=None, cache_dir=tmp_path)
+    assert calls[0][2]["max_seqs"] is None

@@ -41,3 +41,17 @@ def test_misspelt_parameter_stops_the_first_cell(tmp_path):
     with pytest.raises(papermill.PapermillExecutionError, match="unknown parameter 'num_blcks'"):
         execute("00_explore", tmp_path, num_blcks=2)
     assert not (tmp_path / "config.json").exists()  # stopped before anything was written
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_committed_notebook_is_stripped_and_keeps_logic_in_the_library(name):
+    import nbformat
+
+    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert "parameters" in code[0].metadata.get("tags", [])
+    assert f'rrt.params.resolve("{name}", globals())' in code[1].source  # validation right after parameters
+    for cell in code:
+        assert cell.outputs == [] and cell.execution_count is None, "run `make strip` before committing"
+        assert not any(line.lstrip().startswith(("def ", "class ")) for line in cell.source.splitlines()), \
+            "functions belong in lib/rrt, not in a notebook"

@@ -70,6 +70,20 @@ def test_twenty_steps_lower_the_loss_and_keep_ties(tmp_path, llama):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000010", "step-00000020"]
 
 
+def test_a_packed_dataset_on_disk_trains_exactly_like_the_same_blocks_in_memory(tmp_path, llama):
+    import datasets
+
+    from rrt.data import PACKED
+    on_disk = datasets.Dataset.from_dict({"input_ids": TRAIN.tolist()}, features=PACKED)
+    on_disk.save_to_disk(str(tmp_path / "packed"))
+    on_disk = datasets.load_from_disk(str(tmp_path / "packed"))  # memory-mapped Arrow
+    assert on_disk.cache_files
+    config = dict(steps=12, save_every=12, batch_size=5)  # 60 samples of 48 blocks: epoch 2 starts mid-batch
+    a = train(tiny_config(tmp_path, "tensor", **config), train_blocks=TRAIN, original=llama)
+    b = train(tiny_config(tmp_path, "dataset", **config), train_blocks=on_disk, original=llama)
+    assert train_losses(a.metrics) == train_losses(b.metrics)
+
+
 def test_teacher_stays_frozen_and_original_untouched(tmp_path, llama):
     before = {k: v.clone() for k, v in llama.state_dict().items()}
     train(tiny_config(tmp_path, kd="jsd", steps=2), train_blocks=TRAIN, original=llama)
@@ -213,6 +227,24 @@ def test_cli_flags_build_the_config(tmp_path):
                                  self_distill=True, objective="early_exit", betas=(0.9, 0.99), lora_rank=8)
     with pytest.raises(ValueError, match="unknown kd"):
         config_from_args(parser.parse_args(["--out", "x", "--kd", "kl2"]))
+
+
+def test_cli_packs_a_hub_corpus_only_as_far_as_the_run_reads(tmp_path, monkeypatch):
+    """--data-source hub with no --max-train-blocks: steps × batch × accumulation × processes
+    sequences, cached on disk; nothing is fetched (load_packed and training are replaced)."""
+    import rrt.data
+    import rrt.models
+    calls = []
+    monkeypatch.setattr(rrt.data, "load_packed", lambda name, split, **kw: calls.append((name, kw)) or TRAIN)
+    monkeypatch.setattr(rrt.models, "load_model", lambda source: (None, None))
+    monkeypatch.setattr(rtrain, "train", lambda config, **kw: rtrain.RunResult(Path(config.out), None, [], None))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    rtrain.main(["--out", str(tmp_path / "run"), "--model", "tiny-llama", "--steps", "10", "--batch-size", "8",
+                 "--grad-accum", "2", "--seq-len", "17", "--data-source", "hub", "--train-corpus", "slimpajama",
+                 "--eval-corpus", "slimpajama"])
+    (train_name, train_kw), (_, eval_kw) = calls
+    assert train_name == "slimpajama" and train_kw["source"] == "hub" and train_kw["max_seqs"] == 10 * 8 * 2 * 4
+    assert train_kw["cache_dir"] and eval_kw["max_seqs"] == 32
 
 
 # ---- multi-process (DDP over gloo on CPU) --------------------------------------------------------

@@ -6,10 +6,12 @@ Two sources give the same `datasets` objects with a `text` column, one document 
 """
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
 import datasets
+from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
 # The library is installed editable from lib/rrt, so the repository root is two levels up.
@@ -71,37 +73,59 @@ def corpora(source="embedded"):
     return {name: sorted(spec["splits"]) for name, spec in _table(source).items()}
 
 
+PACKED = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
+
+
 def load_packed(name, split, *, tokenizer, seq_len, source="embedded", cache_dir=None, max_seqs=None,
                 streaming=None):
     """Returns corpus `name`/`split` packed into `seq_len`-token sequences (`pack`), cached under cache_dir.
 
     The cache key is the tokenizer's vocabulary and special tokens, the source, name, split,
-    seq_len and max_seqs; a second call with the same key loads the sequences from disk.
+    seq_len and max_seqs; a second call with the same key loads the sequences from disk. With a
+    cache_dir the sequences are written to an Arrow file as they are packed and read back
+    memory-mapped, so a cluster-scale corpus never has to fit in memory.
     """
-    if cache_dir is not None:
-        key = _cache_key(tokenizer=tokenizer, source=source, name=name, split=split, seq_len=seq_len,
-                         max_seqs=max_seqs)
-        path = Path(cache_dir) / f"{name}-{split}-{seq_len}-{key}"
-        if path.exists():
-            return datasets.load_from_disk(str(path))
-    ds = load_corpus(name, split, source=source, streaming=streaming, cache_dir=cache_dir)
-    packed = pack(ds, tokenizer, seq_len, max_seqs=max_seqs, desc=f"packing {name}/{split}")
-    if cache_dir is not None:
-        packed.save_to_disk(str(path))
-    return packed
+    if cache_dir is None:
+        ds = load_corpus(name, split, source=source, streaming=streaming)
+        return pack(ds, tokenizer, seq_len, max_seqs=max_seqs, desc=f"packing {name}/{split}")
+    key = _cache_key(tokenizer=tokenizer, source=source, name=name, split=split, seq_len=seq_len, max_seqs=max_seqs)
+    path = Path(cache_dir) / f"{name}-{split}-{seq_len}-{key}.arrow"
+    if not path.exists():
+        _check_packable(tokenizer, seq_len)
+        ds = load_corpus(name, split, source=source, streaming=streaming, cache_dir=cache_dir)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # one per process: ranks may pack at once
+        # datasets' own Arrow writer, flushed every 1000 rows; renamed into place once complete,
+        # so an interrupted packing never leaves a truncated cache entry behind
+        with ArrowWriter(features=PACKED, path=str(partial), writer_batch_size=1000) as writer:
+            for seq in _packed_sequences(ds, tokenizer, seq_len, max_seqs, f"packing {name}/{split}"):
+                writer.write({"input_ids": seq})
+            writer.finalize()
+        os.replace(partial, path)
+    return datasets.Dataset.from_file(str(path))
 
 
 def pack(dataset, tokenizer, seq_len, *, max_seqs=None, desc="packing"):
     """Returns a Dataset of `input_ids` sequences of exactly seq_len tokens: documents joined by EOS, the tail dropped.
 
     Deterministic: documents are read in order, nothing is shuffled. Works on streamed datasets
-    (stops once max_seqs sequences are full).
+    (stops once max_seqs sequences are full). Held in memory: `load_packed` with a cache_dir
+    writes the same sequences to disk instead.
     """
+    _check_packable(tokenizer, seq_len)
+    return datasets.Dataset.from_dict({"input_ids": list(_packed_sequences(dataset, tokenizer, seq_len, max_seqs, desc))},
+                                      features=PACKED)
+
+
+def _check_packable(tokenizer, seq_len):
     if seq_len < 2:
         raise ValueError(f"seq_len={seq_len} must be >= 2 (one input and one predicted token)")
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to separate documents")
-    out, buffer = [], []
+
+
+def _packed_sequences(dataset, tokenizer, seq_len, max_seqs, desc):
+    """Yields the packed sequences one by one (lists of seq_len token ids)."""
+    buffer, made = [], 0
     total = None if isinstance(dataset, datasets.IterableDataset) else len(dataset)
     with tqdm(total=total, desc=desc, unit="doc") as bar:
         for batch in dataset.iter(batch_size=64):
@@ -109,14 +133,13 @@ def pack(dataset, tokenizer, seq_len, *, max_seqs=None, desc="packing"):
             for ids in tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]:
                 buffer.extend(ids)
                 buffer.append(tokenizer.eos_token_id)
-            n = len(buffer) // seq_len if max_seqs is None else min(len(buffer) // seq_len, max_seqs - len(out))
-            out += [buffer[i * seq_len:(i + 1) * seq_len] for i in range(n)]
+            n = len(buffer) // seq_len if max_seqs is None else min(len(buffer) // seq_len, max_seqs - made)
+            yield from (buffer[i * seq_len:(i + 1) * seq_len] for i in range(n))
+            made += n
             buffer = buffer[n * seq_len:]
             bar.update(len(batch["text"]))
-            if max_seqs is not None and len(out) >= max_seqs:
+            if max_seqs is not None and made >= max_seqs:
                 break
-    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
-    return datasets.Dataset.from_dict({"input_ids": out}, features=features)
 
 
 def _table(source):

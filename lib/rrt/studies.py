@@ -29,10 +29,23 @@ class StudyData:
     evals: dict
 
 
-def study_data(params: dict, tokenizer) -> StudyData:
-    """Return the packed training and held-out sequences a notebook's parameters name."""
-    common = dict(tokenizer=tokenizer, seq_len=params["seq_len"], source=params["data_source"])
-    train = load_packed(params["train_corpus"], params["train_split"], max_seqs=params["max_train_seqs"], **common)
+PACKED_CACHE = Path.home() / ".cache" / "rrt" / "packed"
+
+
+def study_data(params: dict, tokenizer, cache_dir=PACKED_CACHE) -> StudyData:
+    """Return the packed training and held-out sequences a notebook's parameters name.
+
+    Sequences are packed once per (tokenizer, corpus, length, cap) into cache_dir and read back
+    memory-mapped. A hub corpus with max_train_seqs None is packed up to what the notebook's longest
+    run reads (steps × batch_size × grad_accum), not whole: SlimPajama is 627B tokens.
+    """
+    common = dict(tokenizer=tokenizer, seq_len=params["seq_len"], source=params["data_source"], cache_dir=cache_dir)
+    max_train = params["max_train_seqs"]
+    if max_train is None and params["data_source"] == "hub":
+        steps = max(params.get(k) or 0 for k in ("steps", "long_steps", "uptrain_steps"))
+        max_train = steps * params["batch_size"] * params["grad_accum"]
+        print(f"hub corpus {params['train_corpus']}: packing the {max_train} sequences the longest run reads")
+    train = load_packed(params["train_corpus"], params["train_split"], max_seqs=max_train, **common)
     evals = {}
     for name in params["eval_corpora"]:
         corpus, _, split = name.partition("/")

@@ -9,6 +9,7 @@ is never used. Data position = the step: step s reads a fixed slice of a seeded 
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import math
@@ -53,7 +54,7 @@ def train(config: TrainConfig, *, train_blocks, eval_blocks=None, original: nn.M
 
     from rrt.evaluation import per_loop_perplexity
 
-    blocks = _as_tensor(train_blocks, "train_blocks")
+    blocks = _Blocks(train_blocks, "train_blocks")
     if config.seq_len is not None and blocks.shape[1] != config.seq_len:
         raise ValueError(f"train blocks have length {blocks.shape[1]}, config.seq_len={config.seq_len}")
     run_dir = Path(config.out)
@@ -170,26 +171,39 @@ def _loss(exits, teacher, x, config: TrainConfig, acc):
                            kd_kind=config.kd or "fkl", temperature=config.temperature)
 
 
-def _micro_batch(blocks: torch.Tensor, config: TrainConfig, step: int, micro: int, acc) -> torch.Tensor:
+def _micro_batch(blocks: "_Blocks", config: TrainConfig, step: int, micro: int, acc) -> torch.Tensor:
     """Return the blocks [batch, seq] of (step, micro-batch, process): a function of the step alone.
 
     Sample i of the run reads epoch i // n's permutation (seeded by seed and epoch) at i mod n.
     """
     n = blocks.shape[0]
     first = (((step - 1) * config.grad_accum + micro) * acc.num_processes + acc.process_index) * config.batch_size
-    rows = []
-    for i in range(first, first + config.batch_size):
-        epoch = i // n
-        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-        rows.append(int(torch.randperm(n, generator=gen)[i % n]))
-    return blocks[rows]
+    return blocks[[int(_epoch_order(n, config.seed, i // n)[i % n]) for i in range(first, first + config.batch_size)]]
 
 
-def _as_tensor(blocks, name) -> torch.Tensor:
-    ids = blocks if torch.is_tensor(blocks) else torch.tensor(blocks["input_ids"])
-    if ids.ndim != 2 or ids.shape[1] < 2 or ids.shape[0] < 1:
-        raise ValueError(f"{name} must be [n_blocks >= 1, block_len >= 2] token ids; got shape {tuple(ids.shape)}")
-    return ids.long()
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+class _Blocks:
+    """Training blocks read by row: a LongTensor, or a packed Dataset left where it is (memory-mapped
+    Arrow from `load_packed(..., cache_dir=...)`), so cluster-scale token counts never sit in memory."""
+
+    def __init__(self, blocks, name):
+        if torch.is_tensor(blocks):
+            self.data, shape = blocks.long(), tuple(blocks.shape)
+        else:
+            self.data = blocks.with_format("numpy", columns=["input_ids"])
+            shape = (len(blocks), len(blocks[0]["input_ids"])) if len(blocks) else (0,)
+        if len(shape) != 2 or shape[1] < 2 or shape[0] < 1:
+            raise ValueError(f"{name} must be [n_blocks >= 1, block_len >= 2] token ids; got shape {shape}")
+        self.shape = shape
+
+    def __getitem__(self, rows: list[int]) -> torch.Tensor:
+        if torch.is_tensor(self.data):
+            return self.data[rows]
+        return torch.as_tensor(np.stack(self.data[rows]["input_ids"])).long()
 
 
 # ---- run directory, checkpoints, resume -------------------------------------------------------
@@ -315,8 +329,8 @@ class _Metrics:
 def main(argv=None) -> RunResult:
     """`python -m rrt.train --model smollm2-135m --num-blocks 2 --kd fkl --steps 100 --out DIR`.
 
-    Every TrainConfig field is a flag (--field-name); the data flags pack a vendored corpus
-    (rrt.data.load_packed) into --seq-len blocks: training on --train-corpus/--train-split, per-loop
+    Every TrainConfig field is a flag (--field-name); the data flags pack a vendored corpus, or with
+    --data-source hub a streamed hub corpus (rrt.data.load_packed), into --seq-len blocks: training on --train-corpus/--train-split, per-loop
     perplexity on the first --eval-max-blocks blocks of --eval-corpus/--eval-split.
     """
     import argparse
@@ -333,14 +347,23 @@ def main(argv=None) -> RunResult:
     parser.add_argument("--eval-split", default="test")
     parser.add_argument("--max-train-blocks", type=int, default=None)
     parser.add_argument("--eval-max-blocks", type=int, default=32)
-    parser.add_argument("--data-cache", default=None, help="cache directory for packed blocks")
+    parser.add_argument("--data-source", choices=("embedded", "hub"), default="embedded",
+                        help="vendored corpora (offline) or the hub's (slimpajama, redpajama, pg19; streamed)")
+    parser.add_argument("--data-cache", default=None,
+                        help="cache directory for packed blocks (hub default: ~/.cache/rrt/packed)")
     args = parser.parse_args(argv)
     seq_len = args.seq_len or 128
+    if args.data_source == "hub":
+        from rrt.studies import PACKED_CACHE
+        args.data_cache = args.data_cache or str(PACKED_CACHE)
+        if args.max_train_blocks is None:  # what the run reads over all processes, not all 627B tokens
+            args.max_train_blocks = (args.steps * args.batch_size * args.grad_accum
+                                     * int(os.environ.get("WORLD_SIZE", "1")))
     data = (f"{args.train_corpus}/{args.train_split}[:{args.max_train_blocks}] -> "
             f"{args.eval_corpus}/{args.eval_split}[:{args.eval_max_blocks}] @ {seq_len}")
     config = config_from_args(args, seq_len=seq_len, data=data)
     original, tok = load_model(config.model)
-    common = dict(tokenizer=tok, seq_len=seq_len, cache_dir=args.data_cache)
+    common = dict(tokenizer=tok, seq_len=seq_len, cache_dir=args.data_cache, source=args.data_source)
     train_blocks = load_packed(args.train_corpus, args.train_split, max_seqs=args.max_train_blocks, **common)
     eval_blocks = (load_packed(args.eval_corpus, args.eval_split, max_seqs=args.eval_max_blocks, **common)
                    if args.eval_max_blocks else None)
