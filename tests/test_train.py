@@ -68,6 +68,9 @@ def test_twenty_steps_lower_the_loss_and_keep_ties(tmp_path, llama):
     assert json.loads((run / "config.json").read_text()) == config.to_dict()
     assert "torch" in json.loads((run / "versions.json").read_text())
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000010", "step-00000020"]
+    # only an unfinished run's checkpoint carries what resuming needs: optimiser moments and RNG states
+    assert (run / "checkpoints" / "step-00000010" / "rank0.pt").exists()
+    assert not list((run / "checkpoints" / "step-00000020").glob("rank*.pt"))
 
 
 def test_a_packed_dataset_on_disk_trains_exactly_like_the_same_blocks_in_memory(tmp_path, llama):
@@ -251,7 +254,7 @@ def test_cli_packs_a_hub_corpus_only_as_far_as_the_run_reads(tmp_path, monkeypat
 
 def test_two_processes_follow_the_single_process_trajectory(tmp_path, llama):
     """2 processes × batch 2 read the same samples per step as 1 process × batch 4 (see _micro_batch)."""
-    two = tiny_config(tmp_path, "two", steps=4, batch_size=2, kd="fkl", objective="early_exit")
+    two = tiny_config(tmp_path, "two", steps=4, batch_size=2, kd="fkl", objective="early_exit", save_every=2)
     script = tmp_path / "run.py"
     script.write_text(RUN_SCRIPT.format(root=str(Path(__file__).parents[1]), config=two.to_dict()))
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -261,5 +264,22 @@ def test_two_processes_follow_the_single_process_trajectory(tmp_path, llama):
     one = train(tiny_config(tmp_path, "one", steps=4, batch_size=4, kd="fkl", objective="early_exit"),
                 train_blocks=TRAIN, eval_blocks=EVAL, original=llama)
     assert got == pytest.approx(train_losses(one.metrics), abs=1e-5)
-    assert sorted(p.name for p in latest_checkpoint(two.out).iterdir() if p.name.startswith("rank")) == \
-        ["rank0.pt", "rank1.pt"]
+    assert sorted(p.name for p in (Path(two.out) / "checkpoints" / "step-00000002").iterdir()
+                  if p.name.startswith("rank")) == ["rank0.pt", "rank1.pt"]
+
+
+def test_cli_under_torchrun_packs_once_per_node_then_trains(tmp_path):
+    """The first process packs into the cache while the other waits (local_main_process_first), then reads it."""
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "rrt.train", "--out", str(out),
+                           "--model", "tiny-llama", "--num-blocks", "2", "--steps", "2", "--batch-size", "2",
+                           "--seq-len", "32", "--max-train-blocks", "16", "--eval-max-blocks", "2",
+                           "--data-cache", str(cache), "--save-every", "2"],
+                          capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("packed wikitext2/validation into") == 1  # by one process, read by both
+    assert done.stdout.count("packed wikitext2/test into") == 1
+    assert len(list(cache.glob("wikitext2-validation-32-*.arrow"))) == 1 and not list(cache.glob("*.partial"))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics if r["kind"] == "train"] == [1, 2]

@@ -101,6 +101,7 @@ def load_packed(name, split, *, tokenizer, seq_len, source="embedded", cache_dir
                 writer.write({"input_ids": seq})
             writer.finalize()
         os.replace(partial, path)
+        print(f"packed {name}/{split} into {path}")
     return datasets.Dataset.from_file(str(path))
 
 

@@ -78,7 +78,7 @@ def train(config: TrainConfig, *, train_blocks, eval_blocks=None, original: nn.M
         start = _load_model_state(student, latest)
     exits = _Exits(student, every_loop=config.objective == "early_exit").to(acc.device)
     exits, optimizer = acc.prepare(exits, optimizer)  # the scheduler is stepped by us, once per step
-    if latest is not None:
+    if latest is not None and start < config.steps:  # a finished run has nothing left to resume
         _load_training_state(latest, optimizer, scheduler, acc.process_index)
     metrics = _Metrics(run_dir / "metrics.jsonl", acc.is_main_process, keep_until=start)
     if acc.is_main_process and latest is None:
@@ -132,7 +132,8 @@ def train(config: TrainConfig, *, train_blocks, eval_blocks=None, original: nn.M
         if config.eval_every and step % config.eval_every == 0 and step != config.steps:
             evaluate(step)
         if step % config.save_every == 0 or step == config.steps:
-            checkpoint = _save_checkpoint(run_dir, step, student, optimizer, scheduler, acc, config.keep_checkpoints)
+            checkpoint = _save_checkpoint(run_dir, step, student, optimizer, scheduler, acc, config.keep_checkpoints,
+                                          last=step == config.steps)
     bar.close()
     if start < config.steps:
         evaluate(config.steps)
@@ -228,8 +229,12 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, acc, keep: int) -> Path:
-    """Write checkpoints/step-N atomically: into a temp dir, then one rename (a crash leaves the last one)."""
+def _save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, acc, keep: int, last: bool) -> Path:
+    """Write checkpoints/step-N atomically: into a temp dir, then one rename (a crash leaves the last one).
+
+    The last checkpoint of a run holds the model and step only: optimiser moments (twice the model's size) and
+    RNG states could only serve more steps, and a longer run is another config, refused here.
+    """
     root = run_dir / "checkpoints"
     final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
     if acc.is_main_process:
@@ -237,9 +242,9 @@ def _save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, acc,
         save(model, tmp)  # compact: each shared tensor once, the spec in config.json
         torch.save({"step": step, "scheduler": scheduler.state_dict()}, tmp / STATE)
     acc.wait_for_everyone()
-    # every process writes its optimiser state (ZeRO shards it) and RNG states
-    torch.save({"optimizer": optimizer.state_dict(), "rng": _rng_state()}, tmp / f"rank{acc.process_index}.pt")
-    acc.wait_for_everyone()
+    if not last:  # every process writes its optimiser state (ZeRO shards it) and RNG states
+        torch.save({"optimizer": optimizer.state_dict(), "rng": _rng_state()}, tmp / f"rank{acc.process_index}.pt")
+        acc.wait_for_everyone()
     if acc.is_main_process:
         if final.exists():
             shutil.rmtree(final)
@@ -329,9 +334,11 @@ class _Metrics:
 def main(argv=None) -> RunResult:
     """`python -m rrt.train --model smollm2-135m --num-blocks 2 --kd fkl --steps 100 --out DIR`.
 
-    Every TrainConfig field is a flag (--field-name); the data flags pack a vendored corpus, or with
-    --data-source hub a streamed hub corpus (rrt.data.load_packed), into --seq-len blocks: training on --train-corpus/--train-split, per-loop
-    perplexity on the first --eval-max-blocks blocks of --eval-corpus/--eval-split.
+    Every TrainConfig field is a flag (--field-name); the data flags pack a vendored corpus (or,
+    with --data-source hub, a streamed hub corpus; rrt.data.load_packed) into --seq-len blocks:
+    training on --train-corpus/--train-split, per-loop perplexity on the first --eval-max-blocks
+    blocks of --eval-corpus/--eval-split. Under a multi-process launcher each node's first process
+    packs into the cache while the others wait, then read it.
     """
     import argparse
 
@@ -364,9 +371,11 @@ def main(argv=None) -> RunResult:
     config = config_from_args(args, seq_len=seq_len, data=data)
     original, tok = load_model(config.model)
     common = dict(tokenizer=tok, seq_len=seq_len, cache_dir=args.data_cache, source=args.data_source)
-    train_blocks = load_packed(args.train_corpus, args.train_split, max_seqs=args.max_train_blocks, **common)
-    eval_blocks = (load_packed(args.eval_corpus, args.eval_split, max_seqs=args.eval_max_blocks, **common)
-                   if args.eval_max_blocks else None)
+    from accelerate import PartialState  # the same process group `train` then uses
+    with PartialState(cpu=not torch.cuda.is_available()).local_main_process_first():
+        train_blocks = load_packed(args.train_corpus, args.train_split, max_seqs=args.max_train_blocks, **common)
+        eval_blocks = (load_packed(args.eval_corpus, args.eval_split, max_seqs=args.eval_max_blocks, **common)
+                       if args.eval_max_blocks else None)
     result = train(config, train_blocks=train_blocks, eval_blocks=eval_blocks, original=original)
     if os.environ.get("RANK", "0") == "0":  # the CLI (not the library) may read the launcher's env
         print(f"run: {result.run_dir}  last checkpoint: {result.checkpoint}")
