@@ -74,6 +74,15 @@ def corpora(source="embedded"):
 
 
 PACKED = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
+PACKED_CACHE = Path.home() / ".cache" / "rrt" / "packed"  # the notebooks' and the hub CLI's default cache_dir
+
+
+def train_seqs_to_pack(max_seqs, source, *, steps, batch_size, grad_accum, processes=1):
+    """Return max_seqs; for a hub corpus with no cap, the sequences `steps` steps read over all processes
+    (SlimPajama is 627B tokens: packing all of it is never what a run needs)."""
+    if max_seqs is None and source == "hub":
+        return steps * batch_size * grad_accum * processes
+    return max_seqs
 
 
 def load_packed(name, split, *, tokenizer, seq_len, source="embedded", cache_dir=None, max_seqs=None,

@@ -17,7 +17,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 import rrt
-from rrt.data import load_packed
+from rrt.data import PACKED_CACHE, load_packed, train_seqs_to_pack
 from rrt.evaluation import few_shot, per_loop_perplexity, perplexity
 from rrt.recursive import num_loops
 
@@ -29,21 +29,18 @@ class StudyData:
     evals: dict
 
 
-PACKED_CACHE = Path.home() / ".cache" / "rrt" / "packed"
-
-
 def study_data(params: dict, tokenizer, cache_dir=PACKED_CACHE) -> StudyData:
     """Return the packed training and held-out sequences a notebook's parameters name.
 
     Sequences are packed once per (tokenizer, corpus, length, cap) into cache_dir and read back
     memory-mapped. A hub corpus with max_train_seqs None is packed up to what the notebook's longest
-    run reads (steps × batch_size × grad_accum), not whole: SlimPajama is 627B tokens.
+    run reads (`train_seqs_to_pack`), not whole.
     """
     common = dict(tokenizer=tokenizer, seq_len=params["seq_len"], source=params["data_source"], cache_dir=cache_dir)
-    max_train = params["max_train_seqs"]
-    if max_train is None and params["data_source"] == "hub":
-        steps = max(params.get(k) or 0 for k in ("steps", "long_steps", "uptrain_steps"))
-        max_train = steps * params["batch_size"] * params["grad_accum"]
+    steps = max(params.get(k) or 0 for k in ("steps", "long_steps", "uptrain_steps"))
+    max_train = train_seqs_to_pack(params["max_train_seqs"], params["data_source"], steps=steps,
+                                   batch_size=params["batch_size"], grad_accum=params["grad_accum"])
+    if max_train != params["max_train_seqs"]:
         print(f"hub corpus {params['train_corpus']}: packing the {max_train} sequences the longest run reads")
     train = load_packed(params["train_corpus"], params["train_split"], max_seqs=max_train, **common)
     evals = {}

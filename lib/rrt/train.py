@@ -342,7 +342,7 @@ def main(argv=None) -> RunResult:
     """
     import argparse
 
-    from rrt.data import load_packed
+    from rrt.data import PACKED_CACHE, load_packed, train_seqs_to_pack
     from rrt.models import load_model
     from rrt.trainconfig import add_config_arguments, config_from_args
 
@@ -361,11 +361,10 @@ def main(argv=None) -> RunResult:
     args = parser.parse_args(argv)
     seq_len = args.seq_len or 128
     if args.data_source == "hub":
-        from rrt.studies import PACKED_CACHE
         args.data_cache = args.data_cache or str(PACKED_CACHE)
-        if args.max_train_blocks is None:  # what the run reads over all processes, not all 627B tokens
-            args.max_train_blocks = (args.steps * args.batch_size * args.grad_accum
-                                     * int(os.environ.get("WORLD_SIZE", "1")))
+    args.max_train_blocks = train_seqs_to_pack(args.max_train_blocks, args.data_source, steps=args.steps,
+                                               batch_size=args.batch_size, grad_accum=args.grad_accum,
+                                               processes=int(os.environ.get("WORLD_SIZE", "1")))
     data = (f"{args.train_corpus}/{args.train_split}[:{args.max_train_blocks}] -> "
             f"{args.eval_corpus}/{args.eval_split}[:{args.eval_max_blocks}] @ {seq_len}")
     config = config_from_args(args, seq_len=seq_len, data=data)
