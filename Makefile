@@ -8,7 +8,7 @@ STAMP   := $(shell date +%Y%m%d-%H%M%S)
 NB      ?= 01_init_ablation
 SCALE   ?= smoke
 
-.PHONY: help setup test demo smoke run sweep report lab strip
+.PHONY: help setup test demo smoke plan run sweep report lab strip
 
 help:  ## list every target with one line each
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ setup: .venv/.installed  ## create .venv and install rrt (editable) with every d
 test: setup  ## run the test suite (tiny random models, the real embedded models, every notebook at smoke scale), offline
 	$(OFFLINE) $(PY) -m pytest -q -rs
 
+plan: setup  ## print a notebook's runs, tokens and H100 hours, no weights loaded: make plan NB=03_distillation SCALE=paper-gemma-2b
+	$(OFFLINE) $(PY) -m rrt.plans $(NB) $(SCALE)
+
 RUN_DIR = $(CURDIR)/outputs/$(NB)/$(SCALE)-$(STAMP)
 run: setup  ## run one notebook: make run NB=01_init_ablation SCALE=cpu (outputs/<NB>/<SCALE>-<time>/)
 	mkdir -p $(RUN_DIR)
@@ -39,8 +42,13 @@ demo: setup  ## the main job: every notebook at cpu scale on the embedded SmolLM
 smoke: setup  ## every notebook at smoke scale (tiny random model; seconds each)
 	set -e; for nb in $(NOTEBOOKS); do $(MAKE) --no-print-directory run NB=$$nb SCALE=smoke STAMP=$(STAMP); done
 
-sweep: setup  ## papermill over a grid: make sweep GRID=params/grids/NAME.yaml [BACKEND=slurm]
+sweep: setup  ## a plan as jobs: make sweep NB=.. SCALE=.. [BACKEND=slurm]; a grid: make sweep GRID=params/grids/NAME.yaml
+ifdef GRID
 	$(OFFLINE) $(PY) -m rrt.sweep $(GRID) --backend $(or $(BACKEND),local)
+else
+	$(PY) -m rrt.sweep --notebook $(NB) --scale $(SCALE) --backend $(or $(BACKEND),local)
+	$(if $(filter slurm,$(BACKEND)),,$(MAKE) --no-print-directory run NB=$(NB) SCALE=$(SCALE))
+endif
 
 report: setup  ## render every executed notebook under outputs/ to HTML, with an index page
 	$(PY) -m rrt.report outputs

@@ -22,7 +22,7 @@ def test_simulate_rules_are_exact():
     # T(n) = n: a recursive loop step over r rows costs r / B; vanilla steps cost the live rows.
     times = _table(float)
     traj = [[0, 1, 0], [1, 1, 1], [0, 0]]  # B = 2; request 1 never exits early
-    df = simulate(traj, vanilla_times=times, recursive_times=times, num_blocks=2, batch_size=2).set_index("system")
+    df = simulate(traj, vanilla_times=times, recursive_times=times, num_blocks=2, max_active=2).set_index("system")
     # static: batch {0,1} 3 steps × T(2) + batch {2} 2 steps × T(1)
     assert df.loc["vanilla_static", "sim_seconds"] == 3 * 2 + 2 * 1
     # continuous: steps 1-3 run {0,1}; request 2 joins at step 4, alone for 2 steps
@@ -33,7 +33,7 @@ def test_simulate_rules_are_exact():
     # request 0 (step 5) and needs 2: steps 1-4 two rows, 5-6 two rows → 6 steps × 2 rows / 2
     assert df.loc["recursive_oracle_exit", "sim_seconds"] == 6 * 2 / 2
     assert df.loc["recursive_oracle_exit", "sim_steps"] == 6
-    prop = simulate(traj, vanilla_times=times, recursive_times=times, num_blocks=2, batch_size=2,
+    prop = simulate(traj, vanilla_times=times, recursive_times=times, num_blocks=2, max_active=2,
                     propagate=True).set_index("system")
     # propagation adds a row the step after an early exit (request 0 token 0, request 2 token 0);
     # a request's last token is not propagated (it has no successor), as in the engine
@@ -43,7 +43,7 @@ def test_simulate_rules_are_exact():
 def test_simulate_interpolates_between_measured_sizes():
     times = pd.DataFrame({"batch_size": [1, 4], "block_s_per_token": [1.0, 2.5]})  # T(n) = 0.5 + 0.5 n
     for n in (2, 8):  # between, and beyond (extrapolated)
-        df = simulate([[0]] * n, vanilla_times=times, recursive_times=times, num_blocks=1, batch_size=n)
+        df = simulate([[0]] * n, vanilla_times=times, recursive_times=times, num_blocks=1, max_active=n)
         assert df["sim_seconds"].tolist() == [0.5 + 0.5 * n] * 4
 
 
@@ -64,7 +64,7 @@ def test_static_batch_engine_admits_whole_batches():
 def test_run_benchmark_rows_and_ratios():
     model, tok = rrt.load_model("tiny-llama")
     df = run_benchmark(model, tok, num_blocks=3, lora_rank=2, num_requests=3, prompt_len=5,
-                       new_tokens=3, length_spread=0.0, batch_size=2, token_budget=8)
+                       new_tokens=3, length_spread=0.0, max_active=2, token_budget=8)
     assert df["system"].tolist() == ["vanilla_static", "vanilla_hf_generate_static", "vanilla_continuous",
                                      "recursive_no_exit", "recursive_oracle_exit",
                                      "recursive_oracle_exit_no_lora"]
@@ -79,7 +79,7 @@ def test_run_benchmark_rows_and_ratios():
 
 def test_cli_writes_tables(tmp_path):
     bench = main(["--model", "tiny-llama", "--num-requests", "2", "--new-tokens", "3", "--prompt-len", "5",
-                  "--batch-size", "2", "--no-hf-generate", "--out", str(tmp_path)])
+                  "--max-active", "2", "--no-hf-generate", "--out", str(tmp_path)])
     assert len(bench) == 4
     for name in ["bench.csv", "simulate.csv", "block_times.csv", "report.md", "config.json"]:
         assert (tmp_path / name).exists()
@@ -117,7 +117,7 @@ def test_paper_configs_match_table_16(name, non_embedding):
 
 def test_given_trajectories_replace_the_oracle():
     model, tok = rrt.load_model("tiny-llama")
-    kw = dict(num_blocks=2, num_requests=2, prompt_len=4, new_tokens=3, length_spread=0.0, batch_size=2,
+    kw = dict(num_blocks=2, num_requests=2, prompt_len=4, new_tokens=3, length_spread=0.0, max_active=2,
               hf_generate=False)
     df = run_benchmark(model, tok, trajectories=[[0, 0, 0], [0, 1, 0]], **kw).set_index("system")
     assert df.loc["recursive_oracle_exit", "exits_per_loop"] == "5 1"

@@ -14,6 +14,25 @@ def char_tok():
     return rrt.load_model("tiny-llama")[1]
 
 
+@pytest.fixture(scope="module")
+def bos_tok(tmp_path_factory):
+    """The characters again, from a tokenizer that puts its BOS <s> (id 1) first as Llama's and Gemma's do."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    tok = rrt.models.tiny_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    path = tmp_path_factory.mktemp("bos_tok")
+    tok.save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def char_stream(tok, texts):
+    """The corpus tokens `pack` joins: each text's tokens, then EOS."""
+    return [i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+
+
 @pytest.mark.parametrize("name", sorted(data.EMBEDDED))
 def test_embedded_corpora_load_as_datasets(name, tmp_path):
     for split in data.corpora()[name]:
@@ -105,3 +124,54 @@ def test_study_data_packs_a_hub_corpus_only_as_far_as_the_longest_run_reads(monk
     calls.clear()
     rrt.studies.study_data({**params, "data_source": "embedded"}, tokenizer=None, cache_dir=tmp_path)
     assert calls[0][2]["max_seqs"] is None
+
+
+def test_packed_bos_is_what_the_tokenizer_itself_puts_first(char_tok, bos_tok):
+    from transformers import PreTrainedTokenizerFast
+
+    assert bos_tok("ab")["input_ids"] == [1] + char_tok("ab")["input_ids"]
+    assert char_tok.bos_token_id == 1 and char_tok("ab")["input_ids"][0] != 1  # has a BOS, adds none
+    assert data.packed_bos(bos_tok) == 1 and data.packed_bos(char_tok) is None
+    # GPT-NeoX's kind: bos is eos and is never added
+    neox = PreTrainedTokenizerFast(tokenizer_object=char_tok.backend_tokenizer, bos_token="</s>", eos_token="</s>")
+    assert neox.bos_token_id == neox.eos_token_id and data.packed_bos(neox) is None
+    # explicit: on or off whatever the tokenizer does
+    assert data.packed_bos(bos_tok, bos=False) is None and data.packed_bos(char_tok, bos=True) == 1
+    no_bos = PreTrainedTokenizerFast(tokenizer_object=char_tok.backend_tokenizer, eos_token="</s>")
+    assert data.packed_bos(no_bos) is None
+    with pytest.raises(ValueError, match="bos=True but tokenizer .* has no BOS"):
+        data.packed_bos(no_bos, bos=True)
+    with pytest.raises(ValueError, match="bos='yes' must be None"):
+        data.packed_bos(char_tok, bos="yes")
+
+
+def test_pack_starts_every_sequence_with_bos_when_the_tokenizer_adds_one(char_tok, bos_tok):
+    texts = ["abc", "de", "fghij", "k", "lm"]
+    docs = datasets.Dataset.from_dict({"text": texts})
+    stream = char_stream(bos_tok, texts)
+    assert stream == char_stream(char_tok, texts) and len(stream) == 18
+    out = data.pack(docs, bos_tok, 4)["input_ids"]
+    # BOS then 3 corpus tokens: 6 sequences, all of the stream in order, no tail left
+    assert out == [[1] + stream[i:i + 3] for i in range(0, 18, 3)]
+    assert data.pack(docs, bos_tok, 4, max_seqs=2)["input_ids"] == out[:2]
+    # off: exactly what a tokenizer without a BOS gives
+    assert data.pack(docs, bos_tok, 4, bos=False)["input_ids"] == data.pack(docs, char_tok, 4)["input_ids"] == [
+        stream[0:4], stream[4:8], stream[8:12], stream[12:16]]
+    assert data.pack(docs, char_tok, 4, bos=True)["input_ids"] == out
+
+
+def test_packed_cache_keys_the_bos(bos_tok, tmp_path):
+    kw = dict(tokenizer=bos_tok, seq_len=64, max_seqs=20, cache_dir=tmp_path)
+    with_bos = data.load_packed("tinystories", "test", **kw)
+    assert len(with_bos) == 20 and all(len(s) == 64 and s[0] == 1 and 1 not in s[1:] for s in with_bos["input_ids"])
+    assert with_bos["input_ids"] == data.load_packed("tinystories", "test", **{**kw, "cache_dir": None})["input_ids"]
+    assert data.load_packed("tinystories", "test", **kw, bos=True)["input_ids"] == with_bos["input_ids"]
+    assert len(list(tmp_path.glob("tinystories-*.arrow"))) == 1  # None and True resolve to the same BOS
+    without = data.load_packed("tinystories", "test", **kw, bos=False)
+    assert len(list(tmp_path.glob("tinystories-*.arrow"))) == 2
+    assert all(s[0] != 1 for s in without["input_ids"])
+    # the same corpus tokens in the same order, 63 or 64 to a sequence
+    body = [t for s in with_bos["input_ids"] for t in s[1:]]
+    assert body == [t for s in without["input_ids"] for t in s][:len(body)]
+    key = dict(tokenizer=bos_tok, source="embedded", name="tinystories", split="test", seq_len=64, max_seqs=20)
+    assert data._cache_key(**key, bos=1) != data._cache_key(**key, bos=None)

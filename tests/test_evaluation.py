@@ -108,6 +108,45 @@ def test_sliding_window_equals_overlapping_sequences(tiny, tiny_seqs):
         evaluation.perplexity(model, overlapping, batch_size=4), rel=1e-5)
 
 
+def bos_seqs(n_seqs, seq_len, bos=V - 1):
+    """[n_seqs, seq_len]: BOS then seq_len - 1 tokens of the cycle (which never reaches `bos` here)."""
+    body = cycle_seqs(1, n_seqs * (seq_len - 1)).reshape(n_seqs, seq_len - 1) % (V - 1)
+    return torch.cat([torch.full((n_seqs, 1), bos), body], dim=1)
+
+
+def test_sliding_windows_start_with_bos_and_score_each_corpus_token_once():
+    ids = bos_seqs(4, 16)  # 60 corpus tokens
+    stream = ids[:, 1:].reshape(-1)
+    windows = evaluation._windows(ids, 8, V - 1)
+    assert all(len(w) == 16 and w[0] == V - 1 and (w[1:] != V - 1).all() for w, _ in windows)
+    # ends at 15, 23, ..., 55: each window is BOS then the 15 stream tokens before its end
+    assert [n for _, n in windows] == [15] + [8] * 5
+    assert all(torch.equal(w[1:], stream[end - 15:end]) for (w, _), end in zip(windows, range(15, 56, 8)))
+    scored = torch.cat([w[-n:] for w, n in windows])  # the targets each window scores, in order
+    assert torch.equal(scored, stream[:55])
+    assert torch.equal(windows[0][0], ids[0])
+    out = evaluation.token_nll(FixedModel(0.5), ids, batch_size=4, stride=8, bos_token_id=V - 1)
+    assert out["tokens"] == 55
+    # off: the BOSes stay in the stream as ordinary tokens, as before
+    assert evaluation.token_nll(FixedModel(0.5), ids, batch_size=4, stride=8)["tokens"] == 63
+    with pytest.raises(ValueError, match="bos_token_id=1 but not every sequence starts with it"):
+        evaluation.perplexity(FixedModel(0.5), ids, bos_token_id=1)
+
+
+def test_sliding_window_with_bos_at_full_stride_is_the_packed_sequences(tiny):
+    model, tok = tiny
+    seqs = data.load_packed("tinystories", "test", tokenizer=tok, seq_len=33, max_seqs=12, bos=True)
+    bos = data.packed_bos(tok, bos=True)
+    assert (torch.tensor(seqs["input_ids"])[:, 0] == bos).all()
+    plain = evaluation.perplexity(model, seqs, batch_size=4)
+    # stride seq_len - 1 with BOS: windows are exactly the packed sequences, no overlap
+    full_stride = evaluation.perplexity(model, seqs, batch_size=5, stride=32, bos_token_id=bos)
+    assert full_stride == pytest.approx(plain, rel=1e-5)
+    assert evaluation.perplexity(model, seqs, batch_size=4, bos_token_id=bos) == plain  # only checked without stride
+    # 12 * 32 = 384 corpus tokens, every one scored: windows end at 32, 40, ..., 384
+    assert evaluation.token_nll(model, seqs, stride=8, bos_token_id=bos)["tokens"] == 32 + 8 * 44
+
+
 def test_token_weighted_and_batch_size_free(tiny, tiny_seqs):
     a = evaluation.perplexity(tiny[0], tiny_seqs, batch_size=1)
     assert evaluation.perplexity(tiny[0], tiny_seqs, batch_size=5) == pytest.approx(a, rel=1e-5)

@@ -216,7 +216,7 @@ def test_uptrain_loss_is_ce_plus_weighted_kd():
     loss, parts = uptrain_loss(s, labels, t, kd_weight=0.5, kind="rkl", temperature=2.0)
     ce, kd = cross_entropy(s, labels), kd_loss(s, t, labels != -100, "rkl", 2.0)
     assert loss.item() == pytest.approx((ce + 0.5 * kd).item(), rel=1e-12)
-    assert parts["ce"].item() == pytest.approx(ce.item()) and parts["kd"].item() == pytest.approx(kd.item())
+    assert parts["loss/ce"].item() == pytest.approx(ce.item()) and parts["loss/kd"].item() == pytest.approx(kd.item())
     loss, parts = uptrain_loss(s, labels)
     assert loss.item() == pytest.approx(ce.item(), rel=1e-12) and "kd" not in parts
 
@@ -260,9 +260,9 @@ def test_early_exit_loss_value_and_parts():
     kd = kd_loss(loops[-1], teacher, keep, "fkl", 1.5)
     expected = (1 / 6) * (ce[0] + sd[0]) + (2 / 6) * (ce[1] + sd[1]) + (3 / 6) * (ce[2] + 0.7 * kd)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
-    assert parts["self_distill/loop_2"].item() == pytest.approx(sd[1].item())
-    assert parts["kd"].item() == pytest.approx(kd.item())
-    assert parts["weight/loop_3"] == pytest.approx(0.5) and "self_distill/loop_3" not in parts
+    assert parts["loss/self_distill/loop_1"].item() == pytest.approx(sd[1].item())
+    assert parts["loss/kd"].item() == pytest.approx(kd.item())
+    assert parts["weight/loop_2"] == pytest.approx(0.5) and "loss/self_distill/loop_2" not in parts
     loss.backward()
     assert teacher.grad is None  # the teacher is frozen (App. L)
 

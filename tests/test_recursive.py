@@ -214,3 +214,44 @@ def test_converting_twice_is_refused(tiny):
     rec = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2))
     with pytest.raises(ValueError, match="already recursive"):
         rrt.convert(rec, rrt.RecursiveSpec(num_blocks=2))
+
+
+# --------------------------------------------------------------------------- spec_of, head LoRA
+
+def test_spec_of_reads_the_converted_spec_and_a_plain_model_as_one_loop(tiny):
+    from rrt.recursive import spec_of
+
+    _, model, _ = tiny
+    spec = rrt.RecursiveSpec(num_blocks=3, init="average", untie_norms=True, seed=5)
+    assert spec_of(rrt.convert(model, spec)) == spec
+    assert spec_of(model) == rrt.RecursiveSpec(num_blocks=1)
+
+
+def test_spec_of_refuses_unknown_fields():
+    from rrt.recursive import spec_of
+
+    rec = rrt.convert(rrt.load_model("tiny-llama")[0], rrt.RecursiveSpec(num_blocks=2))
+    rec.config.rrt = {**rec.config.rrt, "lora_ranks": 4}
+    with pytest.raises(ValueError, match=r"unknown spec fields \['lora_ranks'\]; valid: num_blocks"):
+        spec_of(rec)
+
+
+def test_head_lora_changes_intermediate_exits_only():
+    """Table 13's head LoRA: loop_logits[-1] (invariant 7) and forward stay the model's own head."""
+    model, _ = rrt.load_model("tiny-gemma2")  # with a final logit softcap
+    tiny_ids = torch.randint(3, 99, (2, 13), generator=torch.Generator().manual_seed(0))
+    plain = rrt.convert(model, rrt.RecursiveSpec(num_blocks=3))
+    rec = rrt.convert(model, rrt.RecursiveSpec(num_blocks=3, head_lora_rank=2))
+    assert not rec.head_lora.lora_B.any() and rec.head_lora.lora_A.any()  # the delta starts at 0
+    with torch.no_grad():
+        rec.head_lora.lora_B.normal_()
+        got, want = rrt.loop_logits(rec, tiny_ids), rrt.loop_logits(plain, tiny_ids)
+        assert torch.equal(got[-1], want[-1]) and torch.equal(rec(tiny_ids).logits, want[-1])
+        assert not torch.allclose(got[0], want[0]) and not torch.allclose(got[1], want[1])
+        hidden = rrt.recursive.loop_hidden_states(rec, tiny_ids)[1]
+        per_row = torch.tensor([[1], [2]]).expand(tiny_ids.shape)  # row 0 at loop 1, row 1 at the last loop
+        mixed = rrt.models.head_logits(rec, hidden, loop_idx=per_row)
+        assert torch.equal(mixed[0], got[1][0])
+        assert torch.equal(mixed[1], rrt.models.head_logits(plain, hidden, loop_idx=2)[1])
+        with pytest.raises(ValueError, match="pass loop_idx"):
+            rrt.models.head_logits(rec, hidden)

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import rrt
-from rrt.models import decoder_layers, family_of
-from rrt.relax import LoopLoRALinear, lora_modules, merge, per_row_lora, per_row_loops, set_trainable
+from rrt.models import Fused, decoder_layers, family_of
+from rrt.relax import (FusedLoopLoRALinear, LoopLoRALinear, lora_modules, merge, per_row_lora, per_row_loops,
+                       set_trainable)
 from tests.test_recursive import assert_tied
 
 FULL = 10_000  # larger than any tiny matrix: clamped to full rank
@@ -14,6 +15,19 @@ FULL = 10_000  # larger than any tiny matrix: clamped to full rank
 
 def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
+
+
+def num_loras(family):
+    """LoRAs per depth at a rank > 0 in every group: one per linear, one per part of a fused linear."""
+    return sum(len(g.parts) if isinstance(g, Fused) else 1 for g in family.linears.values())
+
+
+def full_delta(wrapper):
+    """Return the whole [out, in] delta a wrapper adds: each LoRA's B·A on its own rows."""
+    delta = torch.zeros_like(wrapper.base_layer.weight)
+    for lora in wrapper.loras():
+        delta[slice(None) if lora.rows is None else lora.rows] += lora.lora_B @ lora.lora_A
+    return delta
 
 
 def quiet_convert(model, **kw):
@@ -37,7 +51,7 @@ def test_zero_init_lora_leaves_the_recursive_model_exact(tiny, tiny_ids):
     plain = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, init="average"))
     relaxed = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, init="average", lora_rank=4,
                                                    lora_init="zero"))
-    assert len(lora_modules(relaxed)) == 6 * len(family_of(model).linears)
+    assert len(lora_modules(relaxed)) == 6 * num_loras(family_of(model))
     assert all(m.lora_A.abs().sum() > 0 and not m.lora_B.any() for m in lora_modules(relaxed).values())
     assert torch.equal(relaxed(tiny_ids).logits, plain(tiny_ids).logits)
 
@@ -75,25 +89,27 @@ def test_svd_residual_is_the_dropped_singular_values(tiny, init):
     orig, layers = decoder_layers(model), decoder_layers(relaxed)
     for depth in range(6):
         for name in family_of(model).linears:
-            lora = layers[depth].get_submodule(name)
-            target = orig[depth].get_submodule(name).weight.double()
-            shared = lora.base_layer.weight.double()
-            s = torch.linalg.svdvals(target - shared)
-            approx = shared + lora.lora_B.double() @ lora.lora_A.double()
-            dropped = s[rank:].norm()
-            torch.testing.assert_close((target - approx).norm(), dropped, rtol=1e-5, atol=1e-6)
-            if torch.equal(target, shared):  # App. E: the layer Stepwise picked gets standard init
-                assert not lora.lora_B.any() and lora.lora_A.any()
+            wrapper = layers[depth].get_submodule(name)
+            for lora in wrapper.loras():  # a fused linear's part: the SVD of its own rows (eq. 4-5)
+                target = lora.own_rows(orig[depth].get_submodule(name).weight.double())
+                shared = lora.own_rows(wrapper.base_layer.weight.double())
+                s = torch.linalg.svdvals(target - shared)
+                approx = shared + lora.lora_B.double() @ lora.lora_A.double()
+                dropped = s[rank:].norm()
+                torch.testing.assert_close((target - approx).norm(), dropped, rtol=1e-5, atol=1e-6)
+                if torch.equal(target, shared):  # App. E: the layer Stepwise picked gets standard init
+                    assert not lora.lora_B.any() and lora.lora_A.any()
 
 
 def test_svd_delta_is_exactly_BA(tiny, tiny_ids):
     """No α/r factor: the forward adds x·Aᵀ·Bᵀ and nothing else."""
     _, model, _ = tiny
     relaxed = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, init="average", lora_rank=2))
-    lora = next(iter(lora_modules(relaxed).values()))
-    x = torch.randn(5, lora.lora_A.shape[1])
-    expected = lora.base_layer(x) + x @ (lora.lora_B @ lora.lora_A).t()
-    torch.testing.assert_close(lora(x), expected, rtol=1e-6, atol=1e-6)
+    for name in family_of(model).linears:
+        wrapper = decoder_layers(relaxed)[4].get_submodule(name)
+        x = torch.randn(5, wrapper.base_layer.weight.shape[1])
+        expected = wrapper.base_layer(x) + x @ full_delta(wrapper).t()
+        torch.testing.assert_close(wrapper(x), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_rank_groups_map_to_module_names(tiny):
@@ -103,10 +119,33 @@ def test_rank_groups_map_to_module_names(tiny):
     layer = decoder_layers(relaxed)[4]
     for name, group in family_of(model).linears.items():
         module = layer.get_submodule(name)
-        if ranks[group] == 0:
+        if isinstance(group, Fused):  # GPT-NeoX query_key_value: q → "q", k and v → "kv"
+            assert isinstance(module, FusedLoopLoRALinear) and module.loop_idx == 2 * 4 // 6
+            assert {p: lora.lora_A.shape[0] for p, lora in module.parts.items()} == {
+                p: ranks[g] for p, g in group.parts if ranks[g]}
+        elif ranks[group] == 0:
             assert not isinstance(module, LoopLoRALinear)
         else:
             assert module.lora_A.shape[0] == ranks[group] and module.loop_idx == 2 * 4 // 6
+
+
+def test_fused_qkv_parts_write_their_own_per_head_rows():
+    """GPT-NeoX splits query_key_value's output per head (view(.., heads, 3·head_dim).chunk(3)):
+    a q-only LoRA must change queries only, a kv-only one keys and values only."""
+    model, _ = rrt.load_model("tiny-gpt-neox")
+    heads, head_dim = model.config.num_attention_heads, model.config.hidden_size // model.config.num_attention_heads
+    x = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    for ranks, changed in [({"q": 2}, [True, False, False]), ({"kv": 2}, [False, True, True])]:
+        relaxed = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, init="average", lora_rank=ranks))
+        qkv = decoder_layers(relaxed)[4].attention.query_key_value
+        got = qkv(x).view(5, heads, 3 * head_dim).chunk(3, dim=-1)  # q, k, v: [5, heads, head_dim] each
+        base = qkv.base_layer(x).view(5, heads, 3 * head_dim).chunk(3, dim=-1)
+        assert [not torch.equal(g, b) for g, b in zip(got, base)] == changed
+        for i, part in enumerate("qkv"):
+            if part in qkv.parts:
+                torch.testing.assert_close(got[i] - base[i], qkv.parts[part].delta(x).view(5, heads, head_dim))
+    q_rows = qkv.parts["k"].rows - head_dim  # the q rows: the first head_dim of each head's 3·head_dim
+    assert q_rows.tolist() == [h * 3 * head_dim + i for h in range(heads) for i in range(head_dim)]
 
 
 # --------------------------------------------------------------------------- invariant 2 + save/load
@@ -169,7 +208,7 @@ def test_per_row_path_equals_per_depth_path(tiny, assignment):
                 "one_per_loop": torch.arange(num_blocks)}[assignment]
     for name in family_of(model).linears:
         for j in range(k):
-            x = torch.randn(rows, layers[j].get_submodule(name).lora_A.shape[1], generator=gen)
+            x = torch.randn(rows, layers[j].get_submodule(name).base_layer.weight.shape[1], generator=gen)
             with per_row_loops(relaxed, loop_idx):
                 got = layers[j].get_submodule(name)(x)
             want = torch.stack([layers[j + int(b) * k].get_submodule(name)(x[i]) for i, b in enumerate(loop_idx)])
@@ -196,8 +235,10 @@ def test_lora_count(tiny):
     rank = 3
     relaxed = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, lora_rank=rank))
     plain = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2))
-    per_depth = sum(rank * sum(decoder_layers(model)[0].get_submodule(n).weight.shape)
-                    for n in family_of(model).linears)
+    # rank·(in + out) per linear; a fused linear's parts each rank·(in + out/parts)
+    per_depth = sum(rank * (out + in_ * (len(g.parts) if isinstance(g, Fused) else 1))
+                    for n, g in family_of(model).linears.items()
+                    for out, in_ in [decoder_layers(model)[0].get_submodule(n).weight.shape])
     counts = rrt.count_parameters(relaxed)
     assert counts["lora"] == 6 * per_depth
     assert counts["non_embedding"] == rrt.count_parameters(plain)["non_embedding"] + 6 * per_depth
@@ -214,7 +255,7 @@ def _paper_config(name):
                                          num_hidden_layers=22, num_attention_heads=32,
                                          num_key_value_heads=4),
         "pythia-1b": tf.GPTNeoXConfig(vocab_size=50304, hidden_size=2048, intermediate_size=8192,
-                                      num_hidden_layers=16, num_attention_heads=8),
+                                      num_hidden_layers=16, num_attention_heads=8, tie_word_embeddings=False),
     }[name]
 
 
@@ -240,6 +281,23 @@ def test_relaxed_gemma_2b_counts_match_table_17(rank, expected):
         warnings.simplefilter("ignore")
         rec = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, lora_rank=rank, lora_init="zero"))
     assert round(rrt.count_parameters(rec)["non_embedding"] / 1e9, 2) == expected
+
+
+@pytest.mark.parametrize("rank,expected", [(0, 0.40), (64, 0.44), (128, 0.48), (256, 0.55), (512, 0.70)])
+def test_relaxed_pythia_1b_counts_match_table_17(rank, expected):
+    """N-emb of recursive Pythia 1B B=2 and its relaxed variants: q, k and v of the fused
+    query_key_value each carry a rank-r LoRA (one LoRA on the fused linear gives 0.671B at r=512)."""
+    rec = rrt.convert(_meta_model("pythia-1b"), rrt.RecursiveSpec(num_blocks=2, lora_rank=rank, lora_init="zero"))
+    assert round(rrt.count_parameters(rec)["non_embedding"] / 1e9, 2) == expected
+
+
+def test_kv_rank_counts_on_gpt_neox():
+    """Table 8's "kv" rank reaches GPT-NeoX through the k and v parts of query_key_value."""
+    model = _meta_model("pythia-1b")
+    lora = {kv: rrt.count_parameters(rrt.convert(model, rrt.RecursiveSpec(
+        num_blocks=2, lora_rank={"q": 64, "kv": kv}, lora_init="zero")))["lora"] for kv in (0, 32)}
+    assert lora[0] == 16 * 64 * (2048 + 2048)  # 16 depths, the q part only
+    assert lora[32] - lora[0] == 16 * 2 * 32 * (2048 + 2048)  # plus k and v at rank 32
 
 
 def test_truncating_a_full_rank_init_equals_converting_at_that_rank(tiny, tiny_ids):

@@ -166,19 +166,37 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path
 
 # ---- regimes: post-training with a head LoRA (Table 13), baselines ------------------------------
 
-def test_post_training_head_lora_trains_only_the_head_adapter(tmp_path, llama):
+def test_post_training_head_lora_changes_intermediate_exits_only(tmp_path, llama):
+    """Table 13's frozen rows: only the head LoRA trains, and it leaves the last loop exactly as it was."""
     uptrained = train(tiny_config(tmp_path, "up", steps=2), train_blocks=TRAIN, original=llama)
     config = tiny_config(tmp_path, "post", steps=3, init_from=str(uptrained.checkpoint), objective="early_exit",
-                         trainable="head_lora", head_lora_rank=3, exit_coefficient=0.1)
+                         trainable="head_lora", head_lora_rank=3, exit_coefficient=0.1, lr=3e-2)
     result = train(config, train_blocks=TRAIN, original=llama)
     start = rrt.load(uptrained.checkpoint)
     trained = dict(result.model.named_parameters())
+    assert set(trained) - dict(start.named_parameters()).keys() == {"head_lora.lora_A", "head_lora.lora_B"}
     changed = {n for n, p in start.named_parameters() if not torch.equal(p, trained[n])}
     assert changed == set()  # every uptrained weight frozen
+    assert result.model.head_lora.lora_B.abs().sum() > 0  # the adapter moved off its zero init
     head = result.model.get_output_embeddings()
-    assert head.lora_B.abs().sum() > 0  # the adapter moved off its zero init
-    assert head.base_layer.weight is result.model.get_input_embeddings().weight  # the tie survives
+    assert isinstance(head, torch.nn.Linear) and head.weight is result.model.get_input_embeddings().weight
     assert_tied(result.model, 2)
+    x = EVAL
+    with torch.no_grad():
+        before, after = rrt.loop_logits(start, x), rrt.loop_logits(result.model.eval(), x)
+        assert torch.equal(after[-1], before[-1])  # the last loop: bit-identical
+        assert torch.equal(result.model(x).logits, start(x).logits)  # the model's own forward too
+        assert not torch.allclose(after[0], before[0])  # the intermediate exit moved
+        loaded = rrt.load(result.checkpoint)  # save/load rebuilds the head LoRA from the spec
+        assert loaded.config.rrt["head_lora_rank"] == 3
+        assert all(torch.equal(a, b) for a, b in zip(rrt.loop_logits(loaded, x), after))
+
+
+def test_head_lora_needs_an_intermediate_exit(tmp_path):
+    with pytest.raises(ValueError, match="head_lora_rank > 0 needs objective='early_exit'"):
+        tiny_config(tmp_path, trainable="head_lora", head_lora_rank=2)
+    with pytest.raises(ValueError, match="head_lora_rank=2 needs num_blocks >= 2"):
+        tiny_config(tmp_path, num_blocks=1, lora_rank=0, objective="early_exit", head_lora_rank=2)
 
 
 def test_baselines(tmp_path, llama):
@@ -220,7 +238,7 @@ def test_resume_dir_of_another_config_fails_before_training(tmp_path, llama):
 def test_cli_flags_build_the_config(tmp_path):
     import argparse
 
-    from rrt.trainconfig import add_config_arguments, config_from_args
+    from rrt.train import add_config_arguments, config_from_args
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
     args = parser.parse_args(["--out", "x", "--kd", "fkl", "--exit-coefficient", "none", "--exit-scheme",
@@ -230,6 +248,11 @@ def test_cli_flags_build_the_config(tmp_path):
                                  self_distill=True, objective="early_exit", betas=(0.9, 0.99), lora_rank=8)
     with pytest.raises(ValueError, match="unknown kd"):
         config_from_args(parser.parse_args(["--out", "x", "--kd", "kl2"]))
+
+
+def test_cli_config_file_allows_no_other_flag(tmp_path):
+    with pytest.raises(ValueError, match=r"--config run.json takes no other flags.*'--steps'"):
+        rtrain.main(["--config", "run.json", "--steps", "3"])
 
 
 def test_cli_packs_a_hub_corpus_only_as_far_as_the_run_reads(tmp_path, monkeypatch):
@@ -254,7 +277,8 @@ def test_cli_packs_a_hub_corpus_only_as_far_as_the_run_reads(tmp_path, monkeypat
 
 def test_two_processes_follow_the_single_process_trajectory(tmp_path, llama):
     """2 processes × batch 2 read the same samples per step as 1 process × batch 4 (see _micro_batch)."""
-    two = tiny_config(tmp_path, "two", steps=4, batch_size=2, kd="fkl", objective="early_exit", save_every=2)
+    two = tiny_config(tmp_path, "two", steps=4, batch_size=2, kd="fkl", objective="early_exit", save_every=2,
+                      num_processes=2)
     script = tmp_path / "run.py"
     script.write_text(RUN_SCRIPT.format(root=str(Path(__file__).parents[1]), config=two.to_dict()))
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -283,3 +307,26 @@ def test_cli_under_torchrun_packs_once_per_node_then_trains(tmp_path):
     assert len(list(cache.glob("wikitext2-validation-32-*.arrow"))) == 1 and not list(cache.glob("*.partial"))
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in metrics if r["kind"] == "train"] == [1, 2]
+
+
+def test_a_config_launched_with_another_process_count_is_refused(tmp_path, llama):
+    """Tokens per step are planned for num_processes: a mismatched launch would train other token counts."""
+    with pytest.raises(ValueError, match=r"config.num_processes=2 but 1 processes were launched"):
+        train(tiny_config(tmp_path, steps=2, num_processes=2), train_blocks=TRAIN, original=llama)
+
+
+def test_data_offset_starts_the_sample_stream_later(tmp_path, llama):
+    """Post-training on new tokens: offset k reads exactly the samples a run without offset reads from sample k."""
+    seen = {}
+    for name, offset in (("a", 0), ("b", 8)):
+        rows = []
+        # the teacher is `llama` itself (kd, no cast); the student, a deep copy, inherits the hook: skip it
+        hook = llama.register_forward_pre_hook(
+            lambda m, a, kw: rows.append(kw["input_ids"][:, 0].tolist()) if m is llama else None, with_kwargs=True)
+        try:
+            train(tiny_config(tmp_path, name, steps=4, batch_size=4, kd="fkl", data_offset=offset, lora_rank=0),
+                  train_blocks=TRAIN, original=llama)
+        finally:
+            hook.remove()
+        seen[name] = [t for r in rows for t in r]
+    assert seen["b"][:8] == seen["a"][8:16]

@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 WEIGHTS = "model.safetensors"
+TRAINING_STATE = "training_state.pt"  # beside the weights in train.py's checkpoints: step, scheduler
 
 
 def save(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
@@ -33,26 +34,46 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> nn.Module:
-    """Return the model saved by `save`, ties rebuilt; needs no original model."""
+    """Return the model saved by `save`, ties and LoRAs rebuilt from its spec; needs no original model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from rrt.recursive import RecursiveSpec, tie_layers
+    from rrt.recursive import spec_of, tie_layers
 
-    path = Path(path)
-    if not (path / WEIGHTS).exists():
-        raise ValueError(f"{path} holds no {WEIGHTS}: not a directory written by rrt.save")
+    path = _checked(path)
     config = AutoConfig.from_pretrained(path)
     state = load_file(path / WEIGHTS)
     model = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
-    spec_dict = getattr(config, "rrt", None)
-    if spec_dict:
-        spec = RecursiveSpec(**spec_dict)
-        tie_layers(model, spec)
-        if any(spec.ranks.values()):
-            from rrt.relax import add_lora_modules
-            add_lora_modules(model, spec)
+    spec = spec_of(model)  # refuses a spec that does not fit the model's layer count
+    tie_layers(model, spec)
+    if any(spec.ranks.values()):
+        from rrt.relax import add_lora_modules
+        add_lora_modules(model, spec)
+    if spec.head_lora_rank:
+        from rrt.relax import add_head_lora
+        add_head_lora(model, spec.head_lora_rank)
     _load_unique(model, state)
     return model.to(device=device, dtype=dtype or model.dtype).eval()
+
+
+def load_into(model: nn.Module, path: str | Path) -> int | None:
+    """Copy a `save` directory's unique tensors into `model` in place (ties survive); return the training
+    step stored beside them (a train.py checkpoint), or None. The model must have exactly those tensors."""
+    path = _checked(path)
+    state, own = load_file(path / WEIGHTS), unique_state_dict(model)
+    if set(state) != set(own):
+        raise ValueError(f"{path} does not match the model: tensors in one but not the other: "
+                         f"{sorted(set(state) ^ set(own))[:5]}")
+    _load_unique(model, state)
+    if not (path / TRAINING_STATE).exists():
+        return None
+    return torch.load(path / TRAINING_STATE, weights_only=False)["step"]
+
+
+def _checked(path: str | Path) -> Path:
+    path = Path(path)
+    if not (path / WEIGHTS).exists():
+        raise ValueError(f"{path} holds no {WEIGHTS}: not a directory written by rrt.save")
+    return path
 
 
 def _load_unique(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -86,18 +86,21 @@ def train_seqs_to_pack(max_seqs, source, *, steps, batch_size, grad_accum, proce
 
 
 def load_packed(name, split, *, tokenizer, seq_len, source="embedded", cache_dir=None, max_seqs=None,
-                streaming=None):
+                streaming=None, bos=None):
     """Returns corpus `name`/`split` packed into `seq_len`-token sequences (`pack`), cached under cache_dir.
 
-    The cache key is the tokenizer's vocabulary and special tokens, the source, name, split,
-    seq_len and max_seqs; a second call with the same key loads the sequences from disk. With a
-    cache_dir the sequences are written to an Arrow file as they are packed and read back
+    bos as in `pack` (None: the tokenizer's own default, `packed_bos`). The cache key is the
+    tokenizer's vocabulary and special tokens, the source, name, split, seq_len, max_seqs and the
+    BOS the sequences start with; a second call with the same key loads the sequences from disk.
+    With a cache_dir the sequences are written to an Arrow file as they are packed and read back
     memory-mapped, so a cluster-scale corpus never has to fit in memory.
     """
     if cache_dir is None:
         ds = load_corpus(name, split, source=source, streaming=streaming)
-        return pack(ds, tokenizer, seq_len, max_seqs=max_seqs, desc=f"packing {name}/{split}")
-    key = _cache_key(tokenizer=tokenizer, source=source, name=name, split=split, seq_len=seq_len, max_seqs=max_seqs)
+        return pack(ds, tokenizer, seq_len, max_seqs=max_seqs, bos=bos, desc=f"packing {name}/{split}")
+    bos_id = packed_bos(tokenizer, bos=bos)
+    key = _cache_key(tokenizer=tokenizer, source=source, name=name, split=split, seq_len=seq_len, max_seqs=max_seqs,
+                     bos=bos_id)
     path = Path(cache_dir) / f"{name}-{split}-{seq_len}-{key}.arrow"
     if not path.exists():
         _check_packable(tokenizer, seq_len)
@@ -106,7 +109,7 @@ def load_packed(name, split, *, tokenizer, seq_len, source="embedded", cache_dir
         # datasets' own Arrow writer, flushed every 1000 rows; renamed into place once complete,
         # so an interrupted packing never leaves a truncated cache entry behind
         with ArrowWriter(features=PACKED, path=str(partial), writer_batch_size=1000) as writer:
-            for seq in _packed_sequences(ds, tokenizer, seq_len, max_seqs, f"packing {name}/{split}"):
+            for seq in _packed_sequences(ds, tokenizer, seq_len, max_seqs, bos_id, f"packing {name}/{split}"):
                 writer.write({"input_ids": seq})
             writer.finalize()
         os.replace(partial, path)
@@ -114,16 +117,34 @@ def load_packed(name, split, *, tokenizer, seq_len, source="embedded", cache_dir
     return datasets.Dataset.from_file(str(path))
 
 
-def pack(dataset, tokenizer, seq_len, *, max_seqs=None, desc="packing"):
+def pack(dataset, tokenizer, seq_len, *, max_seqs=None, bos=None, desc="packing"):
     """Returns a Dataset of `input_ids` sequences of exactly seq_len tokens: documents joined by EOS, the tail dropped.
 
+    With a BOS (bos=None: when the tokenizer itself adds one, `packed_bos`; True/False: always/never),
+    every sequence is BOS then seq_len - 1 corpus tokens, the way the model saw text in pretraining.
     Deterministic: documents are read in order, nothing is shuffled. Works on streamed datasets
     (stops once max_seqs sequences are full). Held in memory: `load_packed` with a cache_dir
     writes the same sequences to disk instead.
     """
     _check_packable(tokenizer, seq_len)
-    return datasets.Dataset.from_dict({"input_ids": list(_packed_sequences(dataset, tokenizer, seq_len, max_seqs, desc))},
-                                      features=PACKED)
+    seqs = _packed_sequences(dataset, tokenizer, seq_len, max_seqs, packed_bos(tokenizer, bos=bos), desc)
+    return datasets.Dataset.from_dict({"input_ids": list(seqs)}, features=PACKED)
+
+
+def packed_bos(tokenizer, *, bos=None):
+    """Returns the BOS token id packed sequences start with, or None.
+
+    bos=None follows the tokenizer's own default: a BOS when encoding text puts one first (Llama,
+    Gemma; Gemma 3's says add_bos_token=False yet its post-processor adds <bos>, so we look at what
+    it does), none otherwise (GPT-NeoX's bos is its eos and is never added; SmolLM2 adds none).
+    """
+    if bos is None:
+        bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+    if bos not in (True, False):
+        raise ValueError(f"bos={bos!r} must be None (the tokenizer's default), True or False")
+    if bos and tokenizer.bos_token_id is None:
+        raise ValueError(f"bos=True but tokenizer {tokenizer.name_or_path!r} has no BOS token")
+    return tokenizer.bos_token_id if bos else None
 
 
 def _check_packable(tokenizer, seq_len):
@@ -133,8 +154,10 @@ def _check_packable(tokenizer, seq_len):
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to separate documents")
 
 
-def _packed_sequences(dataset, tokenizer, seq_len, max_seqs, desc):
-    """Yields the packed sequences one by one (lists of seq_len token ids)."""
+def _packed_sequences(dataset, tokenizer, seq_len, max_seqs, bos_id, desc):
+    """Yields the packed sequences one by one: lists of seq_len token ids, [bos_id] + corpus tokens or corpus tokens."""
+    prefix = [] if bos_id is None else [bos_id]
+    body = seq_len - len(prefix)  # corpus tokens per sequence
     buffer, made = [], 0
     total = None if isinstance(dataset, datasets.IterableDataset) else len(dataset)
     with tqdm(total=total, desc=desc, unit="doc") as bar:
@@ -143,10 +166,10 @@ def _packed_sequences(dataset, tokenizer, seq_len, max_seqs, desc):
             for ids in tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]:
                 buffer.extend(ids)
                 buffer.append(tokenizer.eos_token_id)
-            n = len(buffer) // seq_len if max_seqs is None else min(len(buffer) // seq_len, max_seqs - made)
-            yield from (buffer[i * seq_len:(i + 1) * seq_len] for i in range(n))
+            n = len(buffer) // body if max_seqs is None else min(len(buffer) // body, max_seqs - made)
+            yield from (prefix + buffer[i * body:(i + 1) * body] for i in range(n))
             made += n
-            buffer = buffer[n * seq_len:]
+            buffer = buffer[n * body:]
             bar.update(len(batch["text"]))
             if max_seqs is not None and made >= max_seqs:
                 break

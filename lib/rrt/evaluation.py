@@ -4,7 +4,6 @@ few-shot accuracy (`few_shot`, per loop: `loop_idx` or `per_loop_few_shot`), tid
 Loops are counted from 0 (`loop_idx`); exiting every token at loop_idx b is the paper's static
 exiting (§3.7): loop b's hidden state through the final norm and the shared LM head.
 """
-import importlib.metadata
 import json
 import math
 from pathlib import Path
@@ -23,39 +22,47 @@ TASKS = {"lambada_openai": "acc", "hellaswag": "acc_norm", "piqa": "acc_norm", "
 TASK_SOURCES = ("offline", "hub")
 
 
-def perplexity(model, sequences, *, batch_size=8, loop_idx=None, stride=None):
+def perplexity(model, sequences, *, batch_size=8, loop_idx=None, stride=None, bos_token_id=None):
     """Returns exp(mean NLL per predicted token) of `model` over packed `sequences` (Dataset of `input_ids`, or a tensor).
 
     Token-weighted: every predicted token counts once, whatever sequence it is in. loop_idx=None scores
     model(x).logits; an int scores loop loop_idx's exit (`rrt.loop_logits`). With `stride`, the
     sequences are joined into one stream and scored by a sliding window of the sequence length moving by
     `stride` tokens, each token scored once with up to seq_len - 1 tokens of context.
+    bos_token_id: the BOS every sequence starts with (`rrt.data.packed_bos`; checked), or None. A BOS is
+    context only; with `stride`, the BOSes are taken out of the stream and every window starts with one.
     """
-    out = token_nll(model, sequences, batch_size=batch_size, loop_idx=loop_idx, stride=stride)
+    out = token_nll(model, sequences, batch_size=batch_size, loop_idx=loop_idx, stride=stride,
+                    bos_token_id=bos_token_id)
     return math.exp(out["nll"] / out["tokens"])
 
 
-def token_nll(model, sequences, *, batch_size=8, loop_idx=None, stride=None):
+def token_nll(model, sequences, *, batch_size=8, loop_idx=None, stride=None, bos_token_id=None):
     """Returns {"nll": summed NLL in nats, "tokens": scored tokens}, counted as `perplexity` counts them (to pool sets)."""
-    nll, tokens = _nll(model, sequences, batch_size=batch_size, loop_idxs=[loop_idx], stride=stride)
+    nll, tokens = _nll(model, sequences, batch_size=batch_size, loop_idxs=[loop_idx], stride=stride,
+                       bos_token_id=bos_token_id)
     return {"nll": nll[0], "tokens": tokens}
 
 
-def per_loop_perplexity(model, sequences, *, batch_size=8, stride=None):
+def per_loop_perplexity(model, sequences, *, batch_size=8, stride=None, bos_token_id=None):
     """Returns a DataFrame (loop_idx, perplexity, nll, tokens), one row per loop exit, from one forward per batch."""
-    nll, tokens = _nll(model, sequences, batch_size=batch_size, loop_idxs=None, stride=stride)
+    nll, tokens = _nll(model, sequences, batch_size=batch_size, loop_idxs=None, stride=stride,
+                       bos_token_id=bos_token_id)
     return pd.DataFrame({"loop_idx": range(len(nll)), "perplexity": [math.exp(n / tokens) for n in nll],
                          "nll": nll, "tokens": tokens})
 
 
 @torch.no_grad()
-def _nll(model, sequences, *, batch_size, loop_idxs, stride):
+def _nll(model, sequences, *, batch_size, loop_idxs, stride, bos_token_id):
     """Returns ([summed NLL per requested exit], number of scored tokens); loop_idxs=None means every loop."""
     ids = sequences if torch.is_tensor(sequences) else torch.tensor(sequences["input_ids"])  # [n_seqs, seq_len]
     ids = ids.long()
     if ids.ndim != 2 or ids.shape[1] < 2:
         raise ValueError(f"sequences must be [n_seqs, seq_len >= 2] token ids, got shape {tuple(ids.shape)}")
-    windows = _windows(ids, stride)
+    if bos_token_id is not None and not (ids[:, 0] == bos_token_id).all():
+        raise ValueError(f"bos_token_id={bos_token_id} but not every sequence starts with it (first tokens "
+                         f"{ids[:5, 0].tolist()}...): pack with load_packed(bos=True), or pass bos_token_id=None")
+    windows = _windows(ids, stride, bos_token_id)
     device = next(model.parameters()).device
     sums, tokens = None, 0
     for start in range(0, len(windows), batch_size):
@@ -88,19 +95,26 @@ def _exits(model, x, loop_idxs):
     return [exits[b] for b in loop_idxs]
 
 
-def _windows(ids, stride):
-    """Returns [(window [seq_len], how many of its last targets to score)]: the sequences as they are, or sliding."""
+def _windows(ids, stride, bos_token_id=None):
+    """Returns [(window [seq_len], how many of its last targets to score)]: the sequences as they are, or sliding.
+
+    With bos_token_id (every sequence starts with it), a sliding window is that BOS then the
+    seq_len - 1 stream tokens ending where the window ends: the model always sees text as it was
+    trained to, and the BOS is context only (it is never a target).
+    """
     seq_len = ids.shape[1]
     if stride is None:
         return [(row, seq_len - 1) for row in ids]
     if not 1 <= stride <= seq_len - 1:
         raise ValueError(f"stride={stride} must be in 1..seq_len-1={seq_len - 1}")
-    stream = ids.reshape(-1)
-    # Windows end at seq_len, seq_len + stride, ...; the first scores all its targets, later
+    prefix = ids[0, :0] if bos_token_id is None else ids[0, :1]  # [] or [BOS]
+    body = seq_len - len(prefix)  # stream tokens per window
+    stream = ids[:, len(prefix):].reshape(-1)  # the corpus tokens, without the packed BOSes
+    # Windows end at body, body + stride, ...; the first scores all its targets, later
     # ones only the `stride` new tokens. A tail shorter than `stride` is dropped (equal lengths batch).
-    out = [(stream[:seq_len], seq_len - 1)]
-    for end in range(seq_len + stride, len(stream) + 1, stride):
-        out.append((stream[end - seq_len:end], stride))
+    out = [(torch.cat([prefix, stream[:body]]), seq_len - 1)]
+    for end in range(body + stride, len(stream) + 1, stride):
+        out.append((torch.cat([prefix, stream[end - body:end]]), stride))
     return out
 
 
@@ -168,7 +182,8 @@ def save_results(df, out_dir, *, params, name="results"):
     out_dir.mkdir(parents=True, exist_ok=True)
     csv, js = out_dir / f"{name}.csv", out_dir / f"{name}.json"
     df.to_csv(csv, index=False)
-    versions = {p: importlib.metadata.version(p) for p in ["torch", "transformers", "datasets", "lm_eval"]}
-    record = {"params": params, "versions": versions, "rows": json.loads(df.to_json(orient="records"))}
+    from rrt.rundir import versions
+
+    record = {"params": params, "versions": versions(), "rows": json.loads(df.to_json(orient="records"))}
     js.write_text(json.dumps(record, indent=2, default=str))
     return csv, js

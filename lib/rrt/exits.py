@@ -105,7 +105,7 @@ def record_oracle_trajectories(model, sequences: Sequence[Sequence[int]]) -> lis
     for seq in sequences:
         ids = torch.as_tensor(list(seq), device=model.device)[None]
         states, _ = loop_states(model, ids)
-        preds = torch.stack([head_logits(model, h)[0].argmax(-1) for h in states])  # [loops, seq]
+        preds = torch.stack([head_logits(model, h, loop_idx=b)[0].argmax(-1) for b, h in enumerate(states)])  # [loops, seq]
         agrees = preds == preds[-1]
         out.append(agrees.int().argmax(0).cpu())  # first True (the last loop always agrees)
     return out
@@ -161,7 +161,7 @@ def _teacher_forced_scores(model, sequences, policy):
         prev = [embeddings[0]] + [h[0] for h in states[:-1]]
         per_loop, preds = [], []
         for b, h in enumerate(states):
-            logits = head_logits(model, h)[0]  # [seq, vocab]
+            logits = head_logits(model, h, loop_idx=b)[0]  # [seq, vocab]
             loop = torch.full((len(logits),), b, device=logits.device)
             per_loop.append(exit_scores(policy, loop=loop, logits=logits, hidden=h[0], prev_hidden=prev[b]))
             preds.append(logits.argmax(-1))

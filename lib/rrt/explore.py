@@ -53,7 +53,7 @@ def loop_predictions(model, tokenizer, prompt: str, *, k: int = 5, policy: str =
     states, embeddings = loop_states(model, ids)
     rows, prev = [], embeddings[0, -1:]
     for loop, hidden in enumerate(states):
-        logits = head_logits(model, hidden[:, -1:])[0]  # [1, vocab]
+        logits = head_logits(model, hidden[:, -1:], loop_idx=loop)[0]  # [1, vocab]
         score = (exit_scores(policy, loop=torch.tensor([loop]), logits=logits, hidden=hidden[0, -1:],
                              prev_hidden=prev).item() if policy != "none" else float("nan"))
         top = logits.float().softmax(-1)[0].topk(k)

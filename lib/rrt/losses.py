@@ -79,7 +79,7 @@ def uptrain_loss(student_logits, labels, teacher_logits=None, kd_weight=1.0, kin
     """Return (CE + kd_weight · KD, parts) for uptraining with an online teacher (§3.6, App. L).
 
     KD covers the tokens CE counts. The teacher is frozen, so its logits are detached.
-    The paper gives no KD weight; 1.0 is the default. parts: detached "ce", "kd", "loss".
+    The paper gives no KD weight; 1.0 is the default. parts (detached; metric names, never a run's tag): "loss/ce", "loss/kd", "loss".
     """
     _check_kind(kind)
     if kd_weight < 0:
@@ -88,12 +88,12 @@ def uptrain_loss(student_logits, labels, teacher_logits=None, kd_weight=1.0, kin
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} must have the same shape")
     ce = cross_entropy(student_logits, labels, ignore_index)
-    parts = {"ce": ce.detach()}
+    parts = {"loss/ce": ce.detach()}
     loss = ce
     if teacher_logits is not None:
         kd = kd_loss(student_logits, teacher_logits.detach(), labels != ignore_index, kind,
                      temperature)
-        parts["kd"] = kd.detach()
+        parts["loss/kd"] = kd.detach()
         loss = ce + kd_weight * kd
     parts["loss"] = loss.detach()
     return loss, parts
@@ -131,7 +131,8 @@ def early_exit_loss(loop_logits, labels, *, scheme="aggressive", coefficient=Non
     i = B (if teacher_logits) kd_weight · KD from the teacher (App. L). The self-distillation
     term sits inside αᵢ: the paper gives it no separate weight, and it keeps the intermediate
     loops' whole share at αᵢ. αᵢ from `loop_weights(B, scheme, coefficient)`.
-    parts (detached): "loss", "ce/loop_i", "self_distill/loop_i", "kd", "weight/loop_i".
+    parts (detached; loops numbered from 0): "loss", "loss/ce/loop_i", "loss/self_distill/loop_i",
+    "loss/kd", "weight/loop_i".
     """
     _check_kind(self_distill_kind)
     _check_kind(kd_kind)
@@ -150,17 +151,17 @@ def early_exit_loss(loop_logits, labels, *, scheme="aggressive", coefficient=Non
                          f"logits {tuple(final.shape)}")
     keep = labels != ignore_index  # [...] the tokens every term averages over
     total, parts = 0.0, {}
-    for i, (logits, weight) in enumerate(zip(loop_logits, weights), start=1):
+    for i, (logits, weight) in enumerate(zip(loop_logits, weights)):
         loss_i = cross_entropy(logits, labels, ignore_index)
-        parts[f"ce/loop_{i}"] = loss_i.detach()
-        if self_distill and i < len(loop_logits):
+        parts[f"loss/ce/loop_{i}"] = loss_i.detach()
+        if self_distill and i < len(loop_logits) - 1:
             # detached: the final loop is the target, never pulled towards the early exits
             sd = kd_loss(logits, final.detach(), keep, self_distill_kind, temperature)
-            parts[f"self_distill/loop_{i}"] = sd.detach()
+            parts[f"loss/self_distill/loop_{i}"] = sd.detach()
             loss_i = loss_i + sd
-        if teacher_logits is not None and i == len(loop_logits):
+        if teacher_logits is not None and i == len(loop_logits) - 1:
             kd = kd_loss(logits, teacher_logits.detach(), keep, kd_kind, temperature)
-            parts["kd"] = kd.detach()
+            parts["loss/kd"] = kd.detach()
             loss_i = loss_i + kd_weight * kd
         parts[f"weight/loop_{i}"] = weight
         total = total + weight * loss_i

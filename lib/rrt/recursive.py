@@ -8,7 +8,7 @@ yields each shared tensor once and gradients from every depth accumulate into it
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
@@ -34,6 +34,9 @@ class RecursiveSpec:
     lora_rank: int | dict = 0      # per-depth LoRA rank (§2.3); a dict sets it per group q|kv|o|mlp
     lora_init: str = "svd"         # svd (eq. 4-5) | zero (A random, B zero)
     untie_norms: bool = False      # per-depth copies of norm weights and biases (see relax.py)
+    # A LoRA on the LM head for the intermediate loop exits only (Table 13's frozen-model rows: the
+    # last loop keeps the model's own head, Δ +0.0); needs num_blocks >= 2. See relax.HeadLoRA.
+    head_lora_rank: int = 0
     seed: int = 0                  # for init="random" and the random LoRA A matrices
     ranks: dict = field(init=False, repr=False, compare=False)  # lora_rank per group, resolved
 
@@ -46,6 +49,12 @@ class RecursiveSpec:
             raise ValueError(f"num_blocks must be a positive int, got {self.num_blocks!r}")
         if not isinstance(self.untie_norms, bool):
             raise TypeError(f"untie_norms must be a bool, got {self.untie_norms!r}")
+        rank = self.head_lora_rank
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+            raise ValueError(f"head_lora_rank must be an int >= 0, got {rank!r}")
+        if rank and self.num_blocks < 2:
+            raise ValueError(f"head_lora_rank={rank} needs num_blocks >= 2: the head LoRA acts on "
+                             f"intermediate loop exits only, and num_blocks={self.num_blocks} has none")
         object.__setattr__(self, "ranks", _resolve_ranks(self.lora_rank))
 
     def to_dict(self) -> dict:
@@ -53,6 +62,28 @@ class RecursiveSpec:
         d = asdict(self)
         d.pop("ranks")
         return d
+
+
+def spec_of(model: nn.Module) -> RecursiveSpec:
+    """Return the RecursiveSpec a converted model holds (model.config.rrt); the one reader of it.
+
+    An ordinary model reads as RecursiveSpec(num_blocks=1): one loop, nothing shared (invariant 1).
+    A stored spec that is not a valid RecursiveSpec, or whose num_blocks does not divide the model's
+    layer count, is refused naming the bad value.
+    """
+    stored = getattr(model.config, "rrt", None)
+    if not stored:
+        return RecursiveSpec(num_blocks=1)
+    valid = [f.name for f in fields(RecursiveSpec) if f.init]
+    unknown = sorted(set(stored) - set(valid))
+    if unknown:
+        raise ValueError(f"model.config.rrt holds unknown spec fields {unknown}; valid: {', '.join(valid)}")
+    spec = RecursiveSpec(**stored)
+    try:
+        check_num_blocks(len(decoder_layers(model)), spec.num_blocks)
+    except ValueError as err:
+        raise ValueError(f"model.config.rrt does not fit this model: {err}") from None
+    return spec
 
 
 def _check_choice(name, value, valid):
@@ -92,6 +123,9 @@ def convert(model: nn.Module, spec: RecursiveSpec) -> nn.Module:
     if any(spec.ranks.values()):
         from rrt.relax import relax
         relax(rec, model, spec)
+    if spec.head_lora_rank:
+        from rrt.relax import add_head_lora
+        add_head_lora(rec, spec.head_lora_rank, seed=spec.seed)
     return rec
 
 
@@ -218,7 +252,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     emb_ids = {id(model.get_input_embeddings().weight)}
     head = model.get_output_embeddings()
     if head is not None:
-        emb_ids.add(id(getattr(head, "base_layer", head).weight))  # a LoRA-wrapped head (Table 13) too
+        emb_ids.add(id(head.weight))
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     embedding = sum(params[i].numel() for i in emb_ids if i in params)
     total = sum(p.numel() for p in params.values())
@@ -227,17 +261,18 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 def num_loops(model: nn.Module) -> int:
     """Return B for a recursive model, 1 for an ordinary one."""
-    spec = getattr(model.config, "rrt", None)
-    return spec["num_blocks"] if spec else 1
+    return spec_of(model).num_blocks
 
 
 def loop_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **kwargs) -> list[torch.Tensor]:
-    """Return one logits tensor per loop exit (§3.7): loop b's output through final norm + LM head.
+    """Return one logits tensor per loop exit (§3.7): loop b's output through final norm + LM head
+    (+ the head LoRA at intermediate loops, if the model has one).
 
     The last entry equals model(input_ids).logits (DESIGN invariant 7).
     """
-    return [head_logits(model, h) for h in loop_hidden_states(model, input_ids, attention_mask, **kwargs)]
+    states = loop_hidden_states(model, input_ids, attention_mask, **kwargs)
+    return [head_logits(model, h, loop_idx=b) for b, h in enumerate(states)]
 
 
 def loop_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -6,7 +6,8 @@ factor, so SVD init (eq. 4) puts W′ + BA on the truncated SVD of the original 
 
 Rank groups (Table 8) map onto module names through models.FAMILIES: Llama/Gemma q_proj → "q",
 k_proj and v_proj → "kv", o_proj → "o", gate/up/down_proj → "mlp"; GPT-NeoX's fused
-query_key_value → "q", dense → "o", dense_h_to_4h and dense_4h_to_h → "mlp".
+query_key_value gets three LoRAs, q → "q", k and v → "kv", each writing only its own (per-head
+interleaved) output rows (FusedLoopLoRALinear); dense → "o", dense_h_to_4h and dense_4h_to_h → "mlp".
 
 Why our own module and not PEFT: PEFT's LoRA scales by α/r (foldable), but it keys adapters by
 name, not by loop, and its mixed-batch path (`adapter_names` per row) dispatches through Python
@@ -24,31 +25,78 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from rrt.models import decoder_layers, family_of
-from rrt.recursive import tied_groups
+from rrt.models import Fused, decoder_layers, family_of
+from rrt.recursive import spec_of, tied_groups
 
 
-class LoopLoRALinear(nn.Module):
+class LoRA(nn.Module):
+    """A rank-r delta x Aᵀ Bᵀ (eq. 3), unscaled, onto `rows` of a fused linear's output (None: all rows)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, rows: torch.Tensor | None = None, *,
+                 dtype: torch.dtype | None = None, device: torch.device | None = None):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.zeros(rank, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
+        # not saved: the family table rebuilds it (models.Fused)
+        self.register_buffer("rows", rows, persistent=False)
+        # Set by `per_row_loops`: every loop's (A, B) of this shared LoRA and a loop index per row.
+        self.row_loras: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.row_loop_idx: torch.Tensor | None = None
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """Return B·A x for x [.., in] → [.., out_features]; per row its own loop's inside per_row_loops."""
+        if self.row_loras is not None:
+            flat = x.reshape(-1, x.shape[-1])  # [rows, in]
+            delta = per_row_lora(flat, self.row_loop_idx.reshape(-1), self.row_loras)
+            return delta.reshape(*x.shape[:-1], -1)
+        return (x @ self.lora_A.t()) @ self.lora_B.t()
+
+    def own_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """Return the rows of a whole linear's [out, in] tensor that this LoRA writes."""
+        return weight if self.rows is None else weight[self.rows]
+
+
+class LoopLoRALinear(LoRA):
     """One depth's view of a shared linear: base_layer(x) + x Aᵀ Bᵀ (eq. 3), B·A added unscaled."""
 
     def __init__(self, base_layer: nn.Linear, rank: int, loop_idx: int):
+        w = base_layer.weight
+        super().__init__(w.shape[1], w.shape[0], rank, dtype=w.dtype, device=w.device)
+        self.base_layer = base_layer  # holds the shared W′ (tied across the group's depths)
+        self.loop_idx = loop_idx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.delta(x)
+
+    def loras(self) -> list[LoRA]:
+        return [self]
+
+
+class FusedLoopLoRALinear(nn.Module):
+    """One depth's view of a shared fused linear (GPT-NeoX query_key_value): a LoRA per part.
+
+    Part p adds B_p·A_p x to its own output rows only (models.Fused lays them out), so q, k and v
+    each get a rank-r delta, and full rank on every part reaches any Wℓ.
+    """
+
+    def __init__(self, base_layer: nn.Linear, ranks: dict[str, int], rows: dict[str, torch.Tensor],
+                 loop_idx: int):
         super().__init__()
         self.base_layer = base_layer  # holds the shared W′ (tied across the group's depths)
         self.loop_idx = loop_idx
         w = base_layer.weight
-        self.lora_A = nn.Parameter(torch.zeros(rank, w.shape[1], dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(w.shape[0], rank, dtype=w.dtype, device=w.device))
-        # Set by `per_row_loops`: every loop's (A, B) of this shared linear and a loop index per row.
-        self.row_loras: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.row_loop_idx: torch.Tensor | None = None
+        self.parts = nn.ModuleDict({
+            part: LoRA(w.shape[1], len(rows[part]), rank, rows[part].to(w.device), dtype=w.dtype, device=w.device)
+            for part, rank in ranks.items()})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        if self.row_loras is not None:
-            flat = x.reshape(-1, x.shape[-1])  # [rows, in]
-            delta = per_row_lora(flat, self.row_loop_idx.reshape(-1), self.row_loras)
-            return out + delta.reshape(out.shape)
-        return out + (x @ self.lora_A.t()) @ self.lora_B.t()
+        out = self.base_layer(x)  # [.., out]
+        for lora in self.parts.values():
+            out = out.index_add(-1, lora.rows, lora.delta(x))
+        return out
+
+    def loras(self) -> list[LoRA]:
+        return list(self.parts.values())
 
 
 def per_row_lora(x: torch.Tensor, loop_idx: torch.Tensor,
@@ -82,45 +130,66 @@ def relax(rec: nn.Module, original: nn.Module, spec) -> None:
             init_lora(lora, target)
 
 
-def lora_ranks(model: nn.Module, spec) -> dict[str, int]:
-    """Return {linear name in a layer: rank}, clamped to min(out, in); warn once if any clamped."""
+def lora_ranks(model: nn.Module, spec) -> dict[str, int | dict[str, int]]:
+    """Return {linear name in a layer: rank} ({part: rank} for a Fused linear), each clamped to its
+    matrix's min(out, in) and zeros left out; warn once if any clamped."""
     layer = decoder_layers(model)[0]
     ranks, clamped = {}, []
-    for name, group in family_of(model).linears.items():
-        weight = layer.get_submodule(name).weight
-        full = min(weight.shape)
-        rank = spec.ranks[group]
+
+    def clamp(label, rank, full):
         if rank > full:
-            clamped.append(f"{name} ({rank}→{full})")
-        ranks[name] = min(rank, full)
+            clamped.append(f"{label} ({rank}→{full})")
+        return min(rank, full)
+
+    for name, group in family_of(model).linears.items():
+        weight = layer.get_submodule(name).weight  # [out, in]
+        if isinstance(group, Fused):
+            part_rows = weight.shape[0] // len(group.parts)
+            parts = {part: clamp(f"{name}.{part}", spec.ranks[g], min(part_rows, weight.shape[1]))
+                     for part, g in group.parts}
+            ranks[name] = {part: r for part, r in parts.items() if r > 0}
+        else:
+            ranks[name] = clamp(name, spec.ranks[group], min(weight.shape))
     if clamped:
         warnings.warn(f"lora_rank larger than a matrix's min dimension; clamped to full rank: {', '.join(clamped)}")
-    return {n: r for n, r in ranks.items() if r > 0}
+    return {n: r for n, r in ranks.items() if r}
 
 
-def add_lora_modules(model: nn.Module, spec) -> dict[tuple[int, str], LoopLoRALinear]:
-    """Wrap each depth's shared linears in LoopLoRALinear (zeros); return {(depth, name): module}."""
+def add_lora_modules(model: nn.Module, spec) -> dict[tuple[int, str], LoopLoRALinear | FusedLoopLoRALinear]:
+    """Wrap each depth's shared linears in LoopLoRALinear or FusedLoopLoRALinear (zeros);
+    return {(depth, name): wrapper}."""
     layers = decoder_layers(model)
+    linears = family_of(model).linears
     k = len(layers) // spec.num_blocks
     out = {}
     for name, rank in lora_ranks(model, spec).items():
         for depth, layer in enumerate(layers):
             parent_name, _, child = name.rpartition(".")
             parent = layer.get_submodule(parent_name)
-            lora = LoopLoRALinear(getattr(parent, child), rank, loop_idx=depth // k)
+            base = getattr(parent, child)
+            if isinstance(linears[name], Fused):
+                rows = linears[name].rows(model.config, base.weight.shape[0])
+                lora = FusedLoopLoRALinear(base, rank, rows, loop_idx=depth // k)
+            else:
+                lora = LoopLoRALinear(base, rank, loop_idx=depth // k)
             setattr(parent, child, lora)
             out[(depth, name)] = lora
     return out
 
 
 @torch.no_grad()
-def init_lora(lora: LoopLoRALinear, target: torch.Tensor | None) -> None:
-    """SVD init (eq. 4–5) towards `target` Wℓ: B = UᵣΣᵣ, A = Vᵣᵀ of Wℓ − W′; standard init if None or Wℓ = W′.
+def init_lora(lora: LoopLoRALinear | FusedLoopLoRALinear, target: torch.Tensor | None) -> None:
+    """SVD init (eq. 4–5) towards `target` Wℓ: each LoRA of the wrapper gets B = UᵣΣᵣ, A = Vᵣᵀ of its
+    own rows of Wℓ − W′ (all rows, or a fused part's); standard init where None or those rows of Wℓ = W′.
 
     The standard init (App. E) is PEFT's: A Kaiming-uniform, B zero, so the delta starts at 0.
     """
-    base = lora.base_layer.weight
-    residual = None if target is None else target.double() - base.double()  # float64 whatever the dtype
+    residual = None if target is None else target.double() - lora.base_layer.weight.double()  # float64
+    for part in lora.loras():
+        _init_one(part, None if residual is None else part.own_rows(residual))
+
+
+def _init_one(lora: LoRA, residual: torch.Tensor | None) -> None:
     if residual is None or not residual.any():
         nn.init.kaiming_uniform_(lora.lora_A, a=math.sqrt(5))
         lora.lora_B.zero_()
@@ -143,9 +212,9 @@ def truncate_lora(model: nn.Module, rank: int) -> None:
         lora.lora_B = nn.Parameter(lora.lora_B[:, :rank].clone())
 
 
-def lora_modules(model: nn.Module) -> dict[str, LoopLoRALinear]:
-    """Return every LoopLoRALinear of a model by its qualified name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoopLoRALinear)}
+def lora_modules(model: nn.Module) -> dict[str, LoRA]:
+    """Return every LoRA (a LoopLoRALinear, or a part of a FusedLoopLoRALinear) by its qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRA)}
 
 
 def set_trainable(model: nn.Module, *, base: bool = True, lora: bool = True) -> None:
@@ -163,7 +232,7 @@ def per_row_loops(model: nn.Module, loop_idx: torch.Tensor):
     block carries tokens at different loops.
     """
     layers = decoder_layers(model)
-    groups = tied_groups(len(layers), model.config.rrt["num_blocks"])
+    groups = tied_groups(len(layers), spec_of(model).num_blocks)
     touched = []
     for group in groups:
         for name, lora in lora_modules(layers[group[0]]).items():
@@ -187,10 +256,67 @@ def merge(model: nn.Module) -> nn.Module:
             for name, p in list(layer.named_parameters()):  # untie: each depth its own tensors
                 owner, _, attr = name.rpartition(".")
                 setattr(layer.get_submodule(owner), attr, nn.Parameter(p.detach().clone(), p.requires_grad))
-            for name, lora in lora_modules(layer).items():
-                base = lora.base_layer
-                base.weight.add_((lora.lora_B.double() @ lora.lora_A.double()).to(base.weight.dtype))
+            wrappers = {n: m for n, m in layer.named_modules() if isinstance(m, (LoopLoRALinear, FusedLoopLoRALinear))}
+            for name, wrapper in wrappers.items():
+                base = wrapper.base_layer
+                for lora in wrapper.loras():
+                    delta = (lora.lora_B.double() @ lora.lora_A.double()).to(base.weight.dtype)
+                    if lora.rows is None:
+                        base.weight.add_(delta)
+                    else:
+                        base.weight.index_add_(0, lora.rows, delta)
                 parent, _, child = name.rpartition(".")
                 setattr(layer.get_submodule(parent) if parent else layer, child, base)
     del merged.config.rrt
+    if hasattr(merged, "head_lora"):  # intermediate exits only: a merged one-loop model has none
+        del merged.head_lora
     return merged
+
+
+# ---- a LoRA on the LM head for intermediate exits (Table 13) ------------------------------------
+
+class HeadLoRA(nn.Module):
+    """A LoRA delta on the LM head, x Aᵀ Bᵀ, added to the logits of intermediate loop exits only.
+
+    Table 13's frozen-model rows train only this adapter and leave the final loop unchanged (Δ +0.0):
+    the head itself is not wrapped, so the model's forward and the last loop's logits stay exactly
+    the frozen model's. `models.head_logits` applies it, given the loop index.
+    """
+
+    def __init__(self, head: nn.Linear, rank: int):
+        super().__init__()
+        w = head.weight  # [vocab, hidden]; often tied to the input embedding, left untouched
+        self.lora_A = nn.Parameter(torch.zeros(rank, w.shape[1], dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(w.shape[0], rank, dtype=w.dtype, device=w.device))
+
+    def forward(self, hidden: torch.Tensor, logits: torch.Tensor, intermediate) -> torch.Tensor:
+        """Return logits [.., vocab] plus the delta where `intermediate` (a bool, or a bool tensor of hidden's
+        leading dims) is set; the other rows' logits are returned as they are, bit for bit."""
+        if not isinstance(intermediate, torch.Tensor):
+            return logits + (hidden @ self.lora_A.t()) @ self.lora_B.t() if intermediate else logits
+        if not intermediate.any():
+            return logits
+        delta = (hidden @ self.lora_A.t()) @ self.lora_B.t()  # [.., vocab]
+        return torch.where(intermediate[..., None], logits + delta, logits)
+
+
+def add_head_lora(model: nn.Module, rank: int, seed: int = 0) -> HeadLoRA:
+    """Give a recursive model a head LoRA for its intermediate exits (A Kaiming, seeded; B zero); return it.
+
+    Its rank is recorded in the model's spec (config.rrt `head_lora_rank`), so rrt.save / rrt.load
+    rebuild it. The model must have num_blocks >= 2 (RecursiveSpec refuses otherwise).
+    """
+    from dataclasses import replace
+
+    spec = replace(spec_of(model), head_lora_rank=rank)  # validates rank and num_blocks
+    head = model.get_output_embeddings()
+    if rank > min(head.weight.shape):
+        raise ValueError(f"head_lora_rank={rank} exceeds the LM head's min dimension {min(head.weight.shape)}")
+    lora = HeadLoRA(head, rank)
+    a = torch.empty(lora.lora_A.shape)  # drawn on the CPU, so the seed fixes it on any device
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        lora.lora_A.copy_(a)  # PEFT's init (B zero): the delta starts at 0
+    model.head_lora = lora
+    model.config.rrt = spec.to_dict()
+    return lora

@@ -1,14 +1,19 @@
-"""The notebooks' studies: grids of training runs (TrainConfig fields), evaluated into tidy tables.
+"""The notebooks' studies carried out: a plan's runs trained, evaluated and collected into tidy tables.
 
-Each notebook resolves its parameters (`rrt.params`), loads the model and data once, then calls
-one grid builder here (`init_ablation_runs`, `rank_sweep_runs`, …) and `run_grid`, which trains,
-evaluates and frees every run in turn. A run lives in <run_dir>/runs/<name>; `train` resumes a
-run of the same config there, so re-running a notebook in the same run_dir skips finished runs.
+`run_plan` walks a plan (`rrt.plans`) in order. A run whose results are already in its directory
+(same config hash, same evaluation) is read back, not retrained; a run trained elsewhere (a cluster
+job: `python -m rrt.train --config <run dir>/run.json`) is only evaluated; anything else is trained
+here. Every table is rewritten after each run, so a crash loses at most the run in flight.
+
+Tables keep two namespaces apart: a run's tags (its name, role and distinguishing fields, as in
+runs.csv) and its metrics (`loss`, `loss/ce`, `loss/kd`, `ppl/loop_0`, …; loops numbered from 0).
 """
 from __future__ import annotations
 
-import argparse
+import hashlib
 import itertools
+import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +22,12 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 import rrt
-from rrt.data import PACKED_CACHE, load_packed, train_seqs_to_pack
-from rrt.evaluation import few_shot, per_loop_perplexity, perplexity
+from rrt.data import PACKED_CACHE, load_packed
+from rrt.evaluation import few_shot, per_loop_perplexity, perplexity, save_results
+from rrt.plans import Run, Study, TrainingStudy
 from rrt.recursive import num_loops
+
+TABLES = ("runs", "curves", "perplexity", "accuracy")
 
 
 @dataclass
@@ -29,65 +37,106 @@ class StudyData:
     evals: dict
 
 
-def study_data(params: dict, tokenizer, cache_dir=PACKED_CACHE) -> StudyData:
-    """Return the packed training and held-out sequences a notebook's parameters name.
+def data_spec(study: TrainingStudy, runs: list[Run]) -> dict:
+    """Return what to pack for these runs: corpora, length, and how many training sequences.
 
-    Sequences are packed once per (tokenizer, corpus, length, cap) into cache_dir and read back
-    memory-mapped. A hub corpus with max_train_seqs None is packed up to what the notebook's longest
-    run reads (`train_seqs_to_pack`), not whole.
+    A hub corpus with max_train_seqs None is packed as far as the furthest-reading run reads
+    (its data_offset + steps × global batch), not all 627B tokens of SlimPajama.
     """
-    common = dict(tokenizer=tokenizer, seq_len=params["seq_len"], source=params["data_source"], cache_dir=cache_dir)
-    steps = max(params.get(k) or 0 for k in ("steps", "long_steps", "uptrain_steps"))
-    max_train = train_seqs_to_pack(params["max_train_seqs"], params["data_source"], steps=steps,
-                                   batch_size=params["batch_size"], grad_accum=params["grad_accum"])
-    if max_train != params["max_train_seqs"]:
-        print(f"hub corpus {params['train_corpus']}: packing the {max_train} sequences the longest run reads")
-    train = load_packed(params["train_corpus"], params["train_split"], max_seqs=max_train, **common)
+    needed = max((r.config.data_offset + r.samples for r in runs), default=0)
+    cap = study.max_train_seqs if study.max_train_seqs is not None else (needed if study.data_source == "hub" else None)
+    return {"train_corpus": study.train_corpus, "train_split": study.train_split, "data_source": study.data_source,
+            "seq_len": study.seq_len, "max_train_seqs": cap, "eval_corpora": list(study.eval_corpora),
+            "max_eval_seqs": study.max_eval_seqs}
+
+
+def evaluation_spec(study: TrainingStudy) -> dict:
+    """Return what a finished run is evaluated on (its results file is keyed by this)."""
+    return {"eval_corpora": list(study.eval_corpora), "max_eval_seqs": study.max_eval_seqs, "seq_len": study.seq_len,
+            "data_source": study.data_source, "tasks": list(study.tasks), "task_limit": study.task_limit,
+            "per_loop": study.per_loop}
+
+
+def study_data(spec: dict, tokenizer, cache_dir=PACKED_CACHE) -> StudyData:
+    """Return the packed training and held-out sequences of a `data_spec`, cached and memory-mapped."""
+    common = dict(tokenizer=tokenizer, seq_len=spec["seq_len"], source=spec["data_source"], cache_dir=cache_dir)
+    train = load_packed(spec["train_corpus"], spec["train_split"], max_seqs=spec["max_train_seqs"], **common)
     evals = {}
-    for name in params["eval_corpora"]:
+    for name in spec["eval_corpora"]:
         corpus, _, split = name.partition("/")
-        evals[name] = load_packed(corpus, split or "test", max_seqs=params["max_eval_seqs"], **common)
+        evals[name] = load_packed(corpus, split or "test", max_seqs=spec["max_eval_seqs"], **common)
     return StudyData(train=train, evals=evals)
 
 
-def train_fields(params: dict) -> dict:
-    """Return the TrainConfig fields every run of a notebook shares."""
-    return dict(model=params["model"], steps=params["steps"], batch_size=params["batch_size"],
-                grad_accum=params["grad_accum"], lr=params["lr"], warmup_steps=params["warmup_steps"],
-                seq_len=params["seq_len"], seed=params["seed"], save_every=params["steps"],
-                data=f"{params['train_corpus']}/{params['train_split']}[:{params['max_train_seqs']}]")
+def run_plan(study: TrainingStudy, *, original, tokenizer, data: StudyData, run_dir: Path) -> dict[str, pd.DataFrame]:
+    """Train (or read back) and evaluate each run of the study's plan in order; return the tidy tables,
+    written after every run (a crash loses at most the run in flight)."""
+    evaluation = evaluation_spec(study)
+    rows = {k: [] for k in TABLES}
+    runs = study.runs()
+    for run in tqdm(runs, desc="runs"):
+        results = read_results(run, evaluation) or execute(run, original=original, tokenizer=tokenizer, data=data,
+                                                           evaluation=evaluation)
+        tags = {"run": run.name, "role": run.role, **{k: _tag(v) for k, v in run.tags.items()}}
+        rows["runs"].append(_merge(tags, {"run_dir": str(run.dir), "config_hash": run.key,
+                                          "tokens": run.tokens, **results["summary"]}))
+        for name in ("curves", "perplexity", "accuracy"):
+            rows[name] += [_merge(tags, r) for r in results[name]]
+        save_tables(run_dir, study, **_frames(rows))
+    return _frames(rows)
 
 
-def run_grid(runs: dict[str, dict], *, params: dict, run_dir: Path, original, tokenizer, data: StudyData,
-             per_loop: bool = False) -> dict[str, pd.DataFrame]:
-    """Train each named run, evaluate it, return tidy tables {"runs", "curves", "perplexity", "accuracy"}.
-
-    "runs" has one row per run: its checkpoint and parameter counts. Every row of every table
-    carries the run's name and its distinguishing fields, so tables plot directly. per_loop
-    evaluates every loop exit (static exiting, §3.7) instead of the last only.
-    """
+def execute(run: Run, *, original, tokenizer, data: StudyData, evaluation: dict) -> dict:
+    """Train `run` (resuming whatever it has), evaluate it, write its results file; return the results."""
     from rrt.train import train
-    from rrt.trainconfig import TrainConfig
 
-    summary, curves, ppl, acc = [], [], [], []
-    for name, fields in tqdm(runs.items(), desc="runs"):
-        config = TrainConfig(out=str(Path(run_dir) / "runs" / _slug(name)), **{**train_fields(params), **fields})
-        result = train(config, train_blocks=data.train, original=original)
-        tags = {"run": name, **{k: str(v) for k, v in fields.items() if k != "init_from"}}
-        curves += [{**tags, **r} for r in result.metrics if r["kind"] == "train"]
-        model = result.model.eval()
-        summary.append({**tags, "checkpoint": str(result.checkpoint), **rrt.count_parameters(model)})
-        ppl += [{**tags, **row} for row in evaluate_perplexity(model, data, per_loop=per_loop)]
-        if params["tasks"]:
-            acc.append(evaluate_accuracy(model, tokenizer, params, per_loop=per_loop).assign(**tags))
-        del result, model
-    return {"runs": pd.DataFrame(summary), "curves": pd.DataFrame(curves), "perplexity": pd.DataFrame(ppl),
-            "accuracy": pd.concat(acc, ignore_index=True) if acc else pd.DataFrame()}
+    from accelerate import PartialState
+
+    reads = [p for p in (run.config.init_from, run.config.teacher) if p and run.needs]
+    missing = [p for p in reads if not (Path(p) / "model.safetensors").exists()]
+    if missing:
+        raise ValueError(f"run {run.name!r} reads {missing} (the final checkpoint of {list(run.needs)}), which is "
+                         f"not there yet: train the plan in order (its runs are listed dependencies first)")
+    result = train(run.config, train_blocks=data.train, original=original)
+    if not PartialState().is_main_process:  # under a multi-process launch, one process evaluates
+        return {}
+    model = result.model.eval()
+    results = {"summary": {"checkpoint": str(result.checkpoint), **rrt.count_parameters(model)},
+               "curves": [r for r in result.metrics if r["kind"] == "train"],
+               "perplexity": evaluate_perplexity(model, data, per_loop=evaluation["per_loop"]),
+               "accuracy": (evaluate_accuracy(model, tokenizer, evaluation).to_dict("records")
+                            if evaluation["tasks"] else [])}
+    path = _results_path(run, evaluation)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, default=str))
+    os.replace(tmp, path)  # a results file is whole or absent
+    return results
 
 
-def concat_tables(*grids: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-    """Return the tables of several `run_grid` calls stacked name by name."""
-    return {k: pd.concat([g[k] for g in grids], ignore_index=True) for k in grids[0]}
+def read_results(run: Run, evaluation: dict) -> dict | None:
+    """Return a finished run's results for this evaluation, or None (not trained, or evaluated otherwise)."""
+    path = _results_path(run, evaluation)
+    return json.loads(path.read_text()) if path.exists() and run.trained() else None
+
+
+def _results_path(run: Run, evaluation: dict) -> Path:
+    key = hashlib.sha256(json.dumps(evaluation, sort_keys=True).encode()).hexdigest()[:8]
+    return run.dir / f"results-{key}.json"
+
+
+def _merge(tags: dict, metrics: dict) -> dict:
+    clash = set(tags) & set(metrics)
+    if clash:
+        raise ValueError(f"metric names {sorted(clash)} collide with run tags; rename the metric")
+    return {**tags, **metrics}
+
+
+def _tag(value):
+    return value if isinstance(value, (int, float, bool)) else str(value)
+
+
+def _frames(rows: dict) -> dict[str, pd.DataFrame]:
+    return {k: pd.DataFrame(v) for k, v in rows.items()}
 
 
 def evaluate_perplexity(model, data: StudyData, *, per_loop: bool = False) -> list[dict]:
@@ -102,77 +151,25 @@ def evaluate_perplexity(model, data: StudyData, *, per_loop: bool = False) -> li
     return rows
 
 
-def evaluate_accuracy(model, tokenizer, params: dict, *, per_loop: bool = False) -> pd.DataFrame:
-    """Return few-shot accuracy rows on the notebook's tasks (every loop exit if per_loop)."""
-    loops = range(num_loops(model)) if per_loop else [None]
-    return pd.concat([few_shot(model, tokenizer, tasks=params["tasks"], limit=params["task_limit"],
+def evaluate_accuracy(model, tokenizer, evaluation: dict) -> pd.DataFrame:
+    """Return few-shot accuracy rows on the evaluation's tasks (every loop exit if per_loop)."""
+    loops = range(num_loops(model)) if evaluation.get("per_loop") else [None]
+    return pd.concat([few_shot(model, tokenizer, tasks=list(evaluation["tasks"]), limit=evaluation["task_limit"],
                                loop_idx=b, batch_size=8) for b in loops], ignore_index=True)
 
 
 def average_accuracy(acc: pd.DataFrame, by=("run",)) -> pd.DataFrame:
     """Return the mean accuracy over tasks per run (and loop), the paper's "Avg" column."""
+    if acc.empty:
+        return pd.DataFrame(columns=[*by, "avg_accuracy"])
     keys = list(by) + (["loop_idx"] if "loop_idx" in acc and acc["loop_idx"].notna().any() else [])
     return acc.groupby(keys, dropna=False)["value"].mean().rename("avg_accuracy").reset_index()
 
 
-def save_tables(run_dir: Path, params: dict, **tables: pd.DataFrame) -> None:
-    """Write each table as <name>.csv and <name>.json (rows + the parameters that produced them)."""
-    from rrt.evaluation import save_results
-
+def save_tables(run_dir: Path, study: Study, **tables: pd.DataFrame) -> None:
+    """Write each table as <name>.csv and <name>.json (rows + the study that produced them)."""
     for name, df in tables.items():
-        save_results(df, run_dir, params=params, name=name)
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
-# ---------------------------------------------------------------- grids, one per notebook
-
-def init_ablation_runs(params: dict) -> dict[str, dict]:
-    """Fig. 5 / Table 5: every looped-layer init × block count, plus full- and reduced-size baselines."""
-    runs = {f"{init} B={b}": dict(num_blocks=b, init=init, kd=params["kd"])
-            for b, init in itertools.product(params["num_blocks"], params["inits"])}
-    if params["baselines"]:
-        runs["full-size"] = dict(num_blocks=1, baseline="full", kd=params["kd"])
-        runs |= {f"reduced-size B={b}": dict(num_blocks=b, baseline="reduced", kd=None) for b in params["num_blocks"]}
-    return runs
-
-
-def rank_sweep_runs(params: dict) -> dict[str, dict]:
-    """Fig. 6–7 / Table 9: init × LoRA rank × LoRA init × norm tying (rank 0 = the plain recursive model)."""
-    runs = {}
-    for init, rank, lora_init, untie in itertools.product(params["inits"], params["ranks"], params["lora_inits"],
-                                                          params["untie_norms"]):
-        if rank == 0 and (lora_init != params["lora_inits"][0]):
-            continue  # rank 0 has no LoRA to initialise
-        runs[f"{init} r={rank} {lora_init}{' untied' if untie else ''}"] = dict(
-            num_blocks=params["num_blocks"], init=init, lora_rank=rank, lora_init=lora_init, untie_norms=untie)
-    return runs
-
-
-def distillation_runs(params: dict) -> dict[str, dict]:
-    """Fig. 7b / Table 11: CE alone vs CE + KD with each divergence, and a longer FKL run."""
-    base = dict(num_blocks=params["num_blocks"], init=params["init"])
-    runs = {loss: {**base, "kd": None if loss == "ce" else loss} for loss in params["losses"]}
-    runs[f"fkl {params['long_steps']} steps"] = {**base, "kd": "fkl", "steps": params["long_steps"]}
-    return runs
-
-
-def early_exit_runs(params: dict, uptrained: str) -> dict[str, dict]:
-    """Table 1 / 13: weighted vs aggressive (each coefficient), ± self-distillation, post- vs co-training,
-    and the frozen uptrained model with only an LM-head LoRA. `uptrained`: an rrt.save checkpoint dir."""
-    base = dict(num_blocks=params["num_blocks"], init=params["init"], objective="early_exit", kd="fkl")
-    post = {**base, "init_from": uptrained}
-    runs = {"post weighted": {**post, "exit_scheme": "weighted", "exit_coefficient": None}}
-    for c in params["coefficients"]:
-        runs[f"post aggressive {c}"] = {**post, "exit_coefficient": c}
-        runs[f"post aggressive {c} +SD"] = {**post, "exit_coefficient": c, "self_distill": True}
-    c = params["coefficients"][0]
-    runs[f"co aggressive {c} +SD"] = {**base, "exit_coefficient": c, "self_distill": True}
-    runs[f"post head-LoRA {c} +SD"] = {**post, "exit_coefficient": c, "self_distill": True,
-                                       "trainable": "head_lora", "head_lora_rank": params["head_lora_rank"]}
-    return runs
+        save_results(df, run_dir, params=study.to_dict(), name=name)
 
 
 # ---------------------------------------------------------------- no training: conversions only
@@ -222,13 +219,9 @@ def main(argv=None):
         df.to_csv(args.out, index=False)
 
 
-if __name__ == "__main__":
-    main()
-
-
 # ---------------------------------------------------------------- serving (notebook 05)
 
-def throughput_study(model, tokenizer, params: dict) -> dict[str, pd.DataFrame]:
+def throughput_study(model, tokenizer, study) -> dict[str, pd.DataFrame]:
     """Return the real benchmark and the paper-method simulation for every (B, LoRA rank) (Fig. 8, Tables 16–17).
 
     Tables: "throughput" (one row per system and configuration, ratios to vanilla static batching),
@@ -237,24 +230,25 @@ def throughput_study(model, tokenizer, params: dict) -> dict[str, pd.DataFrame]:
     """
     from rrt.serving.bench import real_vs_simulated, run_benchmark, run_simulation
 
-    knobs = {k: params[k] for k in ("num_requests", "prompt_len", "new_tokens", "token_budget", "batch_size",
-                                    "repeats", "seed")}
+    knobs = dict(num_requests=study.num_requests, prompt_len=study.prompt_len, new_tokens=study.new_tokens,
+                 token_budget=study.token_budget, max_active=study.max_active, repeats=study.repeats, seed=study.seed)
+    evaluation = {"tasks": list(study.tasks), "task_limit": study.task_limit}
     tables = {"throughput": [], "simulated": [], "real_vs_simulated": [], "block_times": [], "accuracy": []}
-    scored = bool(params["tasks"]) and tokenizer is not None  # dummy-weight models have no tokenizer
+    scored = bool(study.tasks) and tokenizer is not None  # dummy-weight models have no tokenizer
     if scored:
-        tables["accuracy"].append(evaluate_accuracy(model, tokenizer, params).assign(model="vanilla"))
-    for b, rank in tqdm(list(itertools.product(params["num_blocks"], params["lora_ranks"])), desc="configs"):
+        tables["accuracy"].append(evaluate_accuracy(model, tokenizer, evaluation).assign(model="vanilla"))
+    for b, rank in tqdm(list(itertools.product(study.num_blocks, study.lora_ranks)), desc="configs"):
         tag = {"num_blocks": b, "lora_rank": rank}
         rec = rrt.convert(model, rrt.RecursiveSpec(num_blocks=b, lora_rank=rank))
         bench = run_benchmark(model, tokenizer, recursive=rec, num_blocks=b, lora_rank=rank, **knobs)
-        sim, blocks = run_simulation(model, rec, bench.attrs["trajectories"], batch_size=params["batch_size"],
-                                     prompt_len=params["prompt_len"], new_tokens=params["new_tokens"])
+        sim, blocks = run_simulation(model, rec, bench.attrs["trajectories"], max_active=study.max_active,
+                                     prompt_len=study.prompt_len, new_tokens=study.new_tokens)
         tables["throughput"].append(bench.assign(**tag))
         tables["simulated"].append(sim.assign(**tag))
         tables["real_vs_simulated"].append(real_vs_simulated(bench, sim).assign(**tag))
         tables["block_times"].append(blocks.assign(**tag))
         if scored:
-            tables["accuracy"].append(evaluate_accuracy(rec, tokenizer, params).assign(model=f"B={b} r={rank}", **tag))
+            tables["accuracy"].append(evaluate_accuracy(rec, tokenizer, evaluation).assign(model=f"B={b} r={rank}", **tag))
     return {k: pd.concat(v, ignore_index=True) if v else pd.DataFrame() for k, v in tables.items()}
 
 

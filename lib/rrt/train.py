@@ -6,17 +6,21 @@ model, frozen), per-loop perplexity on held-out blocks, metrics in `metrics.json
 checkpoints that resume the same trajectory. It runs under `accelerate launch` (DDP or DeepSpeed
 ZeRO-2, params/accelerate/): layers share nn.Parameters across depths, so per-layer FSDP wrapping
 is never used. Data position = the step: step s reads a fixed slice of a seeded per-epoch permutation.
+
+Sections: `train` and its three parts (`_setup`, `_optimiser_step`, `_evaluate`); the models a
+config describes (`build_student`, `build_teacher`); loss and data; checkpoints and resume; the
+command line (`main`, `add_config_arguments`, `config_from_args`).
 """
 from __future__ import annotations
 
+import argparse
+import copy
+import dataclasses
 import functools
-import importlib.metadata
-import json
 import math
 import os
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from rrt.checkpoint import WEIGHTS, save, unique_state_dict
+from rrt.checkpoint import TRAINING_STATE, WEIGHTS, load, load_into, save
 from rrt.losses import early_exit_loss, shift_for_next_token, uptrain_loss
-from rrt.recursive import loop_logits
-from rrt.trainconfig import TrainConfig, build_student, build_teacher
-
-STATE = "training_state.pt"
+from rrt.models import decoder_layers
+from rrt.recursive import check_num_blocks, convert, loop_logits, spec_of
+from rrt.rundir import Metrics, read_config, write_config, write_versions
+from rrt.trainconfig import TrainConfig
 
 
 @dataclass
@@ -49,16 +53,67 @@ def train(config: TrainConfig, *, train_blocks, eval_blocks=None, original: nn.M
     in eval mode); loaded here when None. Restarting with the same config resumes from the last
     checkpoint in `config.out`; a different config there fails before training.
     """
-    from accelerate import Accelerator
-    from transformers import get_cosine_schedule_with_warmup
-
-    from rrt.evaluation import per_loop_perplexity
-
     blocks = _Blocks(train_blocks, "train_blocks")
     if config.seq_len is not None and blocks.shape[1] != config.seq_len:
         raise ValueError(f"train blocks have length {blocks.shape[1]}, config.seq_len={config.seq_len}")
     run_dir = Path(config.out)
     latest = _check_run_dir(run_dir, config)
+    run = _setup(config, original, latest)
+    acc = run.acc
+    if acc.num_processes != config.num_processes:
+        raise ValueError(f"config.num_processes={config.num_processes} but {acc.num_processes} processes were "
+                         f"launched: tokens per step (batch_size × grad_accum × num_processes × seq_len) would not "
+                         f"be the planned ones; launch with --num_processes {config.num_processes} or re-plan")
+    metrics = Metrics(run_dir, writer=acc.is_main_process, keep_until=run.start)
+    if acc.is_main_process and latest is None:
+        write_config(run_dir, config.to_dict())
+        write_versions(run_dir)
+
+    evaluate = functools.partial(_evaluate, run, eval_blocks, config, metrics)  # evaluate(step)
+    if run.start == 0:
+        evaluate(0)
+    checkpoint = latest
+    tokens_per_step = config.batch_size * config.grad_accum * blocks.shape[1] * config.num_processes
+    run.student.train()
+    from tqdm.auto import tqdm
+    bar = tqdm(total=config.steps, initial=run.start, disable=not acc.is_main_process, desc="train")
+    for step in range(run.start + 1, config.steps + 1):
+        t0 = time.perf_counter()
+        parts = _optimiser_step(run, blocks, config, step, last_good=checkpoint)
+        record = {"kind": "train", "step": step, **parts, "tokens": step * tokens_per_step,
+                  "tokens_per_s": tokens_per_step / (time.perf_counter() - t0)}
+        metrics.write(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{parts['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if config.eval_every and step % config.eval_every == 0 and step != config.steps:
+            evaluate(step)
+        if step % config.save_every == 0 or step == config.steps:
+            checkpoint = _save_checkpoint(run_dir, step, run.student, run.optimizer, run.scheduler, acc,
+                                          config.keep_checkpoints, last=step == config.steps)
+    bar.close()
+    if run.start < config.steps:
+        evaluate(config.steps)
+    return RunResult(run_dir=run_dir, checkpoint=checkpoint, metrics=metrics.read(), model=run.student)
+
+
+@dataclass
+class _Run:
+    """What `_setup` builds: the accelerator, models, optimiser, schedule, and the step to resume after."""
+    acc: object               # accelerate.Accelerator
+    student: nn.Module        # the model being trained (unwrapped)
+    teacher: nn.Module | None
+    exits: nn.Module          # _Exits(student), as prepared by accelerate (DDP/DeepSpeed wrap this)
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    start: int                # the last step already done (0: a fresh run)
+
+
+def _setup(config: TrainConfig, original: nn.Module | None, latest: Path | None) -> _Run:
+    """Build the accelerator, student, teacher, AdamW and cosine schedule; resume from `latest` if set."""
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
     mixed = "bf16" if config.precision == "bf16" or (config.precision == "auto" and torch.cuda.is_available()) else "no"
     acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=config.grad_accum,
                       cpu=not torch.cuda.is_available())
@@ -75,69 +130,132 @@ def train(config: TrainConfig, *, train_blocks, eval_blocks=None, original: nn.M
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
     start = 0
     if latest is not None:  # model first (before DDP broadcasts it), optimiser after prepare
-        start = _load_model_state(student, latest)
+        start = load_into(student, latest)
+        if start is None:
+            raise ValueError(f"checkpoint {latest} holds no {TRAINING_STATE}: not written by train()")
     exits = _Exits(student, every_loop=config.objective == "early_exit").to(acc.device)
     exits, optimizer = acc.prepare(exits, optimizer)  # the scheduler is stepped by us, once per step
     if latest is not None and start < config.steps:  # a finished run has nothing left to resume
         _load_training_state(latest, optimizer, scheduler, acc.process_index)
-    metrics = _Metrics(run_dir / "metrics.jsonl", acc.is_main_process, keep_until=start)
-    if acc.is_main_process and latest is None:
-        _write_run_files(run_dir, config)
+    return _Run(acc, student, teacher, exits, params, optimizer, scheduler, start)
 
-    def evaluate(step):
-        if eval_blocks is not None and acc.is_main_process:
-            student.eval()
-            with acc.autocast():
-                df = per_loop_perplexity(student, eval_blocks, batch_size=config.eval_batch_size)
-            student.train()
-            metrics.write({"kind": "eval", "step": step,
-                           **{f"ppl/loop_{r.loop_idx}": float(r.perplexity) for r in df.itertuples()}})
-        acc.wait_for_everyone()
 
-    if start == 0:
-        evaluate(0)
-    checkpoint = latest
-    tokens_per_step = config.batch_size * config.grad_accum * blocks.shape[1] * acc.num_processes
-    student.train()
-    from tqdm.auto import tqdm
-    bar = tqdm(total=config.steps, initial=start, disable=not acc.is_main_process, desc="train")
-    for step in range(start + 1, config.steps + 1):
-        t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        for micro in range(config.grad_accum):
-            x = _micro_batch(blocks, config, step, micro, acc).to(acc.device)
-            with acc.accumulate(exits):
-                loss, parts = _loss(exits, teacher, x, config, acc)
-                acc.backward(loss)
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / config.grad_accum
-        # every part averaged over processes (equal tokens per process: the global token mean)
-        sums = dict(zip(sums, acc.reduce(torch.tensor(list(sums.values()), device=acc.device), "mean").tolist()))
-        step_loss = sums["loss"]
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"non-finite loss {step_loss} at step {step}; stopped before the "
-                                     f"optimiser step; last good checkpoint: {checkpoint}")
-        grad_norm = acc.clip_grad_norm_(params, config.clip) if config.clip > 0 else None
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - t0
-        record = {"kind": "train", "step": step, **sums, "lr": lr,
-                  "grad_norm": None if grad_norm is None else float(grad_norm),
-                  "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_step / seconds}
-        metrics.write(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if config.eval_every and step % config.eval_every == 0 and step != config.steps:
-            evaluate(step)
-        if step % config.save_every == 0 or step == config.steps:
-            checkpoint = _save_checkpoint(run_dir, step, student, optimizer, scheduler, acc, config.keep_checkpoints,
-                                          last=step == config.steps)
-    bar.close()
-    if start < config.steps:
-        evaluate(config.steps)
-    return RunResult(run_dir=run_dir, checkpoint=checkpoint, metrics=metrics.read(), model=student)
+def _optimiser_step(run: _Run, blocks: "_Blocks", config: TrainConfig, step: int, last_good: Path | None) -> dict:
+    """Run one optimiser step (grad_accum micro-batches); return its loss parts, lr and grad_norm.
+
+    Every part is averaged over micro-batches and processes (equal tokens per process: the global
+    token mean). A non-finite loss stops before the optimiser step, naming the last good checkpoint.
+    """
+    acc = run.acc
+    sums: dict[str, float] = {}
+    for micro in range(config.grad_accum):
+        x = _micro_batch(blocks, config, step, micro, acc).to(acc.device)
+        with acc.accumulate(run.exits):
+            loss, parts = _loss(run.exits, run.teacher, x, config, acc)
+            acc.backward(loss)
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + float(v) / config.grad_accum
+    sums = dict(zip(sums, acc.reduce(torch.tensor(list(sums.values()), device=acc.device), "mean").tolist()))
+    if not math.isfinite(sums["loss"]):
+        raise FloatingPointError(f"non-finite loss {sums['loss']} at step {step}; stopped before the "
+                                 f"optimiser step; last good checkpoint: {last_good}")
+    grad_norm = acc.clip_grad_norm_(run.params, config.clip) if config.clip > 0 else None
+    lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {**sums, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm)}
+
+
+def _evaluate(run: _Run, eval_blocks, config: TrainConfig, metrics: Metrics, step: int) -> None:
+    """Write per-loop perplexity on eval_blocks at `step` (main process; the others wait)."""
+    from rrt.evaluation import per_loop_perplexity
+
+    if eval_blocks is not None and run.acc.is_main_process:
+        run.student.eval()
+        with run.acc.autocast():
+            df = per_loop_perplexity(run.student, eval_blocks, batch_size=config.eval_batch_size)
+        run.student.train()
+        metrics.write({"kind": "eval", "step": step,
+                       **{f"ppl/loop_{r.loop_idx}": float(r.perplexity) for r in df.itertuples()}})
+    run.acc.wait_for_everyone()
+
+
+# ---- setup: the models a config describes --------------------------------------------------------
+
+def build_student(config: TrainConfig, original: nn.Module) -> nn.Module:
+    """Return the model to train (fp32 master weights), its trainable parameters set; `original` untouched.
+
+    Conversion of `original` (co-training; baseline "full" is num_blocks=1, identical to it), the
+    `init_from` checkpoint (post-training; given a head LoRA if the config asks for one), or a
+    random L/B-layer model (baseline "reduced").
+    """
+    if config.baseline == "reduced":
+        model = _reduced_model(original, config.num_blocks)
+    elif config.init_from is not None:
+        model = load(config.init_from, dtype=torch.float32)
+        _check_init_from(config, spec_of(model))
+        if config.head_lora_rank and not spec_of(model).head_lora_rank:
+            from rrt.relax import add_head_lora
+            add_head_lora(model, config.head_lora_rank, seed=config.seed)
+    else:
+        model = convert(original, config.spec()).float()
+    _set_trainable(model, config.trainable)
+    return model.train()
+
+
+def _check_init_from(config: TrainConfig, saved) -> None:
+    """Raise unless the init_from model's spec is the config's (a head LoRA may be added to it, Table 13)."""
+    wanted = config.spec().to_dict()
+    got = saved.to_dict()
+    if got["head_lora_rank"] == 0:
+        got["head_lora_rank"] = wanted["head_lora_rank"]
+    diff = {k: (got[k], wanted[k]) for k in wanted if k != "seed" and got[k] != wanted[k]}
+    if diff:
+        raise ValueError(f"init_from={config.init_from!r} holds another spec; differing fields (saved, config): {diff}")
+
+
+def build_teacher(config: TrainConfig, original: nn.Module, device) -> nn.Module | None:
+    """Return the KD teacher, frozen, eval mode, on `device` (None without KD): `config.teacher` loaded
+    (an rrt.save dir or a load_model source), or `original` itself when teacher is None."""
+    if config.kd is None:
+        return None
+    dtype = getattr(torch, config.teacher_dtype)
+    if config.teacher is not None:
+        from rrt.models import load_model
+        if (Path(config.teacher) / WEIGHTS).exists():
+            original = load(config.teacher, dtype=dtype)
+        else:
+            original = load_model(config.teacher, dtype=dtype)[0]
+    # a cast copies (the caller's original stays as it was); same dtype: the very same model, no copy
+    teacher = original if next(original.parameters()).dtype == dtype else copy.deepcopy(original)
+    teacher = teacher.to(device=device, dtype=dtype).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def _reduced_model(original: nn.Module, num_blocks: int) -> nn.Module:
+    """Return a random-init model of L/B layers and the original's widths (the paper's small baseline)."""
+    from transformers import AutoModelForCausalLM
+
+    num_layers = len(decoder_layers(original))
+    check_num_blocks(num_layers, num_blocks)
+    cfg = copy.deepcopy(original.config)
+    cfg.num_hidden_layers = num_layers // num_blocks
+    if isinstance(getattr(cfg, "layer_types", None), list):  # Gemma 2/3: keep the first L/B types
+        cfg.layer_types = cfg.layer_types[: cfg.num_hidden_layers]
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+
+
+def _set_trainable(model: nn.Module, trainable: str) -> None:
+    """all: everything; base: all but LoRAs; lora: the LoRAs (the head LoRA too); head_lora: it alone."""
+    from rrt.relax import set_trainable
+
+    if trainable == "head_lora":
+        model.requires_grad_(False)
+        model.head_lora.requires_grad_(True)
+    else:
+        set_trainable(model, base=trainable in ("all", "base"), lora=trainable in ("all", "lora"))
 
 
 class _Exits(nn.Module):
@@ -175,10 +293,12 @@ def _loss(exits, teacher, x, config: TrainConfig, acc):
 def _micro_batch(blocks: "_Blocks", config: TrainConfig, step: int, micro: int, acc) -> torch.Tensor:
     """Return the blocks [batch, seq] of (step, micro-batch, process): a function of the step alone.
 
-    Sample i of the run reads epoch i // n's permutation (seeded by seed and epoch) at i mod n.
+    Sample i of the run reads epoch i // n's permutation (seeded by seed and epoch) at i mod n; the
+    run's samples start at config.data_offset (post-training on "new" tokens skips the uptraining's).
     """
     n = blocks.shape[0]
-    first = (((step - 1) * config.grad_accum + micro) * acc.num_processes + acc.process_index) * config.batch_size
+    first = config.data_offset + (
+        ((step - 1) * config.grad_accum + micro) * acc.num_processes + acc.process_index) * config.batch_size
     return blocks[[int(_epoch_order(n, config.seed, i // n)[i % n]) for i in range(first, first + config.batch_size)]]
 
 
@@ -211,10 +331,9 @@ class _Blocks:
 
 def _check_run_dir(run_dir: Path, config: TrainConfig) -> Path | None:
     """Return the last checkpoint of a run of the same config in run_dir (None if fresh); raise if it differs."""
-    saved = run_dir / "config.json"
-    if not saved.exists():
+    old = read_config(run_dir)
+    if old is None:
         return None
-    old = json.loads(saved.read_text())
     new = config.to_dict()
     diff = {k: (old.get(k), new[k]) for k in new if k != "out" and old.get(k) != new[k]}
     if diff:
@@ -240,7 +359,7 @@ def _save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, acc,
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         save(model, tmp)  # compact: each shared tensor once, the spec in config.json
-        torch.save({"step": step, "scheduler": scheduler.state_dict()}, tmp / STATE)
+        torch.save({"step": step, "scheduler": scheduler.state_dict()}, tmp / TRAINING_STATE)
     acc.wait_for_everyone()
     if not last:  # every process writes its optimiser state (ZeRO shards it) and RNG states
         torch.save({"optimizer": optimizer.state_dict(), "rng": _rng_state()}, tmp / f"rank{acc.process_index}.pt")
@@ -255,23 +374,8 @@ def _save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, acc,
     return final
 
 
-def _load_model_state(model: nn.Module, checkpoint: Path) -> int:
-    """Copy the checkpoint's unique tensors into `model` in place (ties survive); return its step."""
-    from safetensors.torch import load_file
-
-    state, own = load_file(checkpoint / WEIGHTS), unique_state_dict(model)
-    if set(state) != set(own):
-        raise ValueError(f"checkpoint {checkpoint} does not match the model built from the config: "
-                         f"{sorted(set(state) ^ set(own))[:5]}")
-    full = model.state_dict(keep_vars=True)
-    with torch.no_grad():
-        for key, value in state.items():
-            full[key].copy_(value)
-    return torch.load(checkpoint / STATE, weights_only=False)["step"]
-
-
 def _load_training_state(checkpoint: Path, optimizer, scheduler, rank: int) -> None:
-    shared = torch.load(checkpoint / STATE, weights_only=False)
+    shared = torch.load(checkpoint / TRAINING_STATE, weights_only=False)
     mine = torch.load(checkpoint / f"rank{rank}.pt", weights_only=False)
     scheduler.load_state_dict(shared["scheduler"])
     optimizer.load_state_dict(mine["optimizer"])
@@ -299,39 +403,9 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _write_run_files(run_dir: Path, config: TrainConfig) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    versions = {p: importlib.metadata.version(p) for p in ("rrt", "torch", "transformers", "accelerate", "datasets")}
-    versions["python"] = sys.version.split()[0]
-    (run_dir / "versions.json").write_text(json.dumps(versions, indent=2))
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-
-
-class _Metrics:
-    """metrics.jsonl, one record a line; on resume, records after the checkpoint's step are dropped."""
-
-    def __init__(self, path: Path, writer: bool, keep_until: int):
-        self.path, self.writer = path, writer
-        if writer and path.exists():  # a fresh start (keep_until 0) keeps nothing of a killed attempt
-            kept = [r for r in self.read() if keep_until and r["step"] <= keep_until]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, path)
-
-    def write(self, record: dict) -> None:
-        if self.writer:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def read(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-
 # ---- command line ------------------------------------------------------------------------------
 
-def main(argv=None) -> RunResult:
+def main(argv=None):
     """`python -m rrt.train --model smollm2-135m --num-blocks 2 --kd fkl --steps 100 --out DIR`.
 
     Every TrainConfig field is a flag (--field-name); the data flags pack a vendored corpus (or,
@@ -339,14 +413,21 @@ def main(argv=None) -> RunResult:
     training on --train-corpus/--train-split, per-loop perplexity on the first --eval-max-blocks
     blocks of --eval-corpus/--eval-split. Under a multi-process launcher each node's first process
     packs into the cache while the others wait, then read it.
-    """
-    import argparse
 
+    `--config RUN.json` alone instead runs a planned run file: `rrt.plans.execute_run(RUN.json)`
+    (e.g. under `accelerate launch --num_processes N -m rrt.train --config RUN.json`).
+    """
     from rrt.data import PACKED_CACHE, load_packed, train_seqs_to_pack
     from rrt.models import load_model
-    from rrt.trainconfig import add_config_arguments, config_from_args
 
-    parser = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    run_file, rest = _config_flag().parse_known_args(argv)
+    if run_file.config is not None:
+        if rest:
+            raise ValueError(f"--config {run_file.config} takes no other flags (the run file holds them all); "
+                             f"got {[a for a in rest if a.startswith('-')] or rest}")
+        from rrt.plans import execute_run
+        return execute_run(run_file.config)
+    parser = argparse.ArgumentParser(description=main.__doc__.split("\n")[0], parents=[_config_flag()])
     add_config_arguments(parser)
     parser.add_argument("--train-corpus", default="wikitext2")
     parser.add_argument("--train-split", default="validation")  # WikiText-2 train is not vendored
@@ -367,7 +448,7 @@ def main(argv=None) -> RunResult:
                                                processes=int(os.environ.get("WORLD_SIZE", "1")))
     data = (f"{args.train_corpus}/{args.train_split}[:{args.max_train_blocks}] -> "
             f"{args.eval_corpus}/{args.eval_split}[:{args.eval_max_blocks}] @ {seq_len}")
-    config = config_from_args(args, seq_len=seq_len, data=data)
+    config = config_from_args(args, seq_len=seq_len, data=data, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
     original, tok = load_model(config.model)
     common = dict(tokenizer=tok, seq_len=seq_len, cache_dir=args.data_cache, source=args.data_source)
     from accelerate import PartialState  # the same process group `train` then uses
@@ -379,6 +460,37 @@ def main(argv=None) -> RunResult:
     if os.environ.get("RANK", "0") == "0":  # the CLI (not the library) may read the launcher's env
         print(f"run: {result.run_dir}  last checkpoint: {result.checkpoint}")
     return result
+
+
+def _config_flag() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config", default=None, metavar="RUN.json",
+                        help="a run file (rrt.plans); no other flag may be given with it")
+    return parser
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one --field-name flag per TrainConfig field, typed from its annotation."""
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.type.replace(" | None", "")
+        default = None if f.default is dataclasses.MISSING else f.default
+        kwargs = {"dest": f.name, "required": f.default is dataclasses.MISSING}
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, **kwargs)
+        elif kind.startswith("tuple"):
+            parser.add_argument(flag, type=float, nargs=2, default=default, **kwargs)
+        else:
+            convert_value = {"int": int, "float": float, "str": str}[kind]
+            typ = (lambda v, c=convert_value: None if v.lower() == "none" else c(v)) if "None" in f.type else convert_value
+            parser.add_argument(flag, type=typ, default=default, help=f"default: {default}", **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
+    """Return the TrainConfig of parsed flags (from `add_config_arguments`), with overrides."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    values.update(overrides)
+    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 if __name__ == "__main__":

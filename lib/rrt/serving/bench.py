@@ -15,7 +15,6 @@ max allocated on GPU, and on CPU weights + the engine's KV pool (process RSS can
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import rrt
 from rrt.exits import OracleExit, record_oracle_trajectories
 from rrt.recursive import num_loops
 from rrt.relax import lora_modules
+from rrt.rundir import write_config, write_versions
 from rrt.serving.baselines import StaticBatchEngine, hf_static_generate, profile
 from rrt.serving.engine import Engine, Request
 from rrt.serving.simulate import kv_bytes_per_token, measure_block_times, simulate, weight_bytes
@@ -54,7 +54,7 @@ RATIO_TO = "vanilla_static"
 
 def run_benchmark(model, tokenizer=None, *, num_blocks: int = 2, lora_rank: int = 0, num_requests: int = 8,
                   prompt_len: int = 16, new_tokens: int = 24, length_spread: float = 0.5,
-                  token_budget: int = 64, batch_size: int = 4, repeats: int = 1, recursive=None,
+                  token_budget: int = 64, max_active: int = 4, repeats: int = 1, recursive=None,
                   hf_generate: bool = True, lora_ablation: bool = True, seed: int = 0,
                   trajectories: list[list[int]] | None = None) -> pd.DataFrame:
     """Return one row per system: tokens/s, ms/token, latency p50/p95, batch fill, exits, memory, ratios.
@@ -63,7 +63,7 @@ def run_benchmark(model, tokenizer=None, *, num_blocks: int = 2, lora_rank: int 
     (Stepwise, `num_blocks`, `lora_rank`). Output lengths are drawn once, uniform in
     new_tokens·[1 − length_spread, 1 + length_spread], and shared by every system (with equal lengths
     and no arrival process, static and continuous batching would schedule identically).
-    `batch_size` is every system's live-request limit (KV slots); `token_budget` the engine's rows
+    `max_active` is every system's live-request limit (KV slots); `token_budget` the engine's rows
     per step. With `lora_rank > 0` and `lora_ablation`, the oracle-exit system is also run with LoRA
     off (rank 0, same trajectories). Systems are timed round-robin (one warm-up each, then `repeats`
     rounds; median) so load drift on a shared machine hits all alike. Profile columns: see
@@ -77,7 +77,7 @@ def run_benchmark(model, tokenizer=None, *, num_blocks: int = 2, lora_rank: int 
     lengths = output_lengths(num_requests, new_tokens, length_spread, seed=seed)
     requests = lambda: [Request(list(p), n) for p, n in zip(prompts, lengths)]  # noqa: E731
     seq = prompt_len + max(lengths)  # KV pool rows per slot (the default, max_position_embeddings, is GBs)
-    engine = lambda cls, m, policy=None: cls(m, token_budget=token_budget, max_active=batch_size,  # noqa: E731
+    engine = lambda cls, m, policy=None: cls(m, token_budget=token_budget, max_active=max_active,  # noqa: E731
                                              exit_policy=policy, max_seq_len=seq)
     if trajectories is None:
         trajectories = oracle_trajectories(engine(Engine, rec), rec, requests())
@@ -94,7 +94,7 @@ def run_benchmark(model, tokenizer=None, *, num_blocks: int = 2, lora_rank: int 
     runners = [(name, m, lambda make=make: _time_engine(make, requests)) for name, m, make in systems]
     if hf_generate:
         runners.insert(1, ("vanilla_hf_generate_static", model,
-                           lambda: _time_hf(model, requests, batch_size, seq)))
+                           lambda: _time_hf(model, requests, max_active, seq)))
     runs = {name: [] for name, _, _ in runners}
     for round_ in range(repeats + 1):  # round 0 is the warm-up
         for name, m, run in runners:
@@ -116,20 +116,20 @@ def run_benchmark(model, tokenizer=None, *, num_blocks: int = 2, lora_rank: int 
     return df
 
 
-def run_simulation(model, recursive, trajectories, *, batch_size: int, prompt_len: int, new_tokens: int,
+def run_simulation(model, recursive, trajectories, *, max_active: int, prompt_len: int, new_tokens: int,
                    memory_cap_bytes: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return (simulated systems, block-time table) for the benchmark's workload on this device (App. N).
 
-    Block times are swept over powers of two up to batch_size × B (propagation rows can reach it).
+    Block times are swept over powers of two up to max_active × B (propagation rows can reach it).
     The simulated table has one row per system for `propagate` False (paper) and True (our engine).
     """
     b = num_loops(recursive)
-    sizes = [2 ** i for i in range(0, (batch_size * b).bit_length() + 1)]
+    sizes = [2 ** i for i in range(0, (max_active * b).bit_length() + 1)]
     times = {name: measure_block_times(m, batch_sizes=sizes, prefix_len=prompt_len, decode_len=new_tokens,
                                        memory_cap_bytes=memory_cap_bytes)
              for name, m in [("vanilla", model), ("recursive", recursive)]}
     sims = [simulate(trajectories, vanilla_times=times["vanilla"], recursive_times=times["recursive"],
-                     num_blocks=b, batch_size=batch_size, propagate=p).assign(propagate=p)
+                     num_blocks=b, max_active=max_active, propagate=p).assign(propagate=p)
             for p in (False, True)]
     blocks = pd.concat([t.assign(model=name) for name, t in times.items()], ignore_index=True)
     return pd.concat(sims, ignore_index=True), blocks
@@ -267,17 +267,17 @@ def main(argv=None) -> pd.DataFrame:
         rec = rrt.convert(model, rrt.RecursiveSpec(num_blocks=args.num_blocks, lora_rank=args.lora_rank))
     knobs = dict(num_blocks=args.num_blocks, lora_rank=args.lora_rank, num_requests=args.num_requests,
                  prompt_len=args.prompt_len, new_tokens=args.new_tokens, length_spread=args.length_spread,
-                 seed=args.seed, token_budget=args.token_budget, batch_size=args.batch_size,
+                 seed=args.seed, token_budget=args.token_budget, max_active=args.max_active,
                  repeats=args.repeats)
     bench = run_benchmark(model, tok, recursive=rec, hf_generate=not args.no_hf_generate, **knobs)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({**vars(args), "device_name": _device_name(model)}, indent=1))
+    write_config(out, {**vars(args), "device_name": _device_name(model)})
+    write_versions(out)
     bench.to_csv(out / "bench.csv", index=False)
     tables = [f"`{' '.join(argv if argv is not None else sys.argv[1:])}` on {_device_name(model)}",
               bench_table(bench)]
     if not args.no_simulate:
-        sim, blocks = run_simulation(model, rec, bench.attrs["trajectories"], batch_size=args.batch_size,
+        sim, blocks = run_simulation(model, rec, bench.attrs["trajectories"], max_active=args.max_active,
                                      prompt_len=args.prompt_len, new_tokens=args.new_tokens)
         sim.to_csv(out / "simulate.csv", index=False)
         blocks.to_csv(out / "block_times.csv", index=False)
@@ -317,7 +317,7 @@ def _parser():
     p.add_argument("--length-spread", type=float, default=0.5,
                    help="output lengths uniform in new_tokens·[1-spread, 1+spread]")
     p.add_argument("--seed", type=int, default=0, help="prompts (without a tokenizer) and output lengths")
-    p.add_argument("--batch-size", type=int, default=4, help="live requests (KV slots) for every system")
+    p.add_argument("--max-active", type=int, default=4, help="live requests (KV slots) for every system")
     p.add_argument("--token-budget", type=int, default=64, help="engine rows per step")
     p.add_argument("--repeats", type=int, default=1, help="timed runs after one warm-up; median reported")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")

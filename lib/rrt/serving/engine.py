@@ -31,7 +31,7 @@ import torch
 
 from rrt.exits import NoExit
 from rrt.models import decoder_layers, head_logits
-from rrt.recursive import num_loops
+from rrt.recursive import num_loops, spec_of
 from rrt.relax import lora_modules, per_row_loops
 from rrt.serving.kv import KVPool
 
@@ -246,7 +246,7 @@ class Engine:
             return
         rows = torch.tensor(deciding, device=outputs.device)
         loop = torch.tensor([items[i][2] for i in deciding], device=outputs.device)
-        logits = head_logits(self.model, outputs[rows][None])[0]  # [n, vocab]
+        logits = head_logits(self.model, outputs[rows][None], loop_idx=loop[None])[0]  # [n, vocab]
         exit_now = self.exit_policy.exit_mask(
             loop=loop, logits=logits, hidden=outputs[rows], prev_hidden=inputs[rows],
             keys=[(items[i][0].request.request_id, items[i][1]) for i in deciding])
@@ -272,8 +272,7 @@ class Engine:
 
 def _check_supported(model) -> None:
     """Refuse what the engine does not implement, before any compute."""
-    spec = getattr(model.config, "rrt", None) or {}
-    if spec.get("untie_norms"):
+    if spec_of(model).untie_norms:
         raise ValueError("untie_norms=True models are not supported by the engine: their per-depth "
                          "norm weights would need a per-row norm gather; use untie_norms=False")
     impl = model.config._attn_implementation

@@ -27,7 +27,7 @@ def reference_generate(model, prompt: list[int], max_new_tokens: int, *, exit_po
         prev = embeddings[0, -1:]
         for b, h in enumerate(states):
             hidden = h[0, -1:]  # [1, hidden]
-            logits = head_logits(model, hidden[None])[0]
+            logits = head_logits(model, hidden[None], loop_idx=b)[0]
             loop = torch.tensor([b], device=model.device)
             last = b == len(states) - 1
             if last or policy.exit_mask(loop=loop, logits=logits, hidden=hidden, prev_hidden=prev,

@@ -8,10 +8,10 @@ decode_len is the mean decode step; we take the median step instead (robust to a
 machine) — the cost of one decode step of n sequences through *all* L depths.
 
 Step 2, `simulate`: replay a queue of requests with oracle exit trajectories, all arrived at t=0
-(the paper's queue, no arrival process), at most `batch_size` requests live. Only decode steps are
+(the paper's queue, no arrival process), at most `max_active` requests live. Only decode steps are
 counted (prefill is excluded, as in the paper's per-token times). Rules:
 
-- vanilla static: batches of `batch_size` requests in queue order; each batch runs as many steps
+- vanilla static: batches of `max_active` requests in queue order; each batch runs as many steps
   as its longest output, every step costs T_vanilla(batch rows) (finished rows stay as padding).
 - vanilla continuous (sequence-wise): each step, every live request emits one token; the step
   costs T_vanilla(live); a finished request's slot is refilled from the queue at the next step.
@@ -38,23 +38,23 @@ from rrt.models import decoder_layers
 
 
 def simulate(trajectories: Sequence[Sequence[int]], *, vanilla_times: pd.DataFrame,
-             recursive_times: pd.DataFrame, num_blocks: int, batch_size: int,
+             recursive_times: pd.DataFrame, num_blocks: int, max_active: int,
              propagate: bool = False) -> pd.DataFrame:
     """Return one row per system (simulated seconds, tokens/s, ratio to vanilla static; App. N).
 
     `trajectories`: per request, the exit loop (0-based) of each generated token; its length is the
     request's output length. `*_times`: `measure_block_times` tables (batch_size, block_s_per_token).
     """
-    if batch_size < 1 or num_blocks < 1:
-        raise ValueError(f"batch_size and num_blocks must be >= 1, got {batch_size}, {num_blocks}")
+    if max_active < 1 or num_blocks < 1:
+        raise ValueError(f"max_active and num_blocks must be >= 1, got {max_active}, {num_blocks}")
     lengths = [len(t) for t in trajectories]
     t_vanilla = lambda n: _interpolate(vanilla_times, n)  # noqa: E731
     t_loop = lambda n: _interpolate(recursive_times, n) / num_blocks  # noqa: E731
     no_exit = [[num_blocks - 1] * n for n in lengths]
-    rows = [("vanilla_static", *_static(lengths, batch_size, t_vanilla)),
-            ("vanilla_continuous", *_continuous(lengths, batch_size, t_vanilla)),
-            ("recursive_no_exit", *_cdb(no_exit, batch_size, t_loop, num_blocks, propagate)),
-            ("recursive_oracle_exit", *_cdb(trajectories, batch_size, t_loop, num_blocks, propagate))]
+    rows = [("vanilla_static", *_static(lengths, max_active, t_vanilla)),
+            ("vanilla_continuous", *_continuous(lengths, max_active, t_vanilla)),
+            ("recursive_no_exit", *_cdb(no_exit, max_active, t_loop, num_blocks, propagate)),
+            ("recursive_oracle_exit", *_cdb(trajectories, max_active, t_loop, num_blocks, propagate))]
     df = pd.DataFrame(rows, columns=["system", "sim_seconds", "sim_steps", "sim_mean_rows"])
     df["sim_tokens_per_s"] = sum(lengths) / df["sim_seconds"]
     df["sim_ratio"] = df["sim_tokens_per_s"] / df["sim_tokens_per_s"].iloc[0]

@@ -1,0 +1,153 @@
+"""Study plans (plans.py): one typed schema per notebook, validated before any compute, expanded into runs."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import papermill
+import pytest
+import yaml
+
+from rrt.plans import (SCALES, STUDIES, Distillation, EarlyExit, Explore, InitAblation, RelaxationSweep, from_dict,
+                       load_params, plan_table, resolve)
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
+TINYLLAMA = "TinyLlama/TinyLlama-1.1B-intermediate-step-50K-105b"
+
+
+def notebook_defaults(name):
+    return {k: ast.literal_eval(v["default"])
+            for k, v in papermill.inspect_notebook(str(ROOT / "notebooks" / f"{name}.ipynb")).items()}
+
+
+def as_field(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_the_parameters_cell_is_the_study_dataclass(name):
+    """One schema: the cell's names, and its values, are the dataclass's fields and defaults."""
+    cell = notebook_defaults(name)
+    study = STUDIES[name]()
+    assert list(cell) == [k for k in study.to_dict() if k != "notebook"]
+    assert {k: as_field(v) for k, v in cell.items()} == {k: getattr(study, k) for k in cell}
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_params_files_validate_and_say_how_to_run(name):
+    files = {p.stem: p for p in (ROOT / "params" / name).glob("*.yaml")}
+    assert set(files) == set(SCALES)
+    for scale, path in files.items():
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# ") and f"make run NB={name} SCALE={scale}" in first
+        study = load_params(name, scale)  # every key known, every value valid, every B dividing L
+        assert study.scale == scale
+
+
+def test_a_misspelt_key_names_the_closest_field_and_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"unknown parameter 'num_blcks' \(did you mean 'num_blocks'\?\).*allowed: scale"):
+        resolve("00_explore", {**notebook_defaults("00_explore"), "num_blcks": 2})
+
+
+@pytest.mark.parametrize("override,error,match", [
+    ({"num_blocks": "2"}, TypeError, "num_blocks='2' must be int"),
+    ({"init": "stepwize"}, ValueError, "allowed: stepwise, average, lower, random"),
+    ({"exit_threshold": 1.5}, ValueError, r"out of range \[0, 1\]"),
+    ({"scale": "gpu"}, ValueError, "allowed: smoke, cpu"),
+    ({"untie_norms": 1}, TypeError, "must be bool"),
+    ({"num_blocks": 4}, ValueError, "num_blocks=4 does not divide the 30 layers"),
+])
+def test_bad_values_are_named(override, error, match):
+    with pytest.raises(error, match=match):
+        Explore(**override)
+
+
+def test_a_list_passed_as_text_says_how_to_pass_lists():
+    with pytest.raises(TypeError, match=r"must be a list of str, got str; papermill -p passes text, pass lists with -y '\{inits: "):
+        InitAblation(inits='["stepwise"]')
+
+
+@pytest.mark.parametrize("cls,values,match", [
+    (InitAblation, {"model": TINYLLAMA, "num_blocks": [2, 3]}, r"num_blocks: .*22 layers"),  # Table 5 on TinyLlama
+    (InitAblation, {"model": "EleutherAI/pythia-1b", "num_blocks": [3]}, r"num_blocks: .*16 layers"),
+    (InitAblation, {"lr": 0.0}, "lr must be > 0"),
+    (InitAblation, {"warmup_steps": 20}, "warmup_steps=20 exceeds steps=10"),
+    (InitAblation, {"tasks": ["hellaswagg"]}, "holds 'hellaswagg'; allowed items"),
+    (InitAblation, {"global_batch_size": 6}, "not a multiple of batch_size × gpus_per_run"),
+    (Distillation, {"long_warmup_steps": 30}, "long_warmup_steps=30 exceeds long_steps=20"),
+    (Distillation, {"kds": ["kl"]}, "holds 'kl'"),
+    (RelaxationSweep, {"zero_init_ranks": [128]}, r"zero_init_ranks \[128\] must be nonzero members of lora_ranks"),
+    (EarlyExit, {"num_blocks": [1]}, "early exit needs B >= 2"),
+])
+def test_impossible_plans_fail_naming_the_key(cls, values, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        cls(**values)
+
+
+def test_make_plan_works_for_every_notebook_and_scale_without_weights(monkeypatch, capsys):
+    """`make plan` reads shapes only: loading any weights would raise here."""
+    import transformers
+
+    from rrt.plans import main
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("make plan loaded weights")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    for name in NOTEBOOKS:
+        for scale in SCALES:
+            table = main([name, scale])
+            out = capsys.readouterr().out
+            if isinstance(load_params(name, scale), (InitAblation, RelaxationSweep, Distillation, EarlyExit)):
+                assert len(table) and "H100 hours" in out and table.flops.gt(0).all()
+                assert {"run", "init", "num_blocks", "lora_rank", "objective", "exit_coefficient", "kd", "teacher",
+                        "data", "tokens", "steps", "warmup_steps", "tokens_per_step", "flops",
+                        "h100_hours"} <= set(table.columns)
+
+
+def test_make_plan_target_runs_and_fails_naming_a_bad_key(tmp_path):
+    ok = subprocess.run(["make", "-s", "plan", "NB=04_early_exit", "SCALE=paper-gemma-2b"], cwd=ROOT,
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "B=2 post aggressive 0.1 new-data" in ok.stdout and "H100 hours" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "rrt.plans", "01_init_ablation", "cpu"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode == 0
+
+
+def test_runs_share_the_run_store_by_config_hash(tmp_path):
+    """01's full-size run is 03's teacher, 01's Stepwise run is 04's starting point: one directory each."""
+    common = dict(model="tiny-llama", runs_root=str(tmp_path))
+    init, distil, exits = InitAblation(**common), Distillation(**common), EarlyExit(**common)
+    full = {r.name: r for r in init.runs()}["full-size"]
+    kd_runs = [r for r in distil.runs() if r.config.kd]
+    assert kd_runs and all(r.config.teacher == str(full.final_checkpoint) and r.needs == ("full-size",) for r in kd_runs)
+    assert {r.name: r for r in distil.runs()}["full-size"].dir == full.dir
+    stepwise = {r.name: r for r in init.runs()}["stepwise B=2"]
+    up = exits.runs()[0]
+    assert up.role == "uptrained" and up.dir == stepwise.dir
+    assert all(r.config.init_from == str(up.final_checkpoint) for r in exits.runs() if "post" in r.name)
+    table = plan_table(distil)
+    assert table.set_index("run").loc["stepwise B=2 fkl", "teacher"].startswith("full-size (tiny-llama-")
+
+
+def test_tokens_per_run_hold_for_any_process_count():
+    one, eight = (load_params("01_init_ablation", "paper-gemma-2b").__class__(
+        **{**yaml.safe_load((ROOT / "params/01_init_ablation/paper-gemma-2b.yaml").read_text()), "gpus_per_run": g})
+        for g in (1, 8))
+    for a, b in zip(one.runs(), eight.runs()):
+        assert a.tokens == b.tokens and a.config.grad_accum == 8 * b.config.grad_accum
+        assert a.config.num_processes == 1 and b.config.num_processes == 8
+
+
+def test_new_data_post_training_starts_past_the_uptraining():
+    study = EarlyExit(model="tiny-llama")
+    runs = {r.name: r for r in study.runs()}
+    up, new = runs["stepwise B=2"], runs["B=2 post aggressive 0.1 new-data"]
+    assert new.config.data_offset == up.samples and runs["B=2 post aggressive 0.1"].config.data_offset == 0
+
+
+def test_from_dict_keeps_every_field_typed():
+    study = from_dict("02_relaxation_rank_sweep", {"lora_ranks": [0, 8], "zero_init_ranks": [8], "model": "tiny-llama"})
+    assert study.lora_ranks == (0, 8)
+    assert [r.name for r in study.runs()] == ["average B=2 r=0", "average B=2 r=8 svd", "average B=2 r=8 zero"]

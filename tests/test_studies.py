@@ -1,0 +1,93 @@
+"""Carrying out a plan (studies.py): finished runs read back, a crash loses at most the run in flight,
+and a planned run launched as its own 2-process job."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import rrt
+import rrt.train
+from rrt.plans import InitAblation, start
+from rrt.studies import StudyData, data_spec, run_plan, study_data
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(model="tiny-llama", scale="smoke", steps=2, global_batch_size=2, batch_size=2, warmup_steps=0, seq_len=16,
+             baselines=False, tasks=[], max_eval_seqs=2)
+
+
+def blocks(n, length=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 99, (n, length), generator=g)
+
+
+@pytest.fixture()
+def counted_train(monkeypatch):
+    """rrt.train.train, recording its calls; `calls.fail_on = n` makes the n-th call raise (a crash mid-grid)."""
+    class Calls(list):
+        fail_on = None
+    calls, real = Calls(), rrt.train.train
+
+    def train(config, **kwargs):
+        calls.append(config.out)
+        if len(calls) == calls.fail_on:
+            raise RuntimeError("killed")
+        return real(config, **kwargs)
+    monkeypatch.setattr(rrt.train, "train", train)
+    return calls
+
+
+def test_rerunning_a_plan_reads_finished_runs_back(tmp_path, counted_train):
+    study = InitAblation(**SMALL, inits=["stepwise", "average"], runs_root=str(tmp_path / "runs"))
+    original, tok = rrt.load_model("tiny-llama")
+    data = StudyData(train=blocks(16), evals={"synthetic": blocks(2, seed=1)})
+    first = run_plan(study, original=original, tokenizer=tok, data=data, run_dir=tmp_path / "a")
+    assert len(counted_train) == 2
+    again = run_plan(study, original=original, tokenizer=tok, data=data, run_dir=tmp_path / "b")
+    assert len(counted_train) == 2  # nothing retrained
+    for name in ("runs", "curves", "perplexity"):
+        pd.testing.assert_frame_equal(first[name], again[name])
+
+
+def test_a_crash_keeps_every_finished_run_and_the_rerun_trains_only_the_rest(tmp_path, counted_train):
+    study = InitAblation(**SMALL, inits=["stepwise", "average", "lower"], runs_root=str(tmp_path / "runs"))
+    original, tok = rrt.load_model("tiny-llama")
+    data = StudyData(train=blocks(16), evals={"synthetic": blocks(2, seed=1)})
+    counted_train.fail_on = 2
+    with pytest.raises(RuntimeError, match="killed"):
+        run_plan(study, original=original, tokenizer=tok, data=data, run_dir=tmp_path / "nb")
+    saved = pd.read_csv(tmp_path / "nb" / "runs.csv")
+    assert saved["run"].tolist() == ["stepwise B=2"]  # written as it finished
+    counted_train.fail_on = None
+    done = run_plan(study, original=original, tokenizer=tok, data=data, run_dir=tmp_path / "nb")
+    assert len(counted_train) == 2 + 2  # the crashed one and the one after it; not the finished one
+    assert done["runs"]["run"].tolist() == ["stepwise B=2", "average B=2", "lower B=2"]
+    assert pd.read_csv(tmp_path / "nb" / "runs.csv").loc[0].equals(saved.loc[0])
+
+
+def test_a_planned_run_launches_as_its_own_two_process_job(tmp_path, counted_train):
+    """`torchrun --nproc_per_node 2 -m rrt.train --config <run>/run.json`: the cluster's unit of work, on CPU."""
+    study = InitAblation(**{**SMALL, "global_batch_size": 4, "gpus_per_run": 2}, inits=["stepwise"],
+                         eval_corpora=["wikitext2/test"], run_dir=str(tmp_path / "nb"), runs_root=str(tmp_path / "runs"))
+    start(study)
+    run = study.runs()[0]
+    assert run.config.num_processes == 2 and run.config.grad_accum == 1
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "rrt.train", "--config",
+                           str(run.dir / "run.json")], capture_output=True, text=True, cwd=ROOT,
+                          env=os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert run.trained() and len(list(run.dir.glob("results-*.json"))) == 1
+    metrics = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in metrics if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2] and train[-1]["tokens"] == 2 * 4 * 16
+    # the notebook then collects it (collect mode) without training it again
+    original, tok = rrt.load_model("tiny-llama")
+    data = study_data(data_spec(study, study.runs()), tok)
+    tables = run_plan(study, original=original, tokenizer=tok, data=data, run_dir=tmp_path / "nb")
+    assert counted_train == [] and tables["runs"]["run"].tolist() == ["stepwise B=2"]
+    assert tables["perplexity"]["corpus"].tolist() == ["wikitext2/test"]
