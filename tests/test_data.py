@@ -110,19 +110,27 @@ def test_cached_packing_is_written_to_disk_and_read_memory_mapped(char_tok, tmp_
     assert not list(tmp_path.glob("*.partial"))
 
 
-def test_study_data_packs_a_hub_corpus_only_as_far_as_the_longest_run_reads(monkeypatch, tmp_path):
+def test_study_data_packs_a_hub_corpus_only_as_far_as_the_furthest_run_reads(monkeypatch, tmp_path):
     import rrt.studies
+    from rrt.plans import Distillation, EarlyExit
     calls = []
     monkeypatch.setattr(rrt.studies, "load_packed", lambda name, split, **kw: calls.append((name, split, kw)))
-    params = dict(seq_len=2048, data_source="hub", train_corpus="slimpajama", train_split="train",
-                  max_train_seqs=None, eval_corpora=["pg19/test"], max_eval_seqs=4, steps=100, long_steps=300,
-                  batch_size=8, grad_accum=2)
-    rrt.studies.study_data(params, tokenizer=None, cache_dir=tmp_path)
+    hub = dict(model="tiny-llama", seq_len=2048, data_source="hub", train_corpus="slimpajama", train_split="train",
+               eval_corpora=["pg19/test"], max_eval_seqs=4, steps=100, global_batch_size=16, batch_size=8)
+    study = Distillation(**hub, long_steps=300)
+    rrt.studies.study_data(rrt.studies.data_spec(study, study.runs()), tokenizer=None, cache_dir=tmp_path)
     assert [(c[0], c[1], c[2]["max_seqs"], c[2]["source"]) for c in calls] == [
-        ("slimpajama", "train", 300 * 8 * 2, "hub"), ("pg19", "test", 4, "hub")]
+        ("slimpajama", "train", 300 * 16, "hub"), ("pg19", "test", 4, "hub")]
+    # post-training on new tokens reads past the uptraining's: both are packed
+    calls.clear()
+    study = EarlyExit(**hub, uptrain_steps=100)
+    rrt.studies.study_data(rrt.studies.data_spec(study, study.runs()), tokenizer=None, cache_dir=tmp_path)
+    assert calls[0][2]["max_seqs"] == 2 * 100 * 16
     # the vendored corpora are small: None still means all of them
     calls.clear()
-    rrt.studies.study_data({**params, "data_source": "embedded"}, tokenizer=None, cache_dir=tmp_path)
+    study = Distillation(**{**hub, "data_source": "embedded", "train_corpus": "wikitext2", "train_split": "validation",
+                            "eval_corpora": ["wikitext2/test"]}, long_steps=300)
+    rrt.studies.study_data(rrt.studies.data_spec(study, study.runs()), tokenizer=None, cache_dir=tmp_path)
     assert calls[0][2]["max_seqs"] is None
 
 

@@ -105,14 +105,26 @@ def test_make_plan_works_for_every_notebook_and_scale_without_weights(monkeypatc
                         "h100_hours"} <= set(table.columns)
 
 
-def test_make_plan_target_runs_and_fails_naming_a_bad_key(tmp_path):
+def test_make_plan_target_prints_the_plan():
     ok = subprocess.run(["make", "-s", "plan", "NB=04_early_exit", "SCALE=paper-gemma-2b"], cwd=ROOT,
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "B=2 post aggressive 0.1 new-data" in ok.stdout and "H100 hours" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "rrt.plans", "01_init_ablation", "cpu"], cwd=ROOT,
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"num_blocks": [2, 3]}, "num_blocks: num_blocks=3 does not divide the 22 layers"),
+    ({"lr": 0.0}, "lr must be > 0"),
+    ({"warmup_steps": 9000}, "warmup_steps=9000 exceeds steps=7153"),
+    ({"num_block": [2]}, "unknown parameter 'num_block' (did you mean 'num_blocks'?)"),
+])
+def test_a_bad_plan_file_fails_in_make_plan_naming_the_key(tmp_path, change, named):
+    values = {**yaml.safe_load((ROOT / "params/01_init_ablation/paper-tinyllama-1.1b.yaml").read_text()), **change}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(values))
+    bad = subprocess.run([sys.executable, "-m", "rrt.plans", "01_init_ablation", str(path)], cwd=ROOT,
                          capture_output=True, text=True)
-    assert bad.returncode == 0
+    assert bad.returncode == 2 and named in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_runs_share_the_run_store_by_config_hash(tmp_path):

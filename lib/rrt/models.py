@@ -240,3 +240,43 @@ def tiny_model(name: str, seed: int = 0):
                 if p.ndim == 1:
                     p.add_(0.1 * torch.randn_like(p))
     return model.eval(), tiny_tokenizer()
+
+
+# The paper's models (Table 2) and the embedded ones, so a plan needs neither the hub nor weights.
+SHAPES = {
+    "google/gemma-2b": ("gemma", dict(vocab_size=256000, hidden_size=2048, intermediate_size=16384,
+                                      num_hidden_layers=18, num_attention_heads=8, num_key_value_heads=1,
+                                      head_dim=256, max_position_embeddings=8192,
+                                      hidden_activation="gelu_pytorch_tanh")),
+    "TinyLlama/TinyLlama-1.1B-intermediate-step-50K-105b": (
+        "llama", dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                      rms_norm_eps=1e-5)),
+    "EleutherAI/pythia-1b": ("gpt_neox", dict(vocab_size=50304, hidden_size=2048, intermediate_size=8192,
+                                              num_hidden_layers=16, num_attention_heads=8, rotary_pct=0.25,
+                                              max_position_embeddings=2048, use_parallel_residual=True,
+                                              tie_word_embeddings=False)),
+    "smollm2-135m": ("llama", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)),
+    "gemma3-270m": ("gemma3_text", dict(vocab_size=262144, hidden_size=640, intermediate_size=2048,
+                                        num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1,
+                                        head_dim=256)),
+}
+
+
+def model_config(source: str):
+    """Return the HF config of a model source without loading weights: tiny, known shapes, a dir, or the hub."""
+    from transformers import AutoConfig
+
+    if source in TINY:
+        return tiny_config(source)
+    if source in SHAPES:
+        model_type, kwargs = SHAPES[source]
+        return AutoConfig.for_model(model_type, **kwargs)
+    if (Path(source) / "config.json").exists():
+        return AutoConfig.from_pretrained(source)
+    try:
+        return AutoConfig.from_pretrained(source)  # a hub id: needs the hub (clusters) or its local cache
+    except OSError as err:
+        raise ValueError(f"model {source!r}: no config found (not tiny, not one of {sorted(SHAPES)}, "
+                         f"not a directory with config.json, not reachable on the hub: {err})") from None

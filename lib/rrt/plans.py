@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rrt.evaluation import TASKS
-from rrt.losses import KD_KINDS, LOOP_SCHEMES
+from rrt.losses import KD_KINDS
+from rrt.models import model_config
 from rrt.recursive import INITS, LORA_INITS, check_num_blocks
 from rrt.trainconfig import TrainConfig
 
@@ -387,8 +388,7 @@ class Throughput(Study):
         if self.task_limit is not None:
             _at_least("task_limit", self.task_limit, 1)
         from rrt.serving.bench import PAPER_CONFIGS
-        layers = (PAPER_CONFIGS[self.model][1]["num_hidden_layers"] if self.model in PAPER_CONFIGS
-                  else model_config(self.model).num_hidden_layers)
+        layers = model_config(PAPER_CONFIGS.get(self.model, self.model)).num_hidden_layers
         for b in self.num_blocks:
             check_num_blocks(layers, b)
 
@@ -484,13 +484,9 @@ def train_flops(model: str, config: TrainConfig) -> tuple[float, int]:
     return float(flops), int(active)
 
 
+@functools.lru_cache(maxsize=64)
 def _shape(model: str, reduce_by: int, lora_rank: int, num_blocks: int) -> dict:
     """Parameters a token passes through: every depth's block (L/reduce_by layers), its LoRAs, the LM head."""
-    return _shape_cached(model, reduce_by, lora_rank, num_blocks)
-
-
-@functools.lru_cache(maxsize=64)
-def _shape_cached(model, reduce_by, lora_rank, num_blocks):
     import copy
     import warnings
 
@@ -513,46 +509,6 @@ def _shape_cached(model, reduce_by, lora_rank, num_blocks):
             rec = rrt.convert(m, rrt.RecursiveSpec(num_blocks=num_blocks, lora_rank=lora_rank, lora_init="zero"))
         lora = rrt.count_parameters(rec)["lora"]
     return {"block": counts["non_embedding"], "lora": lora, "head": cfg.vocab_size * cfg.hidden_size}
-
-
-# ---------------------------------------------------------------- model shapes without weights
-
-# The paper's models (Table 2) and the embedded ones, so a plan needs neither the hub nor weights.
-SHAPES = {
-    "google/gemma-2b": ("gemma", dict(vocab_size=256000, hidden_size=2048, intermediate_size=16384,
-                                      num_hidden_layers=18, num_attention_heads=8, num_key_value_heads=1,
-                                      head_dim=256, max_position_embeddings=8192)),
-    "TinyLlama/TinyLlama-1.1B-intermediate-step-50K-105b": (
-        "llama", dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)),
-    "EleutherAI/pythia-1b": ("gpt_neox", dict(vocab_size=50304, hidden_size=2048, intermediate_size=8192,
-                                              num_hidden_layers=16, num_attention_heads=8, rotary_pct=0.25,
-                                              max_position_embeddings=2048, tie_word_embeddings=False)),
-    "smollm2-135m": ("llama", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                   num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)),
-    "gemma3-270m": ("gemma3_text", dict(vocab_size=262144, hidden_size=640, intermediate_size=2048,
-                                        num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1,
-                                        head_dim=256)),
-}
-
-
-def model_config(source: str):
-    """Return the HF config of a model source without loading weights: tiny, known shapes, a dir, or the hub."""
-    from transformers import AutoConfig
-
-    from rrt.models import TINY, tiny_config
-    if source in TINY:
-        return tiny_config(source)
-    if source in SHAPES:
-        model_type, kwargs = SHAPES[source]
-        return AutoConfig.for_model(model_type, **kwargs)
-    if (Path(source) / "config.json").exists():
-        return AutoConfig.from_pretrained(source)
-    try:
-        return AutoConfig.from_pretrained(source)  # a hub id: needs the hub (clusters) or its local cache
-    except OSError as err:
-        raise ValueError(f"model {source!r}: no config found (not tiny, not one of {sorted(SHAPES)}, "
-                         f"not a directory with config.json, not reachable on the hub: {err})") from None
 
 
 # ---------------------------------------------------------------- notebooks and the command line
@@ -581,10 +537,11 @@ def from_dict(notebook: str, values: dict) -> Study:
 
 
 def load_params(notebook: str, scale: str, **overrides) -> Study:
-    """Return the study of params/<notebook>/<scale>.yaml (overrides of the dataclass defaults), then `overrides`."""
+    """Return the study of params/<notebook>/<scale>.yaml, or of a YAML file's path given as `scale`
+    (overrides of the dataclass defaults), then `overrides`."""
     import yaml
 
-    path = REPO / "params" / notebook / f"{scale}.yaml"
+    path = Path(scale) if scale.endswith((".yaml", ".yml")) else REPO / "params" / notebook / f"{scale}.yaml"
     if not path.exists():
         known = sorted(p.stem for p in (REPO / "params" / notebook).glob("*.yaml"))
         raise ValueError(f"no params file {path}; scales of {notebook}: {known}")
@@ -666,10 +623,13 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     parser.add_argument("notebook", choices=sorted(STUDIES))
-    parser.add_argument("scale", help=f"a params file: {', '.join(SCALES)}")
+    parser.add_argument("scale", help=f"a params file: {', '.join(SCALES)}, or the path of a YAML file")
     parser.add_argument("--csv", default=None, help="also write the table here")
     args = parser.parse_args(argv)
-    study = load_params(args.notebook, args.scale)
+    try:
+        study = load_params(args.notebook, args.scale)
+    except (ValueError, TypeError) as err:  # a bad plan: its message names the key, no traceback needed
+        parser.exit(2, f"{parser.prog}: bad plan {args.notebook} {args.scale}: {err}\n")
     if not isinstance(study, TrainingStudy):
         print(f"{args.notebook} trains nothing; its parameters:\n{json.dumps(study.to_dict(), indent=2)}")
         return None

@@ -34,21 +34,11 @@ from rrt.serving.simulate import kv_bytes_per_token, measure_block_times, simula
 TEXT = ("Recursive transformers share one block of layers and loop it; continuous depth-wise "
         "batching lets tokens at different loops share a single call of that block. ")
 
-# Published configs (HF hub config.json of google/gemma-2b, TinyLlama/TinyLlama-1.1B-intermediate-
-# step-1431k-3T, EleutherAI/pythia-1b), built with random weights: timing needs shapes, not values.
-PAPER_CONFIGS = {
-    "paper-gemma-2b": ("gemma", dict(vocab_size=256000, hidden_size=2048, intermediate_size=16384,
-                                     num_hidden_layers=18, num_attention_heads=8, num_key_value_heads=1,
-                                     head_dim=256, max_position_embeddings=8192,
-                                     hidden_activation="gelu_pytorch_tanh")),
-    "paper-tinyllama-1.1b": ("llama", dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-                                           num_hidden_layers=22, num_attention_heads=32,
-                                           num_key_value_heads=4, max_position_embeddings=2048,
-                                           rms_norm_eps=1e-5)),
-    "paper-pythia-1b": ("gpt_neox", dict(vocab_size=50304, hidden_size=2048, intermediate_size=8192,
-                                         num_hidden_layers=16, num_attention_heads=8, rotary_pct=0.25,
-                                         max_position_embeddings=2048, use_parallel_residual=True)),
-}
+# The paper's models by scale name, built with random weights from their published shapes
+# (rrt.models.SHAPES): timing needs shapes, not values.
+PAPER_CONFIGS = {"paper-gemma-2b": "google/gemma-2b",
+                 "paper-tinyllama-1.1b": "TinyLlama/TinyLlama-1.1B-intermediate-step-50K-105b",
+                 "paper-pythia-1b": "EleutherAI/pythia-1b"}
 RATIO_TO = "vanilla_static"
 
 
@@ -244,9 +234,10 @@ def load_bench_model(name: str, *, device: str = "cpu", dtype: torch.dtype = tor
     """Return (model, tokenizer or None): a `PAPER_CONFIGS` shape with random weights, or `rrt.load_model`."""
     if name not in PAPER_CONFIGS:
         return rrt.load_model(name, dtype=dtype, device=device)
-    from transformers import AutoConfig, AutoModelForCausalLM
-    model_type, kwargs = PAPER_CONFIGS[name]
-    config = AutoConfig.for_model(model_type, **kwargs)
+    from transformers import AutoModelForCausalLM
+
+    from rrt.models import model_config
+    config = model_config(PAPER_CONFIGS[name])
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model.eval(), None
