@@ -634,7 +634,7 @@ def main(argv=None):
         print(f"{args.notebook} trains nothing; its parameters:\n{json.dumps(study.to_dict(), indent=2)}")
         return None
     table = plan_table(study)
-    show = table.drop(columns=["config_hash", "data", "batch_size", "grad_accum", "active_params"])
+    show = table.drop(columns=["config_hash", "batch_size", "grad_accum", "active_params"])
     with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250):
         print(show.to_string(index=False, formatters={"tokens": _tokens, "tokens_per_step": _tokens,
                                                        "flops": "{:.2e}".format, "h100_hours": "{:,.1f}".format}))

@@ -78,7 +78,7 @@ def run_plan(study: TrainingStudy, *, original, tokenizer, data: StudyData, run_
         results = read_results(run, evaluation) or execute(run, original=original, tokenizer=tokenizer, data=data,
                                                            evaluation=evaluation)
         tags = {"run": run.name, "role": run.role, **{k: _tag(v) for k, v in run.tags.items()}}
-        rows["runs"].append(_merge(tags, {"run_dir": str(run.dir), "config_hash": run.key,
+        rows["runs"].append(_merge(tags, {"run_dir": run.dir.name, "config_hash": run.key,
                                           "tokens": run.tokens, **results["summary"]}))
         for name in ("curves", "perplexity", "accuracy"):
             rows[name] += [_merge(tags, r) for r in results[name]]
@@ -88,9 +88,9 @@ def run_plan(study: TrainingStudy, *, original, tokenizer, data: StudyData, run_
 
 def execute(run: Run, *, original, tokenizer, data: StudyData, evaluation: dict) -> dict:
     """Train `run` (resuming whatever it has), evaluate it, write its results file; return the results."""
-    from rrt.train import train
-
     from accelerate import PartialState
+
+    from rrt.train import train
 
     reads = [p for p in (run.config.init_from, run.config.teacher) if p and run.needs]
     missing = [p for p in reads if not (Path(p) / "model.safetensors").exists()]
@@ -101,7 +101,8 @@ def execute(run: Run, *, original, tokenizer, data: StudyData, evaluation: dict)
     if not PartialState().is_main_process:  # under a multi-process launch, one process evaluates
         return {}
     model = result.model.eval()
-    results = {"summary": {"checkpoint": str(result.checkpoint), **rrt.count_parameters(model)},
+    results = {"summary": {"checkpoint": str(Path(result.checkpoint).relative_to(run.dir)),  # in the run store
+                           **rrt.count_parameters(model)},
                "curves": [r for r in result.metrics if r["kind"] == "train"],
                "perplexity": evaluate_perplexity(model, data, per_loop=evaluation["per_loop"]),
                "accuracy": (evaluate_accuracy(model, tokenizer, evaluation).to_dict("records")

@@ -58,12 +58,14 @@ def train(config: TrainConfig, *, train_blocks, eval_blocks=None, original: nn.M
         raise ValueError(f"train blocks have length {blocks.shape[1]}, config.seq_len={config.seq_len}")
     run_dir = Path(config.out)
     latest = _check_run_dir(run_dir, config)
-    run = _setup(config, original, latest)
-    acc = run.acc
-    if acc.num_processes != config.num_processes:
-        raise ValueError(f"config.num_processes={config.num_processes} but {acc.num_processes} processes were "
+    from accelerate import PartialState  # the process group the Accelerator below joins
+    launched = PartialState(cpu=not torch.cuda.is_available()).num_processes
+    if launched != config.num_processes:  # before any model is built
+        raise ValueError(f"config.num_processes={config.num_processes} but {launched} processes were "
                          f"launched: tokens per step (batch_size × grad_accum × num_processes × seq_len) would not "
                          f"be the planned ones; launch with --num_processes {config.num_processes} or re-plan")
+    run = _setup(config, original, latest)
+    acc = run.acc
     metrics = Metrics(run_dir, writer=acc.is_main_process, keep_until=run.start)
     if acc.is_main_process and latest is None:
         write_config(run_dir, config.to_dict())
