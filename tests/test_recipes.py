@@ -40,6 +40,13 @@ def test_every_run_trains_the_papers_tokens_at_its_step_size_for_any_process_cou
 
 
 @pytest.mark.parametrize("scale", PAPER)
+def test_every_notebook_of_a_scale_packs_the_same_training_set(scale):
+    """A run shared between notebooks (01's models in 02, 03 and 04) must read the same sequences."""
+    data = {r.config.data for nb in TRAINING for r in load_params(nb, scale).runs()}
+    assert len(data) == 1, data
+
+
+@pytest.mark.parametrize("scale", PAPER)
 def test_init_ablation_runs_the_papers_block_counts_and_baselines(scale):
     study = load_params("01_init_ablation", scale)
     runs = study.runs()

@@ -87,7 +87,7 @@ def test_a_planned_run_launches_as_its_own_two_process_job(tmp_path, counted_tra
     assert [r["step"] for r in train] == [1, 2] and train[-1]["tokens"] == 2 * 4 * 16
     # the notebook then collects it (collect mode) without training it again
     original, tok = rrt.load_model("tiny-llama")
-    data = study_data(data_spec(study, study.runs()), tok)
+    data = study_data(data_spec(study), tok)
     tables = run_plan(study, original=original, tokenizer=tok, data=data, run_dir=tmp_path / "nb")
     assert counted_train == [] and tables["runs"]["run"].tolist() == ["stepwise B=2"]
     assert tables["perplexity"]["corpus"].tolist() == ["wikitext2/test"]

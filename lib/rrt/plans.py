@@ -87,7 +87,7 @@ class TrainingStudy(Study):
     data_source: str = "embedded"     # embedded (vendored, offline) | hub (streamed by name)
     eval_corpora: tuple[str, ...] = ("wikitext2/test", "tinystories/test")  # held-out perplexity sets
     seq_len: int = 64                 # tokens per packed training sequence (App. G: 2048)
-    max_train_seqs: int | None = None  # cap on packed training sequences (None: what the longest run reads)
+    max_train_seqs: int | None = None  # packed training sequences (None: all; a hub corpus needs a number)
     max_eval_seqs: int = 16           # sequences per held-out set
     steps: int = 10                   # optimiser steps per run
     global_batch_size: int = 4        # sequences per optimiser step over all processes (App. G: ~2M tokens)
@@ -113,7 +113,13 @@ class TrainingStudy(Study):
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
-        self.runs()  # every run's TrainConfig validates itself (and names its field) here
+        runs = self.runs()  # every run's TrainConfig validates itself (and names its field) here
+        reads = max((r.config.data_offset + r.samples for r in runs), default=0)
+        if self.data_source == "hub" and (self.max_train_seqs or 0) < reads:
+            # A run's sample order is a permutation of the packed set: every notebook of a scale must pack the
+            # same set for a shared run (01's uptrained model in 04) to be the same run, and none may wrap around.
+            raise ValueError(f"max_train_seqs={self.max_train_seqs}: a hub corpus needs an explicit number of packed "
+                             f"sequences, at least the {reads} this plan reads (the same in every notebook of a scale)")
 
     @property
     def num_layers(self) -> int:
@@ -138,7 +144,8 @@ class TrainingStudy(Study):
                       batch_size=self.batch_size, num_processes=self.gpus_per_run,
                       grad_accum=self.global_batch_size // (self.batch_size * self.gpus_per_run),
                       lr=self.lr, seq_len=self.seq_len, seed=self.seed, save_every=max(1, min(steps, 1000)),
-                      data=f"{self.data_source}:{self.train_corpus}/{self.train_split}@{self.seq_len}", **fields)
+                      data=f"{self.data_source}:{self.train_corpus}/{self.train_split}@{self.seq_len}"
+                           + (f"[:{self.max_train_seqs}]" if self.max_train_seqs else ""), **fields)
         store = self.store()
         # the key hashes the config with checkpoints read from the store (teacher, init_from) named relative
         # to it: the same plan has the same run directories wherever the store lives
@@ -573,7 +580,7 @@ def write_run_files(study: TrainingStudy, runs: list[Run]) -> list[Path]:
     evaluate it as its own (multi-GPU) job, e.g. `accelerate launch --num_processes N -m rrt.train --config F`."""
     from rrt.studies import data_spec, evaluation_spec
 
-    data, evaluation = data_spec(study, runs), evaluation_spec(study)
+    data, evaluation = data_spec(study), evaluation_spec(study)
     paths = []
     for run in runs:
         run.dir.mkdir(parents=True, exist_ok=True)

@@ -37,16 +37,11 @@ class StudyData:
     evals: dict
 
 
-def data_spec(study: TrainingStudy, runs: list[Run]) -> dict:
-    """Return what to pack for these runs: corpora, length, and how many training sequences.
-
-    A hub corpus with max_train_seqs None is packed as far as the furthest-reading run reads
-    (its data_offset + steps × global batch), not all 627B tokens of SlimPajama.
-    """
-    needed = max((r.config.data_offset + r.samples for r in runs), default=0)
-    cap = study.max_train_seqs if study.max_train_seqs is not None else (needed if study.data_source == "hub" else None)
+def data_spec(study: TrainingStudy) -> dict:
+    """Return what to pack: corpora, length, and how many training sequences (a hub corpus: the study's
+    max_train_seqs, which its validation checks covers the furthest-reading run; never all of SlimPajama)."""
     return {"train_corpus": study.train_corpus, "train_split": study.train_split, "data_source": study.data_source,
-            "seq_len": study.seq_len, "max_train_seqs": cap, "eval_corpora": list(study.eval_corpora),
+            "seq_len": study.seq_len, "max_train_seqs": study.max_train_seqs, "eval_corpora": list(study.eval_corpora),
             "max_eval_seqs": study.max_eval_seqs}
 
 
