@@ -77,3 +77,100 @@ def test_load_into_copies_in_place_and_keeps_ties(tmp_path):
     assert load_into(target, tmp_path) == 7
     with pytest.raises(ValueError, match="does not match the model"):
         load_into(rrt.convert(model, rrt.RecursiveSpec(num_blocks=2)), tmp_path)
+
+
+# ---------------------------------------------------------------- a spec that does not match the tensors
+
+def _edit_config(path, edit):
+    import json
+
+    config = json.loads((path / "config.json").read_text())
+    edit(config["rrt"])
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_load_refuses_num_blocks_edited_to_another_divisor(tmp_path):
+    """B=2 on 6 layers stores shared layers 0, 1, 2; read as B=3, layer 2 would overwrite layer 0 (they tie)."""
+    model, _ = rrt.load_model("tiny-llama")
+    rrt.save(rrt.convert(model, rrt.RecursiveSpec(num_blocks=2)), tmp_path)
+    _edit_config(tmp_path, lambda rrt_spec: rrt_spec.update(num_blocks=3))
+    with pytest.raises(ValueError, match=r"stores 'model.layers.0.*' and 'model.layers.2.*' as two tensors but "
+                                         r"this model ties them"):
+        rrt.load(tmp_path)
+
+
+@pytest.mark.parametrize("saved, edited, error", [
+    (1, 3, r"shapes differ.*lora_A \(1, 32\) != \(3, 32\)"),  # copy_ would broadcast rank 1 into rank 3
+    (2, 4, r"shapes differ.*lora_A \(2, 32\) != \(4, 32\)"),
+    (2, 0, r"tensors the model lacks: \[.*lora_A"),
+    (0, 2, r"tensors the model lacks: \['model.layers.0.mlp.down_proj.weight'"),  # LoRA linears hold base_layer
+])
+def test_load_refuses_an_edited_lora_rank(tmp_path, saved, edited, error):
+    model, _ = rrt.load_model("tiny-llama")
+    rrt.save(rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, lora_rank=saved)), tmp_path)
+    _edit_config(tmp_path, lambda rrt_spec: rrt_spec.update(lora_rank=edited))
+    with pytest.raises(ValueError, match=error):
+        rrt.load(tmp_path)
+
+
+def test_load_reads_gpt_neox_heads_under_either_name(tmp_path):
+    """An rrt.save from transformers 4 (head `embed_out`) and a Pythia-style HF file load exactly."""
+    from safetensors.torch import save_file
+
+    model, _ = rrt.load_model("tiny-gpt-neox")
+    rec = rrt.convert(model, rrt.RecursiveSpec(num_blocks=3, lora_rank=2))
+    rrt.save(rec, tmp_path / "rec")
+    state = load_file(tmp_path / "rec" / WEIGHTS)
+    state["embed_out.weight"] = state.pop("lm_head.weight")
+    save_file(state, tmp_path / "rec" / WEIGHTS)
+    model.save_pretrained(tmp_path / "hf")  # stores embed_out.weight, the hub's name
+    x = torch.randint(3, 99, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(rrt.load(tmp_path / "rec")(x).logits, rec(x).logits)
+        assert torch.equal(rrt.load(tmp_path / "hf")(x).logits, model(x).logits)
+
+
+def test_load_accepts_a_stored_tied_head_only_if_it_equals_the_embedding(tmp_path):
+    from safetensors.torch import save_file
+
+    model, _ = rrt.load_model("tiny-llama")  # tied embeddings
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / WEIGHTS)
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()  # as some hub checkpoints store it
+    save_file(state, tmp_path / WEIGHTS)
+    x = torch.randint(3, 99, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(rrt.load(tmp_path)(x).logits, model(x).logits)
+    state["lm_head.weight"] += 1
+    save_file(state, tmp_path / WEIGHTS)
+    either = r"'(lm_head|model.embed_tokens).weight'"
+    with pytest.raises(ValueError, match=rf"stores {either} and {either} as two tensors but this model ties them"):
+        rrt.load(tmp_path)
+
+
+def test_a_manifest_verifies_a_saved_directory_and_names_each_altered_file(tmp_path):
+    """write_manifest: each file's size and sha256 with the caller's fields; verify_manifest names what changed."""
+    from rrt.checkpoint import MANIFEST, CheckpointError, file_digest, verify_manifest, write_manifest
+
+    model, _ = rrt.load_model("tiny-llama")
+    rrt.save(rrt.convert(model, rrt.RecursiveSpec(num_blocks=2)), tmp_path)
+    (tmp_path / "rank0.pt").write_bytes(b"optimiser state")
+    manifest = write_manifest(tmp_path, {"rank0.pt": file_digest(tmp_path / "rank0.pt")}, step=4, config_hash="abc")
+    assert verify_manifest(tmp_path) == manifest and manifest["step"] == 4 and manifest["config_hash"] == "abc"
+    assert set(manifest["files"]) == {"config.json", WEIGHTS, "rank0.pt"}
+    rrt.load(tmp_path)  # the manifest beside the weights leaves the directory loadable
+    (tmp_path / "rank0.pt").write_bytes(b"optimiser stat!")  # same size, other bytes
+    with pytest.raises(CheckpointError, match=r"rank0.pt: sha256 differs"):
+        verify_manifest(tmp_path)
+    (tmp_path / "rank0.pt").write_bytes(b"optimiser")
+    with pytest.raises(CheckpointError, match=r"rank0.pt has 9 bytes, the manifest says 15 \(truncated\?\)"):
+        verify_manifest(tmp_path)
+    (tmp_path / "rank0.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"rank0.pt is missing"):
+        verify_manifest(tmp_path)
+    (tmp_path / MANIFEST).write_text('{"files": {')
+    with pytest.raises(CheckpointError, match=r"manifest.json is not valid JSON"):
+        verify_manifest(tmp_path)
+    (tmp_path / MANIFEST).unlink()
+    with pytest.raises(CheckpointError, match=r"manifest.json is missing"):
+        verify_manifest(tmp_path)

@@ -259,3 +259,32 @@ def test_save_results_writes_csv_and_json_with_params(tmp_path):
     assert pd.read_csv(csv)["value"].tolist() == [0.5]
     record = json.loads(js.read_text())
     assert record["params"] == {"limit": 4} and record["rows"][0]["task"] == "piqa" and "lm_eval" in record["versions"]
+
+
+# ---------------------------------------------------------------- bad arguments fail before any compute
+
+@pytest.mark.parametrize("score", [evaluation.perplexity, evaluation.token_nll, evaluation.per_loop_perplexity])
+def test_scoring_refuses_no_sequences(score):
+    with pytest.raises(ValueError, match=r"sequences must be \[n_seqs >= 1, seq_len >= 2\].*got shape \(0, 32\)"):
+        score(FixedModel(0.5), torch.zeros(0, 32))
+
+
+@pytest.mark.parametrize("score", [evaluation.perplexity, evaluation.token_nll, evaluation.per_loop_perplexity])
+@pytest.mark.parametrize("bad", [dict(batch_size=0), dict(batch_size=-2), dict(batch_size=2.0),
+                                 dict(batch_size=True), dict(stride=0), dict(stride=2.5)])
+def test_scoring_refuses_a_bad_batch_size_or_stride(score, bad):
+    (name, value), = bad.items()
+    with pytest.raises(ValueError, match=rf"{name} must be (None or )?an int >= 1, got {value!r}"):
+        score(FixedModel(0.5), cycle_seqs(3, 8), **bad)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(batch_size=0), r"batch_size must be an int >= 1 or lm-eval's 'auto'.*got 0"),
+    (dict(batch_size="big"), r"batch_size must be .*got 'big'"),
+    (dict(limit=0), r"limit must be None, an int >= 1 .* or a float in \(0, 1\).*got 0"),
+    (dict(limit=1.5), r"limit must be .*got 1.5"),
+    (dict(limit=-3), r"limit must be .*got -3"),
+])
+def test_few_shot_refuses_a_bad_batch_size_or_limit(tiny, bad, message):
+    with pytest.raises(ValueError, match=message):
+        evaluation.few_shot(*tiny, tasks=["piqa"], **bad)

@@ -55,12 +55,39 @@ def test_policies_on_hand_made_inputs():
 @pytest.mark.parametrize("policy", ["max_prob", "margin", "cosine"])
 def test_calibration_meets_target(rec_and_seqs, policy):
     rec, seqs = rec_and_seqs
+
+    def exits_with(threshold):
+        """(agreement, mean exit loop) of the policy's own exit_mask, loop by loop, over every token."""
+        rule = {"max_prob": MaxProbExit, "margin": MarginExit, "cosine": CosineExit}[policy](threshold)
+        agree, exit_loop = [], []
+        for seq in seqs:
+            ids = torch.tensor([seq])
+            states, embeddings = loop_states(rec, ids)
+            logits = rrt.loop_logits(rec, ids)
+            first = torch.full((len(seq),), len(states) - 1)  # the last loop always exits
+            for b in reversed(range(len(states) - 1)):  # the first exiting loop wins
+                prev = embeddings[0] if b == 0 else states[b - 1][0]
+                mask = rule.exit_mask(loop=torch.full((len(seq),), b), logits=logits[b][0], hidden=states[b][0],
+                                      prev_hidden=prev, keys=None)
+                first = torch.where(mask, b, first)
+            preds = torch.stack([lg[0].argmax(-1) for lg in logits])  # [loops, seq]
+            agree.append(preds.gather(0, first[None])[0] == preds[-1])
+            exit_loop.append(first)
+        return torch.cat(agree).float().mean().item(), torch.cat(exit_loop).float().mean().item()
+
     strict = calibrate_threshold(rec, seqs, policy=policy, target_agreement=1.0)
-    loose = calibrate_threshold(rec, seqs, policy=policy, target_agreement=0.0)
-    assert strict.agreement == 1.0 and loose.agreement >= 0.0
-    assert loose.threshold <= strict.threshold and loose.mean_exit_loop <= strict.mean_exit_loop
     mid = calibrate_threshold(rec, seqs, policy=policy, target_agreement=0.6)
-    assert mid.agreement >= 0.6
+    loose = calibrate_threshold(rec, seqs, policy=policy, target_agreement=0.0)
+    for calib in (strict, mid, loose):  # the reported numbers are what the threshold does
+        agreement, mean_exit_loop = exits_with(calib.threshold)
+        assert calib.agreement == agreement and calib.mean_exit_loop == pytest.approx(mean_exit_loop, abs=1e-6)
+    assert strict.agreement == 1.0 and mid.agreement >= 0.6
+    # The random model's early loops disagree somewhere, so the loose threshold trades agreement
+    # for depth: it is the lowest candidate, every token exits at its first scored loop (cosine
+    # has no score at loop 0), earlier than under the strict threshold.
+    assert loose.agreement < 1.0
+    assert loose.mean_exit_loop == (1.0 if policy == "cosine" else 0.0) < strict.mean_exit_loop
+    assert loose.threshold <= mid.threshold <= strict.threshold
 
 
 def test_calibration_rejects_bad_arguments(rec_and_seqs):

@@ -7,6 +7,7 @@ import rrt
 from rrt.exits import MaxProbExit, OracleExit, calibrate_threshold, record_oracle_trajectories
 from rrt.relax import lora_modules
 from rrt.serving import Engine, Request, reference_generate
+from rrt.serving.kv import ScheduleError
 
 TEXTS = ["Hello world, this is", "Ab", "The quick brown fox", "Loops!"]
 NEW = 6
@@ -26,10 +27,10 @@ def _relaxed(name, num_blocks=2):
     return rec, [tok(t).input_ids for t in TEXTS]
 
 
-def _hf_greedy(model, prompt, new=NEW):
+def _hf_greedy(model, prompt, new=NEW, eos=None):
     ids = torch.tensor([prompt])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
-                         min_new_tokens=0, eos_token_id=None, pad_token_id=0)
+                         min_new_tokens=0, eos_token_id=eos, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
 
@@ -132,3 +133,208 @@ def test_refusals():
     with pytest.raises(ValueError, match="non-empty prompt"):
         engine.submit(Request([], 2))
 
+
+
+def test_stop_tokens_per_request_match_hf_generate(llama):
+    # Request i stops at its own stop token (included, HF's eos convention); the engine-wide eos
+    # list applies to every request alongside; a stop token never emitted changes nothing.
+    rec, prompts, expected = llama
+    stops = [[expected[0][2]], [expected[1][1], 98], [], [99 - 1]]
+    assert 98 not in expected[3]
+    eos = [expected[2][3]]
+    engine = Engine(rec, token_budget=5, eos_token_id=eos, debug=True)
+    out = engine.run([Request(p, NEW, request_id=i, stop_token_ids=s) for i, (p, s) in enumerate(zip(prompts, stops))])
+    for i, p in enumerate(prompts):
+        assert out[i] == _hf_greedy(rec, p, eos=stops[i] + eos)
+    first_stop = [min((e.index(t) for t in s + eos if t in e), default=NEW - 1) for e, s in zip(expected, stops)]
+    assert [out[i] for i in range(4)] == [e[:k + 1] for e, k in zip(expected, first_stop)]
+    assert first_stop[0] <= 2 and first_stop[1] <= 1 and first_stop[2] <= 3 and out[3] == expected[3]
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(prompt=[5, 99]), r"request 'r': prompt\[1\] = 99 is not a token id.*\[0, 99\)"),
+    (dict(prompt=[-1, 5]), r"prompt\[0\] = -1 is not a token id"),
+    (dict(prompt=[5, 6.0]), r"prompt\[1\] = 6.0 is not a token id"),
+    (dict(prompt=[True]), r"prompt\[0\] = True is not a token id"),
+    (dict(prompt="Hello"), "non-empty prompt"),
+    (dict(prompt=[]), "non-empty prompt"),
+    (dict(prompt={5, 6}), "non-empty prompt"),  # a set has no order
+    (dict(prompt=torch.tensor(5)), "non-empty prompt"),
+    (dict(max_new_tokens=2.5), r"request 'r': max_new_tokens must be an int >= 1, got 2.5"),
+    (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1, got 0"),
+    (dict(max_new_tokens=True), "max_new_tokens must be an int >= 1, got True"),
+    (dict(arrival_step=-1), "arrival_step must be an int >= 0, got -1"),
+    (dict(arrival_step=0.5), "arrival_step must be an int >= 0, got 0.5"),
+    (dict(stop_token_ids=[3, 120]), r"stop_token_ids\[1\] = 120 is not a token id"),
+    (dict(stop_token_ids=7), "stop_token_ids must be a sequence of token ids, got 7"),
+    (dict(stop_token_ids={3, 120}), r"stop_token_ids\[.\] = 120 is not a token id"),
+    (dict(max_new_tokens=7), r"len\(prompt\) \+ max_new_tokens = 2 \+ 7 exceeds the KV pool's max_seq_len=8"),
+    (dict(request_id=["r"]), "request_id must be hashable"),
+    (dict(request_id="queued"), "request 'queued': request_id is already in use"),
+    (dict(request_id="done"), "request 'done': request_id is already in use"),
+])
+def test_submit_refuses_bad_requests(change, match):
+    model, _ = rrt.load_model("tiny-llama")  # vocab 99
+    engine = Engine(model, max_seq_len=8)
+    engine.run([Request([5, 6], 2, request_id="done")])
+    engine.submit(Request([5, 6], 2, request_id="queued"))
+    kwargs = dict(prompt=[5, 6], max_new_tokens=2, request_id="r") | change
+    with pytest.raises(ValueError, match=match):
+        engine.submit(Request(**kwargs))
+    assert [r.request_id for r in engine.queue] == ["queued"]  # refused before anything changed
+    assert engine.run() == {"done": [6, 6], "queued": [6, 6]}
+
+
+def test_integer_ids_of_any_kind_are_accepted_and_engine_eos_is_checked():
+    import numpy as np
+    model, _ = rrt.load_model("tiny-llama")
+    with pytest.raises(ValueError, match=r"engine: eos_token_id\[1\] = 200 is not a token id"):
+        Engine(model, eos_token_id=[2, 200])
+    engine = Engine(model, max_seq_len=8, eos_token_id=np.int64(97))
+    out = engine.run([Request([5, 6], 2, request_id="list"),
+                      Request(torch.tensor([5, 6]), np.int64(2), request_id="tensor", stop_token_ids={96}),
+                      Request(np.array([5, 6]), 2, request_id="array", stop_token_ids=torch.tensor([96]))])
+    assert out["tensor"] == out["array"] == out["list"]
+
+
+def test_request_ids_unique_until_collected():
+    model, _ = rrt.load_model("tiny-llama")
+    engine = Engine(model, max_seq_len=8)
+    engine.submit(Request([5, 6], 2, request_id=1))
+    with pytest.raises(ValueError, match=r"request 1: request_id \(defaulted to the submission index\) is already"):
+        engine.submit(Request([7], 2))  # the second submission's default id, 1, is taken
+    engine.submit(Request([7], 2, request_id="b"))
+    first = engine.run()
+    assert list(first) == [1, "b"]
+    with pytest.raises(ValueError, match="already in use"):
+        engine.submit(Request([7], 2, request_id="b"))  # finished, not collected: still taken
+    b = first["b"]
+    assert engine.collect("b") == b and list(engine.results) == [1] and "b" not in engine.latency()
+    engine.submit(Request([7], 2, request_id="b"))
+    assert engine.run()["b"] == b
+    with pytest.raises(ValueError, match="no result to collect"):
+        engine.collect("nobody")
+
+
+SEVEN = 7
+
+
+@pytest.fixture(scope="module")
+def seven(llama):
+    """Seven clean prompts, their outputs, and a token id none of them reads or emits."""
+    rec, prompts, expected = llama
+    seven = prompts + [p[::-1] for p in prompts[:3]]
+    out = Engine(rec, token_budget=16, debug=True).run([Request(p, NEW) for p in seven])
+    used = {t for i, p in enumerate(seven) for t in p + out[i]}
+    poison = min(set(range(rec.config.vocab_size)) - used)
+    return seven, [out[i] for i in range(SEVEN)], poison
+
+
+def _install_fault(kind, engine, poison):
+    """Make the step fail for any batch with the poisoned token's loop-0 row; return hook handles."""
+    embed = engine.model.get_input_embeddings()
+    if kind == "nan":  # a non-finite embedding row: it poisons every row that attends to its keys
+        def nan_row(module, args, out):
+            out[args[0] == poison] = float("nan")
+            return out
+        return [embed.register_forward_hook(nan_row)]
+    seen = [False]
+
+    def mark(module, args, out):
+        seen[0] = bool((args[0] == poison).any())
+
+    def raise_late(module, args, out):  # in the last shared layer: earlier layers wrote KV already
+        hit, seen[0] = seen[0], False
+        if hit:
+            raise RuntimeError("injected fault")
+    return [embed.register_forward_hook(mark),
+            engine.layers[engine.num_shared - 1].register_forward_hook(raise_late)]
+
+
+@pytest.mark.parametrize("kind,error", [("raise", "RuntimeError: injected fault"),
+                                        ("nan", "FloatingPointError: non-finite hidden state"),
+                                        ("oov_after_submit", "IndexError"),
+                                        ("exit_policy", "KeyError: 'poison'")])
+def test_fault_fails_only_the_poisoned_request(llama, seven, kind, error):
+    rec, _, _ = llama
+    prompts, expected, poison = seven
+    policy = None
+    if kind == "exit_policy":  # oracle exits with no trajectory for the poisoned request
+        trajectories = record_oracle_trajectories(rec, [p + e for p, e in zip(prompts, expected)])
+        policy = OracleExit(dict(enumerate(trajectories)))
+        assert Engine(rec, token_budget=16, exit_policy=policy).run(
+            [Request(p, NEW, request_id=i) for i, p in enumerate(prompts)]) == dict(enumerate(expected))
+    engine = Engine(rec, token_budget=16, exit_policy=policy, debug=True)
+    bad = Request(prompts[3][::-1] + [poison], NEW, request_id="poison")  # fails after its first chunk
+    requests = [Request(p, NEW, request_id=i) for i, p in enumerate(prompts)]
+    for r in requests[:3] + [bad] + requests[3:]:
+        engine.submit(r)
+    if kind == "oov_after_submit":
+        bad.prompt[-1] = rec.config.vocab_size  # corrupted after validation
+    hooks = _install_fault(kind, engine, poison) if kind in ("raise", "nan") else []
+    fail, slots = engine._fail, []
+    engine._fail = lambda live, e: (slots.append(live.slot), fail(live, e))  # which slot it held
+    try:
+        while "poison" not in engine.failed and (engine.queue or engine.active):
+            engine.step()
+        assert "poison" in engine.failed
+        assert slots[0] in engine.kv.free and not engine.kv.written[slots[0]].any()  # freed at once
+        assert len(engine.active) == SEVEN
+        out = engine.run()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert out == dict(enumerate(expected))  # token-identical to the run without it
+    assert list(engine.failed) == ["poison"] and engine.failed["poison"].startswith(error)
+    assert engine.active == [] and sorted(engine.kv.free) == list(range(8)) and not engine.kv.written.any()
+    assert engine.collect(0) == expected[0]
+    engine.submit(Request(prompts[0], NEW, request_id=0))  # a further request (the policy knows id 0)
+    assert engine.run()[0] == expected[0]
+    with pytest.raises(RuntimeError, match="request 'poison' failed: " + error):
+        engine.collect("poison")
+    assert engine.failed == {}
+
+
+def test_batch_fault_blamed_on_no_request_is_retried(llama, seven):
+    # A fault of the batch, not of a request (raised once): re-run per request, nobody fails.
+    rec, _, _ = llama
+    prompts, expected, _ = seven
+    engine = Engine(rec, token_budget=16, debug=True)
+    calls = [0]
+
+    def once(module, args, out):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("transient")
+    hook = engine.layers[1].register_forward_hook(once)
+    try:
+        out = engine.run([Request(p, NEW, request_id=i) for i, p in enumerate(prompts)])
+    finally:
+        hook.remove()
+    assert out == dict(enumerate(expected)) and engine.failed == {}
+
+
+def test_fault_in_every_request_leaves_engine_serving(llama):
+    rec, prompts, expected = llama
+    engine = Engine(rec, token_budget=4, debug=True)
+
+    def broken(module, args, out):
+        raise RuntimeError("broken layer")
+    hook = engine.layers[0].register_forward_hook(broken)
+    try:
+        assert engine.run([Request(p, NEW) for p in prompts]) == {}
+    finally:
+        hook.remove()
+    assert engine.failed == {i: "RuntimeError: broken layer" for i in range(len(prompts))}
+    assert sorted(engine.kv.free) == list(range(engine.max_active)) and not engine.kv.written.any()
+    assert engine.run([Request(prompts[1], NEW, request_id="next")])["next"] == expected[1]
+
+
+def test_debug_schedule_errors_are_not_isolated(llama):
+    # A broken KV invariant is an engine bug: step raises instead of failing a request.
+    rec, prompts, _ = llama
+    engine = Engine(rec, debug=True)
+    engine.submit(Request(prompts[0], 2))
+    engine._schedule = lambda: [(engine.active[0], 1, 0)]  # position 1 before position 0
+    with pytest.raises(ScheduleError, match="read before written"):
+        engine.step()

@@ -164,6 +164,23 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path
     assert_tied(rrt.load(latest_checkpoint(config.out)), 2)
 
 
+def test_checkpoints_carry_a_manifest_and_the_grad_norm_is_taken_without_clipping(tmp_path, llama):
+    """Each checkpoint lists its files' sha256 with the step and config hash (resume verifies them); the run
+    directory keeps the training blocks' fingerprint; the lock is gone once the run ends."""
+    from rrt.checkpoint import verify_manifest
+    config = tiny_config(tmp_path, steps=3, save_every=1, clip=0.0)
+    result = train(config, train_blocks=TRAIN, original=llama)
+    assert all(r["grad_norm"] > 0 for r in result.metrics if r["kind"] == "train")
+    run = Path(config.out)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+    model_files = {"config.json", "model.safetensors", "training_state.pt"}
+    for step, files in ((2, model_files | {"rank0.pt"}), (3, model_files)):
+        manifest = verify_manifest(run / "checkpoints" / f"step-{step:08d}")
+        assert manifest["step"] == step and manifest["config_hash"] == config.hash() and set(manifest["files"]) == files
+    assert json.loads((run / "train_blocks.json").read_text())["shape"] == [48, 17]
+    assert not (run / "run.lock").exists()
+
+
 # ---- regimes: post-training with a head LoRA (Table 13), baselines ------------------------------
 
 def test_post_training_head_lora_changes_intermediate_exits_only(tmp_path, llama):

@@ -1,6 +1,9 @@
 """Compact save/load of (relaxed) recursive models: unique tensors once, ties rebuilt on load."""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -9,6 +12,11 @@ from torch import nn
 
 WEIGHTS = "model.safetensors"
 TRAINING_STATE = "training_state.pt"  # beside the weights in train.py's checkpoints: step, scheduler
+MANIFEST = "manifest.json"  # written last into train.py's checkpoints: each file's sha256, the step, the config hash
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that fails its manifest (missing, torn, truncated or altered files)."""
 
 
 def save(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
@@ -33,8 +41,81 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def write_manifest(path: str | Path, digests: dict | None = None, **fields) -> dict:
+    """Write path/MANIFEST: `fields` (e.g. step, config_hash) and every other file's `file_digest`; return it.
+
+    digests: {file name: file_digest} already taken (each process of a launch hashes its own optimiser
+    state). Every file is fsynced first and the manifest last, so a directory whose manifest verifies is
+    complete on disk (a crash before this leaves no manifest, and `verify_manifest` refuses it).
+    """
+    path, digests = Path(path), digests or {}
+    files = {file.name: digests.get(file.name) or file_digest(file)
+             for file in sorted(p for p in path.iterdir() if p.is_file() and p.name != MANIFEST)}
+    manifest = {**fields, "files": files}
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    fsync_path(path / MANIFEST)
+    fsync_path(path)
+    return manifest
+
+
+def read_manifest(path: str | Path) -> dict:
+    """Return path/MANIFEST's contents (no checksum read); raise CheckpointError naming it if absent or torn."""
+    file = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is missing: the checkpoint was not completed by train() "
+                              f"(or predates manifests)") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{file} has no 'files' table")
+    return manifest
+
+
+def verify_manifest(path: str | Path) -> dict:
+    """Return path's manifest after checking every file it lists (size, then sha256); raise CheckpointError
+    naming the first file that is missing, truncated or altered."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    for name, want in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing (listed in {path / MANIFEST})")
+        if file.stat().st_size != want["bytes"]:
+            raise CheckpointError(f"{file} has {file.stat().st_size} bytes, the manifest says {want['bytes']} "
+                                  f"(truncated?)")
+        if _sha256(file) != want["sha256"]:
+            raise CheckpointError(f"{file}: sha256 differs from {path / MANIFEST} (the file was altered)")
+    return manifest
+
+
+def file_digest(file: str | Path) -> dict:
+    """Return {"bytes", "sha256"} of a file, after flushing it to disk."""
+    fsync_path(file)
+    return {"bytes": Path(file).stat().st_size, "sha256": _sha256(Path(file))}
+
+
+def _sha256(file: Path) -> str:
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's or a directory's entries to disk (a rename is durable once its directory is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def load(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> nn.Module:
-    """Return the model saved by `save`, ties and LoRAs rebuilt from its spec; needs no original model."""
+    """Return the model saved by `save`, ties and LoRAs rebuilt from its spec; needs no original model.
+
+    Also reads a plain HF single-file checkpoint (GPT-NeoX's head under either name). A spec that does
+    not match the stored tensors (a hand-edited config.rrt) is refused naming the tensors, never loaded.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from rrt.recursive import spec_of, tie_layers
@@ -51,7 +132,8 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu"
     if spec.head_lora_rank:
         from rrt.relax import add_head_lora
         add_head_lora(model, spec.head_lora_rank)
-    _load_unique(model, state)
+    # a plain HF checkpoint (no config.rrt) may store a tied head beside its embedding; rrt.save never does
+    _load_unique(model, state, equal_copies=not getattr(config, "rrt", None))
     return model.to(device=device, dtype=dtype or model.dtype).eval()
 
 
@@ -76,12 +158,33 @@ def _checked(path: str | Path) -> Path:
     return path
 
 
-def _load_unique(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy the unique tensors in; every key left out must alias one that was loaded."""
+def _load_unique(model: nn.Module, state: dict[str, torch.Tensor], *, equal_copies: bool = False) -> None:
+    """Copy the unique tensors in; every key left out must alias one that was loaded.
+
+    Keys match under the family's aliases (models.Family.aliases: GPT-NeoX's embed_out / lm_head). Two
+    stored tensors that land on one tied tensor of the model mean the checkpoint was saved under another
+    spec: refused, unless `equal_copies` and they are equal (a tied head stored beside its embedding).
+    """
+    from rrt.models import FAMILIES
+
     full = model.state_dict(keep_vars=True)
+    family = FAMILIES.get(model.config.model_type)
+    alias = {a: b for pair in (family.aliases if family else ()) for a, b in (pair, pair[::-1])}
+    state = {alias[k] if k not in full and k in alias and alias[k] not in state else k: v
+             for k, v in state.items()}
     unknown = set(state) - set(full)
     if unknown:
         raise ValueError(f"checkpoint has tensors the model lacks: {sorted(unknown)[:5]}")
+    shapes = [f"{k} {tuple(v.shape)} != {tuple(full[k].shape)}" for k, v in state.items() if v.shape != full[k].shape]
+    if shapes:  # copy_ would broadcast a rank-1 LoRA into any rank without a word
+        raise ValueError(f"checkpoint tensor shapes differ from the model's (stored != model; saved under "
+                         f"another spec?): {shapes[:5]}")
+    first: dict[int, str] = {}
+    for key, value in state.items():
+        other = first.setdefault(id(full[key]), key)
+        if other != key and not (equal_copies and torch.equal(state[other], value)):
+            raise ValueError(f"checkpoint stores {other!r} and {key!r} as two tensors but this model "
+                             f"ties them (config.rrt or tied embeddings): it was saved under another spec")
     loaded = {id(full[k]) for k in state}
     missing = [k for k, t in full.items() if k not in state and id(t) not in loaded]
     if missing:

@@ -6,6 +6,7 @@ exiting (§3.7): loop b's hidden state through the final norm and the shared LM 
 """
 import json
 import math
+import numbers
 from pathlib import Path
 
 import pandas as pd
@@ -57,8 +58,12 @@ def _nll(model, sequences, *, batch_size, loop_idxs, stride, bos_token_id):
     """Returns ([summed NLL per requested exit], number of scored tokens); loop_idxs=None means every loop."""
     ids = sequences if torch.is_tensor(sequences) else torch.tensor(sequences["input_ids"])  # [n_seqs, seq_len]
     ids = ids.long()
-    if ids.ndim != 2 or ids.shape[1] < 2:
-        raise ValueError(f"sequences must be [n_seqs, seq_len >= 2] token ids, got shape {tuple(ids.shape)}")
+    if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 2:
+        raise ValueError(f"sequences must be [n_seqs >= 1, seq_len >= 2] token ids, got shape {tuple(ids.shape)}")
+    if not _is_positive_int(batch_size):
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if stride is not None and not _is_positive_int(stride):
+        raise ValueError(f"stride must be None or an int >= 1, got {stride!r}")
     if bos_token_id is not None and not (ids[:, 0] == bos_token_id).all():
         raise ValueError(f"bos_token_id={bos_token_id} but not every sequence starts with it (first tokens "
                          f"{ids[:5, 0].tolist()}...): pack with load_packed(bos=True), or pass bos_token_id=None")
@@ -80,6 +85,10 @@ def _nll(model, sequences, *, batch_size, loop_idxs, stride, bos_token_id):
         sums = batch_sums if sums is None else [a + b for a, b in zip(sums, batch_sums)]
         tokens += int(mask.sum())
     return sums, tokens
+
+
+def _is_positive_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 def _exits(model, x, loop_idxs):
@@ -137,6 +146,11 @@ def few_shot(model, tokenizer, *, tasks=tuple(TASKS), limit=None, loop_idx=None,
         raise ValueError(f"unknown task source {source!r}; known: {list(TASK_SOURCES)}")
     if loop_idx is not None and not -num_loops(model) <= loop_idx < num_loops(model):
         raise ValueError(f"loop_idx={loop_idx} out of range for a model with {num_loops(model)} loops")
+    if not (_is_positive_int(batch_size) or isinstance(batch_size, str) and batch_size.startswith("auto")):
+        raise ValueError(f"batch_size must be an int >= 1 or lm-eval's 'auto' / 'auto:N', got {batch_size!r}")
+    if limit is not None and not (_is_positive_int(limit) or isinstance(limit, float) and 0 < limit < 1):
+        raise ValueError(f"limit must be None, an int >= 1 (documents per task) or a float in (0, 1) "
+                         f"(lm-eval's fraction of each task), got {limit!r}")
     prefix = "rrt_" if source == "offline" else ""
     # include_defaults=False: indexing lm-eval's thousands of built-in YAMLs costs seconds per call
     manager = (TaskManager(include_path=str(TASKS_DIR), include_defaults=False) if source == "offline"

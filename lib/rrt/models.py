@@ -3,6 +3,7 @@ per-family facts the rest of rrt needs: where the decoder layers, final norm and
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -48,6 +49,8 @@ class Family:
     # linear inside a layer -> its LoRA rank group (Table 8: q, kv, o, mlp), or a Fused spec giving
     # one rank group per part
     linears: dict[str, str | Fused]
+    # state-dict keys one tensor has had across transformers versions (checkpoints use either name)
+    aliases: tuple[tuple[str, str], ...] = ()
 
 
 _LLAMA_LINEARS = {
@@ -65,7 +68,10 @@ FAMILIES: dict[str, Family] = {
     "gemma": _LLAMA, "gemma2": _LLAMA, "gemma3_text": _LLAMA,
     "gpt_neox": Family(layers="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm", linears={
         "attention.query_key_value": _QKV_PER_HEAD, "attention.dense": "o",
-        "mlp.dense_h_to_4h": "mlp", "mlp.dense_4h_to_h": "mlp"}),
+        "mlp.dense_h_to_4h": "mlp", "mlp.dense_4h_to_h": "mlp"},
+        # transformers 5 renamed the head embed_out -> lm_head; hub checkpoints (and its save_pretrained,
+        # conversion_mapping.py) keep embed_out, rrt.save writes the running version's name
+        aliases=(("embed_out.weight", "lm_head.weight"),)),
 }
 
 
@@ -112,18 +118,25 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, device: str = "c
 
     Embedded GGUF models are dequantised once and cached as safetensors under `cache_dir`
     (default ~/.cache/rrt/models) so later loads take seconds.
+    A directory written by `rrt.save` (config.json holds the recursion spec `rrt`) is loaded exactly by
+    `rrt.load`, ties and LoRAs rebuilt; it must hold the tokenizer (`rrt.save(model, path, tokenizer=tok)`),
+    else this refuses, naming `rrt.load` (which needs none). A checkpoint that leaves any of the model's
+    weights uninitialised, or holds weights the model lacks, is refused naming them: transformers would
+    fill them at random and only warn.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if source in TINY:
         model, tok = tiny_model(source)
     elif source in EMBEDDED:
         path = _embedded_cache(source, Path(cache_dir or Path.home() / ".cache" / "rrt" / "models"))
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = _from_pretrained(path, dtype)
         tok = AutoTokenizer.from_pretrained(path)
+    elif _is_rrt_checkpoint(source):
+        return _load_rrt_checkpoint(Path(source), dtype=dtype, device=device)
     elif Path(source).is_dir() or _looks_like_hub_id(source):
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            model = _from_pretrained(source, dtype)
             tok = AutoTokenizer.from_pretrained(source)
         except OSError as err:
             raise ValueError(f"could not load {source!r} as a hub id or local directory ({err}); "
@@ -133,6 +146,47 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, device: str = "c
                          f"embedded models: {sorted(EMBEDDED)}; tiny test models: {list(TINY)}")
     model = model.to(device=device, dtype=dtype).eval()
     return model, tok
+
+
+def _from_pretrained(source: str | Path, dtype: torch.dtype):
+    """Return AutoModelForCausalLM.from_pretrained(source), refusing a load that leaves weights random.
+
+    A missing key that is tied to a loaded tensor (the tied LM head) is complete, not missing.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True)
+    if getattr(model.config, "rrt", None):  # a recursive checkpoint on the hub: its ties are in no HF class
+        raise ValueError(f"{source!r} is a recursive checkpoint (config.rrt): download it and pass the "
+                         f"local directory to rrt.load_model or rrt.load")
+    params = model.state_dict(keep_vars=True)
+    loaded = {id(t) for k, t in params.items() if k not in info["missing_keys"]}
+    missing = sorted(k for k in info["missing_keys"] if k not in params or id(params[k]) not in loaded)
+    unexpected = sorted(info["unexpected_keys"])
+    if missing or unexpected:
+        raise ValueError(f"{source!r} does not fit {type(model).__name__}: weights it lacks (they would be "
+                         f"random) {missing[:5]}{' ...' if len(missing) > 5 else ''}; weights the model has no "
+                         f"place for {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    return model
+
+
+def _is_rrt_checkpoint(source: str) -> bool:
+    """Whether `source` is a local directory whose config.json holds a recursion spec (written by rrt.save)."""
+    config = Path(source) / "config.json"
+    return config.is_file() and bool(json.loads(config.read_text()).get("rrt"))
+
+
+def _load_rrt_checkpoint(path: Path, *, dtype: torch.dtype, device: str):
+    """Return (rrt.load(path), its tokenizer); refuse a directory saved without one."""
+    from transformers import AutoTokenizer
+
+    from rrt.checkpoint import load
+
+    if not (path / "tokenizer_config.json").is_file():
+        raise ValueError(f"{path} is an rrt.save directory without a tokenizer: load the model with "
+                         f"rrt.load({str(path)!r}) and the tokenizer from the original model, or save with "
+                         f"rrt.save(model, path, tokenizer=tok)")
+    return load(path, dtype=dtype, device=device), AutoTokenizer.from_pretrained(path)
 
 
 def _looks_like_hub_id(source: str) -> bool:

@@ -7,6 +7,12 @@ checkpoints that resume the same trajectory. It runs under `accelerate launch` (
 ZeRO-2, params/accelerate/): layers share nn.Parameters across depths, so per-layer FSDP wrapping
 is never used. Data position = the step: step s reads a fixed slice of a seeded per-epoch permutation.
 
+Nothing written goes silently wrong: a non-finite loss or gradient stops the step before the
+optimiser moves; a checkpoint is written only with finite weights and carries a manifest (each
+file's sha256, the step, the config hash) that resume verifies, falling back to the newest valid
+one; one writer holds a run directory at a time (`RunLock`); a run resumes only on the same
+training blocks (their fingerprint is kept in the run directory).
+
 Sections: `train` and its three parts (`_setup`, `_optimiser_step`, `_evaluate`); the models a
 config describes (`build_student`, `build_teacher`); loss and data; checkpoints and resume; the
 command line (`main`, `add_config_arguments`, `config_from_args`).
@@ -17,11 +23,13 @@ import argparse
 import copy
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +37,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from rrt.checkpoint import TRAINING_STATE, WEIGHTS, load, load_into, save
+from rrt.checkpoint import (TRAINING_STATE, WEIGHTS, CheckpointError, file_digest, fsync_path, load, load_into,
+                            read_manifest, save, unique_state_dict, verify_manifest, write_manifest)
 from rrt.losses import early_exit_loss, shift_for_next_token, uptrain_loss
 from rrt.models import decoder_layers
 from rrt.recursive import check_num_blocks, convert, loop_logits, spec_of
-from rrt.rundir import Metrics, read_config, write_config, write_versions
+from rrt.rundir import (CONFIG, METRICS, Metrics, RunLock, read_config, read_json, write_config, write_json,
+                        write_versions)
 from rrt.trainconfig import TrainConfig
 
 
@@ -50,26 +60,43 @@ def train(config: TrainConfig, *, train_blocks, eval_blocks=None, original: nn.M
 
     train_blocks / eval_blocks: a Dataset with `input_ids` or a LongTensor [n_blocks, block_len].
     original: the loaded `config.model` (conversion source and teacher; moved to the device, put
-    in eval mode); loaded here when None. Restarting with the same config resumes from the last
-    checkpoint in `config.out`; a different config there fails before training.
+    in eval mode); loaded here when None. Restarting with the same config (and training blocks)
+    resumes from the newest valid checkpoint in `config.out`; a different config there, or other
+    blocks, fail before training, and so does a second writer while one holds the directory.
     """
     blocks = _Blocks(train_blocks, "train_blocks")
     if config.seq_len is not None and blocks.shape[1] != config.seq_len:
         raise ValueError(f"train blocks have length {blocks.shape[1]}, config.seq_len={config.seq_len}")
-    run_dir = Path(config.out)
-    latest = _check_run_dir(run_dir, config)
     from accelerate import PartialState  # the process group the Accelerator below joins
-    launched = PartialState(cpu=not torch.cuda.is_available()).num_processes
-    if launched != config.num_processes:  # before any model is built
-        raise ValueError(f"config.num_processes={config.num_processes} but {launched} processes were "
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes != config.num_processes:  # before any model is built
+        raise ValueError(f"config.num_processes={config.num_processes} but {state.num_processes} processes were "
                          f"launched: tokens per step (batch_size × grad_accum × num_processes × seq_len) would not "
                          f"be the planned ones; launch with --num_processes {config.num_processes} or re-plan")
+    lock = RunLock(config.out)  # the processes of one launch are one writer: its main process holds the lock
+    _on_main(state, lock.acquire)
+    try:
+        return _train(config, blocks, eval_blocks, original, state)
+    finally:
+        lock.release()  # a no-op off the main process
+
+
+def _train(config: TrainConfig, blocks: "_Blocks", eval_blocks, original, state) -> RunResult:
+    """`train` once the run directory is held: resume or start, step, checkpoint, evaluate."""
+    run_dir = Path(config.out)
+    latest = _on_main(state, lambda: _check_run_dir(run_dir, config, blocks))
     run = _setup(config, original, latest)
     acc = run.acc
     metrics = Metrics(run_dir, writer=acc.is_main_process, keep_until=run.start)
-    if acc.is_main_process and latest is None:
-        write_config(run_dir, config.to_dict())
-        write_versions(run_dir)
+    if acc.is_main_process:
+        if latest is None or not (run_dir / CONFIG).exists():
+            write_config(run_dir, config.to_dict())
+        if latest is None or not (run_dir / BLOCKS).exists():
+            write_json(run_dir / BLOCKS, blocks.fingerprint())
+        if latest is None:
+            write_versions(run_dir)
+        else:  # a kill between a checkpoint's rename and its pruning left one too many
+            _prune(run_dir / "checkpoints", config, run.start)
 
     evaluate = functools.partial(_evaluate, run, eval_blocks, config, metrics)  # evaluate(step)
     if run.start == 0:
@@ -78,22 +105,21 @@ def train(config: TrainConfig, *, train_blocks, eval_blocks=None, original: nn.M
     tokens_per_step = config.batch_size * config.grad_accum * blocks.shape[1] * config.num_processes
     run.student.train()
     from tqdm.auto import tqdm
-    bar = tqdm(total=config.steps, initial=run.start, disable=not acc.is_main_process, desc="train")
-    for step in range(run.start + 1, config.steps + 1):
-        t0 = time.perf_counter()
-        parts = _optimiser_step(run, blocks, config, step, last_good=checkpoint)
-        record = {"kind": "train", "step": step, **parts, "tokens": step * tokens_per_step,
-                  "tokens_per_s": tokens_per_step / (time.perf_counter() - t0)}
-        metrics.write(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{parts['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if config.eval_every and step % config.eval_every == 0 and step != config.steps:
-            evaluate(step)
-        if step % config.save_every == 0 or step == config.steps:
-            checkpoint = _save_checkpoint(run_dir, step, run.student, run.optimizer, run.scheduler, acc,
-                                          config.keep_checkpoints, last=step == config.steps)
-    bar.close()
-    if run.start < config.steps:
+    with tqdm(total=config.steps, initial=run.start, disable=not acc.is_main_process, desc="train") as bar:
+        for step in range(run.start + 1, config.steps + 1):
+            t0 = time.perf_counter()
+            parts = _optimiser_step(run, blocks, config, step, last_good=checkpoint)
+            record = {"kind": "train", "step": step, **parts, "tokens": step * tokens_per_step,
+                      "tokens_per_s": tokens_per_step / (time.perf_counter() - t0)}
+            metrics.write(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{parts['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if config.eval_every and step % config.eval_every == 0 and step != config.steps:
+                evaluate(step)
+            if step % config.save_every == 0 or step == config.steps:
+                checkpoint = _save_checkpoint(run_dir, step, run, config, last_good=checkpoint)
+    # a run killed between its last checkpoint and this record (or on a resume) lacks it: write it now
+    if not _on_main(acc, lambda: any(r["kind"] == "eval" and r["step"] == config.steps for r in metrics.read())):
         evaluate(config.steps)
     return RunResult(run_dir=run_dir, checkpoint=checkpoint, metrics=metrics.read(), model=run.student)
 
@@ -146,7 +172,8 @@ def _optimiser_step(run: _Run, blocks: "_Blocks", config: TrainConfig, step: int
     """Run one optimiser step (grad_accum micro-batches); return its loss parts, lr and grad_norm.
 
     Every part is averaged over micro-batches and processes (equal tokens per process: the global
-    token mean). A non-finite loss stops before the optimiser step, naming the last good checkpoint.
+    token mean). A non-finite loss or total gradient norm (taken with clipping off too) stops
+    before the optimiser step, naming the last checkpoint (every one written has finite tensors).
     """
     acc = run.acc
     sums: dict[str, float] = {}
@@ -158,15 +185,19 @@ def _optimiser_step(run: _Run, blocks: "_Blocks", config: TrainConfig, step: int
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + float(v) / config.grad_accum
     sums = dict(zip(sums, acc.reduce(torch.tensor(list(sums.values()), device=acc.device), "mean").tolist()))
-    if not math.isfinite(sums["loss"]):
-        raise FloatingPointError(f"non-finite loss {sums['loss']} at step {step}; stopped before the "
-                                 f"optimiser step; last good checkpoint: {last_good}")
-    grad_norm = acc.clip_grad_norm_(run.params, config.clip) if config.clip > 0 else None
+    # max_norm inf scales by exactly 1.0: the norm without clipping (None under DeepSpeed, which keeps it)
+    grad_norm = acc.clip_grad_norm_(run.params, config.clip if config.clip > 0 else math.inf)
+    grad_norm = None if grad_norm is None else float(grad_norm)
+    bad = {k: v for k, v in (("loss", sums["loss"]), ("grad_norm", grad_norm))
+           if v is not None and not math.isfinite(v)}
+    if bad:
+        raise FloatingPointError(f"non-finite {bad} at step {step}; stopped before the optimiser step (the weights "
+                                 f"are those after step {step - 1}); last good checkpoint: {last_good}")
     lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return {**sums, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm)}
+    return {**sums, "lr": lr, "grad_norm": grad_norm}
 
 
 def _evaluate(run: _Run, eval_blocks, config: TrainConfig, metrics: Metrics, step: int) -> None:
@@ -328,52 +359,136 @@ class _Blocks:
             return self.data[rows]
         return torch.as_tensor(np.stack(self.data[rows]["input_ids"])).long()
 
+    def fingerprint(self) -> dict:
+        """Return the shape and a sha256 of 16 evenly spaced rows: cheap at any size, kept to refuse other blocks."""
+        n = self.shape[0]
+        rows = sorted({round(i * (n - 1) / 15) for i in range(16)})
+        digest = hashlib.sha256(self[rows].numpy().astype("<i8").tobytes()).hexdigest()
+        return {"shape": list(self.shape), "rows": rows, "sha256": digest}
+
 
 # ---- run directory, checkpoints, resume -------------------------------------------------------
 
-def _check_run_dir(run_dir: Path, config: TrainConfig) -> Path | None:
-    """Return the last checkpoint of a run of the same config in run_dir (None if fresh); raise if it differs."""
-    old = read_config(run_dir)
-    if old is None:
-        return None
+BLOCKS = "train_blocks.json"  # the training blocks' fingerprint (`_Blocks.fingerprint`)
+
+
+def _check_run_dir(run_dir: Path, config: TrainConfig, blocks: "_Blocks") -> Path | None:
+    """Return the newest valid checkpoint of this config in run_dir (None: start fresh); raise if the
+    directory holds another config's run (its config.json or its checkpoints) or other training blocks."""
+    old = read_config(run_dir)  # a config.json that is not JSON raises, naming it
     new = config.to_dict()
-    diff = {k: (old.get(k), new[k]) for k in new if k != "out" and old.get(k) != new[k]}
-    if diff:
-        raise ValueError(f"{run_dir} holds a run of a different config; differing fields (saved, given): {diff}. "
-                         f"Use another `out` directory, or the saved config to resume.")
-    return latest_checkpoint(run_dir)
+    if old is not None:
+        diff = {k: (old.get(k), new[k]) for k in new if k != "out" and old.get(k) != new[k]}
+        if diff:
+            raise ValueError(f"{run_dir} holds a run of a different config; differing fields (saved, given): {diff}. "
+                             f"Use another `out` directory, or the saved config to resume.")
+    foreign = {p.name: h for p, h in _checkpoint_hashes(run_dir).items() if h != config.hash()}
+    if foreign:
+        raise ValueError(f"{run_dir} holds checkpoints of another config (config hash per checkpoint: {foreign}; "
+                         f"this config's: {config.hash()}): use another `out` directory")
+    latest = latest_checkpoint(run_dir, config_hash=config.hash())
+    if old is None and latest is None and (run_dir / METRICS).exists() and (run_dir / METRICS).stat().st_size:
+        raise ValueError(f"{run_dir} has a {METRICS} but no {CONFIG} and no valid checkpoint: which config wrote "
+                         f"it is unknown; restore {run_dir / CONFIG} or use another `out` directory")
+    if latest is None:
+        return None
+    if old is None:
+        warnings.warn(f"{run_dir / CONFIG} is missing; {latest} is of this config (its manifest's hash): "
+                      f"resuming from it and writing {CONFIG} again")
+    saved, given = read_json(run_dir / BLOCKS), blocks.fingerprint()
+    if saved is not None and saved != given:
+        raise ValueError(f"{run_dir / BLOCKS}: this run trained on other blocks (saved {saved}, given {given}); "
+                         f"the data label {config.data!r} does not tell them apart. Pass the same train_blocks, "
+                         f"or use another `out` directory")
+    return latest
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """Return the newest complete checkpoint directory of a run (None if none)."""
-    found = sorted((Path(run_dir) / "checkpoints").glob("step-*"))  # temp dirs start with "."
-    return found[-1] if found else None
+def latest_checkpoint(run_dir: str | Path, config_hash: str | None = None) -> Path | None:
+    """Return the newest checkpoint of a run whose manifest verifies (of `config_hash` if given; None if none),
+    warning about each newer one that does not, naming its bad file."""
+    for path in sorted(_step_dirs(Path(run_dir) / "checkpoints"), key=_step_of, reverse=True):
+        try:
+            manifest = verify_manifest(path)
+            if manifest.get("step") != _step_of(path):
+                raise CheckpointError(f"its manifest says step {manifest.get('step')}")
+            if config_hash is not None and manifest.get("config_hash") != config_hash:
+                raise CheckpointError(f"it is of config hash {manifest.get('config_hash')}, not {config_hash}")
+            return path
+        except CheckpointError as e:
+            warnings.warn(f"checkpoint {path} is not usable, falling back to an older one: {e}")
+    return None
 
 
-def _save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, acc, keep: int, last: bool) -> Path:
-    """Write checkpoints/step-N atomically: into a temp dir, then one rename (a crash leaves the last one).
+def _step_dirs(root: Path) -> list[Path]:
+    """Return the checkpoint directories step-N under root (temp dirs start with ".")."""
+    return [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name[5:])
+
+
+def _checkpoint_hashes(run_dir: Path) -> dict[Path, str]:
+    """Return {checkpoint: its manifest's config hash} for every checkpoint whose manifest can be read."""
+    found = {}
+    for path in _step_dirs(run_dir / "checkpoints"):
+        try:
+            found[path] = read_manifest(path).get("config_hash")
+        except CheckpointError:
+            pass  # latest_checkpoint warns about it
+    return found
+
+
+def _save_checkpoint(run_dir: Path, step: int, run: "_Run", config: TrainConfig, last_good: Path | None) -> Path:
+    """Write checkpoints/step-N atomically: into a temp dir, its manifest last, then one rename (a crash
+    or a full disk leaves the last one); refuse non-finite weights before writing anything.
 
     The last checkpoint of a run holds the model and step only: optimiser moments (twice the model's size) and
     RNG states could only serve more steps, and a longer run is another config, refused here.
     """
-    root = run_dir / "checkpoints"
+    acc, root = run.acc, run_dir / "checkpoints"
     final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        save(model, tmp)  # compact: each shared tensor once, the spec in config.json
-        torch.save({"step": step, "scheduler": scheduler.state_dict()}, tmp / TRAINING_STATE)
-    acc.wait_for_everyone()
-    if not last:  # every process writes its optimiser state (ZeRO shards it) and RNG states
-        torch.save({"optimizer": optimizer.state_dict(), "rng": _rng_state()}, tmp / f"rank{acc.process_index}.pt")
+    bad = [k for k, t in unique_state_dict(run.student).items() if not torch.isfinite(t).all()]
+    if bad:  # the same weights on every process: all raise
+        raise FloatingPointError(f"non-finite weights after step {step} ({len(bad)} tensors, e.g. {bad[:3]}): "
+                                 f"{final} not written; last good checkpoint: {last_good}")
+    last = step == config.steps
+    try:
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            save(run.student, tmp)  # compact: each shared tensor once, the spec in config.json
+            torch.save({"step": step, "scheduler": run.scheduler.state_dict()}, tmp / TRAINING_STATE)
         acc.wait_for_everyone()
+        digests = []
+        if not last:  # every process writes its optimiser state (ZeRO shards it) and RNG states, and hashes it
+            mine = tmp / f"rank{acc.process_index}.pt"
+            torch.save({"optimizer": run.optimizer.state_dict(), "rng": _rng_state()}, mine)
+            from accelerate.utils import gather_object
+            digests = gather_object([(mine.name, file_digest(mine))])
+        if acc.is_main_process:
+            write_manifest(tmp, dict(digests), step=step, config_hash=config.hash())
+            if final.exists():  # a stale one of this config (resume fell back past it)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_path(root)
+    except OSError as e:
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"writing checkpoint {final} failed at {e.filename or tmp}: {e.strerror or e}; "
+                               f"removed the partial copy; last good checkpoint: {last_good}") from e
     if acc.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in sorted(root.glob("step-*"))[:-keep]:
-            shutil.rmtree(old)
+        _prune(root, config, step)
     acc.wait_for_everyone()
     return final
+
+
+def _prune(root: Path, config: TrainConfig, step: int) -> None:
+    """Delete all but the newest `keep_checkpoints` of this config's checkpoints up to `step`, by step number
+    (another config's are never touched; a stale later one of this run is replaced when its step comes)."""
+    ours = sorted((p for p, h in _checkpoint_hashes(root.parent).items() if h == config.hash() and _step_of(p) <= step),
+                  key=_step_of)
+    for old in ours[:-config.keep_checkpoints]:
+        shutil.rmtree(old)
 
 
 def _load_training_state(checkpoint: Path, optimizer, scheduler, rank: int) -> None:
@@ -397,6 +512,22 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _on_main(state, fn):
+    """Return fn() as run on the main process, on every process; an error it raised is raised on every one."""
+    out = [None, None]
+    if state.is_main_process:
+        try:
+            out[0] = fn()
+        except Exception as e:  # handed to every process, so none waits on a collective forever
+            out[1] = e
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        broadcast_object_list(out, from_process=0)
+    if out[1] is not None:
+        raise out[1]
+    return out[0]
 
 
 def _seed_everything(seed: int) -> None:

@@ -19,6 +19,10 @@ from __future__ import annotations
 import torch
 
 
+class ScheduleError(AssertionError):
+    """Debug mode: the engine broke a KV invariant (an engine bug, never blamed on one request)."""
+
+
 class KVPool:
     """Preallocated keys and values for `num_slots` requests × `num_depths` depths × `max_seq_len`."""
 
@@ -37,9 +41,17 @@ class KVPool:
         return self.free.pop(0)
 
     def release(self, slot: int) -> None:
-        """Give a finished request's slot back."""
+        """Give a finished (or failed) request's slot back, its written marks cleared."""
+        if not 0 <= slot < self.num_slots or slot in self.free:
+            raise ValueError(f"slot {slot!r} is not allocated; allocated: "
+                             f"{sorted(set(range(self.num_slots)) - set(self.free))}")
         self.written[slot] = False
         self.free.append(slot)
+
+    def unwrite(self, *, slot: torch.Tensor, depth: torch.Tensor, position: torch.Tensor) -> None:
+        """Clear the written marks of rows (slot, depth, position) [n] a failed layer call may have set."""
+        self.written[slot.to(self.written.device), depth.to(self.written.device),
+                     position.to(self.written.device)] = False
 
     def layer_cache(self, *, slot: torch.Tensor, depth: torch.Tensor, position: torch.Tensor,
                     window: torch.Tensor, dtype: torch.dtype) -> "LayerCache":
@@ -84,13 +96,13 @@ class LayerCache:
         pool._ensure(k_rows.shape[1], k_rows.shape[2], k_rows)
         at = (self.slot, self.depth, self.position)
         if pool.debug and pool.written[at].any():
-            raise AssertionError("KV slot written twice (a (request, depth, position) ran twice)")
+            raise ScheduleError("KV slot written twice (a (request, depth, position) ran twice)")
         pool.keys[at] = k_rows
         pool.values[at] = v_rows
         pool.written[at] = True
         key_at = (self.key_slot, self.key_depth, self.key_pos)
         if pool.debug and (self.allowed & ~pool.written[key_at][None, :]).any():
-            raise AssertionError("KV slot read before written (scheduler broke a dependency)")
+            raise ScheduleError("KV slot read before written (scheduler broke a dependency)")
         keys = pool.keys[key_at].transpose(0, 1)[None]  # [1, kv_heads, S, head_dim]
         values = pool.values[key_at].transpose(0, 1)[None]
         return keys, values
