@@ -7,6 +7,11 @@ NOTEBOOKS := 00_explore 01_init_ablation 02_relaxation_rank_sweep 03_distillatio
 STAMP   := $(shell date +%Y%m%d-%H%M%S)
 NB      ?= 01_init_ablation
 SCALE   ?= smoke
+P       ?=
+LAB_ARGS ?= --no-browser --ip=127.0.0.1 --port=8888
+# one line naming the valid values, before anything is created
+CHECK_NB_SCALE = test -f notebooks/$(NB).ipynb || { echo "unknown NB=$(NB); valid: $(NOTEBOOKS)" >&2; exit 2; }; \
+	test -f params/$(NB)/$(SCALE).yaml || { echo "unknown SCALE=$(SCALE) for $(NB); valid: $$(cd params/$(NB) && ls *.yaml | sed 's/\.yaml$$//' | tr '\n' ' ')" >&2; exit 2; }
 
 .PHONY: help setup test demo smoke plan run sweep report lab strip
 
@@ -28,13 +33,15 @@ test: setup  ## run the test suite (tiny random models, the real embedded models
 	$(OFFLINE) $(PY) -m pytest -q -rs
 
 plan: setup  ## print a notebook's runs, tokens and H100 hours, no weights loaded: make plan NB=03_distillation SCALE=paper-gemma-2b
+	@$(CHECK_NB_SCALE)
 	$(OFFLINE) $(PY) -m rrt.plans $(NB) $(SCALE)
 
 RUN_DIR = $(CURDIR)/outputs/$(NB)/$(SCALE)-$(STAMP)
-run: setup  ## run one notebook: make run NB=01_init_ablation SCALE=cpu (outputs/<NB>/<SCALE>-<time>/)
+run: setup  ## run one notebook: make run NB=01_init_ablation SCALE=cpu [P="steps=20 lr=1e-4"] (outputs/<NB>/<SCALE>-<time>/)
+	@$(CHECK_NB_SCALE)
 	mkdir -p $(RUN_DIR)
 	$(OFFLINE) $(PY) -m papermill notebooks/$(NB).ipynb $(RUN_DIR)/$(NB).ipynb \
-	  -f params/$(NB)/$(SCALE).yaml -p run_dir $(RUN_DIR) --progress-bar
+	  -f params/$(NB)/$(SCALE).yaml $(foreach kv,$(P),-p $(subst =, ,$(kv))) -p run_dir $(RUN_DIR) --progress-bar
 
 demo: setup  ## the main job: every notebook at cpu scale on the embedded SmolLM2-135M, headless
 	set -e; for nb in $(NOTEBOOKS); do $(MAKE) --no-print-directory run NB=$$nb SCALE=cpu STAMP=$(STAMP); done
@@ -46,6 +53,7 @@ sweep: setup  ## a plan as jobs: make sweep NB=.. SCALE=.. [BACKEND=slurm]; a gr
 ifdef GRID
 	$(OFFLINE) $(PY) -m rrt.sweep $(GRID) --backend $(or $(BACKEND),local)
 else
+	@$(CHECK_NB_SCALE)
 	$(PY) -m rrt.sweep --notebook $(NB) --scale $(SCALE) --backend $(or $(BACKEND),local)
 	$(if $(filter slurm,$(BACKEND)),,$(MAKE) --no-print-directory run NB=$(NB) SCALE=$(SCALE))
 endif
@@ -53,8 +61,8 @@ endif
 report: setup  ## render every executed notebook under outputs/ to HTML, with an index page
 	$(PY) -m rrt.report outputs
 
-lab: setup  ## start JupyterLab on the notebooks
-	.venv/bin/jupyter lab notebooks/
+lab: setup  ## JupyterLab on the notebooks; as root and on a remote node too: make lab LAB_ARGS="--ip=0.0.0.0 --port=8890"
+	.venv/bin/jupyter lab notebooks/ --allow-root $(LAB_ARGS)
 
 strip: setup  ## strip outputs from the committed notebooks (keeps diffs reviewable)
 	$(PY) -m nbconvert --clear-output --inplace notebooks/*.ipynb

@@ -78,3 +78,23 @@ def test_ci_runs_the_readme_commands():
     for command in ("make setup", "make test"):
         assert command in ci and command in readme
     assert readme.index("make setup") < 400  # the two commands open the README
+
+
+def test_make_run_refuses_an_unknown_notebook_or_scale_in_one_line_creating_nothing(tmp_path):
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    for args, named in ((["NB=01_init_ablaton", "SCALE=cpu"], "unknown NB=01_init_ablaton; valid: 00_explore"),
+                        (["NB=01_init_ablation", "SCALE=gpu"], "unknown SCALE=gpu for 01_init_ablation; valid: cpu")):
+        for target in ("run", "plan", "sweep"):
+            done = subprocess.run(["make", "-s", target, *args, f"STAMP=test-{tmp_path.name}"], cwd=root,
+                                  capture_output=True, text=True)
+            assert done.returncode == 2 and done.stderr.splitlines()[0].startswith(named), done.stderr
+    assert not list((root / "outputs").glob(f"*/*test-{tmp_path.name}"))
+
+
+def test_make_run_passes_one_parameter_override_per_key_value():
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    dry = subprocess.run(["make", "-n", "run", "NB=03_distillation", "SCALE=smoke", 'P=steps=3 lr=1e-4'], cwd=root,
+                         capture_output=True, text=True).stdout
+    assert "-f params/03_distillation/smoke.yaml -p steps 3 -p lr 1e-4 -p run_dir " in dry
