@@ -159,14 +159,12 @@ class TrainingStudy(Study):
         """The full-size model uptrained with the same recipe (CE): Fig. 4/5's reference and App. L's teacher."""
         return self.run("full-size", "baseline", num_blocks=1, baseline="full", tags={"baseline": "full"})
 
-    def teacher_of(self, teacher: str) -> tuple[str | None, tuple, str]:
-        """Return (TrainConfig.teacher, the runs it needs, its label) for a study's `teacher` field."""
+    def teacher_of(self, teacher: str) -> tuple[str | None, tuple]:
+        """Return (TrainConfig.teacher, the runs it needs) for a study's `teacher` field."""
         if teacher == "full-size":
             run = self.full_size()
-            return str(run.final_checkpoint), (run.name,), f"full-size uptrained ({run.dir.name})"
-        if teacher == "pretrained":
-            return None, (), f"pretrained {self.model}"
-        return teacher, (), teacher
+            return str(run.final_checkpoint), (run.name,)
+        return (None, ()) if teacher == "pretrained" else (teacher, ())
 
 
 # ---------------------------------------------------------------- one class per notebook
@@ -212,7 +210,7 @@ class InitAblation(TrainingStudy):
         super().validate()
 
     def runs(self):
-        teacher, needs, _ = self.teacher_of(self.teacher) if self.kd else (None, (), "")
+        teacher, needs = self.teacher_of(self.teacher) if self.kd else (None, ())
         runs = [self.full_size()] if self.baselines or needs else []
         runs += [self.run(f"{init} B={b}", num_blocks=b, init=init, kd=self.kd, teacher=teacher, needs=needs,
                           tags={"init": init, "num_blocks": b})
@@ -287,7 +285,7 @@ class Distillation(TrainingStudy):
         super().validate()
 
     def runs(self):
-        teacher, needs, _ = self.teacher_of(self.teacher)
+        teacher, needs = self.teacher_of(self.teacher)
         students = [(self.init, 0)] + ([(self.relaxed_init, self.relaxed_lora_rank)] if self.relaxed_lora_rank else [])
         runs = [self.full_size()] if needs else []
         for b in self.num_blocks:
