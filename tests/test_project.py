@@ -98,3 +98,11 @@ def test_make_run_passes_one_parameter_override_per_key_value():
     dry = subprocess.run(["make", "-n", "run", "NB=03_distillation", "SCALE=smoke", 'P=steps=3 lr=1e-4'], cwd=root,
                          capture_output=True, text=True).stdout
     assert "-f params/03_distillation/smoke.yaml -p steps 3 -p lr 1e-4 -p run_dir " in dry
+
+
+def test_every_module_with_a_command_line_answers_help():
+    import subprocess
+    import sys
+    for module in ("rrt.studies", "rrt.plans", "rrt.train", "rrt.sweep", "rrt.serving.bench"):
+        done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
+        assert done.returncode == 0 and "usage:" in done.stdout, (module, done.stderr[-500:])

@@ -10,6 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rrt.rundir import write_json
+
 WEIGHTS = "model.safetensors"
 TRAINING_STATE = "training_state.pt"  # beside the weights in train.py's checkpoints: step, scheduler
 MANIFEST = "manifest.json"  # written last into train.py's checkpoints: each file's sha256, the step, the config hash
@@ -52,8 +54,7 @@ def write_manifest(path: str | Path, digests: dict | None = None, **fields) -> d
     files = {file.name: digests.get(file.name) or file_digest(file)
              for file in sorted(p for p in path.iterdir() if p.is_file() and p.name != MANIFEST)}
     manifest = {**fields, "files": files}
-    (path / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    fsync_path(path / MANIFEST)
+    write_json(path / MANIFEST, manifest)  # fsynced, then renamed into place
     fsync_path(path)
     return manifest
 

@@ -190,14 +190,16 @@ def _loop_lm(model, tokenizer, *, loop_idx, batch_size):
     return LoopLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
-def save_results(df, out_dir, *, params, name="results"):
-    """Writes `name`.csv and `name`.json (rows + the params that produced them + package versions); returns their paths."""
+def save_results(df, out_dir, *, params, name="results", versions=None):
+    """Writes `name`.csv and `name`.json (rows + the params that produced them + package versions, taken now
+    unless given); returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv, js = out_dir / f"{name}.csv", out_dir / f"{name}.json"
     df.to_csv(csv, index=False)
-    from rrt.rundir import versions
+    from rrt import rundir
 
-    record = {"params": params, "versions": versions(), "rows": json.loads(df.to_json(orient="records"))}
-    js.write_text(json.dumps(record, indent=2, default=str))
+    record = {"params": params, "versions": versions or rundir.versions(),
+              "rows": json.loads(df.to_json(orient="records"))}
+    rundir.write_json(js, record)
     return csv, js

@@ -29,7 +29,8 @@ from pathlib import Path
 from rrt.evaluation import TASKS
 from rrt.losses import KD_KINDS
 from rrt.models import model_config
-from rrt.recursive import INITS, LORA_INITS, check_num_blocks
+from rrt.recursive import INITS, check_num_blocks
+from rrt.rundir import read_json, write_json
 from rrt.trainconfig import TrainConfig
 
 SCALES = ("smoke", "cpu", "paper-gemma-2b", "paper-tinyllama-1.1b", "paper-pythia-1b")
@@ -581,18 +582,17 @@ def write_run_files(study: TrainingStudy, runs: list[Run]) -> list[Path]:
     data, evaluation = data_spec(study), evaluation_spec(study)
     paths = []
     for run in runs:
-        run.dir.mkdir(parents=True, exist_ok=True)
-        path = run.dir / RUN_FILE
-        path.write_text(json.dumps({"name": run.name, "role": run.role, "tags": run.tags, "needs": list(run.needs),
-                                    "config": run.config.to_dict(), "data": data, "evaluation": evaluation},
-                                   indent=2, default=str))
-        paths.append(path)
+        paths.append(write_json(run.dir / RUN_FILE, {
+            "name": run.name, "role": run.role, "tags": run.tags, "needs": list(run.needs),
+            "config": run.config.to_dict(), "data": data, "evaluation": evaluation}))
     return paths
 
 
 def read_run_file(path: str | Path) -> tuple[Run, dict, dict]:
     """Return (run, data spec, evaluation spec) from a run.json written by `write_run_files`."""
-    spec = json.loads(Path(path).read_text())
+    spec = read_json(path)
+    if spec is None:
+        raise ValueError(f"no run file {path}: write it with `make sweep` or rrt.plans.start")
     run = Run(name=spec["name"], role=spec["role"], config=TrainConfig.from_dict(spec["config"]), tags=spec["tags"],
               needs=tuple(spec["needs"]))
     return run, spec["data"], spec["evaluation"]

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
-from rrt.models import decoder_layers, family_of, head_logits
+from rrt.models import decoder_layers, head_logits
 
 INITS = ("stepwise", "average", "lower", "random")
 NORM_INITS = ("average", "choice", "zero")

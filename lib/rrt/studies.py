@@ -10,10 +10,10 @@ runs.csv) and its metrics (`loss`, `loss/ce`, `loss/kd`, `ppl/loop_0`, …; loop
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import itertools
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from rrt.data import PACKED_CACHE, load_packed
 from rrt.evaluation import few_shot, per_loop_perplexity, perplexity, save_results
 from rrt.plans import Run, Study, TrainingStudy
 from rrt.recursive import num_loops
+from rrt.rundir import read_json, versions, write_json
 
 TABLES = ("runs", "curves", "perplexity", "accuracy")
 
@@ -102,17 +103,15 @@ def execute(run: Run, *, original, tokenizer, data: StudyData, evaluation: dict)
                "perplexity": evaluate_perplexity(model, data, per_loop=evaluation["per_loop"]),
                "accuracy": (evaluate_accuracy(model, tokenizer, evaluation).to_dict("records")
                             if evaluation["tasks"] else [])}
-    path = _results_path(run, evaluation)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, default=str))
-    os.replace(tmp, path)  # a results file is whole or absent
+    write_json(_results_path(run, evaluation), results)  # atomic: a results file is whole or absent
     return results
 
 
 def read_results(run: Run, evaluation: dict) -> dict | None:
     """Return a finished run's results for this evaluation, or None (not trained, or evaluated otherwise)."""
     path = _results_path(run, evaluation)
-    return json.loads(path.read_text()) if path.exists() and run.trained() else None
+    results = read_json(path)
+    return results if results is not None and run.trained() else None
 
 
 def _results_path(run: Run, evaluation: dict) -> Path:
@@ -164,8 +163,9 @@ def average_accuracy(acc: pd.DataFrame, by=("run",)) -> pd.DataFrame:
 
 def save_tables(run_dir: Path, study: Study, **tables: pd.DataFrame) -> None:
     """Write each table as <name>.csv and <name>.json (rows + the study that produced them)."""
+    found = versions()  # once per call: it asks git twice
     for name, df in tables.items():
-        save_results(df, run_dir, params=study.to_dict(), name=name)
+        save_results(df, run_dir, params=study.to_dict(), name=name, versions=found)
 
 
 # ---------------------------------------------------------------- no training: conversions only
@@ -258,3 +258,7 @@ def throughput_vs_accuracy(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     rows["avg_accuracy"] = rows["model"].map(acc)
     return rows[["system", "config", "tokens_per_s", "tokens_per_s_ratio", "avg_accuracy"]].rename(
         columns={"tokens_per_s_ratio": "throughput_ratio"})
+
+
+if __name__ == "__main__":
+    main()
