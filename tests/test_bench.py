@@ -5,9 +5,12 @@ import torch
 
 import rrt
 from rrt.serving import Engine, Request
-from rrt.serving.baselines import StaticBatchEngine, profile
-from rrt.serving.bench import PAPER_CONFIGS, load_bench_model, main, output_lengths, run_benchmark
-from rrt.serving.simulate import kv_bytes_per_token, measure_block_times, simulate, weight_bytes
+from rrt.exits import OracleExit
+from rrt.serving.baselines import StaticBatchEngine
+from rrt.serving.bench import (PAPER_CONFIGS, DryRunEngine, Workload, bound_seconds, interpolate, load_bench_model,
+                               main, measure_step_costs, run_benchmark)
+from rrt.serving.simulate import kv_bytes_per_token, simulate, weight_bytes
+from rrt.serving.workload import requests_from
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,58 +55,92 @@ def test_static_batch_engine_admits_whole_batches():
     prompts = [tok(t).input_ids for t in ["Hello world", "Ab", "The fox"]]
     requests = lambda: [Request(list(p), 3) for p in prompts]  # noqa: E731
     cont = Engine(model, max_active=2)
-    static = StaticBatchEngine(model, max_active=2)
-    prof = profile(static)
+    static = StaticBatchEngine(model, max_active=2, profile=True)
     assert static.run(requests()) == cont.run(requests())
     # request 2 waits for the whole first batch: it is admitted only after both finished
     assert static.latency()[2] > max(static.latency()[0], static.latency()[1]) - 1e-9
     assert sorted(static.latency()) == [0, 1, 2]
-    assert prof.attn_ideal <= prof.attn_rows_keys and len(prof.step_rows) == static.stats["steps"]
+    assert len(static.profile.step_rows) == static.stats["steps"]
 
 
-def test_run_benchmark_rows_and_ratios():
+@pytest.fixture(scope="module")
+def tiny_served():
     model, tok = rrt.load_model("tiny-llama")
-    df = run_benchmark(model, tok, num_blocks=3, lora_rank=2, num_requests=3, prompt_len=5,
-                       new_tokens=3, length_spread=0.0, max_active=2, token_budget=8)
-    assert df["system"].tolist() == ["vanilla_static", "vanilla_hf_generate_static", "vanilla_continuous",
-                                     "recursive_no_exit", "recursive_oracle_exit",
-                                     "recursive_oracle_exit_no_lora"]
-    assert (df["tokens"] == 9).all()
-    assert df.loc[0, "tokens_per_s_ratio"] == 1.0
-    rec = df.set_index("system")
-    assert rec.loc["recursive_no_exit", "exits_per_loop"] == "0 0 9"
-    assert rec.loc["recursive_oracle_exit", "exits_per_loop"] == rec.loc["recursive_oracle_exit_no_lora", "exits_per_loop"]
-    assert rec.loc["recursive_no_exit", "weight_bytes"] < rec.loc["vanilla_static", "weight_bytes"]
-    assert [len(t) for t in df.attrs["trajectories"]] == [3, 3, 3]
+    rec = rrt.convert(model, rrt.RecursiveSpec(num_blocks=3, lora_rank=2))
+    samples = Workload(num_requests=5, prefix_len=6, decode_len=9).samples(tok, model.config.vocab_size)
+    return model, tok, rec, samples
+
+
+@pytest.mark.parametrize("kv_policy", ["propagate", "copy_kv", "copy_hidden"])
+@pytest.mark.parametrize("static", [False, True])
+def test_dry_run_replays_the_engine_schedule(tiny_served, kv_policy, static):
+    _, _, rec, samples = tiny_served
+    g = torch.Generator().manual_seed(0)
+    traj = OracleExit({i: torch.randint(0, 3, (40,), generator=g).tolist() for i in range(len(samples))})
+    kw = dict(token_budget=7, max_active=3, exit_policy=traj, kv_policy=kv_policy, max_seq_len=20)
+    real = (StaticBatchEngine if static else Engine)(rec, profile=True, **kw)
+    real.run(requests_from(samples))
+    dry = DryRunEngine(rec, static=static, **kw)
+    dry.run(requests_from(samples))
+    assert [n for kind, n in dry.trace if kind == "block"] == real.profile.step_rows  # same steps, same rows
+    assert sum(n for kind, n in dry.trace if kind == "head") == real.stats["tokens"]  # head on exiting rows only
+    assert dry.exit_loops == real.exit_loops
+    fills = sum(n for kind, n in dry.trace if kind == "fill")
+    assert fills == (real.stats["filled_rows"] if kv_policy == "copy_hidden" else 0)
+
+
+def test_bound_prices_every_call_at_its_row_count():
+    costs = pd.DataFrame({"rows": [1, 4], "block_s": [1.0, 2.5], "fill_s": [0.5, 0.5], "head_s": [0.1, 0.4]})
+    assert interpolate(costs, "block_s", 2) == 1.5 and interpolate(costs, "block_s", 8) == 4.5  # extrapolated
+    trace = [("block", 1), ("head", 4), ("fill", 2), ("block", 4)]
+    assert bound_seconds(trace, costs) == pytest.approx(1.0 + 0.4 + 0.5 + 2.5)
+
+
+def test_run_benchmark_rows_ratios_and_bound(tiny_served):
+    model, tok, rec, _ = tiny_served
+    result = run_benchmark(model, tok, rec, workload=Workload(num_requests=4, prefix_len=6, decode_len=5),
+                           max_active=2, token_budget=8, repeats=1, kv_policies=("propagate", "copy_kv"),
+                           arrival_rate=100.0)
+    df = result.systems
+    assert df["system"].tolist() == ["hf_generate_static", "vanilla_static", "vanilla_continuous", "recursive_no_exit",
+                                     "cdb_oracle", "cdb_oracle", "cdb_oracle_own", "cdb_oracle_no_lora",
+                                     "cdb_oracle_no_lora"]
+    assert df["tokens"].nunique() == 1  # every system serves the same requests
+    assert (df.loc[df.system == "vanilla_static", "delta_v"] == 1.0).all()
+    assert (df.loc[df.system == "vanilla_continuous", "delta_seq"] == 1.0).all()
+    assert (df["real_over_bound"] > 0).all() and (df["bound_s"] > 0).all()
+    oracle = df[df.system == "cdb_oracle"].set_index("kv_policy")
+    no_lora = df[df.system == "cdb_oracle_no_lora"].set_index("kv_policy")
+    assert (oracle["exits_per_loop"] == no_lora["exits_per_loop"]).all()  # same replayed trajectories
+    assert oracle.loc["copy_kv", "filled_rows"] > 0 and oracle.loc["copy_kv", "propagation_rows"] == 0
+    expected = sum(b + 1 for t in result.trajectories for b in t) / sum(len(t) for t in result.trajectories)
+    assert oracle.loc["propagate", "mean_loops_per_token"] == pytest.approx(expected)
+    assert set(result.step_costs["model"]) == {"vanilla", "recursive B=3 r=2", "recursive B=3 r=0"}
+    assert result.latency["system"].tolist() == ["vanilla_continuous", "cdb_oracle"]
+    assert (result.latency["ttft_p50_s"] <= result.latency["latency_p50_s"]).all()
 
 
 def test_cli_writes_tables(tmp_path):
-    bench = main(["--model", "tiny-llama", "--num-requests", "2", "--new-tokens", "3", "--prompt-len", "5",
-                  "--max-active", "2", "--no-hf-generate", "--out", str(tmp_path)])
-    assert len(bench) == 4
-    for name in ["bench.csv", "simulate.csv", "block_times.csv", "report.md", "config.json"]:
+    result = main(["--model", "tiny-llama", "--num-requests", "2", "--decode-len", "3", "--prefix-len", "5",
+                   "--max-active", "2", "--repeats", "1", "--no-hf-generate", "--out", str(tmp_path)])
+    assert len(result.systems) == 6  # static, continuous, no exit, oracle ×2 KV policies, own oracle
+    for name in ["bench.csv", "step_costs.csv", "paper_sim.csv", "report.md", "config.json", "versions.json"]:
         assert (tmp_path / name).exists()
-    assert "real_over_sim_paper" in (tmp_path / "report.md").read_text()
-    assert bench["tokens"].nunique() == 1 and bench.loc[0, "tokens"] == sum(output_lengths(2, 3, 0.5))
+    assert "real_over_bound" in (tmp_path / "report.md").read_text()
 
 
-def test_output_lengths_are_shared_and_bounded():
-    lengths = output_lengths(50, 24, 0.5, seed=1)
-    assert lengths == output_lengths(50, 24, 0.5, seed=1) and min(lengths) >= 12 and max(lengths) <= 36
-    assert output_lengths(3, 5, 0.0) == [5, 5, 5]
-    with pytest.raises(ValueError, match="length_spread"):
-        output_lengths(3, 5, 1.0)
-
-
-def test_memory_accounting_and_cap():
+def test_step_costs_and_memory_cap():
     model, _ = rrt.load_model("tiny-llama")
     cfg = model.config
     assert kv_bytes_per_token(model) == cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * \
         (cfg.hidden_size // cfg.num_attention_heads) * 4
-    cap = weight_bytes(model) + 2 * (4 + 2) * kv_bytes_per_token(model)
-    times = measure_block_times(model, batch_sizes=[1, 2, 3], prefix_len=4, decode_len=2, memory_cap_bytes=cap)
-    assert times["batch_size"].tolist() == [1, 2]
-    assert (times["block_s_per_token"] > 0).all()
+    cap = weight_bytes(model) + 2 * 6 * kv_bytes_per_token(model)
+    costs = measure_step_costs(model, max_rows=5, context_len=4, max_active=2, seq_len=6, memory_cap_bytes=cap,
+                               repeats=1)
+    assert costs["rows"].tolist() == [1, 2, 3, 4, 5] and (costs["block_s"] > 0).all() and costs["fits"].all()
+    over = measure_step_costs(model, max_rows=2, context_len=4, max_active=3, seq_len=6, memory_cap_bytes=cap,
+                              repeats=1)
+    assert not over["fits"].any()
 
 
 @pytest.mark.parametrize("name,non_embedding", [("paper-gemma-2b", 1_981_884_416),
@@ -113,13 +150,3 @@ def test_paper_configs_match_table_16(name, non_embedding):
     assert name in PAPER_CONFIGS
     model, tok = load_bench_model(name, device="meta")  # shapes only: no memory, no time
     assert tok is None and rrt.count_parameters(model)["non_embedding"] == non_embedding
-
-
-def test_given_trajectories_replace_the_oracle():
-    model, tok = rrt.load_model("tiny-llama")
-    kw = dict(num_blocks=2, num_requests=2, prompt_len=4, new_tokens=3, length_spread=0.0, max_active=2,
-              hf_generate=False)
-    df = run_benchmark(model, tok, trajectories=[[0, 0, 0], [0, 1, 0]], **kw).set_index("system")
-    assert df.loc["recursive_oracle_exit", "exits_per_loop"] == "5 1"
-    with pytest.raises(ValueError, match="one exit loop per generated token"):
-        run_benchmark(model, tok, trajectories=[[0], [0]], **kw)

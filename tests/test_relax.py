@@ -6,8 +6,9 @@ import torch
 
 import rrt
 from rrt.models import Fused, decoder_layers, family_of
-from rrt.relax import (FusedLoopLoRALinear, LoopLoRALinear, lora_modules, merge, per_row_lora, per_row_loops,
+from rrt.relax import (FusedLoopLoRALinear, LoopLoRALinear, loop_segments, lora_modules, merge, per_row_lora,
                        set_trainable)
+from rrt.serving.rows import per_row_loops
 from tests.test_recursive import assert_tied
 
 FULL = 10_000  # larger than any tiny matrix: clamped to full rank
@@ -209,7 +210,7 @@ def test_per_row_path_equals_per_depth_path(tiny, assignment):
     for name in family_of(model).linears:
         for j in range(k):
             x = torch.randn(rows, layers[j].get_submodule(name).base_layer.weight.shape[1], generator=gen)
-            with per_row_loops(relaxed, loop_idx):
+            with per_row_loops(relaxed, loop_segments(loop_idx.tolist())):
                 got = layers[j].get_submodule(name)(x)
             want = torch.stack([layers[j + int(b) * k].get_submodule(name)(x[i]) for i, b in enumerate(loop_idx)])
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -222,7 +223,9 @@ def test_per_row_lora_mixed_ranks_and_missing_loops():
     loras = [(torch.randn(2, 6, generator=gen), torch.randn(4, 2, generator=gen)), None,
              (torch.randn(5, 6, generator=gen), torch.randn(4, 5, generator=gen))]
     loop_idx = torch.tensor([2, 0, 1, 2, 2, 0, 1, 1, 0])
-    got = per_row_lora(x, loop_idx, loras)
+    segments = loop_segments(loop_idx.tolist())
+    assert len(segments) == 7  # runs of equal loop, in row order
+    got = per_row_lora(x, segments, loras)
     for i, b in enumerate(loop_idx.tolist()):
         want = torch.zeros(4) if loras[b] is None else loras[b][1] @ (loras[b][0] @ x[i])
         torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)

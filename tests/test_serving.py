@@ -338,3 +338,113 @@ def test_debug_schedule_errors_are_not_isolated(llama):
     engine._schedule = lambda: [(engine.active[0], 1, 0)]  # position 1 before position 0
     with pytest.raises(ScheduleError, match="read before written"):
         engine.step()
+
+
+# --------------------------------------------------------------------------- KV policies, arrivals, layout
+
+@pytest.mark.parametrize("kv_policy", ["copy_kv", "copy_hidden"])
+def test_kv_policies_without_exits_equal_hf_generate(llama, kv_policy):
+    rec, prompts, expected = llama
+    engine = Engine(rec, token_budget=5, kv_policy=kv_policy, debug=True)
+    out = engine.run(_requests(prompts, 1))
+    assert [out[i] for i in range(len(prompts))] == expected  # nothing exits early: nothing is filled
+    assert engine.stats["filled_rows"] == 0
+
+
+@pytest.mark.parametrize("kv_policy", ["copy_kv", "copy_hidden"])
+def test_kv_policies_fill_instead_of_running_and_are_schedule_independent(llama, kv_policy):
+    rec, prompts, expected = llama
+    trajectories = record_oracle_trajectories(rec, [p + e for p, e in zip(prompts, expected)])
+    policy = OracleExit(dict(enumerate(trajectories)))
+    batched = Engine(rec, token_budget=4, exit_policy=policy, kv_policy=kv_policy, debug=True)
+    out = batched.run(_requests(prompts, 1))
+    assert batched.stats["propagation_items"] == 0 and batched.stats["filled_rows"] > 0
+    exact = Engine(rec, token_budget=4, exit_policy=policy, debug=True)
+    exact.run(_requests(prompts, 1))
+    assert batched.stats["items"] < exact.stats["items"]  # the exited tokens' deeper loops never ran
+    # the copied keys change later tokens' attention, but not with the schedule: one request at a time
+    for i, p in enumerate(prompts):
+        alone = Engine(rec, token_budget=1, exit_policy=policy, kv_policy=kv_policy, max_active=1, debug=True)
+        assert alone.run([Request(p, NEW, request_id=i)])[i] == out[i]
+        assert alone.exit_loops[i] == batched.exit_loops[i]
+
+
+def test_copy_kv_writes_the_exit_loops_keys_into_deeper_depths(llama):
+    rec, prompts, _ = llama
+    k = 2  # tiny-llama B=3: 2 shared layers
+    engine = Engine(rec, exit_policy=OracleExit({0: [0] * 40}), kv_policy="copy_kv", debug=True)
+    engine.submit(Request(prompts[0], 3))
+    while not engine.results:  # step until done, keeping the pool: check before release
+        engine.step()
+        live = engine.active[0] if engine.active else None
+        if live is None:
+            break
+        for p in live.filled:
+            for j in range(k):
+                for deeper in (1, 2):
+                    torch.testing.assert_close(engine.kv.keys[live.slot, deeper * k + j, :, p],
+                                               engine.kv.keys[live.slot, j, :, p], rtol=0, atol=0)
+    assert engine.results[0] and engine.stats["filled_rows"] == 2 * 3  # three tokens, two deeper loops each
+
+
+def test_unknown_kv_policy_refused(llama):
+    with pytest.raises(ValueError, match="unknown kv_policy 'skip'; valid: propagate, copy_kv, copy_hidden"):
+        Engine(llama[0], kv_policy="skip")
+
+
+def test_arrival_seconds_delay_admission_and_latency_is_timed(llama):
+    rec, prompts, expected = llama
+    engine = Engine(rec, token_budget=8)
+    requests = [Request(prompts[0], NEW, arrival_s=0.0), Request(prompts[1], NEW, arrival_s=0.3)]
+    out = engine.run(requests)
+    assert [out[0], out[1]] == expected[:2]
+    assert engine.arrived_at[1] - engine._t0 >= 0.3   # admitted no earlier than it arrived
+    for rid in (0, 1):
+        assert engine.arrived_at[rid] <= engine.first_token_at[rid] <= engine.finished_at[rid]
+    with pytest.raises(ValueError, match="arrival_s must be a number of seconds"):
+        Engine(rec).submit(Request(prompts[0], 2, arrival_s=-1.0))
+
+
+def test_forced_requests_score_the_given_tokens(llama):
+    rec, prompts, expected = llama
+    forced = [t + 1 for t in expected[0]]  # not what the model would say
+    engine = Engine(rec, token_budget=3)
+    out = engine.run([Request(prompts[0], NEW, forced=forced)])
+    assert out[0] == forced
+    ids = torch.tensor([prompts[0] + forced])
+    want = rec(ids).logits[0, len(prompts[0]) - 1:-1].float().log_softmax(-1)
+    got = engine.logprobs[0]
+    torch.testing.assert_close(torch.tensor([lp for lp, _ in got]), want[torch.arange(NEW), torch.tensor(forced)],
+                               rtol=1e-4, atol=1e-4)
+    assert [g for _, g in got] == (want.argmax(-1) == torch.tensor(forced)).tolist()
+    with pytest.raises(ValueError, match="forced must be a sequence of exactly max_new_tokens=6"):
+        Engine(rec).submit(Request(prompts[0], NEW, forced=forced[:2]))
+
+
+def test_step_layout_buckets_pad_at_most_one_and_a_half_times():
+    from rrt.serving.kv import PAD_RATIO, KVPool, StepLayout
+    pool = KVPool(num_slots=8, num_depths=4, max_seq_len=128)
+    lengths = [100, 70, 66, 40, 27, 10, 9, 1]
+    rows = sorted((loop, slot, n - 1) for slot, (n, loop) in enumerate(zip(lengths, [0, 1, 0, 1, 0, 1, 0, 1])))
+    layout = StepLayout(pool, [(s, b, p) for b, s, p in rows], num_shared=2, depth_window=[0] * 4, device="cpu")
+    assert layout.segments == [(0, 0, 4), (1, 4, 8)]  # rows sorted by loop: one LoRA matmul pair per loop
+    covered = sorted(r for b in layout.buckets for r in b.rows.tolist())
+    assert covered == list(range(8)) and not layout.chunks
+    for b in layout.buckets:
+        own = b.valid.sum(1)
+        assert b.length == own.max() and b.length <= PAD_RATIO * own.min()
+    assert layout.scores_needed == sum(lengths) and layout.scores_computed <= PAD_RATIO * sum(lengths)
+    # a prefill chunk: one group of several rows, causal
+    chunk = StepLayout(pool, [(0, 0, p) for p in range(5)], num_shared=2, depth_window=[0] * 4, device="cpu")
+    assert [(c.lo, c.hi, c.start) for c in chunk.chunks] == [(0, 5, 0)] and chunk.scores_needed == 15
+
+
+def test_profile_is_a_hook_of_the_engine(llama):
+    rec, prompts, _ = llama
+    engine = Engine(rec, token_budget=8, profile=True)
+    engine.run(_requests(prompts, 0))
+    p = engine.profile
+    assert len(p.step_rows) == engine.stats["steps"] and sum(p.step_rows) == engine.stats["items"]
+    assert 0 < p.attn_s < p.block_s and 0 < p.head_s <= p.route_s
+    assert 1.0 <= p.score_waste <= 1.5
+    assert Engine(rec).profile is None

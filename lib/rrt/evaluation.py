@@ -21,6 +21,14 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 TASKS = {"lambada_openai": "acc", "hellaswag": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
          "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
 TASK_SOURCES = ("offline", "hub")
+# Accuracy of a uniform guess: 1 / choices (LAMBADA is open-vocabulary: 0).
+CHANCE = {"lambada_openai": 0.0, "hellaswag": 0.25, "piqa": 0.5, "winogrande": 0.5, "arc_easy": 0.25,
+          "arc_challenge": 0.25, "openbookqa": 0.25}
+
+
+def chance_level(tasks) -> float:
+    """The mean chance accuracy of `tasks` (the chance line of an "average accuracy" axis)."""
+    return sum(CHANCE[t] for t in tasks) / len(tasks)
 
 
 def perplexity(model, sequences, *, batch_size=8, loop_idx=None, stride=None, bos_token_id=None):
@@ -136,26 +144,29 @@ def few_shot(model, tokenizer, *, tasks=tuple(TASKS), limit=None, loop_idx=None,
     definitions. num_fewshot=None keeps each task's default (zero-shot for all seven). With
     loop_idx, lm-eval sees loop loop_idx's logits for every token (static exiting, §3.7).
     """
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown tasks {unknown}; known: {list(TASKS)}")
-    if source not in TASK_SOURCES:
-        raise ValueError(f"unknown task source {source!r}; known: {list(TASK_SOURCES)}")
     if loop_idx is not None and not -num_loops(model) <= loop_idx < num_loops(model):
         raise ValueError(f"loop_idx={loop_idx} out of range for a model with {num_loops(model)} loops")
     if not (_is_positive_int(batch_size) or isinstance(batch_size, str) and batch_size.startswith("auto")):
         raise ValueError(f"batch_size must be an int >= 1 or lm-eval's 'auto' / 'auto:N', got {batch_size!r}")
-    if limit is not None and not (_is_positive_int(limit) or isinstance(limit, float) and 0 < limit < 1):
-        raise ValueError(f"limit must be None, an int >= 1 (documents per task) or a float in (0, 1) "
-                         f"(lm-eval's fraction of each task), got {limit!r}")
+    lm = _loop_lm(model, tokenizer, loop_idx=loop_idx, batch_size=batch_size)
+    return pd.DataFrame(few_shot_rows(lm, tasks=tasks, limit=limit, source=source, num_fewshot=num_fewshot,
+                                      seed=seed, model_name=model_name, loop_idx=loop_idx))
+
+
+def few_shot_rows(lm, *, tasks, limit, source, num_fewshot, seed, model_name, loop_idx=None):
+    """Returns `few_shot`'s rows (one dict per task) from lm-eval's simple_evaluate on the lm-eval LM `lm`.
+
+    Shared by `few_shot` (HFLM over the model) and `rrt.serving.scoring.served_few_shot` (the engine);
+    checks tasks, source and limit before lm-eval runs anything.
+    """
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    _check_task_args(tasks=tasks, source=source, limit=limit)
     prefix = "rrt_" if source == "offline" else ""
     # include_defaults=False: indexing lm-eval's thousands of built-in YAMLs costs seconds per call
     manager = (TaskManager(include_path=str(TASKS_DIR), include_defaults=False) if source == "offline"
                else TaskManager())
-    lm = _loop_lm(model, tokenizer, loop_idx=loop_idx, batch_size=batch_size)
     out = lm_eval.simple_evaluate(model=lm, tasks=[prefix + t for t in tasks], task_manager=manager,
                                   num_fewshot=num_fewshot, limit=limit, random_seed=seed, numpy_random_seed=seed,
                                   torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False)
@@ -166,7 +177,19 @@ def few_shot(model, tokenizer, *, tasks=tuple(TASKS), limit=None, loop_idx=None,
                      "value": result[f"{metric},none"], "stderr": result.get(f"{metric}_stderr,none"),
                      "n": out["n-samples"][prefix + task]["effective"],
                      "num_fewshot": out["n-shot"][prefix + task], "source": source})
-    return pd.DataFrame(rows)
+    return rows
+
+
+def _check_task_args(*, tasks, source, limit):
+    """Raises ValueError naming a bad task, source or limit (before any compute)."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; known: {list(TASKS)}")
+    if source not in TASK_SOURCES:
+        raise ValueError(f"unknown task source {source!r}; known: {list(TASK_SOURCES)}")
+    if limit is not None and not (_is_positive_int(limit) or isinstance(limit, float) and 0 < limit < 1):
+        raise ValueError(f"limit must be None, an int >= 1 (documents per task) or a float in (0, 1) "
+                         f"(lm-eval's fraction of each task), got {limit!r}")
 
 
 def per_loop_few_shot(model, tokenizer, **kwargs):

@@ -4,7 +4,8 @@ A policy answers, for n tokens that just finished a loop, which of them exit now
 `policy.exit_mask(loop=[n], logits=[n, vocab], hidden=[n, hidden], prev_hidden=[n, hidden],
 keys=[(request_id, position)] * n) -> bool [n]`. `hidden` is loop b's output (before the final
 norm), `prev_hidden` its input (loop b−1's output, or the embeddings at loop 0). Callers always exit
-at the last loop whatever the policy says.
+at the last loop whatever the policy says. A policy's `needs_logits` says whether it reads
+`logits`; when False, callers may pass None (the engine then runs the LM head on exiting rows only).
 
 - `NoExit`: every token runs all loops.
 - `OracleExit` (§3.8): exit at the first loop whose argmax equals the last loop's, read from
@@ -13,6 +14,11 @@ at the last loop whatever the policy says.
   exit once max softmax probability / top-1 minus top-2 probability / cosine between loop b's and
   loop b−1's hidden states reaches a threshold; `calibrate_threshold` picks it on held-out text.
   Cosine never exits at loop 0 (there is no previous loop to compare with).
+
+Each policy class owns its decision (and a scored one its `score`); `POLICIES` names them all.
+`loop_outputs` is the one per-loop view (hidden, its input, logits per loop of a sequence) that
+calibration, oracle recording, the sequential reference and notebook 00 read; the engine asks the
+same `exit_mask` of its batched rows.
 """
 from __future__ import annotations
 
@@ -30,15 +36,17 @@ SCORED_POLICIES = ("max_prob", "margin", "cosine")
 @dataclass(frozen=True)
 class NoExit:
     """Run every loop (the recursive model itself)."""
+    needs_logits: ClassVar[bool] = False
 
-    def exit_mask(self, *, loop, logits, **_):
-        return torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
+    def exit_mask(self, *, loop, **_):
+        return torch.zeros(len(loop), dtype=torch.bool, device=loop.device)
 
 
 @dataclass(frozen=True)
 class OracleExit:
     """Exit at the recorded oracle loop: trajectories {request_id: exit loop per position [seq]}."""
     trajectories: Mapping = field(default_factory=dict)
+    needs_logits: ClassVar[bool] = False
 
     def exit_mask(self, *, loop, keys, **_):
         oracle = [int(self.trajectories[rid][pos]) for rid, pos in keys]
@@ -47,45 +55,86 @@ class OracleExit:
 
 @dataclass(frozen=True)
 class _ScoredExit:
-    """Exit once `exit_scores(kind)` reaches `threshold`; subclasses name the score."""
+    """Exit once the policy's own `score` reaches `threshold`; each subclass owns its score."""
     threshold: float
     kind: ClassVar[str]
+    needs_logits: ClassVar[bool] = True
+
+    @staticmethod
+    def score(*, loop, logits, hidden, prev_hidden) -> torch.Tensor:
+        """The confidence score [n] (higher = more confident)."""
+        raise NotImplementedError
 
     def exit_mask(self, *, loop, logits, hidden, prev_hidden, **_):
-        return exit_scores(self.kind, loop=loop, logits=logits, hidden=hidden,
-                           prev_hidden=prev_hidden) >= self.threshold
+        return self.score(loop=loop, logits=logits, hidden=hidden, prev_hidden=prev_hidden) >= self.threshold
 
 
 class MaxProbExit(_ScoredExit):
     """Exit once the largest softmax probability reaches `threshold`."""
     kind = "max_prob"
 
+    @staticmethod
+    def score(*, loop, logits, hidden, prev_hidden):
+        return logits.float().softmax(-1).amax(-1)
+
 
 class MarginExit(_ScoredExit):
     """Exit once top-1 minus top-2 softmax probability reaches `threshold`."""
     kind = "margin"
 
+    @staticmethod
+    def score(*, loop, logits, hidden, prev_hidden):
+        top2 = logits.float().softmax(-1).topk(2, dim=-1).values
+        return top2[:, 0] - top2[:, 1]
+
 
 class CosineExit(_ScoredExit):
     """Exit once cos(hidden after loop b, hidden after loop b−1) reaches `threshold` (never at loop 0)."""
     kind = "cosine"
+    needs_logits = False
+
+    @staticmethod
+    def score(*, loop, logits, hidden, prev_hidden):
+        cos = torch.nn.functional.cosine_similarity(hidden.float(), prev_hidden.float(), dim=-1)
+        return cos.masked_fill(loop == 0, float("-inf"))
 
 
-POLICY_CLASSES = {"max_prob": MaxProbExit, "margin": MarginExit, "cosine": CosineExit}
+POLICY_CLASSES = {cls.kind: cls for cls in (MaxProbExit, MarginExit, CosineExit)}
+# Every policy by name: what the notebooks' `exit_policy` parameters and the engine's callers accept.
+POLICIES = {"none": NoExit, "oracle": OracleExit, **POLICY_CLASSES}
 
 
 def exit_scores(kind: str, *, loop: torch.Tensor, logits: torch.Tensor, hidden: torch.Tensor,
                 prev_hidden: torch.Tensor) -> torch.Tensor:
-    """Return the confidence score [n] of a scored policy (higher = more confident)."""
-    if kind == "max_prob":
-        return logits.float().softmax(-1).amax(-1)
-    if kind == "margin":
-        top2 = logits.float().softmax(-1).topk(2, dim=-1).values
-        return top2[:, 0] - top2[:, 1]
-    if kind == "cosine":
-        cos = torch.nn.functional.cosine_similarity(hidden.float(), prev_hidden.float(), dim=-1)
-        return cos.masked_fill(loop == 0, float("-inf"))
-    raise ValueError(f"unknown exit policy {kind!r}; valid: {', '.join(SCORED_POLICIES)}")
+    """Return the confidence score [n] of the scored policy `kind` (its class's `score`)."""
+    if kind not in POLICY_CLASSES:
+        raise ValueError(f"unknown exit policy {kind!r}; valid: {', '.join(SCORED_POLICIES)}")
+    return POLICY_CLASSES[kind].score(loop=loop, logits=logits, hidden=hidden, prev_hidden=prev_hidden)
+
+
+@dataclass(frozen=True)
+class LoopOutput:
+    """What an exit policy sees after loop `loop` for every position of one sequence (teacher-forced)."""
+    loop: int
+    hidden: torch.Tensor       # [seq, hidden] loop output, before the final norm
+    prev_hidden: torch.Tensor  # [seq, hidden] its input: the previous loop's output, or the embeddings
+    logits: torch.Tensor       # [seq, vocab] through the final norm + LM head (+ head LoRA at intermediate loops)
+
+    def exit_mask(self, policy, positions: torch.Tensor, keys) -> torch.Tensor:
+        """The policy's decision [n] for `positions` [n] of this loop (keys: (request_id, position) each)."""
+        loop = torch.full((len(positions),), self.loop, device=self.hidden.device)
+        return policy.exit_mask(loop=loop, logits=self.logits[positions], hidden=self.hidden[positions],
+                                prev_hidden=self.prev_hidden[positions], keys=keys)
+
+
+@torch.no_grad()
+def loop_outputs(model, input_ids) -> list[LoopOutput]:
+    """Return every loop's `LoopOutput` for one sequence of ids: the one per-loop view that calibration,
+    oracle recording, the sequential reference and notebook 00's explorer all read."""
+    ids = torch.as_tensor(list(input_ids), device=model.device)[None]
+    states, embeddings = loop_states(model, ids)
+    prev = [embeddings[0]] + [h[0] for h in states[:-1]]
+    return [LoopOutput(b, h[0], prev[b], head_logits(model, h, loop_idx=b)[0]) for b, h in enumerate(states)]
 
 
 @torch.no_grad()
@@ -103,11 +152,8 @@ def record_oracle_trajectories(model, sequences: Sequence[Sequence[int]]) -> lis
     """
     out = []
     for seq in sequences:
-        ids = torch.as_tensor(list(seq), device=model.device)[None]
-        states, _ = loop_states(model, ids)
-        preds = torch.stack([head_logits(model, h, loop_idx=b)[0].argmax(-1) for b, h in enumerate(states)])  # [loops, seq]
-        agrees = preds == preds[-1]
-        out.append(agrees.int().argmax(0).cpu())  # first True (the last loop always agrees)
+        preds = torch.stack([o.logits.argmax(-1) for o in loop_outputs(model, seq)])  # [loops, seq]
+        out.append((preds == preds[-1]).int().argmax(0).cpu())  # first True (the last loop always agrees)
     return out
 
 
@@ -154,18 +200,13 @@ def _first_exit(scores: torch.Tensor, threshold: float) -> torch.Tensor:
 
 def _teacher_forced_scores(model, sequences, policy):
     """Return (scores [tokens, loops], agrees-with-last-loop [tokens, loops]) over all positions."""
+    score = POLICY_CLASSES[policy].score
     all_scores, all_agree = [], []
     for seq in sequences:
-        ids = torch.as_tensor(list(seq), device=model.device)[None]
-        states, embeddings = loop_states(model, ids)
-        prev = [embeddings[0]] + [h[0] for h in states[:-1]]
-        per_loop, preds = [], []
-        for b, h in enumerate(states):
-            logits = head_logits(model, h, loop_idx=b)[0]  # [seq, vocab]
-            loop = torch.full((len(logits),), b, device=logits.device)
-            per_loop.append(exit_scores(policy, loop=loop, logits=logits, hidden=h[0], prev_hidden=prev[b]))
-            preds.append(logits.argmax(-1))
-        preds = torch.stack(preds, 1)  # [seq, loops]
+        outputs = loop_outputs(model, seq)
+        per_loop = [score(loop=torch.full((len(o.logits),), o.loop, device=o.logits.device), logits=o.logits,
+                          hidden=o.hidden, prev_hidden=o.prev_hidden) for o in outputs]
+        preds = torch.stack([o.logits.argmax(-1) for o in outputs], 1)  # [seq, loops]
         all_scores.append(torch.stack(per_loop, 1).cpu())
         all_agree.append((preds == preds[:, -1:]).cpu())
     return torch.cat(all_scores), torch.cat(all_agree)

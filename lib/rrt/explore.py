@@ -11,8 +11,8 @@ import pandas as pd
 import torch
 
 import rrt
-from rrt.exits import POLICY_CLASSES, SCORED_POLICIES, exit_scores, loop_states
-from rrt.models import decoder_layers, family_of, head_logits
+from rrt.exits import POLICY_CLASSES, SCORED_POLICIES, exit_scores, loop_outputs
+from rrt.models import decoder_layers, family_of
 from rrt.serving import Engine, Request
 
 EXIT_POLICIES = ("none",) + SCORED_POLICIES
@@ -49,18 +49,16 @@ def residual_energy(original, rec, rank: int) -> pd.DataFrame:
 def loop_predictions(model, tokenizer, prompt: str, *, k: int = 5, policy: str = "max_prob",
                      threshold: float = 0.5) -> pd.DataFrame:
     """Return each loop's top-k next tokens for the prompt's last position, its exit score, and whether it exits."""
-    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
-    states, embeddings = loop_states(model, ids)
-    rows, prev = [], embeddings[0, -1:]
-    for loop, hidden in enumerate(states):
-        logits = head_logits(model, hidden[:, -1:], loop_idx=loop)[0]  # [1, vocab]
-        score = (exit_scores(policy, loop=torch.tensor([loop]), logits=logits, hidden=hidden[0, -1:],
-                             prev_hidden=prev).item() if policy != "none" else float("nan"))
+    ids = tokenizer(prompt).input_ids
+    rows = []
+    for out in loop_outputs(model, ids):
+        logits = out.logits[-1:]  # [1, vocab]: the prompt's last position
+        score = (exit_scores(policy, loop=torch.tensor([out.loop]), logits=logits, hidden=out.hidden[-1:],
+                             prev_hidden=out.prev_hidden[-1:]).item() if policy != "none" else float("nan"))
         top = logits.float().softmax(-1)[0].topk(k)
         for r, (p, t) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
-            rows.append({"loop": loop + 1, "rank": r + 1, "token": tokenizer.decode([t]), "prob": p,
+            rows.append({"loop": out.loop + 1, "rank": r + 1, "token": tokenizer.decode([t]), "prob": p,
                          "exit_score": score, "exits": policy != "none" and score >= threshold})
-        prev = hidden[0, -1:]
     return pd.DataFrame(rows)
 
 

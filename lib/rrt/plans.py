@@ -370,33 +370,100 @@ class EarlyExit(TrainingStudy):
 
 @dataclass(frozen=True, kw_only=True)
 class Throughput(Study):
-    """05_throughput (Fig. 8, Tables 16–17): the serving benchmark and the paper-method simulation."""
+    """05_throughput (§3.8, Fig. 8, Tables 16–19, App. N): trained early-exit models served by the CDB engine.
+
+    The served models are 04's early-exit recipe at this scale (aggressive `exit_coefficient` +
+    self-distillation, post-trained from the uptrained Stepwise model), one per B × LoRA rank, read
+    from the run store (the B, r = 0 one is 04's own run) and trained there when missing; or one
+    `checkpoint`. A `bench.PAPER_CONFIGS` model name serves dummy weights (timing only, no training).
+    """
     notebook: typing.ClassVar[str] = "05_throughput"
-    num_blocks: tuple[int, ...] = (2, 3)  # B values to convert to (Stepwise)
-    lora_ranks: tuple[int, ...] = (64,)  # per-depth LoRA ranks (0: plain recursive); each also runs with LoRA off
-    num_requests: int = 8             # requests in the queue (all arrive at once, as in App. N)
-    prompt_len: int = 16              # prompt tokens per request
-    new_tokens: int = 16              # mean generated tokens per request (lengths vary by half either way)
-    max_active: int = 4               # live requests (KV slots) for every system
+    checkpoint: str = ""              # an rrt.save directory to serve alone; empty: 04's early-exit models (below)
+    runs_root: str = ""               # run store shared by every notebook; empty: outputs/runs
+    num_blocks: tuple[int, ...] = (2,)  # B of the served models
+    lora_ranks: tuple[int, ...] = (0, 64)  # per-loop LoRA ranks of the served models; r > 0 also runs its LoRA removed
+    corpus: str = "wikitext2/test"    # held-out documents the requests are cut from (App. N: SlimPajama, RedPajama, PG19)
+    data_source: str = "embedded"     # embedded (vendored, offline) | hub (streamed by name)
+    num_requests: int = 16            # requests in the offline queue (all arrive at once, as in App. N)
+    prefix_len: int = 32              # prompt tokens per request (App. N: 64 or 512)
+    decode_len: int = 96              # most output tokens; each request's own length follows its text (App. N: 256/2048)
+    max_active: int = 8               # live requests (KV slots) for every system
     token_budget: int = 64            # engine rows per step
-    repeats: int = 1                  # timed rounds per system after a warm-up (median)
+    repeats: int = 3                  # timed rounds per system after a warm-up (median, min, max)
     threads: int = 1                  # torch CPU threads (1: steadier timings on a shared machine)
+    kv_policies: tuple[str, ...] = ("propagate", "copy_kv")  # what exited tokens leave in deeper depths (engine.KV_POLICIES)
+    exit_policies: tuple[str, ...] = ("max_prob",)  # confidence exits besides the oracle: max_prob | margin | cosine
+    target_agreement: float = 0.9     # confidence thresholds: exits agree with the last loop on this share of tokens
+    calibration_corpus: str = "tinystories/test"  # held-out text the thresholds are calibrated on
+    arrival_rate: float = 2.0         # requests/s of the Poisson latency run (0: none)
+    memory_cap_gb: float = 0.0        # Tables 16/18: largest batch within this memory (0: no cap)
     tasks: tuple[str, ...] = ("piqa",)  # few-shot tasks for the accuracy axis of Fig. 8
-    task_limit: int | None = 20       # examples per task (None: the full split)
+    task_limit: int | None = 100      # examples per task (None: the full split)
 
     def validate(self):
+        from rrt.exits import SCORED_POLICIES
+        from rrt.serving.bench import PAPER_CONFIGS
+        from rrt.serving.engine import KV_POLICIES
+
         _items("tasks", self.tasks, tuple(TASKS))
-        for key in ("num_requests", "prompt_len", "max_active", "token_budget", "repeats", "threads"):
+        _items("kv_policies", self.kv_policies, KV_POLICIES)
+        _items("exit_policies", self.exit_policies, SCORED_POLICIES)
+        if not self.kv_policies:
+            raise ValueError("kv_policies must name at least one of: " + ", ".join(KV_POLICIES))
+        _choice("data_source", self.data_source, ("embedded", "hub"))
+        for key in ("corpus", "calibration_corpus"):
+            if "/" not in getattr(self, key):
+                raise ValueError(f"{key}={getattr(self, key)!r} must be 'corpus/split', e.g. 'wikitext2/test'")
+        for key in ("num_requests", "prefix_len", "decode_len", "max_active", "token_budget", "repeats", "threads"):
             _at_least(key, getattr(self, key), 1)
-        _at_least("new_tokens", self.new_tokens, 2)
         for r in self.lora_ranks:
             _at_least("lora_ranks", r, 0)
         if self.task_limit is not None:
             _at_least("task_limit", self.task_limit, 1)
+        if not 0 < self.target_agreement <= 1:
+            raise ValueError(f"target_agreement={self.target_agreement} out of range (0, 1]")
+        if self.arrival_rate < 0 or self.memory_cap_gb < 0:
+            raise ValueError(f"arrival_rate and memory_cap_gb must be >= 0, got {self.arrival_rate}, {self.memory_cap_gb}")
+        if not self.checkpoint:
+            layers = model_config(PAPER_CONFIGS.get(self.model, self.model)).num_hidden_layers
+            for b in self.num_blocks:
+                check_num_blocks(layers, b)
+            if min(self.num_blocks) < 2:
+                raise ValueError(f"num_blocks {list(self.num_blocks)}: early exit needs B >= 2")
+            if self.trains():
+                self.runs()  # 04's params at this scale must load, and every run validates
+
+    def trains(self) -> bool:
+        """Whether the served models come from the run store (not a checkpoint, not dummy weights)."""
         from rrt.serving.bench import PAPER_CONFIGS
-        layers = model_config(PAPER_CONFIGS.get(self.model, self.model)).num_hidden_layers
+        return not self.checkpoint and self.model not in PAPER_CONFIGS
+
+    def training(self) -> "EarlyExit":
+        """04's study at this scale (its params file), for this model, store and seed: the served models' recipe."""
+        return load_params("04_early_exit", self.scale, model=self.model, seed=self.seed, runs_root=self.runs_root,
+                           num_blocks=list(self.num_blocks))
+
+    def runs(self) -> list["Run"]:
+        """The uptrained and early-exit runs of every served (B, r), dependencies first; [] when nothing trains."""
+        return [run for pair in self.served().values() for run in pair] if self.trains() else []
+
+    def served(self) -> dict[tuple[int, int], tuple["Run", "Run"]]:
+        """{(B, r): (uptrained run, early-exit run)}: 04's aggressive + self-distillation row, with LoRA rank r."""
+        ee = self.training()
+        c = ee.exit_coefficient
+        out = {}
         for b in self.num_blocks:
-            check_num_blocks(layers, b)
+            for r in self.lora_ranks:
+                tags = {"init": ee.init, "num_blocks": b, "lora_rank": r}
+                up = ee.uptrained(b) if r == 0 else ee.run(
+                    f"{ee.init} B={b} r={r}", "uptrained", num_blocks=b, init=ee.init, lora_rank=r,
+                    steps=ee.uptrain_steps, warmup_steps=min(ee.warmup_steps, ee.uptrain_steps), tags=tags)
+                post = ee.run(f"B={b} r={r} post aggressive {c} +SD", num_blocks=b, init=ee.init, lora_rank=r,
+                              objective="early_exit", init_from=str(up.final_checkpoint), exit_scheme="aggressive",
+                              exit_coefficient=c, self_distill=True, trainable="all", head_lora_rank=0,
+                              data_offset=0, needs=(up.name,), tags=tags)
+                out[(b, r)] = (up, post)
+        return out
 
 
 STUDIES = {cls.notebook: cls for cls in (Explore, InitAblation, RelaxationSweep, Distillation, EarlyExit, Throughput)}
@@ -565,10 +632,20 @@ def start(study: Study) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(run_dir, study.to_dict())
     write_versions(run_dir)
-    if isinstance(study, TrainingStudy):
-        plan_table(study).to_csv(run_dir / "plan.csv", index=False)
-        write_run_files(study, study.runs())
+    recipe = planned(study)
+    if recipe is not None:
+        plan_table(recipe, study.runs()).to_csv(run_dir / "plan.csv", index=False)
+        write_run_files(recipe, study.runs())
     return run_dir
+
+
+def planned(study: Study) -> TrainingStudy | None:
+    """The training study whose recipe a study's runs follow (itself; 05: 04's at its scale), or None."""
+    if isinstance(study, TrainingStudy):
+        return study
+    if isinstance(study, Throughput) and study.trains():
+        return study.training()
+    return None
 
 
 RUN_FILE = "run.json"
@@ -635,10 +712,11 @@ def main(argv=None):
         study = load_params(args.notebook, args.scale)
     except (ValueError, TypeError) as err:  # a bad plan: its message names the key, no traceback needed
         parser.exit(2, f"{parser.prog}: bad plan {args.notebook} {args.scale}: {err}\n")
-    if not isinstance(study, TrainingStudy):
+    recipe = planned(study)
+    if recipe is None:
         print(f"{args.notebook} trains nothing; its parameters:\n{json.dumps(study.to_dict(), indent=2)}")
         return None
-    table = plan_table(study)
+    table = plan_table(recipe, study.runs())
     show = table.drop(columns=["config_hash", "batch_size", "grad_accum", "active_params"])
     with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250):
         print(show.to_string(index=False, formatters={"tokens": _tokens, "tokens_per_step": _tokens,
@@ -646,7 +724,7 @@ def main(argv=None):
     todo = table[~table.trained]
     print(f"\n{len(table)} runs ({len(todo)} to train), {_tokens(table.tokens.sum())} tokens, "
           f"{table.flops.sum():.2e} FLOPs, {table.h100_hours.sum():,.0f} H100 hours "
-          f"({todo.h100_hours.sum():,.0f} still to spend); {COST_RULE}.\nrun store: {_shown(study.store())}")
+          f"({todo.h100_hours.sum():,.0f} still to spend); {COST_RULE}.\nrun store: {_shown(recipe.store())}")
     if args.csv:
         table.to_csv(args.csv, index=False)
     return table

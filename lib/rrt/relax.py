@@ -19,14 +19,13 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from contextlib import contextmanager
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from rrt.models import Fused, decoder_layers, family_of
-from rrt.recursive import spec_of, tied_groups
+from rrt.recursive import spec_of
 
 
 class LoRA(nn.Module):
@@ -39,15 +38,16 @@ class LoRA(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
         # not saved: the family table rebuilds it (models.Fused)
         self.register_buffer("rows", rows, persistent=False)
-        # Set by `per_row_loops`: every loop's (A, B) of this shared LoRA and a loop index per row.
+        # Set by `rrt.serving.rows.per_row_loops`: every loop's (A, B) of this shared LoRA, and the
+        # step's rows as (loop, lo, hi) segments of the flattened leading dims.
         self.row_loras: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.row_loop_idx: torch.Tensor | None = None
+        self.row_segments: list[tuple[int, int, int]] | None = None
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """Return B·A x for x [.., in] → [.., out_features]; per row its own loop's inside per_row_loops."""
         if self.row_loras is not None:
             flat = x.reshape(-1, x.shape[-1])  # [rows, in]
-            delta = per_row_lora(flat, self.row_loop_idx.reshape(-1), self.row_loras)
+            delta = per_row_lora(flat, self.row_segments, self.row_loras)
             return delta.reshape(*x.shape[:-1], -1)
         return (x @ self.lora_A.t()) @ self.lora_B.t()
 
@@ -99,24 +99,34 @@ class FusedLoopLoRALinear(nn.Module):
         return list(self.parts.values())
 
 
-def per_row_lora(x: torch.Tensor, loop_idx: torch.Tensor,
+def per_row_lora(x: torch.Tensor, segments: Sequence[tuple[int, int, int]],
                  loras: Sequence[tuple[torch.Tensor, torch.Tensor] | None]) -> torch.Tensor:
-    """Return B_{loop}A_{loop}x for each row of x [rows, in] tagged with loop_idx [rows] → [rows, out].
+    """Return B_{loop}A_{loop}x for x [rows, in] whose rows [lo, hi) are at `loop`, per (loop, lo, hi) → [rows, out].
 
-    A segmented matmul: rows are grouped by loop and each loop's LoRA is two matmuls over its rows,
-    so cost is that of one LoRA per row whatever the mix (a gather of A per row would cost
-    rows·r·in memory; a concatenated-LoRA matmul, the paper's App. A choice, B× the FLOPs). Ranks
-    may differ per loop; None means no LoRA at that loop.
+    One matmul pair per segment: the engine sorts a step's rows by loop, so that is one pair per loop
+    present (no per-row gather of A, which would cost rows·r·in memory; no concatenated-LoRA matmul,
+    the paper's App. A choice, which costs B× the FLOPs; no per-call unique/nonzero). Segments must
+    cover the rows in order. Ranks may differ per loop; None means no LoRA at that loop.
     """
     out_dim = next(b.shape[0] for lora in loras if lora is not None for b in [lora[1]])
-    out = x.new_zeros(x.shape[0], out_dim)
-    for loop in torch.unique(loop_idx).tolist():
+    parts = []
+    for loop, lo, hi in segments:
         if loras[loop] is None:
-            continue
-        lora_a, lora_b = loras[loop]
-        rows = (loop_idx == loop).nonzero().squeeze(1)
-        out.index_copy_(0, rows, (x[rows] @ lora_a.t()) @ lora_b.t())
-    return out
+            parts.append(x.new_zeros(hi - lo, out_dim))
+        else:
+            lora_a, lora_b = loras[loop]
+            parts.append((x[lo:hi] @ lora_a.t()) @ lora_b.t())
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def loop_segments(loop_idx: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Return the runs of equal loop index in row order as (loop, lo, hi)."""
+    segments, start = [], 0
+    for i in range(1, len(loop_idx) + 1):
+        if i == len(loop_idx) or loop_idx[i] != loop_idx[start]:
+            segments.append((int(loop_idx[start]), start, i))
+            start = i
+    return segments
 
 
 def relax(rec: nn.Module, original: nn.Module, spec) -> None:
@@ -221,30 +231,6 @@ def set_trainable(model: nn.Module, *, base: bool = True, lora: bool = True) -> 
     """Choose what trains: the shared base (everything but LoRA) and/or the LoRAs. Default: all (§2.3)."""
     for name, p in model.named_parameters():
         p.requires_grad_(lora if "lora_" in name else base)
-
-
-@contextmanager
-def per_row_loops(model: nn.Module, loop_idx: torch.Tensor):
-    """Within the block, running shared layer j (depth j < K) applies each row's own loop LoRA.
-
-    `loop_idx` has the leading shape of the hidden states fed to the layer ([batch, seq] or [rows]):
-    the building block of continuous depth-wise batching (§2.4), where one call of the shared
-    block carries tokens at different loops.
-    """
-    layers = decoder_layers(model)
-    groups = tied_groups(len(layers), spec_of(model).num_blocks)
-    touched = []
-    for group in groups:
-        for name, lora in lora_modules(layers[group[0]]).items():
-            lora.row_loras = [(m.lora_A, m.lora_B) for m in
-                              (layers[d].get_submodule(name) for d in group)]
-            lora.row_loop_idx = loop_idx
-            touched.append(lora)
-    try:
-        yield
-    finally:
-        for lora in touched:
-            lora.row_loras = lora.row_loop_idx = None
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -217,47 +217,146 @@ def main(argv=None):
 
 # ---------------------------------------------------------------- serving (notebook 05)
 
-def throughput_study(model, tokenizer, study) -> dict[str, pd.DataFrame]:
-    """Return the real benchmark and the paper-method simulation for every (B, LoRA rank) (Fig. 8, Tables 16–17).
+def served_models(study, original, tokenizer) -> dict:
+    """Return {config name: recursive model} the study serves: its checkpoint, dummy-weight conversions
+    (a `bench.PAPER_CONFIGS` model), or 04's early-exit runs from the run store, trained there when missing."""
+    import torch
 
-    Tables: "throughput" (one row per system and configuration, ratios to vanilla static batching),
-    "simulated", "real_vs_simulated", "block_times", and "accuracy" (few-shot accuracy of the vanilla
-    and each recursive model; oracle exits emit the last loop's tokens, so they share its accuracy).
+    if study.checkpoint:
+        rec = rrt.load(study.checkpoint, dtype=original.dtype, device=original.device)
+        return {_config_name(rec): rec}
+    if not study.trains():
+        return {f"B={b} r={r}": rrt.convert(original, rrt.RecursiveSpec(num_blocks=b, lora_rank=r))
+                for b in study.num_blocks for r in study.lora_ranks}
+    from rrt.train import train
+
+    recipe = study.training()
+    data = None
+    out = {}
+    for (b, r), runs in study.served().items():
+        for run in runs:
+            if not run.trained():
+                data = data or study_data(data_spec(recipe), tokenizer)
+                train(run.config, train_blocks=data.train, original=original)
+        rec = rrt.load(str(runs[1].final_checkpoint), dtype=original.dtype, device=original.device)
+        out[f"B={b} r={r}"] = rec.eval()
+    torch.set_num_threads(study.threads)  # training may have changed it
+    return out
+
+
+def throughput_study(study, original, tokenizer) -> dict[str, pd.DataFrame]:
+    """Serve every model of the study through the CDB engine and its baselines (Fig. 8, Tables 16–19, App. N).
+
+    Per served model: confidence thresholds calibrated on held-out text (`calibration`), the
+    benchmark (`throughput`: every system, ratios, real / bound; `step_costs`: Table 16/18's time per
+    call per row count; `paper_sim`; `latency`: Poisson arrivals), the held-out perplexity of each
+    exit × KV policy as served (`quality`), and few-shot accuracy as served (`accuracy`). `deltas`
+    is Tables 17/19: Δ_V (vs vanilla static) and Δ_Seq (vs vanilla continuous) per system.
     """
-    from rrt.serving.bench import real_vs_simulated, run_benchmark, run_simulation
+    from rrt.exits import POLICY_CLASSES, calibrate_threshold
+    from rrt.serving.bench import Workload, run_benchmark
+    from rrt.serving.scoring import served_few_shot, served_perplexity
 
-    knobs = dict(num_requests=study.num_requests, prompt_len=study.prompt_len, new_tokens=study.new_tokens,
-                 token_budget=study.token_budget, max_active=study.max_active, repeats=study.repeats, seed=study.seed)
-    evaluation = {"tasks": list(study.tasks), "task_limit": study.task_limit}
-    tables = {"throughput": [], "simulated": [], "real_vs_simulated": [], "block_times": [], "accuracy": []}
+    corpus, _, split = study.corpus.partition("/")
+    workload = Workload(corpus=corpus, split=split, source=study.data_source, num_requests=study.num_requests,
+                        prefix_len=study.prefix_len, decode_len=study.decode_len, seed=study.seed)
+    cap = int(study.memory_cap_gb * 2**30) or None
     scored = bool(study.tasks) and tokenizer is not None  # dummy-weight models have no tokenizer
+    heldout = _calibration_text(study, tokenizer, original.config.vocab_size)
+    tables = {k: [] for k in ("throughput", "step_costs", "paper_sim", "latency", "calibration", "quality", "accuracy")}
     if scored:
-        tables["accuracy"].append(evaluate_accuracy(model, tokenizer, evaluation).assign(model="vanilla"))
-    for b, rank in tqdm(list(itertools.product(study.num_blocks, study.lora_ranks)), desc="configs"):
-        tag = {"num_blocks": b, "lora_rank": rank}
-        rec = rrt.convert(model, rrt.RecursiveSpec(num_blocks=b, lora_rank=rank))
-        bench = run_benchmark(model, tokenizer, recursive=rec, num_blocks=b, lora_rank=rank, **knobs)
-        sim, blocks = run_simulation(model, rec, bench.attrs["trajectories"], max_active=study.max_active,
-                                     prompt_len=study.prompt_len, new_tokens=study.new_tokens)
-        tables["throughput"].append(bench.assign(**tag))
-        tables["simulated"].append(sim.assign(**tag))
-        tables["real_vs_simulated"].append(real_vs_simulated(bench, sim).assign(**tag))
-        tables["block_times"].append(blocks.assign(**tag))
-        if scored:
-            tables["accuracy"].append(evaluate_accuracy(rec, tokenizer, evaluation).assign(model=f"B={b} r={rank}", **tag))
-    return {k: pd.concat(v, ignore_index=True) if v else pd.DataFrame() for k, v in tables.items()}
+        acc = few_shot(original, tokenizer, tasks=list(study.tasks), limit=study.task_limit, model_name="vanilla")
+        tables["accuracy"].append(acc.assign(config="vanilla", exit_policy="none", kv_policy="-", mean_exit_loop=0.0))
+    models = served_models(study, original, tokenizer)
+    for config, rec in tqdm(models.items(), desc="served models"):
+        b = num_loops(rec)
+        tag = {"config": config, "num_blocks": b}
+        policies = {}
+        for name in study.exit_policies:
+            cal = calibrate_threshold(rec, heldout, policy=name, target_agreement=study.target_agreement)
+            policies[name] = POLICY_CLASSES[name](cal.threshold)
+            tables["calibration"].append({**tag, "exit_policy": name, "threshold": cal.threshold,
+                                          "agreement": cal.agreement, "mean_exit_loop": cal.mean_exit_loop,
+                                          "target_agreement": study.target_agreement})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = run_benchmark(original, tokenizer, rec, workload=workload, max_active=study.max_active,
+                                   token_budget=study.token_budget, repeats=study.repeats,
+                                   kv_policies=tuple(study.kv_policies), exit_policies=policies,
+                                   arrival_rate=study.arrival_rate or None, memory_cap_bytes=cap, progress=True)
+        for name, df in result.tables().items():
+            key = "throughput" if name == "bench" else name
+            tables[key].append(df.assign(**tag, mean_loops_replayed=result.mean_loops))
+        exits = {"none": "none", "oracle": "oracle", **policies}
+        for (name, policy), kv in itertools.product(exits.items(), study.kv_policies):
+            if name == "none" and kv != study.kv_policies[0]:
+                continue  # nothing exits early: every KV policy serves the same scores
+            kv_label = kv if name != "none" else "-"
+            ppl = served_perplexity(rec, heldout, exit_policy=policy, kv_policy=kv, max_active=study.max_active)
+            tables["quality"].append({**tag, "exit_policy": name, "kv_policy": kv_label, "corpus": study.calibration_corpus,
+                                      **ppl})
+            if scored:
+                acc = served_few_shot(rec, tokenizer, tasks=list(study.tasks), limit=study.task_limit,
+                                      exit_policy=policy, kv_policy=kv, max_active=32, token_budget=256,
+                                      model_name=config)
+                tables["accuracy"].append(acc.assign(config=config, exit_policy=name, kv_policy=kv_label))
+    out = {k: pd.concat(v, ignore_index=True) if v and isinstance(v[0], pd.DataFrame) else pd.DataFrame(v)
+           for k, v in tables.items()}
+    out["deltas"] = deltas(out["throughput"])
+    out["max_batch"] = max_batch(out["step_costs"]) if len(out["step_costs"]) else pd.DataFrame()
+    return out
+
+
+def deltas(throughput: pd.DataFrame) -> pd.DataFrame:
+    """Tables 17/19: per served model and system, tokens/s and Δ_V / Δ_Seq (× vanilla static / continuous)."""
+    cols = ["config", "system", "exit_policy", "kv_policy", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max",
+            "delta_v", "delta_seq", "ratio_vs_hf_generate", "real_over_bound", "mean_loops_per_token"]
+    return throughput[[c for c in cols if c in throughput]].copy()
+
+
+def max_batch(step_costs: pd.DataFrame) -> pd.DataFrame:
+    """Per model: the largest measured row count within the memory cap (Tables 16/18's max batch)."""
+    fits = step_costs[step_costs["fits"]]
+    return fits.groupby(["config", "model"])["rows"].max().rename("max_rows_within_cap").reset_index()
 
 
 def throughput_vs_accuracy(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Return one point per system and configuration: throughput ratio and the model's average accuracy (Fig. 8)."""
-    acc = tables["accuracy"].groupby("model")["value"].mean() if len(tables["accuracy"]) else pd.Series(dtype=float)
-    rows = tables["throughput"].assign(
-        config=lambda d: "B=" + d.num_blocks.astype(str) + " r=" + d.lora_rank.astype(str),
-        model=lambda d: d.system.where(~d.system.str.startswith("vanilla"), "vanilla"))
-    rows["model"] = rows["model"].where(rows["model"] == "vanilla", rows["config"])
-    rows["avg_accuracy"] = rows["model"].map(acc)
-    return rows[["system", "config", "tokens_per_s", "tokens_per_s_ratio", "avg_accuracy"]].rename(
-        columns={"tokens_per_s_ratio": "throughput_ratio"})
+    """Fig. 8's points: per served model, system, exit and KV policy, Δ_V (min–max over repeats) and accuracy ± stderr."""
+    t = tables["throughput"].copy()
+    base = t["tokens_per_s"] / t["delta_v"]
+    t["delta_v_min"], t["delta_v_max"] = t["tokens_per_s_min"] / base, t["tokens_per_s_max"] / base
+    acc = tables["accuracy"]
+    if len(acc):
+        by = acc.groupby(["config", "exit_policy", "kv_policy"])
+        avg = by.agg(avg_accuracy=("value", "mean"),
+                     accuracy_stderr=("stderr", lambda s: (s.pow(2).sum() ** 0.5) / len(s))).reset_index()
+        # the vanilla rows and the no-exit rows are scored without exits
+        t["acc_config"] = t["config"].where(~t["system"].str.startswith(("vanilla", "hf_")), "vanilla")
+        t["acc_exit"] = t["exit_policy"].replace({"oracle (own output)": "oracle"})
+        t["acc_kv"] = t["kv_policy"].where(t["acc_exit"] != "none", "-")
+        t = t.merge(avg, how="left", left_on=["acc_config", "acc_exit", "acc_kv"],
+                    right_on=["config", "exit_policy", "kv_policy"], suffixes=("", "_acc"))
+        t = t.drop(columns=[c for c in t if c.endswith("_acc") or c.startswith("acc_")])
+    cols = ["config", "system", "exit_policy", "kv_policy", "tokens_per_s", "delta_v", "delta_v_min", "delta_v_max",
+            "avg_accuracy", "accuracy_stderr"]
+    return t[[c for c in cols if c in t]]
+
+
+def _config_name(rec) -> str:
+    from rrt.relax import lora_modules
+    ranks = {m.lora_A.shape[0] for m in lora_modules(rec).values()}
+    return f"B={num_loops(rec)} r={max(ranks, default=0)}"
+
+
+def _calibration_text(study, tokenizer, vocab_size: int, seqs: int = 16, seq_len: int = 128):
+    """Held-out sequences to calibrate thresholds and score perplexity on (random ids without a tokenizer)."""
+    import torch
+
+    if tokenizer is None:
+        return torch.randint(vocab_size, (seqs, seq_len), generator=torch.Generator().manual_seed(study.seed)).tolist()
+    corpus, _, split = study.calibration_corpus.partition("/")
+    packed = load_packed(corpus, split, tokenizer=tokenizer, seq_len=seq_len, source=study.data_source, max_seqs=seqs)
+    return [list(map(int, row["input_ids"])) for row in packed]
 
 
 if __name__ == "__main__":

@@ -1,230 +1,436 @@
-"""Serving benchmark: CDB with exits vs vanilla static / continuous batching and recursive without exits.
+"""Serving benchmark (§3.8, Fig. 8, App. N): measured throughput of every system, and its own bound.
 
-    python -m rrt.serving.bench --model smollm2-135m --num-blocks 2 --out /tmp/bench/b2
+    python -m rrt.serving.bench --checkpoint outputs/runs/<early-exit run>/checkpoints/step-… --out DIR
 
-Every system serves the same requests (equal-length prompts, all arriving at step 0, per-request
-output lengths drawn once around `new_tokens`, generated exactly: EOS ignored) through the same engine code, so ratios to `vanilla_static` measure scheduling, not
-implementation (see `baselines`). Oracle exit trajectories (§3.8) are recorded from the recursive
-model on its own no-exit outputs; oracle exits never change the emitted tokens. Each system runs
-once as warm-up, then `repeats` times; wall-clock medians (device synchronised by the engine's
-`.tolist()` reads each step). The paper's simulator (`simulate`) is run on the same trajectories
-with block times measured on this device, giving real / simulated.
-Memory: weight bytes (unique tensors) and KV bytes per token (every depth); peak memory is CUDA's
-max allocated on GPU, and on CPU weights + the engine's KV pool (process RSS cannot be split by system).
+Workload (App. N): held-out corpus documents cut into a prompt and the text that follows it
+(`workload.corpus_samples`), all queued at once (offline throughput), plus an open-loop Poisson
+run for latency. Exit trajectories are recorded teacher-forced on that text and replayed by
+position (`workload.replay_trajectories`), so timing is separated from what the model happens to
+generate (as the CDB anchor does); a second oracle system uses the model's own greedy output.
+
+Systems, all serving the same requests with the same `max_active` live requests:
+- `hf_generate_static`: HF `generate` in static batches (finished rows ride along as padding);
+- `vanilla_static`, `vanilla_continuous`: the engine on the unconverted model, admitting a new
+  batch only when the last one finished / as soon as a slot frees (Orca/vLLM sequence-wise);
+- `recursive_no_exit`: continuous depth-wise batching (CDB) without exits;
+- `cdb_oracle` (replayed text trajectories) per KV policy, `cdb_oracle_own` (trajectories of the
+  model's own greedy output), `cdb_oracle_no_lora` (the same model with its LoRA removed, same
+  trajectories) and any confidence policies given (their own exits).
+
+The bound of a system: the engine's own scheduler replayed without compute (`DryRunEngine`, same
+exits, same steps) with each step costed by this engine's block, KV-fill and LM-head calls
+measured at that row count (`measure_step_costs`); real / bound is the engine's efficiency. The
+paper's simulator (`simulate`, decode-only, one row per live request) on the same trajectories
+with the same measured costs is reported beside it. Each system runs once as warm-up, then
+`repeats` rounds, round-robin so load drift hits all alike; median with min and max.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import statistics
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 import rrt
-from rrt.exits import OracleExit, record_oracle_trajectories
+from rrt.exits import OracleExit
 from rrt.recursive import num_loops
-from rrt.relax import lora_modules
+from rrt.relax import lora_modules, truncate_lora
 from rrt.rundir import write_config, write_versions
-from rrt.serving.baselines import StaticBatchEngine, hf_static_generate, profile
-from rrt.serving.engine import Engine, Request
-from rrt.serving.simulate import kv_bytes_per_token, measure_block_times, simulate, weight_bytes
-
-TEXT = ("Recursive transformers share one block of layers and loop it; continuous depth-wise "
-        "batching lets tokens at different loops share a single call of that block. ")
+from rrt.serving.baselines import StaticBatchEngine, hf_static_generate
+from rrt.serving.engine import KV_POLICIES, Engine
+from rrt.serving.kv import StepLayout
+from rrt.serving.simulate import kv_bytes_per_token, simulate, weight_bytes
+from rrt.serving.workload import (Sample, corpus_samples, latency_metrics, mean_loops, poisson_arrivals,
+                                  replay_trajectories, requests_from)
 
 # The paper's models by scale name, built with random weights from their published shapes
 # (rrt.models.SHAPES): timing needs shapes, not values.
 PAPER_CONFIGS = {"paper-gemma-2b": "google/gemma-2b",
                  "paper-tinyllama-1.1b": "TinyLlama/TinyLlama-1.1B-intermediate-step-50K-105b",
                  "paper-pythia-1b": "EleutherAI/pythia-1b"}
-RATIO_TO = "vanilla_static"
+BASELINES = {"ratio_vs_hf_generate": "hf_generate_static", "delta_v": "vanilla_static",
+             "delta_seq": "vanilla_continuous"}
 
 
-def run_benchmark(model, tokenizer=None, *, num_blocks: int = 2, lora_rank: int = 0, num_requests: int = 8,
-                  prompt_len: int = 16, new_tokens: int = 24, length_spread: float = 0.5,
-                  token_budget: int = 64, max_active: int = 4, repeats: int = 1, recursive=None,
-                  hf_generate: bool = True, lora_ablation: bool = True, seed: int = 0,
-                  trajectories: list[list[int]] | None = None) -> pd.DataFrame:
-    """Return one row per system: tokens/s, ms/token, latency p50/p95, batch fill, exits, memory, ratios.
+@dataclass(frozen=True)
+class Workload:
+    """App. N's offline queue: held-out documents, prompt from the text, output length from the text."""
+    corpus: str = "wikitext2"
+    split: str = "test"
+    source: str = "embedded"
+    num_requests: int = 16
+    prefix_len: int = 32
+    decode_len: int = 96
+    seed: int = 0
 
-    `recursive`: an already converted (e.g. uptrained, `rrt.load`) model; else `model` is converted
-    (Stepwise, `num_blocks`, `lora_rank`). Output lengths are drawn once, uniform in
-    new_tokens·[1 − length_spread, 1 + length_spread], and shared by every system (with equal lengths
-    and no arrival process, static and continuous batching would schedule identically).
-    `max_active` is every system's live-request limit (KV slots); `token_budget` the engine's rows
-    per step. With `lora_rank > 0` and `lora_ablation`, the oracle-exit system is also run with LoRA
-    off (rank 0, same trajectories). Systems are timed round-robin (one warm-up each, then `repeats`
-    rounds; median) so load drift on a shared machine hits all alike. Profile columns: see
-    `baselines.StepProfile`. `trajectories` (exit loop per generated token, per request) replaces
-    the recorded oracle ones, e.g. to replay another model's exits; the ones used are in
-    `df.attrs["trajectories"]`.
+    def samples(self, tokenizer, vocab_size: int) -> list[Sample]:
+        """The workload's samples; without a tokenizer (dummy-weight paper shapes) random ids of the same lengths."""
+        if tokenizer is not None:
+            return corpus_samples(tokenizer, self.corpus, self.split, source=self.source, seed=self.seed,
+                                  num_requests=self.num_requests, prefix_len=self.prefix_len,
+                                  decode_len=self.decode_len)
+        gen = torch.Generator().manual_seed(self.seed)
+        ids = torch.randint(vocab_size, (self.num_requests, self.prefix_len + self.decode_len), generator=gen)
+        return [Sample(row[:self.prefix_len].tolist(), row[self.prefix_len:].tolist(), "random") for row in ids]
+
+
+@dataclass
+class BenchResult:
+    """What `run_benchmark` measured: one row per system, the step costs, the paper simulation, latency."""
+    systems: pd.DataFrame            # one row per system (see `_row`)
+    step_costs: pd.DataFrame         # per model and row count: block, KV-fill and LM-head seconds (Table 16)
+    paper_sim: pd.DataFrame          # the paper's simulator on the same trajectories and costs
+    latency: pd.DataFrame            # Poisson-arrival run: TTFT, TPOT, latency per system (empty if no rate)
+    trajectories: list[list[int]]    # replayed exit loop per generated token, per request
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def mean_loops(self) -> float:
+        return mean_loops(self.trajectories)
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {"bench": self.systems, "step_costs": self.step_costs, "paper_sim": self.paper_sim,
+                "latency": self.latency}
+
+
+@dataclass(frozen=True)
+class _System:
+    name: str
+    model: object
+    make: object                     # () -> Engine, or None for HF generate
+    exit_policy: str = "none"
+    kv_policy: str = "propagate"
+    dry_policy: object = None        # exits the dry run replays (None: the same policy)
+
+
+def run_benchmark(model, tokenizer, recursive, *, workload: Workload = Workload(), max_active: int = 8,
+                  token_budget: int = 64, repeats: int = 3, kv_policies=("propagate", "copy_kv"),
+                  exit_policies: dict | None = None, hf_generate: bool = True, lora_ablation: bool = True,
+                  own_oracle: bool = True, arrival_rate: float | None = None, memory_cap_bytes: int | None = None,
+                  progress: bool = False) -> BenchResult:
+    """Measure every system on the workload (see the module docstring); `recursive` is the served model.
+
+    exit_policies: {name: policy} of extra (e.g. calibrated confidence) exit policies, each run under
+    every KV policy. arrival_rate (requests/s): also serve the queue with Poisson arrivals through
+    vanilla continuous batching and CDB + oracle (the first KV policy) and report latency.
+    memory_cap_bytes: the step-cost sweep stops where weights + KV of that many rows would exceed it.
     """
-    rec = recursive if recursive is not None else rrt.convert(
-        model, rrt.RecursiveSpec(num_blocks=num_blocks, lora_rank=lora_rank))
-    prompts = make_prompts(tokenizer, model.config.vocab_size, num_requests, prompt_len, seed=seed)
-    lengths = output_lengths(num_requests, new_tokens, length_spread, seed=seed)
-    requests = lambda: [Request(list(p), n) for p, n in zip(prompts, lengths)]  # noqa: E731
-    seq = prompt_len + max(lengths)  # KV pool rows per slot (the default, max_position_embeddings, is GBs)
-    engine = lambda cls, m, policy=None: cls(m, token_budget=token_budget, max_active=max_active,  # noqa: E731
-                                             exit_policy=policy, max_seq_len=seq)
-    if trajectories is None:
-        trajectories = oracle_trajectories(engine(Engine, rec), rec, requests())
-    elif [len(t) for t in trajectories] != lengths:
-        raise ValueError(f"trajectories must have one exit loop per generated token: lengths {lengths}")
-    oracle = OracleExit({i: t for i, t in enumerate(full_trajectories(rec, prompts, trajectories))})
-    systems = [("vanilla_static", model, lambda: engine(StaticBatchEngine, model)),
-               ("vanilla_continuous", model, lambda: engine(Engine, model)),
-               ("recursive_no_exit", rec, lambda: engine(Engine, rec)),
-               ("recursive_oracle_exit", rec, lambda: engine(Engine, rec, oracle))]
-    if lora_ablation and lora_modules(rec):
-        bare = rrt.convert(model, rrt.RecursiveSpec(num_blocks=num_loops(rec), lora_rank=0))
-        systems.append(("recursive_oracle_exit_no_lora", bare, lambda: engine(Engine, bare, oracle)))
-    runners = [(name, m, lambda make=make: _time_engine(make, requests)) for name, m, make in systems]
+    for policy in kv_policies:
+        if policy not in KV_POLICIES:
+            raise ValueError(f"unknown kv_policy {policy!r}; valid: {', '.join(KV_POLICIES)}")
+    samples = workload.samples(tokenizer, model.config.vocab_size)
+    trajectories = replay_trajectories(recursive, samples)
+    seq = max(len(s.prompt) + len(s.continuation) for s in samples)
+    requests = lambda: requests_from(samples)  # noqa: E731
+    b = num_loops(recursive)
+    text_oracle = OracleExit({i: [b - 1] * (len(s.prompt) - 1) + t for i, (s, t) in enumerate(zip(samples, trajectories))})
+
+    def engine(cls, m, policy=None, kv="propagate"):
+        return lambda: cls(m, token_budget=token_budget, max_active=max_active, exit_policy=policy,
+                           max_seq_len=seq, kv_policy=kv, profile=True)
+
+    systems = [_System("vanilla_static", model, engine(StaticBatchEngine, model)),
+               _System("vanilla_continuous", model, engine(Engine, model)),
+               _System("recursive_no_exit", recursive, engine(Engine, recursive))]
     if hf_generate:
-        runners.insert(1, ("vanilla_hf_generate_static", model,
-                           lambda: _time_hf(model, requests, max_active, seq)))
-    runs = {name: [] for name, _, _ in runners}
-    for round_ in range(repeats + 1):  # round 0 is the warm-up
-        for name, m, run in runners:
-            _reset_peak(m)
-            result = run()
+        systems.insert(0, _System("hf_generate_static", model, None))
+    for kv in kv_policies:
+        systems.append(_System("cdb_oracle", recursive, engine(Engine, recursive, text_oracle, kv), "oracle", kv))
+    if own_oracle:
+        own = _own_oracle(recursive, samples, seq)
+        systems.append(_System("cdb_oracle_own", recursive, engine(Engine, recursive, own, kv_policies[0]),
+                               "oracle (own output)", kv_policies[0]))
+    if lora_ablation and lora_modules(recursive):
+        bare = copy.deepcopy(recursive)
+        truncate_lora(bare, 0)
+        for kv in kv_policies:
+            systems.append(_System("cdb_oracle_no_lora", bare, engine(Engine, bare, text_oracle, kv), "oracle", kv))
+    for name, policy in (exit_policies or {}).items():
+        for kv in kv_policies:
+            systems.append(_System(f"cdb_{name}", recursive, engine(Engine, recursive, policy, kv), name, kv))
+
+    costs = {id(m): measure_step_costs(m, max_rows=token_budget, context_len=workload.prefix_len
+                                       + workload.decode_len // 2, max_active=max_active, seq_len=seq,
+                                       memory_cap_bytes=memory_cap_bytes)
+             for m in {id(s.model): s.model for s in systems}.values()}
+    runs: dict[int, list[dict]] = {i: [] for i in range(len(systems))}
+    rounds = range(repeats + 1)  # round 0 is the warm-up
+    if progress:
+        from tqdm.auto import tqdm
+        rounds = tqdm(rounds, desc="benchmark rounds", leave=False)
+    for round_ in rounds:
+        for i, s in enumerate(systems):
+            _reset_peak(s.model)
+            result = _time_hf(s.model, requests, max_active) if s.make is None else _time_engine(s.make, requests)
             if round_:
-                runs[name].append(result)
+                runs[i].append(result)
     rows = []
-    for name, m, _ in runners:
-        result = sorted(runs[name], key=lambda r: r["seconds"])[len(runs[name]) // 2]
-        rows.append({"system": name, **_common(m, result)})
+    for i, s in enumerate(systems):
+        median = sorted(runs[i], key=lambda r: r["seconds"])[len(runs[i]) // 2]
+        if s.make is None:
+            bound = _hf_bound(samples, max_active, costs[id(s.model)])
+        else:
+            recorded = None if s.exit_policy in ("none", "oracle", "oracle (own output)") else median["exit_loops"]
+            bound = _dry_bound(s, requests, costs[id(s.model)], recorded)
+        rows.append(_row(s, median, [r["seconds"] for r in runs[i]], bound))
+    systems_df = pd.DataFrame(rows)
+    for column, base in BASELINES.items():
+        if base in set(systems_df["system"]):
+            ref = systems_df.loc[systems_df["system"] == base, "tokens_per_s"].iloc[0]
+            systems_df[column] = systems_df["tokens_per_s"] / ref
+    step_costs = pd.concat([costs[id(m)].assign(model=_model_name(m))
+                            for m in {id(s.model): s.model for s in systems}.values()], ignore_index=True)
+    paper = _paper_sim(trajectories, costs[id(model)], costs[id(recursive)], b, max_active)
+    latency = pd.DataFrame()
+    if arrival_rate:
+        latency = _poisson(systems, samples, arrival_rate, workload.seed)
+    settings = {"workload": asdict(workload), "max_active": max_active, "token_budget": token_budget,
+                "repeats": repeats, "kv_policies": list(kv_policies), "arrival_rate": arrival_rate,
+                "memory_cap_bytes": memory_cap_bytes, "mean_loops": mean_loops(trajectories),
+                "num_blocks": b, "device": device_name(model), "dtype": str(model.dtype).removeprefix("torch.")}
+    return BenchResult(systems_df, step_costs, paper, latency, trajectories, settings)
+
+
+# ---------------------------------------------------------------------- step costs and the bound
+
+
+@torch.no_grad()
+def measure_step_costs(model, *, max_rows: int, context_len: int, max_active: int, seq_len: int,
+                       repeats: int = 5, memory_cap_bytes: int | None = None) -> pd.DataFrame:
+    """Time this engine's own block, KV-fill and LM-head calls at row counts up to max_rows (Table 16).
+
+    Rows are decode rows, each its own (request, loop) group with `context_len` keys, spread over
+    the loops (so every loop's LoRA is in the batch, as in a CDB step). Median of `repeats` calls.
+    Columns: rows, block_s (one call of the K shared layers; for a plain model all L layers),
+    fill_s (copy_hidden's KV-only call at loops >= 1), head_s, kv_bytes (the KV of max_active
+    requests of seq_len tokens), fits (weights + that KV within memory_cap_bytes).
+    """
+    sizes = sorted({n for n in [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256] if n <= max_rows}
+                   | {max_rows})
+    b = num_loops(model)
+    engine = Engine(model, max_active=max(sizes), max_seq_len=context_len)
+    cfg = model.config
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    engine.kv._ensure(kv_heads, head_dim, torch.empty(0, dtype=model.dtype, device=model.device))
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for n in sizes:
+        tags = sorted((i % b, i, context_len - 1) for i in range(n))  # (loop, slot, position)
+        layout = StepLayout(engine.kv, [(s, loop, p) for loop, s, p in tags], num_shared=engine.num_shared,
+                            depth_window=engine.depth_window, device=model.device)
+        h = torch.randn(1, n, cfg.hidden_size, generator=gen).to(model.device, model.dtype)
+        block = _median(lambda: engine._layers(h, layout, kv_only=False), model.device, repeats)
+        fill = float("nan")
+        if b > 1:
+            deep = sorted((1 + i % (b - 1), i, context_len - 1) for i in range(n))
+            fill_layout = StepLayout(engine.kv, [(s, loop, p) for loop, s, p in deep], num_shared=engine.num_shared,
+                                     depth_window=engine.depth_window, device=model.device)
+            fill = _median(lambda: engine._layers(h, fill_layout, kv_only=True), model.device, repeats)
+        head = _median(lambda: engine._head(h[0], list(range(n)), [b - 1] * n), model.device, repeats)
+        rows.append({"rows": n, "block_s": block, "fill_s": fill, "head_s": head})
     df = pd.DataFrame(rows)
-    base = df.set_index("system").loc[RATIO_TO]
-    df["tokens_per_s_ratio"] = df["tokens_per_s"] / base["tokens_per_s"]
-    df["ms_per_token_ratio"] = df["ms_per_token"] / base["ms_per_token"]
-    df["latency_p50_ratio"] = df["latency_p50_s"] / base["latency_p50_s"]
-    df["latency_p95_ratio"] = df["latency_p95_s"] / base["latency_p95_s"]
-    df.attrs["trajectories"] = trajectories
+    df["kv_bytes"] = max_active * seq_len * kv_bytes_per_token(model)
+    df["fits"] = True if memory_cap_bytes is None else weight_bytes(model) + df["kv_bytes"] <= memory_cap_bytes
     return df
 
 
-def run_simulation(model, recursive, trajectories, *, max_active: int, prompt_len: int, new_tokens: int,
-                   memory_cap_bytes: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Return (simulated systems, block-time table) for the benchmark's workload on this device (App. N).
+class DryRunEngine(Engine):
+    """The engine's scheduler and routing without compute: records each step's block, fill and head rows.
 
-    Block times are swept over powers of two up to max_active × B (propagation rows can reach it).
-    The simulated table has one row per system for `propagate` False (paper) and True (our engine).
+    Exits come from the policy (oracle or no exit: neither reads logits); tokens are all 0, which
+    changes nothing in the schedule (the bench has no stop tokens). static=True admits like
+    `StaticBatchEngine`.
     """
-    b = num_loops(recursive)
-    sizes = [2 ** i for i in range(0, (max_active * b).bit_length() + 1)]
-    times = {name: measure_block_times(m, batch_sizes=sizes, prefix_len=prompt_len, decode_len=new_tokens,
-                                       memory_cap_bytes=memory_cap_bytes)
-             for name, m in [("vanilla", model), ("recursive", recursive)]}
-    sims = [simulate(trajectories, vanilla_times=times["vanilla"], recursive_times=times["recursive"],
-                     num_blocks=b, max_active=max_active, propagate=p).assign(propagate=p)
-            for p in (False, True)]
-    blocks = pd.concat([t.assign(model=name) for name, t in times.items()], ignore_index=True)
-    return pd.concat(sims, ignore_index=True), blocks
+
+    def __init__(self, *args, static: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.static = static
+        self.trace: list[tuple[str, int]] = []
+
+    def _admit(self, elapsed: float = float("inf")) -> None:
+        if not (self.static and self.active):
+            super()._admit(elapsed)
+
+    def _layers(self, h, layout, *, kv_only):
+        self.trace.append(("fill" if kv_only else "block", len(layout.loop_list)))
+        return h
+
+    def _head(self, outputs, rows, loops):
+        self.trace.append(("head", len(rows)))
+        return outputs.new_zeros(len(rows), 1)
 
 
-def real_vs_simulated(bench: pd.DataFrame, sim: pd.DataFrame) -> pd.DataFrame:
-    """Return measured and simulated ratios to vanilla static side by side, and real / simulated."""
-    real = bench.set_index("system")["tokens_per_s_ratio"]
-    out = sim.pivot(index="system", columns="propagate", values="sim_ratio")
-    out.columns = [f"sim_ratio_propagate_{c}" for c in out.columns]
-    out.insert(0, "real_ratio", real.reindex(out.index))
-    out["real_over_sim_paper"] = out["real_ratio"] / out["sim_ratio_propagate_False"]
-    out["real_over_sim_propagate"] = out["real_ratio"] / out["sim_ratio_propagate_True"]
-    return out.reset_index()
+def bound_seconds(trace: list[tuple[str, int]], costs: pd.DataFrame) -> float:
+    """Σ over a dry run's calls of the measured cost at that row count (linear between measured counts)."""
+    column = {"block": "block_s", "fill": "fill_s", "head": "head_s"}
+    return sum(interpolate(costs, column[kind], n) for kind, n in trace)
 
 
-# ---------------------------------------------------------------------- workload
+def interpolate(costs: pd.DataFrame, column: str, n: int) -> float:
+    """Cost at n rows: linear between measured row counts, extrapolated from the last two beyond them."""
+    x, y = costs["rows"].tolist(), costs[column].tolist()
+    if n in x:
+        return y[x.index(n)]
+    if len(x) == 1:
+        return y[0] * n / x[0]
+    i = max(1, min(len(x) - 1, next((j for j, v in enumerate(x) if v >= n), len(x) - 1)))
+    return y[i - 1] + (y[i] - y[i - 1]) * (n - x[i - 1]) / (x[i] - x[i - 1])
 
 
-def make_prompts(tokenizer, vocab_size: int, num_requests: int, prompt_len: int, seed: int = 0) -> list[list[int]]:
-    """Equal-length prompts (no padding anywhere): windows of TEXT, or random ids without a tokenizer."""
-    if tokenizer is None:
-        gen = torch.Generator().manual_seed(seed)
-        return torch.randint(vocab_size, (num_requests, prompt_len), generator=gen).tolist()
-    ids = tokenizer(TEXT * (2 + num_requests * 7 // 20 + prompt_len // 20)).input_ids
-    if len(ids) < (num_requests - 1) * 7 + prompt_len:
-        raise ValueError(f"TEXT too short for {num_requests} prompts of {prompt_len} tokens")
-    return [ids[i * 7:i * 7 + prompt_len] for i in range(num_requests)]
+def _dry_bound(s: _System, requests, costs, recorded) -> float:
+    engine = s.make()
+    dry = DryRunEngine(engine.model, token_budget=engine.token_budget, max_active=engine.max_active,
+                       max_seq_len=engine.max_seq_len, kv_policy=engine.kv_policy,
+                       static=isinstance(engine, StaticBatchEngine),
+                       exit_policy=OracleExit(_positions(recorded, requests())) if recorded else engine.exit_policy)
+    dry.run(requests())
+    return bound_seconds(dry.trace, costs)
 
 
-def output_lengths(num_requests: int, new_tokens: int, spread: float, seed: int = 0) -> list[int]:
-    """Per-request output lengths, uniform integers in new_tokens·[1 − spread, 1 + spread], at least 1."""
-    if not 0 <= spread < 1:
-        raise ValueError(f"length_spread must be in [0, 1), got {spread!r}")
-    lo, hi = max(1, round(new_tokens * (1 - spread))), max(1, round(new_tokens * (1 + spread)))
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(lo, hi + 1, (num_requests,), generator=gen).tolist()
+def _positions(exit_loops: dict, requests) -> dict:
+    """Per-request exit loops of generated tokens → per-position trajectories (prompt positions: last loop)."""
+    return {r.request_id: [0] * (len(r.prompt) - 1) + list(exit_loops[r.request_id]) for r in requests}
 
 
-def oracle_trajectories(engine: Engine, rec, requests: list[Request]) -> list[list[int]]:
-    """Return per request the oracle exit loop of each generated token, on the model's own no-exit output."""
-    outputs = engine.run(requests)
-    full = record_oracle_trajectories(rec, [r.prompt + outputs[i] for i, r in enumerate(requests)])
-    return [full[i][len(r.prompt) - 1:len(r.prompt) - 1 + r.max_new_tokens].tolist()
-            for i, r in enumerate(requests)]
+def _hf_bound(samples, batch_size, costs) -> float:
+    """HF static batches: one prefill of the batch's prompts, then its longest output's decode steps."""
+    total = 0.0
+    for i in range(0, len(samples), batch_size):
+        batch = samples[i:i + batch_size]
+        m, steps = len(batch), max(len(s.continuation) for s in batch)
+        total += interpolate(costs, "block_s", m * len(batch[0].prompt)) + interpolate(costs, "head_s", m)
+        total += (steps - 1) * (interpolate(costs, "block_s", m) + interpolate(costs, "head_s", m))
+    return total
 
 
-def full_trajectories(rec, prompts, trajectories):
-    """Pad generated-token trajectories to positions (prompt positions never decide an exit)."""
-    last = num_loops(rec) - 1
-    return [[last] * (len(p) - 1) + t for p, t in zip(prompts, trajectories)]
+def _paper_sim(trajectories, vanilla, recursive, b, max_active) -> pd.DataFrame:
+    """The paper's simulator (decode only) with T(n) = this engine's block (+ head) cost at n rows."""
+    def table(costs, loops):
+        return pd.DataFrame({"batch_size": costs["rows"],
+                             "block_s_per_token": costs["block_s"] * loops + costs["head_s"]})
+    return simulate(trajectories, vanilla_times=table(vanilla, 1), recursive_times=table(recursive, b),
+                    num_blocks=b, max_active=max_active)
 
 
 # ---------------------------------------------------------------------- timing
 
 
 def _time_engine(make, requests) -> dict:
-    """Serve the requests once on a fresh engine; return seconds, latencies, stats and profile."""
+    """Serve the requests once on a fresh engine; return seconds, latencies, stats and its profile."""
     e = make()
-    prof = profile(e)
     start = time.perf_counter()
     e.run(requests())
     seconds = time.perf_counter() - start
-    s = e.summary()
-    a, b = prof.fixed_and_per_row_cost()
-    exits = s["exits_per_loop"]
-    kv_pool = 0 if e.kv.keys is None else 2 * e.kv.keys.numel() * e.kv.keys.element_size()
-    return {"seconds": seconds, "tokens": s["tokens"], "latency": list(e.latency().values()), "kv_pool": kv_pool,
-            "steps": s["steps"], "mean_batch_fill": s["mean_batch_fill"],
-            "mean_rows_per_step": s["items"] / max(s["steps"], 1),
-            "propagation_rows": s["propagation_items"],
-            "exits_per_loop": " ".join(map(str, exits)),
-            "mean_loops_per_token": sum((b_ + 1) * n for b_, n in enumerate(exits)) / max(sum(exits), 1),
-            "schedule_s": prof.schedule_s, "mask_s": prof.mask_s, "block_s": prof.block_s,
-            "attn_s": prof.attn_s, "route_s": prof.route_s,
-            "attn_score_waste": prof.attn_rows_keys / max(prof.attn_ideal, 1),
-            "block_fixed_ms_per_call": 1e3 * a, "block_ms_per_row": 1e3 * b}
+    return {"seconds": seconds, "engine": e, "exit_loops": dict(e.exit_loops), "latency": list(e.latency().values())}
 
 
-def _time_hf(model, requests, batch_size, seq) -> dict:
+def _time_hf(model, requests, batch_size) -> dict:
+    reqs = requests()
     start = time.perf_counter()
-    latency = hf_static_generate(model, requests(), batch_size=batch_size)
-    seconds = time.perf_counter() - start
-    tokens = sum(r.max_new_tokens for r in requests())
-    return {"seconds": seconds, "tokens": tokens, "latency": list(latency.values()),
-            "kv_pool": batch_size * seq * kv_bytes_per_token(model)}
+    latency = hf_static_generate(model, reqs, batch_size=batch_size)
+    return {"seconds": time.perf_counter() - start, "tokens": sum(r.max_new_tokens for r in reqs),
+            "latency": list(latency.values()), "seq": max(len(r.prompt) + r.max_new_tokens for r in reqs),
+            "batch_size": batch_size}
 
 
-def _common(model, result) -> dict:
-    """Derived metrics for one system's median run; memory: see the module docstring."""
-    lat = torch.tensor(result.pop("latency"), dtype=torch.float64)
-    kv_pool = result.pop("kv_pool")
-    seconds, tokens = result["seconds"], result["tokens"]
-    peak = (torch.cuda.max_memory_allocated(model.device) if model.device.type == "cuda"
-            else weight_bytes(model) + kv_pool)
-    return {**result, "tokens_per_s": tokens / seconds, "ms_per_token": 1e3 * seconds / tokens,
-            "latency_p50_s": lat.quantile(0.5).item(), "latency_p95_s": lat.quantile(0.95).item(),
-            "weight_bytes": weight_bytes(model), "kv_bytes_per_token": kv_bytes_per_token(model),
-            "peak_memory_bytes": peak}
+def _row(s: _System, run: dict, seconds: list[float], bound: float) -> dict:
+    """One system's row: throughput (median, min, max over repeats), bound, profile, exits, memory."""
+    lat = torch.tensor(run["latency"], dtype=torch.float64)
+    e = run.get("engine")
+    tokens = run["tokens"] if e is None else e.stats["tokens"]
+    row = {"system": s.name, "model": _model_name(s.model), "exit_policy": s.exit_policy, "kv_policy": s.kv_policy,
+           "tokens": tokens, "seconds": run["seconds"], "repeats": len(seconds),
+           "tokens_per_s": tokens / run["seconds"], "tokens_per_s_min": tokens / max(seconds),
+           "tokens_per_s_max": tokens / min(seconds), "ms_per_token": 1e3 * run["seconds"] / tokens,
+           "bound_s": bound, "real_over_bound": bound / run["seconds"],
+           "latency_p50_s": lat.quantile(0.5).item(), "latency_p99_s": lat.quantile(0.99).item()}
+    if e is not None:
+        s_ = e.stats
+        p = e.profile
+        exits = s_["exits_per_loop"]
+        kv_pool = 0 if e.kv.keys is None else 2 * e.kv.keys.numel() * e.kv.keys.element_size()
+        row.update({"steps": s_["steps"], "mean_rows_per_step": s_["items"] / max(s_["steps"], 1),
+                    "exits_per_loop": " ".join(map(str, exits)),
+                    "mean_loops_per_token": sum((b + 1) * n for b, n in enumerate(exits)) / max(sum(exits), 1),
+                    "propagation_rows": s_["propagation_items"], "filled_rows": s_["filled_rows"],
+                    "schedule_s": p.schedule_s, "block_s": p.block_s, "attn_s": p.attn_s, "route_s": p.route_s,
+                    "head_s": p.head_s, "score_waste": p.score_waste})
+    else:
+        kv_pool = run["batch_size"] * run["seq"] * kv_bytes_per_token(s.model)
+    peak = (torch.cuda.max_memory_allocated(s.model.device) if s.model.device.type == "cuda"
+            else weight_bytes(s.model) + kv_pool)
+    row.update({"weight_bytes": weight_bytes(s.model), "kv_bytes_per_token": kv_bytes_per_token(s.model),
+                "peak_memory_bytes": peak})
+    return row
+
+
+def _poisson(systems, samples, rate, seed) -> pd.DataFrame:
+    """Serve the queue with Poisson arrivals through vanilla continuous batching and the first CDB + oracle."""
+    arrivals = poisson_arrivals(len(samples), rate, seed=seed)
+    picked = [next(s for s in systems if s.name == name) for name in ("vanilla_continuous", "cdb_oracle")
+              if any(s.name == name for s in systems)]
+    rows = []
+    for s in picked:
+        e = s.make()
+        e.run(requests_from(samples, arrivals=arrivals))
+        n = {rid: len(out) for rid, out in e.results.items()}
+        rows.append({"system": s.name, "kv_policy": s.kv_policy, "arrival_rate": rate,
+                     **latency_metrics(e.arrived_at, e.first_token_at, e.finished_at, n),
+                     "tokens_per_s": e.stats["tokens"] / e.stats["seconds"]})
+    return pd.DataFrame(rows)
+
+
+def _own_oracle(rec, samples, seq) -> OracleExit:
+    """Oracle trajectories on the model's own greedy (no-exit) output: its exits emit the same tokens."""
+    from rrt.exits import record_oracle_trajectories
+    engine = Engine(rec, max_seq_len=seq, max_active=8)
+    reqs = requests_from(samples)
+    out = engine.run(reqs)
+    full = record_oracle_trajectories(rec, [r.prompt + out[r.request_id] for r in reqs])
+    return OracleExit({r.request_id: full[i].tolist() for i, r in enumerate(reqs)})
+
+
+def _median(fn, device, repeats) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = _now(device)
+        fn()
+        times.append(_now(device) - start)
+    return statistics.median(times)
+
+
+def _now(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _reset_peak(model):
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
         torch.cuda.reset_peak_memory_stats(model.device)
+
+
+def _model_name(model) -> str:
+    b = num_loops(model)
+    if b == 1:
+        return "vanilla"
+    ranks = {m.lora_A.shape[0] for m in lora_modules(model).values()}
+    return f"recursive B={b} r={max(ranks, default=0)}"
+
+
+def device_name(model) -> str:
+    if model.device.type == "cuda":
+        return torch.cuda.get_device_name(model.device)
+    return f"cpu, {torch.get_num_threads()} threads"
 
 
 # ---------------------------------------------------------------------- models and CLI
@@ -243,56 +449,47 @@ def load_bench_model(name: str, *, device: str = "cpu", dtype: torch.dtype = tor
     return model.eval(), None
 
 
-def main(argv=None) -> pd.DataFrame:
-    """Run benchmark + simulator; write bench.csv, simulate.csv, block_times.csv, report.md, config.json."""
+SUMMARY_COLUMNS = ["system", "model", "exit_policy", "kv_policy", "tokens_per_s", "tokens_per_s_min",
+                   "tokens_per_s_max", "ratio_vs_hf_generate", "delta_v", "delta_seq", "real_over_bound",
+                   "mean_loops_per_token", "steps", "mean_rows_per_step", "score_waste", "latency_p50_s",
+                   "latency_p99_s"]
+
+
+def summary_table(result: BenchResult) -> str:
+    """The headline columns as markdown."""
+    df = result.systems
+    return df[[c for c in SUMMARY_COLUMNS if c in df]].to_markdown(index=False, floatfmt=".3g")
+
+
+def main(argv=None) -> BenchResult:
+    """Run the benchmark; write bench.csv, step_costs.csv, paper_sim.csv, latency.csv, report.md, config.json."""
     args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     model, tok = load_bench_model(args.model, device=args.device, dtype=dtype)
     if args.checkpoint:
         rec = rrt.load(args.checkpoint, dtype=dtype, device=args.device)
-        if num_loops(rec) != args.num_blocks or args.lora_rank:
-            raise ValueError(f"--checkpoint has num_blocks={num_loops(rec)} and its own LoRA: pass "
-                             f"--num-blocks {num_loops(rec)} and no --lora-rank")
+        if args.lora_rank:
+            raise ValueError("--checkpoint serves the checkpoint's own LoRA: drop --lora-rank")
     else:
         rec = rrt.convert(model, rrt.RecursiveSpec(num_blocks=args.num_blocks, lora_rank=args.lora_rank))
-    knobs = dict(num_blocks=args.num_blocks, lora_rank=args.lora_rank, num_requests=args.num_requests,
-                 prompt_len=args.prompt_len, new_tokens=args.new_tokens, length_spread=args.length_spread,
-                 seed=args.seed, token_budget=args.token_budget, max_active=args.max_active,
-                 repeats=args.repeats)
-    bench = run_benchmark(model, tok, recursive=rec, hf_generate=not args.no_hf_generate, **knobs)
+    workload = Workload(corpus=args.corpus, split=args.split, num_requests=args.num_requests,
+                        prefix_len=args.prefix_len, decode_len=args.decode_len, seed=args.seed)
+    result = run_benchmark(model, tok, rec, workload=workload, max_active=args.max_active,
+                           token_budget=args.token_budget, repeats=args.repeats, kv_policies=tuple(args.kv_policies),
+                           hf_generate=not args.no_hf_generate, arrival_rate=args.arrival_rate, progress=True)
     out = Path(args.out)
-    write_config(out, {**vars(args), "device_name": _device_name(model)})
+    write_config(out, {**vars(args), **result.settings})
     write_versions(out)
-    bench.to_csv(out / "bench.csv", index=False)
-    tables = [f"`{' '.join(argv if argv is not None else sys.argv[1:])}` on {_device_name(model)}",
-              bench_table(bench)]
-    if not args.no_simulate:
-        sim, blocks = run_simulation(model, rec, bench.attrs["trajectories"], max_active=args.max_active,
-                                     prompt_len=args.prompt_len, new_tokens=args.new_tokens)
-        sim.to_csv(out / "simulate.csv", index=False)
-        blocks.to_csv(out / "block_times.csv", index=False)
-        tables += [real_vs_simulated(bench, sim).to_markdown(index=False, floatfmt=".3g"),
-                   blocks.to_markdown(index=False, floatfmt=".4g")]
-    report = "\n\n".join(tables) + "\n"
+    for name, df in result.tables().items():
+        df.to_csv(out / f"{name}.csv", index=False)
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    report = "\n\n".join([f"`python -m rrt.serving.bench {command}` on {result.settings['device']}; "
+                          f"mean loops per token E = {result.mean_loops:.3f}", summary_table(result),
+                          result.step_costs.to_markdown(index=False, floatfmt=".4g")]) + "\n"
     (out / "report.md").write_text(report)
     print(report)
-    return bench
-
-
-def bench_table(bench: pd.DataFrame) -> str:
-    """Return the markdown ratio table (the headline columns)."""
-    cols = ["system", "tokens_per_s", "tokens_per_s_ratio", "ms_per_token", "latency_p50_s",
-            "latency_p95_s", "mean_batch_fill", "mean_rows_per_step", "exits_per_loop", "weight_bytes", "kv_bytes_per_token",
-            "peak_memory_bytes", "schedule_s", "mask_s", "block_s", "attn_s", "route_s", "attn_score_waste",
-            "block_fixed_ms_per_call", "block_ms_per_row"]
-    return bench[[c for c in cols if c in bench]].to_markdown(index=False, floatfmt=".3g")
-
-
-def _device_name(model) -> str:
-    if model.device.type == "cuda":
-        return torch.cuda.get_device_name(model.device)
-    return f"cpu, {torch.get_num_threads()} threads"
+    return result
 
 
 def _parser():
@@ -300,22 +497,23 @@ def _parser():
     p.add_argument("--model", default="smollm2-135m",
                    help=f"rrt.load_model source or one of {', '.join(PAPER_CONFIGS)} (random weights)")
     p.add_argument("--checkpoint", default=None, help="an rrt.save directory: the recursive model to serve")
-    p.add_argument("--num-blocks", type=int, default=2)
-    p.add_argument("--lora-rank", type=int, default=0, help="per-loop LoRA rank of the conversion")
-    p.add_argument("--num-requests", type=int, default=8)
-    p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=24)
-    p.add_argument("--length-spread", type=float, default=0.5,
-                   help="output lengths uniform in new_tokens·[1-spread, 1+spread]")
-    p.add_argument("--seed", type=int, default=0, help="prompts (without a tokenizer) and output lengths")
-    p.add_argument("--max-active", type=int, default=4, help="live requests (KV slots) for every system")
+    p.add_argument("--num-blocks", type=int, default=2, help="without --checkpoint: convert (Stepwise) to B loops")
+    p.add_argument("--lora-rank", type=int, default=0, help="without --checkpoint: per-loop LoRA rank")
+    p.add_argument("--corpus", default="wikitext2")
+    p.add_argument("--split", default="test")
+    p.add_argument("--num-requests", type=int, default=16)
+    p.add_argument("--prefix-len", type=int, default=32, help="prompt tokens per request (App. N: 64 or 512)")
+    p.add_argument("--decode-len", type=int, default=96, help="most output tokens per request (App. N: 256 or 2048)")
+    p.add_argument("--seed", type=int, default=0, help="which documents")
+    p.add_argument("--max-active", type=int, default=8, help="live requests (KV slots) for every system")
     p.add_argument("--token-budget", type=int, default=64, help="engine rows per step")
-    p.add_argument("--repeats", type=int, default=1, help="timed runs after one warm-up; median reported")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up; median, min, max")
+    p.add_argument("--kv-policies", nargs="+", default=["propagate", "copy_kv"], choices=KV_POLICIES)
+    p.add_argument("--arrival-rate", type=float, default=None, help="requests/s of a Poisson latency run")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--no-hf-generate", action="store_true", help="skip the HF generate reference row")
-    p.add_argument("--no-simulate", action="store_true", help="skip the paper-method simulator")
+    p.add_argument("--no-hf-generate", action="store_true", help="skip the HF generate baseline")
     p.add_argument("--out", default="outputs/serving_bench")
     return p
 

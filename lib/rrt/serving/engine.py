@@ -29,20 +29,32 @@ gathers it — 0·NaN — so isolation re-runs the rows rather than trusting the
 from __future__ import annotations
 
 import inspect
-from contextlib import nullcontext
 import itertools
 import operator
 import time
 from collections.abc import Collection, Sequence, Set
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
+from transformers import AttentionInterface
 
 from rrt.exits import NoExit
 from rrt.models import decoder_layers, head_logits
 from rrt.recursive import num_loops, spec_of
-from rrt.relax import lora_modules, per_row_loops
-from rrt.serving.kv import KVPool, ScheduleError
+from rrt.relax import lora_modules
+from rrt.serving.kv import KVPool, ScheduleError, StepLayout, ragged_attention
+from rrt.serving.rows import per_row_loops
+
+AttentionInterface.register("rrt_ragged", ragged_attention)
+
+# What an exited token leaves in the depths it skips (App. A; the CDB anchor's KV cache policies):
+# - "propagate": it runs its remaining loops as KV-only rows: keys equal the full model's (exact).
+# - "copy_kv": each shared layer's keys/values of the exit loop are copied into the deeper loops'
+#   depths (the anchor's `last_exited`): no compute, the deeper keys are approximations.
+# - "copy_hidden": the exit hidden state is fed to every deeper depth's attention input, which
+#   computes only its keys/values (CALM's state copying): K·(B−1−b) projections instead of layers.
+KV_POLICIES = ("propagate", "copy_kv", "copy_hidden")
 
 
 @dataclass
@@ -51,13 +63,19 @@ class Request:
 
     Generation ends after `max_new_tokens` tokens or at the first emitted token in
     `stop_token_ids` or the engine's `eos_token_id`; that stop token is included in the output
-    (HF `generate()`'s convention for eos).
+    (HF `generate()`'s convention for eos). A request arrives at engine step `arrival_step` and,
+    if `arrival_s` is set, once that many seconds of `Engine.run` have passed (a Poisson load).
+    `forced` teacher-forces the output: those tokens are emitted (exits still decided by the
+    policy) and `Engine.logprobs` holds, per forced token, its log-probability under the logits of
+    its exit loop and whether it was their argmax (lm-eval's loglikelihood, perplexity).
     """
     prompt: list[int]
     max_new_tokens: int
     arrival_step: int = 0            # engine step at which it joins the queue
     request_id: int | str | None = None  # defaults to the submission index
     stop_token_ids: Collection[int] = ()  # per-request stop tokens, alongside the engine's eos
+    arrival_s: float | None = None   # seconds after `run` starts
+    forced: Sequence[int] | None = None  # exactly max_new_tokens ids to emit instead of the argmax
 
 
 @dataclass
@@ -68,13 +86,50 @@ class _Live:
     order: int
     tokens: list[int]
     done: list[int]                  # per loop: positions [0, done[b]) have finished loop b
-    hidden: torch.Tensor             # [max_seq_len, hidden]: each position's latest loop output
     stop: frozenset = frozenset()    # the engine's eos ids ∪ the request's stop_token_ids
     exit_loops: list[int] = field(default_factory=list)
+    filled: dict = field(default_factory=dict)  # position -> exit loop, its deeper depths filled (copy policies)
+    logprobs: list[tuple[float, bool]] = field(default_factory=list)  # forced: (log-prob, was the argmax)
 
     @property
     def generated(self) -> list[int]:
         return self.tokens[len(self.request.prompt):]
+
+
+@dataclass
+class StepProfile:
+    """Wall-clock per engine phase (`Engine(profile=True)`), and the attention work actually done.
+
+    schedule_s: admission, scheduling and the step layout (row tags, loop segments, attention
+    buckets). block_s: the K shared layers (projections, LoRA, KV writes, attention); attn_s: the
+    part of block_s in `ragged_attention`. route_s: exit decisions, LM head on the rows that need
+    it, bookkeeping, KV fills; head_s: the LM head part of it. scores_computed / scores_needed:
+    Σ over layer calls of the attention scores computed vs the allowed (row, key) pairs, whose
+    ratio is the padding waste. step_rows / step_block_s: per step, for a fit.
+    """
+    schedule_s: float = 0.0
+    block_s: float = 0.0
+    attn_s: float = 0.0
+    route_s: float = 0.0
+    head_s: float = 0.0
+    scores_computed: int = 0
+    scores_needed: int = 0
+    step_rows: list = field(default_factory=list)
+    step_block_s: list = field(default_factory=list)
+
+    @property
+    def score_waste(self) -> float:
+        return self.scores_computed / max(self.scores_needed, 1)
+
+    def fixed_and_per_row_cost(self) -> tuple[float, float]:
+        """Least-squares fit block_s ≈ a + b·rows over steps: (a per call, b per row), in seconds."""
+        if len(set(self.step_rows)) < 2:
+            return float("nan"), float("nan")
+        x = torch.tensor(self.step_rows, dtype=torch.float64)
+        y = torch.tensor(self.step_block_s, dtype=torch.float64)
+        design = torch.stack([torch.ones_like(x), x], 1)
+        a, b = torch.linalg.lstsq(design, y[:, None]).solution[:, 0].tolist()
+        return a, b
 
 
 class Engine:
@@ -82,11 +137,14 @@ class Engine:
 
     def __init__(self, model, *, token_budget: int = 64, exit_policy=None, max_active: int = 8,
                  max_seq_len: int | None = None, eos_token_id: int | Sequence[int] | None = None,
-                 debug: bool = False):
+                 kv_policy: str = "propagate", profile: bool = False, debug: bool = False):
         _check_supported(model)
         if token_budget < 1 or max_active < 1:
             raise ValueError(f"token_budget and max_active must be >= 1, got {token_budget}, {max_active}")
+        if kv_policy not in KV_POLICIES:
+            raise ValueError(f"unknown kv_policy {kv_policy!r}; valid: {', '.join(KV_POLICIES)}")
         self.model, self.token_budget, self.max_active = model, token_budget, max_active
+        self.kv_policy = kv_policy
         self.exit_policy = exit_policy if exit_policy is not None else NoExit()
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_token_id = eos_token_id  # one id or several (HF generation_config style)
@@ -98,28 +156,36 @@ class Engine:
         self.max_seq_len = max_seq_len or model.config.max_position_embeddings
         self.kv = KVPool(num_slots=max_active, num_depths=len(self.layers),
                          max_seq_len=self.max_seq_len, debug=debug)
+        self.hidden = None  # [slots, max_seq_len, hidden]: each position's latest loop output
         self.has_lora = bool(lora_modules(model))
         # GPT-NeoX layers take the cache as `layer_past`, Llama/Gemma ones as `past_key_values`.
         params = inspect.signature(self.layers[0].forward).parameters
         self.cache_kwarg = "layer_past" if "layer_past" in params else "past_key_values"
+        self.attention = [_attention_of(layer) for layer in self.layers[:self.num_shared]]
+        self._attn_configs = list({id(a.config): a.config for a in self.attention}.values())
+        if kv_policy == "copy_hidden":
+            _check_kv_only(self.layers[0])
         rotary = model.base_model.rotary_emb
         self.rotary_by_type = "layer_type" in inspect.signature(rotary.forward).parameters
         types = getattr(model.config, "layer_types", None) or ["full_attention"] * len(self.layers)
         self.depth_type = types
         window = getattr(model.config, "sliding_window", None) or 0
-        self.depth_window = torch.tensor([window if t == "sliding_attention" else 0 for t in types],
-                                         device=model.device)
+        self.depth_window = [window if t == "sliding_attention" else 0 for t in types]
+        self.profile = StepProfile() if profile else None
         self.queue: list[Request] = []
         self.active: list[_Live] = []
         self.results: dict = {}          # request_id -> generated ids, until `collect`ed
         self.failed: dict = {}           # request_id -> error message of a fault in its items
         self.exit_loops: dict = {}
-        self.arrived_at: dict = {}       # request_id -> perf_counter() at its first step >= arrival_step
+        self.logprobs: dict = {}         # request_id -> per forced token (log-prob at its exit loop, was the argmax)
+        self.arrived_at: dict = {}       # request_id -> perf_counter() when it arrived (first step at/after it)
+        self.first_token_at: dict = {}   # request_id -> perf_counter() of its first emitted token
         self.finished_at: dict = {}      # request_id -> perf_counter() when its last token was emitted
         self.step_count = 0
         self._order = itertools.count()
         self._submitted = 0
-        self.stats = {"steps": 0, "idle_steps": 0, "items": 0, "propagation_items": 0,
+        self._t0: float | None = None    # perf_counter() at which `run` started (arrival_s origin)
+        self.stats = {"steps": 0, "idle_steps": 0, "items": 0, "propagation_items": 0, "filled_rows": 0,
                       "tokens": 0, "exits_per_loop": [0] * self.num_loops, "seconds": 0.0}
 
     # ------------------------------------------------------------------ public
@@ -131,7 +197,8 @@ class Engine:
         request.request_id = rid
         self._submitted += 1
         self.queue.append(request)
-        self.queue.sort(key=lambda r: r.arrival_step)  # stable: submission order within a step
+        # stable: submission order within a step
+        self.queue.sort(key=lambda r: (r.arrival_step, r.arrival_s or 0.0))
 
     def collect(self, request_id) -> list[int]:
         """Return a finished request's generated ids and forget it (its id may be reused).
@@ -141,12 +208,15 @@ class Engine:
         if request_id in self.failed:
             error = self.failed.pop(request_id)
             self.arrived_at.pop(request_id, None)
+            self.first_token_at.pop(request_id, None)
             raise RuntimeError(f"request {request_id!r} failed: {error}")
         if request_id not in self.results:
             raise ValueError(f"request {request_id!r} has no result to collect; finished: "
                              f"{list(self.results)}, failed: {list(self.failed)}")
         self.exit_loops.pop(request_id)
+        self.logprobs.pop(request_id, None)
         self.arrived_at.pop(request_id, None)
+        self.first_token_at.pop(request_id, None)
         self.finished_at.pop(request_id)
         return self.results.pop(request_id)
 
@@ -154,11 +224,16 @@ class Engine:
         """Serve until every queued request finishes; return {request_id: generated token ids}.
 
         Requests whose items faulted are not in it: see `failed` {request_id: error message}.
+        While nothing is live and the next request arrives later (`arrival_s`), the engine sleeps.
         """
         for r in requests or []:
             self.submit(r)
-        start = time.perf_counter()
+        start = self._t0 = time.perf_counter()
         while self.queue or self.active:
+            if not self.active and self.queue and self.queue[0].arrival_step <= self.step_count:
+                wait = (self.queue[0].arrival_s or 0.0) - (time.perf_counter() - self._t0)
+                if wait > 0:
+                    time.sleep(wait)
             self.step()
         self.stats["seconds"] += time.perf_counter() - start
         return self.results
@@ -166,14 +241,18 @@ class Engine:
     @torch.no_grad()
     def step(self) -> None:
         """Run one engine step: admit, schedule one batch, run the shared block once, route."""
-        now = time.perf_counter()
+        t = time.perf_counter()
+        elapsed = t - self._t0 if self._t0 is not None else float("inf")
         for r in self.queue:  # sorted by arrival_step
             if r.arrival_step > self.step_count:
                 break
-            self.arrived_at.setdefault(r.request_id, now)
-        self._admit()
+            if r.arrival_s is None or r.arrival_s <= elapsed:
+                self.arrived_at.setdefault(r.request_id, t)
+        self._admit(elapsed)
         items = self._schedule()
         self.step_count += 1
+        if self.profile:
+            self.profile.schedule_s += time.perf_counter() - t
         if not items:
             self.stats["idle_steps"] += 1
             return
@@ -217,10 +296,18 @@ class Engine:
             value = getattr(r, name)
             if not _is_int(value) or value < (1 if name == "max_new_tokens" else 0):
                 raise bad(f"{name} must be an int >= {1 if name == 'max_new_tokens' else 0}, got {value!r}")
+        if r.arrival_s is not None and (isinstance(r.arrival_s, bool) or not isinstance(r.arrival_s, (int, float))
+                                        or not r.arrival_s >= 0):
+            raise bad(f"arrival_s must be a number of seconds >= 0 or None, got {r.arrival_s!r}")
         if not _is_ids(r.prompt) or isinstance(r.prompt, Set) or len(r.prompt) == 0:  # a set has no order
             raise bad(f"needs a non-empty prompt (a sequence of token ids), got {r.prompt!r}")
         self._token_ids(r.prompt, f"request {rid!r}", "prompt")
         self._token_ids(r.stop_token_ids, f"request {rid!r}", "stop_token_ids")
+        if r.forced is not None:
+            if not _is_ids(r.forced) or len(r.forced) != r.max_new_tokens:
+                raise bad(f"forced must be a sequence of exactly max_new_tokens={r.max_new_tokens} token ids, "
+                          f"got {r.forced!r}")
+            self._token_ids(r.forced, f"request {rid!r}", "forced")
         if len(r.prompt) + r.max_new_tokens > self.max_seq_len:
             raise bad(f"len(prompt) + max_new_tokens = {len(r.prompt)} + {r.max_new_tokens} exceeds "
                       f"the KV pool's max_seq_len={self.max_seq_len}")
@@ -237,25 +324,37 @@ class Engine:
 
     # ------------------------------------------------------------------ scheduling
 
-    def _admit(self) -> None:
+    def _admit(self, elapsed: float = float("inf")) -> None:
         while (self.queue and self.queue[0].arrival_step <= self.step_count
                and len(self.active) < self.max_active):
+            if self.queue[0].arrival_s is not None and self.queue[0].arrival_s > elapsed:
+                # arrival_s is a second key after arrival_step: a later one may not overtake it
+                break
             r = self.queue.pop(0)
-            hidden = torch.zeros(self.max_seq_len, self.model.config.hidden_size,
-                                 dtype=self.model.dtype, device=self.model.device)
             tokens = [operator.index(t) for t in r.prompt]
             stop = self.eos_token_ids | {operator.index(t) for t in r.stop_token_ids}
             self.active.append(_Live(r, self.kv.allocate(), next(self._order), tokens,
-                                     [0] * self.num_loops, hidden, stop))
+                                     [0] * self.num_loops, stop))
 
     def _schedule(self) -> list[tuple[_Live, int, int]]:
-        """Return ready items (live, position, loop), deepest loop first, up to the token budget."""
+        """Return ready items (live, position, loop), deepest loop first, up to the token budget.
+
+        Positions whose deeper depths were filled at their exit (copy policies) are skipped at those
+        loops: `done` moves past them, and a ready range stops before one (rows stay contiguous).
+        """
         segments = []
         for live in self.active:
+            if live.filled:
+                for b in range(1, self.num_loops):
+                    while live.done[b] < live.done[b - 1] and live.filled.get(live.done[b], b) < b:
+                        live.done[b] += 1
             for b in range(self.num_loops):
                 hi = len(live.tokens) if b == 0 else live.done[b - 1]
-                if hi > live.done[b]:
-                    segments.append((-b, live.order, live, b, live.done[b], hi))
+                lo = live.done[b]
+                if live.filled and b:
+                    hi = next((p for p in range(lo, hi) if live.filled.get(p, b) < b), hi)
+                if hi > lo:
+                    segments.append((-b, live.order, live, b, lo, hi))
         segments.sort(key=lambda s: s[:2])
         items, budget = [], self.token_budget
         for _, _, live, b, lo, hi in segments:
@@ -270,7 +369,7 @@ class Engine:
 
     def _serve(self, items) -> None:
         """Run and route one batch; on an exception nothing but its KV writes has changed."""
-        outputs, inputs = self._run_block(items)
+        items, outputs, inputs = self._run_block(items)
         self._route(items, inputs, outputs)
 
     def _isolate(self, items) -> None:
@@ -305,29 +404,72 @@ class Engine:
     # ------------------------------------------------------------------ compute
 
     def _run_block(self, items):
-        """Run the K shared layers once over the items; return (outputs, inputs), each [rows, hidden]."""
+        """Run the K shared layers once over the items; return (items sorted by loop, slot, position;
+        outputs; inputs), the last two [rows, hidden]."""
+        t = time.perf_counter()
+        items = sorted(items, key=lambda it: (it[2], it[0].slot, it[1]))
         dev = self.model.device
-        position = torch.tensor([p for _, p, _ in items], device=dev)
-        loop = torch.tensor([b for _, _, b in items], device=dev)
-        slot = torch.tensor([live.slot for live, _, _ in items], device=dev)
-        hidden = torch.stack([live.hidden[p] for live, p, _ in items])  # [rows, hidden]
-        first = (loop == 0).nonzero().squeeze(1)
-        if len(first):
-            ids = torch.tensor([items[i][0].tokens[items[i][1]] for i in first.tolist()], device=dev)
-            hidden[first] = self.model.get_input_embeddings()(ids).to(hidden.dtype)
-        inputs = hidden
-        h = hidden[None]  # [1, rows, hidden]: the ragged batch is one "sequence" of rows
-        rotary = self._rotary(h, position)
-        with per_row_loops(self.model, loop[None]) if self.has_lora else nullcontext():
+        layout = StepLayout(self.kv, [(live.slot, b, p) for live, p, b in items], num_shared=self.num_shared,
+                            depth_window=self.depth_window, device=dev)
+        if self.hidden is None:
+            self.hidden = torch.zeros(self.max_active, self.max_seq_len, self.model.config.hidden_size,
+                                      dtype=self.model.dtype, device=dev)
+        first = layout.segments[0][2] if layout.segments[0][0] == 0 else 0  # loop-0 rows lead
+        parts = []
+        if first:
+            ids = torch.tensor([live.tokens[p] for live, p, _ in items[:first]], device=dev)
+            parts.append(self.model.get_input_embeddings()(ids).to(self.hidden.dtype))
+        if first < len(items):
+            parts.append(self.hidden[layout.slot[first:], layout.position[first:]])
+        inputs = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if self.profile:
+            self.profile.schedule_s += time.perf_counter() - t
+            t = time.perf_counter()
+        h = self._layers(inputs[None], layout, kv_only=False)
+        if self.profile:
+            seconds = time.perf_counter() - t
+            self.profile.block_s += seconds
+            self.profile.step_rows.append(len(items))
+            self.profile.step_block_s.append(seconds)
+            self.profile.scores_computed += layout.scores_computed * self.num_shared
+            self.profile.scores_needed += layout.scores_needed * self.num_shared
+        return items, h[0], inputs
+
+    def _layers(self, h, layout: StepLayout, *, kv_only: bool):
+        """Run the K shared layers over rows h [1, rows, hidden] laid out by `layout`.
+
+        kv_only (copy_hidden fills): each layer only writes the keys/values its attention computes
+        from h (input norm + projections); h is not updated and no MLP runs.
+        """
+        rotary = self._rotary(h, layout.position)
+        with self._ragged_attention(), (per_row_loops(self.model, layout.segments) if self.has_lora
+                                        else nullcontext()):
             for j in range(self.num_shared):
-                depth = loop * self.num_shared + j
-                cache = self.kv.layer_cache(slot=slot, depth=depth, position=position,
-                                            window=self.depth_window[depth], dtype=h.dtype)
-                cos_sin = self._per_row_rotary(rotary, depth)
-                out = self.layers[j](h, attention_mask=cache.mask, position_ids=position[None],
-                                     position_embeddings=cos_sin, **{self.cache_kwarg: cache})
+                cache = layout.cache(j)
+                cache.profile = self.profile
+                cos_sin = self._per_row_rotary(rotary, layout.loop * self.num_shared + j)
+                if kv_only:
+                    cache.kv_only = True
+                    normed = self.layers[j].input_layernorm(h)
+                    self.attention[j](normed, attention_mask=None, position_ids=layout.position[None],
+                                      position_embeddings=cos_sin, rrt_cache=cache, **{self.cache_kwarg: cache})
+                    continue
+                out = self.layers[j](h, attention_mask=None, position_ids=layout.position[None],
+                                     position_embeddings=cos_sin, rrt_cache=cache, **{self.cache_kwarg: cache})
                 h = out[0] if isinstance(out, tuple) else out
-        return h[0], inputs
+        return h
+
+    @contextmanager
+    def _ragged_attention(self):
+        """Point the shared layers' attention at `ragged_attention` for this step (restored after)."""
+        saved = [c._attn_implementation for c in self._attn_configs]
+        for c in self._attn_configs:
+            c._attn_implementation = "rrt_ragged"
+        try:
+            yield
+        finally:
+            for c, impl in zip(self._attn_configs, saved):
+                c._attn_implementation = impl
 
     def _rotary(self, h, position):
         """Return {layer type: (cos, sin) [1, rows, head_dim]} (Gemma 3 has one rotary per type)."""
@@ -352,42 +494,119 @@ class Engine:
     def _route(self, items, inputs, outputs):
         """Store outputs, advance loops, ask the exit policy for each request's latest token.
 
-        Everything that can fail (finiteness, LM head, exit policy) runs before any state changes.
+        The LM head runs only on rows that need it: every deciding row if the policy scores logits
+        (max_prob, margin), else only the rows that exit. Everything that can fail (finiteness, LM
+        head, exit policy) runs before any state changes.
         """
+        t = time.perf_counter()
         finite = torch.isfinite(outputs).all(-1)  # [rows]
-        if not finite.all():
+        if not bool(finite.all()):
             live, p, b = items[int((~finite).nonzero()[0])]
             raise FloatingPointError(f"non-finite hidden state at position {p}, loop {b}")
+        last = self.num_loops - 1
         deciding = [i for i, (live, p, _) in enumerate(items) if p == len(live.tokens) - 1]
         exits = []
         if deciding:
-            rows = torch.tensor(deciding, device=outputs.device)
-            loop = torch.tensor([items[i][2] for i in deciding], device=outputs.device)
-            logits = head_logits(self.model, outputs[rows][None], loop_idx=loop[None])[0]  # [n, vocab]
-            exit_now = self.exit_policy.exit_mask(
-                loop=loop, logits=logits, hidden=outputs[rows], prev_hidden=inputs[rows],
-                keys=[(items[i][0].request.request_id, items[i][1]) for i in deciding])
-            exit_now = (exit_now | (loop == self.num_loops - 1)).tolist()
-            next_tokens = logits.argmax(-1).tolist()
-            exits = [(i, next_tokens[n]) for n, i in enumerate(deciding) if exit_now[n]]
-        for i, (live, p, b) in enumerate(items):
-            live.hidden[p] = outputs[i]
+            loops = [items[i][2] for i in deciding]
+            exit_rows, exit_logits = self._decide(items, deciding, loops, inputs, outputs)
+            if exit_rows:
+                next_tokens = exit_logits.argmax(-1).tolist()
+                forced = [n for n, i in enumerate(exit_rows) if items[i][0].request.forced is not None]
+                logprobs = {}
+                if forced:
+                    targets = [items[exit_rows[n]][0].request.forced[len(items[exit_rows[n]][0].generated)]
+                               for n in forced]
+                    lp = exit_logits[forced].float().log_softmax(-1)
+                    values = lp[torch.arange(len(forced)), torch.tensor(targets, device=lp.device)].tolist()
+                    logprobs = {n: (tok, (v, tok == next_tokens[n]))
+                                for n, tok, v in zip(forced, targets, values)}
+                exits = [(i, *logprobs.get(n, (next_tokens[n], None))) for n, i in enumerate(exit_rows)]
+        # state changes from here on
+        slot = torch.tensor([live.slot for live, _, _ in items], device=outputs.device)
+        position = torch.tensor([p for _, p, _ in items], device=outputs.device)
+        self.hidden[slot, position] = outputs
+        for live, p, b in items:
             live.done[b] += 1
             if len(live.request.prompt) - 1 <= p < len(live.tokens) - 1:  # emitted already: KV only
                 self.stats["propagation_items"] += 1
-        for i, token in exits:
-            self._emit(items[i][0], token, items[i][2])
+        if self.kv_policy != "propagate":
+            self._fill([(items[i][0], items[i][1], items[i][2]) for i, _, _ in exits if items[i][2] < last],
+                       outputs, [i for i, _, _ in exits if items[i][2] < last])
+        for i, token, logprob in exits:
+            self._emit(items[i][0], token, items[i][2], logprob)
+        if self.profile:
+            self.profile.route_s += time.perf_counter() - t
 
-    def _emit(self, live: _Live, token: int, loop: int) -> None:
+    def _decide(self, items, deciding, loops, inputs, outputs):
+        """Return (rows that exit now, their LM-head logits [n, vocab])."""
+        last = self.num_loops - 1
+        policy = self.exit_policy
+        dev = outputs.device
+        if isinstance(policy, NoExit):
+            rows = [i for i, b in zip(deciding, loops) if b == last]
+            return rows, self._head(outputs, rows, [last] * len(rows)) if rows else None
+        rows_t = torch.tensor(deciding, device=dev)
+        loop = torch.tensor(loops, device=dev)
+        logits = self._head(outputs, deciding, loops) if policy.needs_logits else None
+        exit_now = policy.exit_mask(loop=loop, logits=logits, hidden=outputs[rows_t], prev_hidden=inputs[rows_t],
+                                    keys=[(items[i][0].request.request_id, items[i][1]) for i in deciding])
+        exit_now = (exit_now | (loop == last)).tolist()
+        picked = [n for n, e in enumerate(exit_now) if e]
+        rows = [deciding[n] for n in picked]
+        if not rows:
+            return [], None
+        if logits is not None:
+            return rows, logits[picked]
+        return rows, self._head(outputs, rows, [loops[n] for n in picked])
+
+    def _head(self, outputs, rows, loops):
+        t = time.perf_counter()
+        dev = outputs.device
+        idx = torch.tensor(rows, device=dev)
+        logits = head_logits(self.model, outputs[idx][None], loop_idx=torch.tensor(loops, device=dev)[None])[0]
+        if self.profile:
+            self.profile.head_s += time.perf_counter() - t
+        return logits
+
+    def _fill(self, exited, outputs, rows):
+        """Give exited tokens' deeper depths their keys/values without running the loops (copy policies)."""
+        if not exited:
+            return
+        k = self.num_shared
+        for live, p, b in exited:
+            live.filled[p] = b
+            self.stats["filled_rows"] += self.num_loops - 1 - b
+        if self.kv_policy == "copy_kv":
+            for live, p, b in exited:
+                deeper = range(b + 1, self.num_loops)
+                self.kv.copy_depths(live.slot, p, [b * k + j for j in range(k)],
+                                    [[d * k + j for d in deeper] for j in range(k)])
+            return
+        # copy_hidden: every deeper loop's layers compute keys/values from the exit hidden state
+        fill = sorted(((d, live.slot, p, n) for n, (live, p, b) in enumerate(exited)
+                       for d in range(b + 1, self.num_loops)))
+        layout = StepLayout(self.kv, [(s, d, p) for d, s, p, _ in fill], num_shared=k,
+                            depth_window=self.depth_window, device=outputs.device)
+        src = torch.tensor([rows[n] for *_, n in fill], device=outputs.device)
+        self._layers(outputs[src][None], layout, kv_only=True)
+
+    def _emit(self, live: _Live, token: int, loop: int, logprob: tuple[float, bool] | None = None) -> None:
         live.tokens.append(token)
         live.exit_loops.append(loop)
+        if logprob is not None:
+            live.logprobs.append(logprob)
         self.stats["tokens"] += 1
         self.stats["exits_per_loop"][loop] += 1
         r = live.request
-        if len(live.generated) == r.max_new_tokens or token in live.stop:
+        now = time.perf_counter()
+        self.first_token_at.setdefault(r.request_id, now)
+        forced = r.forced is not None
+        if len(live.generated) == r.max_new_tokens or (token in live.stop and not forced):
             self.results[r.request_id] = live.generated
             self.exit_loops[r.request_id] = live.exit_loops
-            self.finished_at[r.request_id] = time.perf_counter()
+            if forced:
+                self.logprobs[r.request_id] = live.logprobs
+            self.finished_at[r.request_id] = now
             self.active.remove(live)
             self.kv.release(live.slot)
 
@@ -410,6 +629,21 @@ def _is_int(value) -> bool:
     except TypeError:
         return False
     return True
+
+
+def _attention_of(layer):
+    """A decoder layer's attention module (Llama/Gemma `self_attn`, GPT-NeoX `attention`)."""
+    attention = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
+    if attention is None or not hasattr(attention, "config"):
+        raise ValueError(f"{type(layer).__name__} has no self_attn/attention module with a config: not supported")
+    return attention
+
+
+def _check_kv_only(layer) -> None:
+    """copy_hidden needs the layer's attention input norm, to compute keys/values without the layer."""
+    if not hasattr(layer, "input_layernorm"):
+        raise ValueError(f"kv_policy='copy_hidden' needs an `input_layernorm` on {type(layer).__name__}; "
+                         f"use 'propagate' or 'copy_kv'")
 
 
 def _check_supported(model) -> None:

@@ -1,22 +1,36 @@
-"""The engine's KV cache: one preallocated pool [slots, depths, max_seq_len, kv_heads, head_dim].
+"""The engine's KV cache and its ragged attention: one pool [slots, depths, kv_heads, max_seq_len, head_dim].
 
 A request holds one slot for its lifetime; (slot, depth, position) addresses one key/value row, so
-tokens at different loops (depths) and requests share one pool. `written` marks every slot filled,
+tokens at different loops (depths) and requests share one pool. `written` marks every row filled,
 so debug mode can assert that attention never reads a (request, depth, position) before it is
-written and that no row is written twice (each token runs each depth exactly once: state
-propagation runs an exited token's remaining loops instead of skipping them, App. A).
+written and that no row is written twice.
 
-`LayerCache` adapts the pool to one call of a Hugging Face decoder layer over a ragged batch of
-rows: the layer's attention calls `update(k, v, layer_idx)` exactly as with HF's own caches, and
-gets back the keys/values of every (request, depth) group the batch touches, concatenated; the
-additive mask built beforehand lets each row see only its own group's positions <= its own
-(and within its sliding window). So the layer's own projections, rotary, q/k norms, softcap and
-attention kernel run unchanged: HF's Cache classes key by layer_idx and batch row and cannot
-express one call whose rows sit at different depths of different requests.
+One engine step runs the K shared layers over a ragged batch of rows, each tagged (slot, loop,
+position). `StepLayout` is built once per step from the rows (sorted by loop, slot, position, so
+each (request, loop) *group* is a contiguous run of rows at consecutive positions) and serves all K
+layer calls: layer j of a row at loop b reads and writes depth b·K + j.
+
+`ragged_attention` is registered with transformers' `AttentionInterface` as "rrt_ragged" and set on
+the shared layers' configs for the duration of a step, so each HF decoder layer runs unchanged
+(its own projections, rotary, q/k norms, scaling) and only the attention product is ours. Why not
+the layer's own sdpa/eager call: it takes one [batch, seq] block, and a step's rows are one
+"sequence" whose keys live in different (request, depth) groups; masking the concatenation of
+every group's keys computes rows × Σ keys scores (4–6× the needed ones at cpu scale). Instead:
+- one-row groups (decode tokens, the common case) are bucketed by key length so each bucket's
+  padding is under 1.5×, and each bucket is one batched SDPA call over [groups, kv_heads, keys];
+- multi-row groups (prefill chunks) get one causal SDPA call each.
+Transformers' own paged attention (`paged|eager`, continuous batching) keys its cache by layer and
+sequence; it cannot express rows of one call sitting at different depths of a looped model.
 """
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
+
+PAD_RATIO = 1.5   # a decode bucket holds groups whose key length is >= its longest / PAD_RATIO
 
 
 class ScheduleError(AssertionError):
@@ -29,7 +43,7 @@ class KVPool:
     def __init__(self, *, num_slots: int, num_depths: int, max_seq_len: int, debug: bool = False):
         self.num_slots, self.num_depths, self.max_seq_len = num_slots, num_depths, max_seq_len
         self.debug = debug
-        self.keys: torch.Tensor | None = None    # [slots, depths, max_seq_len, kv_heads, head_dim]
+        self.keys: torch.Tensor | None = None    # [slots, depths, kv_heads, max_seq_len, head_dim]
         self.values: torch.Tensor | None = None  # allocated at the first write, when shapes are known
         self.written = torch.zeros(num_slots, num_depths, max_seq_len, dtype=torch.bool)
         self.free = list(range(num_slots))
@@ -53,56 +67,209 @@ class KVPool:
         self.written[slot.to(self.written.device), depth.to(self.written.device),
                      position.to(self.written.device)] = False
 
-    def layer_cache(self, *, slot: torch.Tensor, depth: torch.Tensor, position: torch.Tensor,
-                    window: torch.Tensor, dtype: torch.dtype) -> "LayerCache":
-        """Return the cache view for one layer call over rows tagged (slot, depth, position) [rows]."""
-        return LayerCache(self, slot, depth, position, window, dtype)
+    def write(self, slot, depth, position, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write rows' keys/values [n, kv_heads, head_dim] at (slot, depth, position) [n]."""
+        self._ensure(keys.shape[1], keys.shape[2], keys)
+        at = (slot, depth, slice(None), position)
+        if self.debug and self.written[slot, depth, position].any():
+            raise ScheduleError("KV slot written twice (a (request, depth, position) ran twice)")
+        self.keys[at] = keys
+        self.values[at] = values
+        self.written[slot, depth, position] = True
+
+    def copy_depths(self, slot: int, position: int, source: list[int], targets: list[list[int]]) -> None:
+        """Copy one position's keys/values from each source depth into its target depths (copy_kv policy)."""
+        if self.keys is None:
+            return
+        src = torch.tensor([s for s, ts in zip(source, targets) for _ in ts], device=self.keys.device)
+        dst = torch.tensor([t for ts in targets for t in ts], device=self.keys.device)
+        if not len(dst):
+            return
+        if self.debug and self.written[slot, dst.cpu() if self.written.device.type == "cpu" else dst, position].any():
+            raise ScheduleError("KV slot written twice (copy into a depth that already ran)")
+        self.keys[slot, dst, :, position] = self.keys[slot, src, :, position]
+        self.values[slot, dst, :, position] = self.values[slot, src, :, position]
+        self.written[slot, dst.to(self.written.device), position] = True
 
     def _ensure(self, kv_heads: int, head_dim: int, like: torch.Tensor) -> None:
         if self.keys is None:
-            shape = (self.num_slots, self.num_depths, self.max_seq_len, kv_heads, head_dim)
+            shape = (self.num_slots, self.num_depths, kv_heads, self.max_seq_len, head_dim)
             self.keys = like.new_zeros(shape)
             self.values = like.new_zeros(shape)
             self.written = self.written.to(like.device)
 
 
-class LayerCache:
-    """A duck-typed HF cache for one decoder-layer call over a ragged batch (see module docstring)."""
+@dataclass
+class _Bucket:
+    """One-row groups of similar key length: one batched SDPA call."""
+    rows: torch.Tensor       # [n] row index in the step
+    slot: torch.Tensor       # [n]
+    loop: torch.Tensor       # [n]
+    query_pos: torch.Tensor  # [n] = key length − 1
+    length: int              # keys read (the longest group's)
+    valid: torch.Tensor      # [n, length] key position < the group's own length
 
-    def __init__(self, pool: KVPool, slot, depth, position, window, dtype):
-        self.pool, self.slot, self.depth, self.position = pool, slot, depth, position
-        # Groups: the distinct (slot, depth) pairs in the batch; group g reads positions [0, length_g).
-        group_id = slot * pool.num_depths + depth
-        groups, row_group = torch.unique(group_id, return_inverse=True)      # [G], [rows]
-        length = torch.zeros(len(groups), dtype=torch.long, device=slot.device)
-        length.scatter_reduce_(0, row_group, position + 1, reduce="amax")
-        key_group = torch.repeat_interleave(torch.arange(len(groups), device=slot.device), length)  # [S]
-        start = torch.cumsum(length, 0) - length
-        self.key_pos = torch.arange(len(key_group), device=slot.device) - start[key_group]   # [S]
-        self.key_slot = groups[key_group] // pool.num_depths
-        self.key_depth = groups[key_group] % pool.num_depths
-        # [rows, S]: own group, causal, and inside the sliding window where the row's depth has one
-        q_pos, k_pos = position[:, None], self.key_pos[None, :]
-        self.allowed = ((row_group[:, None] == key_group[None, :]) & (k_pos <= q_pos)
-                        & ((window[:, None] == 0) | (k_pos > q_pos - window[:, None])))
-        mask = torch.zeros(self.allowed.shape, dtype=dtype, device=slot.device)
-        self.mask = mask.masked_fill(~self.allowed, torch.finfo(dtype).min)[None, None]  # [1, 1, rows, S]
+
+@dataclass
+class _Chunk:
+    """A multi-row group (prefill chunk): rows [lo, hi) at positions [start, start + hi − lo)."""
+    lo: int
+    hi: int
+    slot: int
+    loop: int
+    start: int
+
+
+class StepLayout:
+    """Everything the K layer calls of one step share: row tags, loop segments, attention groups.
+
+    `rows` are (slot, loop, position) triples sorted by (loop, slot, position). Built once per step;
+    `cache(j)` gives layer j's cache view.
+    """
+
+    def __init__(self, pool: KVPool, rows: list[tuple[int, int, int]], *, num_shared: int,
+                 depth_window: list[int], device):
+        self.pool, self.num_shared, self.device = pool, num_shared, device
+        self.depth_window = depth_window
+        self.has_window = any(depth_window)
+        slots, loops, positions = zip(*rows)
+        self.slot = torch.tensor(slots, device=device)
+        self.loop = torch.tensor(loops, device=device)
+        self.position = torch.tensor(positions, device=device)
+        self.loop_list = list(loops)
+        # loop segments (rows are sorted by loop): the per-row LoRA runs one matmul pair per segment
+        self.segments, start = [], 0
+        for i in range(1, len(rows) + 1):
+            if i == len(rows) or loops[i] != loops[start]:
+                self.segments.append((loops[start], start, i))
+                start = i
+        # groups: runs of equal (slot, loop)
+        groups, start = [], 0
+        for i in range(1, len(rows) + 1):
+            if i == len(rows) or rows[i][:2] != rows[start][:2]:
+                groups.append((start, i))
+                start = i
+        singles = sorted(((positions[lo] + 1, lo) for lo, hi in groups if hi - lo == 1), reverse=True)
+        self.chunks = [_Chunk(lo, hi, slots[lo], loops[lo], positions[lo]) for lo, hi in groups if hi - lo > 1]
+        self.buckets, i = [], 0
+        while i < len(singles):
+            length = singles[i][0]
+            j = i
+            while j < len(singles) and singles[j][0] * PAD_RATIO >= length:
+                j += 1
+            rows_ = [r for _, r in singles[i:j]]
+            idx = torch.tensor(rows_, device=device)
+            key_len = torch.tensor([n for n, _ in singles[i:j]], device=device)
+            valid = torch.arange(length, device=device)[None, :] < key_len[:, None]
+            self.buckets.append(_Bucket(idx, self.slot[idx], self.loop[idx], key_len - 1, length, valid))
+            i = j
+        # attention work: scores computed vs needed (a ragged kernel's), per layer call
+        self.scores_computed = (sum(len(b.rows) * b.length for b in self.buckets)
+                                + sum((c.hi - c.lo) * (c.start + c.hi - c.lo) for c in self.chunks))
+        self.scores_needed = (sum(n for n, _ in singles)
+                              + sum(sum(c.start + k + 1 for k in range(c.hi - c.lo)) for c in self.chunks))
+
+    def cache(self, j: int) -> "LayerCache":
+        return LayerCache(self, j)
+
+
+class LayerCache:
+    """A duck-typed HF cache for shared layer j's call over one step's rows (see module docstring)."""
+
+    def __init__(self, layout: StepLayout, j: int):
+        self.layout, self.j = layout, j
+        self.depth = layout.loop * layout.num_shared + j  # [rows]
+        self.kv_only = False   # copy_hidden fills: write keys/values, attend nothing
+        self.profile = None    # the engine's StepProfile, if profiling (attn_s)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx=None, *args, **kwargs):
-        """Write the rows' new keys/values [1, kv_heads, rows, head_dim]; return their groups' [1, kv_heads, S, head_dim]."""
-        pool = self.pool
-        k_rows = key_states[0].transpose(0, 1)  # [rows, kv_heads, head_dim]
-        v_rows = value_states[0].transpose(0, 1)
-        pool._ensure(k_rows.shape[1], k_rows.shape[2], k_rows)
-        at = (self.slot, self.depth, self.position)
-        if pool.debug and pool.written[at].any():
-            raise ScheduleError("KV slot written twice (a (request, depth, position) ran twice)")
-        pool.keys[at] = k_rows
-        pool.values[at] = v_rows
-        pool.written[at] = True
-        key_at = (self.key_slot, self.key_depth, self.key_pos)
-        if pool.debug and (self.allowed & ~pool.written[key_at][None, :]).any():
-            raise ScheduleError("KV slot read before written (scheduler broke a dependency)")
-        keys = pool.keys[key_at].transpose(0, 1)[None]  # [1, kv_heads, S, head_dim]
-        values = pool.values[key_at].transpose(0, 1)[None]
-        return keys, values
+        """Write the rows' new keys/values [1, kv_heads, rows, head_dim]; return them (attention reads the pool)."""
+        lay = self.layout
+        lay.pool.write(lay.slot, self.depth, lay.position, key_states[0].transpose(0, 1),
+                       value_states[0].transpose(0, 1))
+        return key_states, value_states
+
+    def window(self, loops: torch.Tensor | int) -> torch.Tensor | int:
+        """The sliding window (0: none) of the depth this layer has at the given loop(s)."""
+        lay = self.layout
+        if isinstance(loops, int):
+            return lay.depth_window[loops * lay.num_shared + self.j]
+        table = torch.tensor(lay.depth_window, device=loops.device)
+        return table[loops * lay.num_shared + self.j]
+
+
+def ragged_attention(module, query, key, value, attention_mask, *, rrt_cache: LayerCache | None = None,
+                     scaling: float | None = None, dropout: float = 0.0, softcap: float | None = None,
+                     **kwargs):
+    """The attention product for one shared-layer call over a step's rows (registered as "rrt_ragged").
+
+    query [1, heads, rows, head_dim]; keys/values are read from the pool through `rrt_cache` (the
+    layer's own `key`/`value` arguments are only the rows' new ones, already written). Returns
+    ([1, rows, heads, head_dim], None) as HF attention functions do.
+    """
+    if rrt_cache is None:
+        raise RuntimeError("rrt_ragged attention is only valid inside an rrt serving Engine step")
+    for name in ("s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"attention {name} is not supported by the ragged engine")
+    if rrt_cache.kv_only:
+        return query.new_zeros(1, query.shape[2], query.shape[1], query.shape[3]), None
+    start = time.perf_counter() if rrt_cache.profile is not None else None
+    lay, pool = rrt_cache.layout, rrt_cache.layout.pool
+    q = query[0]                                  # [heads, rows, head_dim]
+    heads, rows, head_dim = q.shape
+    kv_heads = pool.keys.shape[2]
+    group = heads // kv_heads
+    out = q.new_empty(rows, heads, head_dim)
+    for b in lay.buckets:
+        n = len(b.rows)
+        depth = b.loop * lay.num_shared + rrt_cache.j
+        keys = pool.keys[:, :, :, :b.length][b.slot, depth]        # [n, kv_heads, length, head_dim]
+        values = pool.values[:, :, :, :b.length][b.slot, depth]
+        mask = b.valid
+        if lay.has_window:
+            window = rrt_cache.window(b.loop)                       # [n]
+            k_pos = torch.arange(b.length, device=mask.device)[None, :]
+            mask = mask & ((window[:, None] == 0) | (k_pos > b.query_pos[:, None] - window[:, None]))
+        if pool.debug:
+            _check_written(pool, b.slot, depth, mask)
+        # GQA packed into the query-length axis: head h reads kv head h // group
+        qb = q[:, b.rows].transpose(0, 1).reshape(n, kv_heads, group, head_dim)
+        o = _attend(qb, keys, values, mask[:, None, None, :], scaling, softcap)
+        out[b.rows] = o.reshape(n, heads, head_dim)
+    for c in lay.chunks:
+        length = c.start + c.hi - c.lo
+        depth = c.loop * lay.num_shared + rrt_cache.j
+        keys = pool.keys[c.slot, depth, :, :length][None]           # [1, kv_heads, length, head_dim]
+        values = pool.values[c.slot, depth, :, :length][None]
+        q_pos = torch.arange(c.start, length, device=q.device)[:, None]
+        k_pos = torch.arange(length, device=q.device)[None, :]
+        mask = k_pos <= q_pos
+        window = rrt_cache.window(c.loop)
+        if window:
+            mask = mask & (k_pos > q_pos - window)
+        if pool.debug:
+            _check_written(pool, torch.tensor([c.slot]), torch.tensor([depth]), mask.any(0)[None])
+        if group > 1:
+            keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+        o = _attend(q[None, :, c.lo:c.hi], keys, values, mask[None, None], scaling, softcap)
+        out[c.lo:c.hi] = o[0].transpose(0, 1)
+    if start is not None:
+        rrt_cache.profile.attn_s += time.perf_counter() - start
+    return out[None], None
+
+
+def _attend(q, k, v, mask, scaling, softcap):
+    """softmax(q kᵀ · scaling, masked) v; SDPA unless a logit softcap needs the explicit product (Gemma 2)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    scores = (q @ k.transpose(-1, -2)) * (scaling if scaling is not None else q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return scores.float().softmax(-1).to(q.dtype) @ v
+
+
+def _check_written(pool: KVPool, slot, depth, mask) -> None:
+    written = pool.written[slot.to(pool.written.device), depth.to(pool.written.device)]  # [n, max_seq]
+    if (mask & ~written[:, :mask.shape[1]].to(mask.device)).any():
+        raise ScheduleError("KV slot read before written (scheduler broke a dependency)")

@@ -1,6 +1,6 @@
 """The sequential reference the engine must match (DESIGN invariant 9): one request, one token at a time.
 
-Each step recomputes the whole prefix with the model's own HF forward (`loop_states`) and walks
+Each step recomputes the whole prefix with the model's own HF forward (`exits.loop_outputs`) and walks
 the latest token's loops in order, asking the exit policy after each; the first exit emits that
 loop's argmax. Full recomputation runs every earlier token through every loop, which is exactly
 what state propagation gives the engine's cache (exited tokens still run their remaining loops),
@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from rrt.exits import NoExit, loop_states
-from rrt.models import head_logits
+from rrt.exits import NoExit, loop_outputs
 
 
 @torch.no_grad()
@@ -22,20 +21,13 @@ def reference_generate(model, prompt: list[int], max_new_tokens: int, *, exit_po
     policy = exit_policy if exit_policy is not None else NoExit()
     tokens, exits = list(prompt), []
     while len(exits) < max_new_tokens:
-        ids = torch.tensor(tokens, device=model.device)[None]
-        states, embeddings = loop_states(model, ids)
-        prev = embeddings[0, -1:]
-        for b, h in enumerate(states):
-            hidden = h[0, -1:]  # [1, hidden]
-            logits = head_logits(model, hidden[None], loop_idx=b)[0]
-            loop = torch.tensor([b], device=model.device)
-            last = b == len(states) - 1
-            if last or policy.exit_mask(loop=loop, logits=logits, hidden=hidden, prev_hidden=prev,
-                                        keys=[(request_id, len(tokens) - 1)])[0]:
-                tokens.append(int(logits.argmax(-1)))
-                exits.append(b)
+        outputs = loop_outputs(model, tokens)
+        last = torch.tensor([len(tokens) - 1], device=model.device)
+        for out in outputs:
+            if out.loop == len(outputs) - 1 or out.exit_mask(policy, last, [(request_id, len(tokens) - 1)])[0]:
+                tokens.append(int(out.logits[-1].argmax(-1)))
+                exits.append(out.loop)
                 break
-            prev = hidden
         if tokens[-1] == eos_token_id:
             break
     return tokens[len(prompt):], exits

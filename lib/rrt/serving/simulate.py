@@ -1,13 +1,10 @@
 """The paper's hypothetical-throughput simulator (§3.8, App. N, Tables 16–17), kept small and explicit.
 
-Step 1, `measure_block_times`: on dummy weights and inputs, for a sweep of batch sizes n (stopping
-at out-of-memory or a memory cap), prefill `prefix_len` random tokens, then decode `decode_len`
-tokens with HF's own cache, timing only the Transformer blocks (first layer in → last layer out;
-embedding and LM head excluded, as in the paper). Per-token time T(n): the paper's block time /
-decode_len is the mean decode step; we take the median step instead (robust to a loaded shared
-machine) — the cost of one decode step of n sequences through *all* L depths.
+Block times T(n) — one decode step of n sequences through *all* L depths (the paper times the
+Transformer blocks on dummy inputs, embedding and LM head excluded) — come from the caller:
+`bench.measure_step_costs` times this engine's own block call at each row count.
 
-Step 2, `simulate`: replay a queue of requests with oracle exit trajectories, all arrived at t=0
+`simulate`: replay a queue of requests with oracle exit trajectories, all arrived at t=0
 (the paper's queue, no arrival process), at most `max_active` requests live. Only decode steps are
 counted (prefill is excluded, as in the paper's per-token times). Rules:
 
@@ -27,12 +24,9 @@ Throughput = emitted tokens / Σ step costs.
 """
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Sequence
 
 import pandas as pd
-import torch
 
 from rrt.models import decoder_layers
 
@@ -59,41 +53,6 @@ def simulate(trajectories: Sequence[Sequence[int]], *, vanilla_times: pd.DataFra
     df["sim_tokens_per_s"] = sum(lengths) / df["sim_seconds"]
     df["sim_ratio"] = df["sim_tokens_per_s"] / df["sim_tokens_per_s"].iloc[0]
     return df
-
-
-@torch.no_grad()
-def measure_block_times(model, *, batch_sizes: Sequence[int], prefix_len: int, decode_len: int,
-                        memory_cap_bytes: int | None = None, seed: int = 0) -> pd.DataFrame:
-    """Return (batch_size, block_s_per_token, total_s_per_token) per batch size that fits (App. N).
-
-    Stops at the first batch size that runs out of memory or whose weights + KV exceed the cap.
-    """
-    layers, device = decoder_layers(model), model.device
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for n in batch_sizes:
-        kv = n * (prefix_len + decode_len) * kv_bytes_per_token(model)
-        if memory_cap_bytes is not None and weight_bytes(model) + kv > memory_cap_bytes:
-            break
-        ids = torch.randint(model.config.vocab_size, (n, prefix_len + decode_len), generator=gen).to(device)
-        steps, start_at = [], [0.0]
-        pre = layers[0].register_forward_pre_hook(lambda *_: start_at.__setitem__(0, _now(device)))
-        post = layers[-1].register_forward_hook(lambda *_: steps.append(_now(device) - start_at[0]))
-        try:
-            out = model(ids[:, :prefix_len], use_cache=True)
-            steps.clear()  # prefill excluded
-            total = _now(device)
-            for i in range(decode_len):
-                out = model(ids[:, prefix_len + i:prefix_len + i + 1], past_key_values=out.past_key_values,
-                            use_cache=True)
-            total = _now(device) - total
-        except torch.OutOfMemoryError:
-            break
-        finally:
-            pre.remove()
-            post.remove()
-        rows.append((n, statistics.median(steps), total / decode_len))
-    return pd.DataFrame(rows, columns=["batch_size", "block_s_per_token", "total_s_per_token"])
 
 
 def weight_bytes(model) -> int:
@@ -166,10 +125,3 @@ def _interpolate(times: pd.DataFrame, n: int) -> float:
         return y[0] * n / x[0]
     i = max(1, min(len(x) - 1, next((j for j, v in enumerate(x) if v >= n), len(x) - 1)))
     return y[i - 1] + (y[i] - y[i - 1]) * (n - x[i - 1]) / (x[i] - x[i - 1])
-
-
-def _now(device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
