@@ -103,8 +103,8 @@ def test_run_benchmark_rows_ratios_and_bound(tiny_served):
                            arrival_rate=100.0)
     df = result.systems
     assert df["system"].tolist() == ["hf_generate_static", "vanilla_static", "vanilla_continuous", "recursive_no_exit",
-                                     "cdb_oracle", "cdb_oracle", "cdb_oracle_own", "cdb_oracle_no_lora",
-                                     "cdb_oracle_no_lora"]
+                                     "cdb_oracle", "cdb_oracle", "cdb_oracle_own", "cdb_oracle_own",
+                                     "cdb_oracle_no_lora", "cdb_oracle_no_lora"]
     assert df["tokens"].nunique() == 1  # every system serves the same requests
     assert (df.loc[df.system == "vanilla_static", "delta_v"] == 1.0).all()
     assert (df.loc[df.system == "vanilla_continuous", "delta_seq"] == 1.0).all()
@@ -123,7 +123,7 @@ def test_run_benchmark_rows_ratios_and_bound(tiny_served):
 def test_cli_writes_tables(tmp_path):
     result = main(["--model", "tiny-llama", "--num-requests", "2", "--decode-len", "3", "--prefix-len", "5",
                    "--max-active", "2", "--repeats", "1", "--no-hf-generate", "--out", str(tmp_path)])
-    assert len(result.systems) == 6  # static, continuous, no exit, oracle ×2 KV policies, own oracle
+    assert len(result.systems) == 7  # static, continuous, no exit, oracle and own-output oracle × 2 KV policies
     for name in ["bench.csv", "step_costs.csv", "paper_sim.csv", "report.md", "config.json", "versions.json"]:
         assert (tmp_path / name).exists()
     assert "real_over_bound" in (tmp_path / "report.md").read_text()

@@ -144,8 +144,9 @@ def run_benchmark(model, tokenizer, recursive, *, workload: Workload = Workload(
         systems.append(_System("cdb_oracle", recursive, engine(Engine, recursive, text_oracle, kv), "oracle", kv))
     if own_oracle:
         own = _own_oracle(recursive, samples, seq)
-        systems.append(_System("cdb_oracle_own", recursive, engine(Engine, recursive, own, kv_policies[0]),
-                               "oracle (own output)", kv_policies[0]))
+        for kv in kv_policies:
+            systems.append(_System("cdb_oracle_own", recursive, engine(Engine, recursive, own, kv),
+                                   "oracle (own output)", kv))
     if lora_ablation and lora_modules(recursive):
         bare = copy.deepcopy(recursive)
         truncate_lora(bare, 0)

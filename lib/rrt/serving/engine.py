@@ -577,10 +577,8 @@ class Engine:
             live.filled[p] = b
             self.stats["filled_rows"] += self.num_loops - 1 - b
         if self.kv_policy == "copy_kv":
-            for live, p, b in exited:
-                deeper = range(b + 1, self.num_loops)
-                self.kv.copy_depths(live.slot, p, [b * k + j for j in range(k)],
-                                    [[d * k + j for d in deeper] for j in range(k)])
+            self.kv.copy_depths([(live.slot, p, b * k + j, d * k + j) for live, p, b in exited for j in range(k)
+                                 for d in range(b + 1, self.num_loops)])
             return
         # copy_hidden: every deeper loop's layers compute keys/values from the exit hidden state
         fill = sorted(((d, live.slot, p, n) for n, (live, p, b) in enumerate(exited)

@@ -1,4 +1,4 @@
-"""The engine's KV cache and its ragged attention: one pool [slots, depths, kv_heads, max_seq_len, head_dim].
+"""The engine's KV cache and its ragged attention: one pool [slots, depths, max_seq_len, kv_heads, head_dim].
 
 A request holds one slot for its lifetime; (slot, depth, position) addresses one key/value row, so
 tokens at different loops (depths) and requests share one pool. `written` marks every row filled,
@@ -18,7 +18,8 @@ the layer's own sdpa/eager call: it takes one [batch, seq] block, and a step's r
 every group's keys computes rows × Σ keys scores (4–6× the needed ones at cpu scale). Instead:
 - one-row groups (decode tokens, the common case) are bucketed by key length so each bucket's
   padding is under 1.5×, and each bucket is one batched SDPA call over [groups, kv_heads, keys];
-- multi-row groups (prefill chunks) get one causal SDPA call each.
+- multi-row groups (prefill chunks) get one causal SDPA call each, unless their rows' key lengths
+  are within the same 1.5× (propagation catch-up runs): those rows join the buckets.
 Transformers' own paged attention (`paged|eager`, continuous batching) keys its cache by layer and
 sequence; it cannot express rows of one call sitting at different depths of a looped model.
 """
@@ -43,7 +44,7 @@ class KVPool:
     def __init__(self, *, num_slots: int, num_depths: int, max_seq_len: int, debug: bool = False):
         self.num_slots, self.num_depths, self.max_seq_len = num_slots, num_depths, max_seq_len
         self.debug = debug
-        self.keys: torch.Tensor | None = None    # [slots, depths, kv_heads, max_seq_len, head_dim]
+        self.keys: torch.Tensor | None = None    # [slots, depths, max_seq_len, kv_heads, head_dim]
         self.values: torch.Tensor | None = None  # allocated at the first write, when shapes are known
         self.written = torch.zeros(num_slots, num_depths, max_seq_len, dtype=torch.bool)
         self.free = list(range(num_slots))
@@ -70,30 +71,41 @@ class KVPool:
     def write(self, slot, depth, position, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write rows' keys/values [n, kv_heads, head_dim] at (slot, depth, position) [n]."""
         self._ensure(keys.shape[1], keys.shape[2], keys)
-        at = (slot, depth, slice(None), position)
+        at = (slot, depth, position)
         if self.debug and self.written[slot, depth, position].any():
             raise ScheduleError("KV slot written twice (a (request, depth, position) ran twice)")
         self.keys[at] = keys
         self.values[at] = values
         self.written[slot, depth, position] = True
 
-    def copy_depths(self, slot: int, position: int, source: list[int], targets: list[list[int]]) -> None:
-        """Copy one position's keys/values from each source depth into its target depths (copy_kv policy)."""
-        if self.keys is None:
+    def copy_depths(self, copies: list[tuple[int, int, int, int]]) -> None:
+        """Copy keys/values of (slot, position) from a source depth into a target depth, for every
+        (slot, position, source, target) given, in one gather and one scatter (copy_kv policy)."""
+        if self.keys is None or not copies:
             return
-        src = torch.tensor([s for s, ts in zip(source, targets) for _ in ts], device=self.keys.device)
-        dst = torch.tensor([t for ts in targets for t in ts], device=self.keys.device)
-        if not len(dst):
-            return
-        if self.debug and self.written[slot, dst.cpu() if self.written.device.type == "cpu" else dst, position].any():
+        slot, position, src, dst = torch.tensor(copies, device=self.keys.device).unbind(1)
+        if self.debug and self.written[slot.to(self.written.device), dst.to(self.written.device),
+                                       position.to(self.written.device)].any():
             raise ScheduleError("KV slot written twice (copy into a depth that already ran)")
-        self.keys[slot, dst, :, position] = self.keys[slot, src, :, position]
-        self.values[slot, dst, :, position] = self.values[slot, src, :, position]
-        self.written[slot, dst.to(self.written.device), position] = True
+        self.keys[slot, dst, position] = self.keys[slot, src, position]
+        self.values[slot, dst, position] = self.values[slot, src, position]
+        self.written[slot.to(self.written.device), dst.to(self.written.device), position.to(self.written.device)] = True
+
+    def gather(self, slot: torch.Tensor, depth: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions [0, length) of each (slot, depth) [n]: two [n, kv_heads, length, head_dim].
+
+        One index_select over (slot, depth) of the pool sliced to `length` positions: each group's
+        rows are one contiguous block, and nothing past `length` is copied.
+        """
+        flat = slot * self.num_depths + depth
+        shape = (self.num_slots * self.num_depths, self.max_seq_len, *self.keys.shape[3:])
+        keys = self.keys.view(shape)[:, :length].index_select(0, flat).transpose(1, 2)
+        values = self.values.view(shape)[:, :length].index_select(0, flat).transpose(1, 2)
+        return keys, values
 
     def _ensure(self, kv_heads: int, head_dim: int, like: torch.Tensor) -> None:
         if self.keys is None:
-            shape = (self.num_slots, self.num_depths, kv_heads, self.max_seq_len, head_dim)
+            shape = (self.num_slots, self.num_depths, self.max_seq_len, kv_heads, head_dim)
             self.keys = like.new_zeros(shape)
             self.values = like.new_zeros(shape)
             self.written = self.written.to(like.device)
@@ -149,8 +161,13 @@ class StepLayout:
             if i == len(rows) or rows[i][:2] != rows[start][:2]:
                 groups.append((start, i))
                 start = i
-        singles = sorted(((positions[lo] + 1, lo) for lo, hi in groups if hi - lo == 1), reverse=True)
-        self.chunks = [_Chunk(lo, hi, slots[lo], loops[lo], positions[lo]) for lo, hi in groups if hi - lo > 1]
+        # A group whose rows' key lengths (start+1 … start+m) lie within PAD_RATIO of each other is split
+        # into one-row groups (its causal mask is then each row's own length): propagation catch-up runs
+        # join the decode buckets. Longer ones (prefill from the start) stay causal chunks.
+        split = [(lo, hi) for lo, hi in groups if hi - lo == 1 or positions[hi - 1] + 1 <= PAD_RATIO * (positions[lo] + 1)]
+        singles = sorted(((positions[r] + 1, r) for lo, hi in split for r in range(lo, hi)), reverse=True)
+        whole = set(split)
+        self.chunks = [_Chunk(lo, hi, slots[lo], loops[lo], positions[lo]) for lo, hi in groups if (lo, hi) not in whole]
         self.buckets, i = [], 0
         while i < len(singles):
             length = singles[i][0]
@@ -218,14 +235,13 @@ def ragged_attention(module, query, key, value, attention_mask, *, rrt_cache: La
     lay, pool = rrt_cache.layout, rrt_cache.layout.pool
     q = query[0]                                  # [heads, rows, head_dim]
     heads, rows, head_dim = q.shape
-    kv_heads = pool.keys.shape[2]
+    kv_heads = pool.keys.shape[3]
     group = heads // kv_heads
     out = q.new_empty(rows, heads, head_dim)
     for b in lay.buckets:
         n = len(b.rows)
         depth = b.loop * lay.num_shared + rrt_cache.j
-        keys = pool.keys[:, :, :, :b.length][b.slot, depth]        # [n, kv_heads, length, head_dim]
-        values = pool.values[:, :, :, :b.length][b.slot, depth]
+        keys, values = pool.gather(b.slot, depth, b.length)         # [n, kv_heads, length, head_dim]
         mask = b.valid
         if lay.has_window:
             window = rrt_cache.window(b.loop)                       # [n]
@@ -240,8 +256,8 @@ def ragged_attention(module, query, key, value, attention_mask, *, rrt_cache: La
     for c in lay.chunks:
         length = c.start + c.hi - c.lo
         depth = c.loop * lay.num_shared + rrt_cache.j
-        keys = pool.keys[c.slot, depth, :, :length][None]           # [1, kv_heads, length, head_dim]
-        values = pool.values[c.slot, depth, :, :length][None]
+        keys = pool.keys[c.slot, depth, :length].transpose(0, 1)[None]  # [1, kv_heads, length, head_dim]
+        values = pool.values[c.slot, depth, :length].transpose(0, 1)[None]
         q_pos = torch.arange(c.start, length, device=q.device)[:, None]
         k_pos = torch.arange(length, device=q.device)[None, :]
         mask = k_pos <= q_pos
