@@ -6,6 +6,7 @@ import torch
 import rrt
 from rrt.serving import Engine, Request
 from rrt.exits import OracleExit
+from rrt.rundir import read_json
 from rrt.serving.baselines import StaticBatchEngine
 from rrt.serving.bench import (PAPER_CONFIGS, DryRunEngine, Workload, bound_seconds, interpolate, load_bench_model,
                                main, measure_step_costs, run_benchmark)
@@ -122,8 +123,12 @@ def test_run_benchmark_rows_ratios_and_bound(tiny_served):
 
 def test_cli_writes_tables(tmp_path):
     result = main(["--model", "tiny-llama", "--num-requests", "2", "--decode-len", "3", "--prefix-len", "5",
-                   "--max-active", "2", "--repeats", "1", "--no-hf-generate", "--out", str(tmp_path)])
-    assert len(result.systems) == 7  # static, continuous, no exit, oracle and own-output oracle × 2 KV policies
+                   "--max-active", "2", "--repeats", "1", "--no-hf-generate", "--exit-policies", "max_prob",
+                   "--calibration-corpus", "wikitext2/test", "--target-agreement", "0.8", "--out", str(tmp_path)])
+    # static, continuous, no exit, oracle and own-output oracle × 2 KV policies, max_prob × 2 KV policies
+    assert len(result.systems) == 9 and (result.systems["system"] == "cdb_max_prob").sum() == 2
+    calibration = read_json(tmp_path / "config.json")["calibration"]
+    assert calibration[0]["exit_policy"] == "max_prob" and calibration[0]["agreement"] >= 0.8
     for name in ["bench.csv", "step_costs.csv", "paper_sim.csv", "report.md", "config.json", "versions.json"]:
         assert (tmp_path / name).exists()
     assert "real_over_bound" in (tmp_path / "report.md").read_text()

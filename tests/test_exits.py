@@ -96,3 +96,11 @@ def test_calibration_rejects_bad_arguments(rec_and_seqs):
         calibrate_threshold(rec, seqs, policy="entropy")
     with pytest.raises(ValueError, match="target_agreement"):
         calibrate_threshold(rec, seqs, policy="margin", target_agreement=1.5)
+
+
+def test_cosine_calibration_at_two_loops_never_exits_early():
+    """At B = 2 cosine has no earlier loop to compare with before the last: the only threshold is +inf."""
+    model, tok = rrt.load_model("tiny-llama")
+    rec = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2))
+    cal = calibrate_threshold(rec, [tok("Hello world, loops").input_ids], policy="cosine", target_agreement=0.9)
+    assert cal.threshold == float("inf") and cal.agreement == 1.0 and cal.mean_exit_loop == 1.0

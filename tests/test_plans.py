@@ -163,3 +163,34 @@ def test_from_dict_keeps_every_field_typed():
     study = from_dict("02_relaxation_rank_sweep", {"lora_ranks": [0, 8], "zero_init_ranks": [8], "model": "tiny-llama"})
     assert study.lora_ranks == (0, 8)
     assert [r.name for r in study.runs()] == ["average B=2 r=0", "average B=2 r=8 svd", "average B=2 r=8 zero"]
+
+
+def test_05_serves_04s_early_exit_model_and_trains_its_relaxed_twin():
+    """05's B=2, r=0 model is 04's aggressive 0.1 + self-distillation run (the same run directory);
+    its r > 0 models follow the same recipe with LoRA, from an uptrained model with that LoRA."""
+    from rrt.plans import load_params
+    for scale in ("smoke", "cpu", "paper-gemma-2b"):
+        served = load_params("05_throughput", scale).served()
+        ee = load_params("05_throughput", scale).training()
+        post = {r.name: r for r in ee.runs()}
+        c = ee.exit_coefficient
+        for (b, r), (up, run) in served.items():
+            assert run.config.init_from == str(up.final_checkpoint) and run.needs == (up.name,)
+            assert (run.config.lora_rank, up.config.lora_rank, run.config.num_blocks) == (r, r, b)
+            assert run.config.objective == "early_exit" and run.config.self_distill
+            assert (run.config.exit_scheme, run.config.exit_coefficient) == ("aggressive", c)
+            if r == 0 and b in ee.num_blocks:
+                assert run.dir == post[f"B={b} post aggressive {c} +SD"].dir
+                assert up.dir == ee.uptrained(b).dir
+    assert load_params("05_throughput", "cpu", checkpoint="some/dir").runs() == []
+    assert load_params("05_throughput", "cpu", model="paper-gemma-2b").runs() == []  # dummy weights: no training
+
+
+def test_05_refuses_bad_serving_parameters():
+    from rrt.plans import load_params
+    with pytest.raises(ValueError, match="parameter kv_policies holds 'skip'; allowed items: propagate, copy_kv, copy_hidden"):
+        load_params("05_throughput", "cpu", kv_policies=["skip"])
+    with pytest.raises(ValueError, match="corpus='wikitext2' must be 'corpus/split'"):
+        load_params("05_throughput", "cpu", corpus="wikitext2")
+    with pytest.raises(ValueError, match="target_agreement=1.5 out of range"):
+        load_params("05_throughput", "cpu", target_agreement=1.5)

@@ -91,3 +91,24 @@ def test_a_planned_run_launches_as_its_own_two_process_job(tmp_path, counted_tra
     tables = run_plan(study, original=original, tokenizer=tok, data=data, run_dir=tmp_path / "nb")
     assert counted_train == [] and tables["runs"]["run"].tolist() == ["stepwise B=2"]
     assert tables["perplexity"]["corpus"].tolist() == ["wikitext2/test"]
+
+
+def test_fig8_points_take_the_accuracy_of_what_each_system_serves():
+    """Vanilla systems get the vanilla model's accuracy; CDB systems their config's, under their exit and KV
+    policy; the LoRA-removed ablation none (it is timed, never evaluated); Δ_V's spread from the repeats."""
+    from rrt.studies import throughput_vs_accuracy
+    t = pd.DataFrame({
+        "config": ["B=2 r=64"] * 5, "system": ["vanilla_static", "recursive_no_exit", "cdb_oracle", "cdb_max_prob",
+                                              "cdb_oracle_no_lora"],
+        "exit_policy": ["none", "none", "oracle", "max_prob", "oracle"],
+        "kv_policy": ["propagate", "propagate", "copy_kv", "copy_kv", "copy_kv"],
+        "tokens_per_s": [10.0, 9.0, 14.0, 12.0, 16.0], "tokens_per_s_min": [9.0, 8.0, 13.0, 11.0, 15.0],
+        "tokens_per_s_max": [11.0, 10.0, 15.0, 13.0, 17.0], "delta_v": [1.0, 0.9, 1.4, 1.2, 1.6]})
+    acc = pd.DataFrame({"config": ["vanilla", "B=2 r=64", "B=2 r=64", "B=2 r=64"],
+                        "exit_policy": ["none", "none", "oracle", "max_prob"], "kv_policy": ["-", "-", "copy_kv", "copy_kv"],
+                        "value": [0.6, 0.5, 0.45, 0.4], "stderr": [0.05, 0.05, 0.05, 0.05]})
+    points = throughput_vs_accuracy({"throughput": t, "accuracy": acc}).set_index("system")
+    assert points["avg_accuracy"].tolist()[:4] == [0.6, 0.5, 0.45, 0.4]
+    assert pd.isna(points.loc["cdb_oracle_no_lora", "avg_accuracy"])
+    assert points.loc["cdb_oracle", "delta_v_min"] == pytest.approx(1.3)
+    assert points.loc["cdb_oracle", "delta_v_max"] == pytest.approx(1.5)

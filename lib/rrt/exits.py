@@ -180,8 +180,10 @@ def calibrate_threshold(model, sequences: Sequence[Sequence[int]], *, policy: st
         raise ValueError(f"target_agreement must be in [0, 1], got {target_agreement!r}")
     scores, agree = _teacher_forced_scores(model, sequences, policy)  # [tokens, loops] each
     last = scores.shape[1] - 1
-    candidates = torch.quantile(scores[:, :last][scores[:, :last].isfinite()].double(),
-                                torch.linspace(0, 1, max_candidates, dtype=torch.double)).unique()
+    finite = scores[:, :last][scores[:, :last].isfinite()].double()
+    # none finite: the policy can never exit before the last loop (cosine at B = 2 has no loop to compare)
+    candidates = (torch.quantile(finite, torch.linspace(0, 1, max_candidates, dtype=torch.double)).unique()
+                  if len(finite) else finite)
     candidates = torch.cat([candidates, torch.tensor([float("inf")], dtype=torch.double)])
     for threshold in candidates.tolist():
         exit_loop = _first_exit(scores, threshold)

@@ -384,9 +384,9 @@ class Throughput(Study):
     lora_ranks: tuple[int, ...] = (0, 64)  # per-loop LoRA ranks of the served models; r > 0 also runs its LoRA removed
     corpus: str = "wikitext2/test"    # held-out documents the requests are cut from (App. N: SlimPajama, RedPajama, PG19)
     data_source: str = "embedded"     # embedded (vendored, offline) | hub (streamed by name)
-    num_requests: int = 16            # requests in the offline queue (all arrive at once, as in App. N)
+    num_requests: int = 12            # requests in the offline queue (all arrive at once, as in App. N)
     prefix_len: int = 32              # prompt tokens per request (App. N: 64 or 512)
-    decode_len: int = 96              # most output tokens; each request's own length follows its text (App. N: 256/2048)
+    decode_len: int = 48              # most output tokens; each request's own length follows its text (App. N: 256/2048)
     max_active: int = 8               # live requests (KV slots) for every system
     token_budget: int = 64            # engine rows per step
     repeats: int = 3                  # timed rounds per system after a warm-up (median, min, max)

@@ -253,8 +253,7 @@ def throughput_study(study, original, tokenizer) -> dict[str, pd.DataFrame]:
     exit × KV policy as served (`quality`), and few-shot accuracy as served (`accuracy`). `deltas`
     is Tables 17/19: Δ_V (vs vanilla static) and Δ_Seq (vs vanilla continuous) per system.
     """
-    from rrt.exits import POLICY_CLASSES, calibrate_threshold
-    from rrt.serving.bench import Workload, run_benchmark
+    from rrt.serving.bench import Workload, calibrated_policies, heldout_text, run_benchmark
     from rrt.serving.scoring import served_few_shot, served_perplexity
 
     corpus, _, split = study.corpus.partition("/")
@@ -262,7 +261,8 @@ def throughput_study(study, original, tokenizer) -> dict[str, pd.DataFrame]:
                         prefix_len=study.prefix_len, decode_len=study.decode_len, seed=study.seed)
     cap = int(study.memory_cap_gb * 2**30) or None
     scored = bool(study.tasks) and tokenizer is not None  # dummy-weight models have no tokenizer
-    heldout = _calibration_text(study, tokenizer, original.config.vocab_size)
+    heldout = heldout_text(tokenizer, study.calibration_corpus, vocab_size=original.config.vocab_size,
+                           source=study.data_source, seed=study.seed)
     tables = {k: [] for k in ("throughput", "step_costs", "paper_sim", "latency", "calibration", "quality", "accuracy")}
     if scored:
         acc = few_shot(original, tokenizer, tasks=list(study.tasks), limit=study.task_limit, model_name="vanilla")
@@ -271,13 +271,9 @@ def throughput_study(study, original, tokenizer) -> dict[str, pd.DataFrame]:
     for config, rec in tqdm(models.items(), desc="served models"):
         b = num_loops(rec)
         tag = {"config": config, "num_blocks": b}
-        policies = {}
-        for name in study.exit_policies:
-            cal = calibrate_threshold(rec, heldout, policy=name, target_agreement=study.target_agreement)
-            policies[name] = POLICY_CLASSES[name](cal.threshold)
-            tables["calibration"].append({**tag, "exit_policy": name, "threshold": cal.threshold,
-                                          "agreement": cal.agreement, "mean_exit_loop": cal.mean_exit_loop,
-                                          "target_agreement": study.target_agreement})
+        policies, calibration = calibrated_policies(rec, heldout, study.exit_policies,
+                                                    target_agreement=study.target_agreement)
+        tables["calibration"] += [{**tag, **row, "corpus": study.calibration_corpus} for row in calibration]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             result = run_benchmark(original, tokenizer, rec, workload=workload, max_active=study.max_active,
@@ -337,6 +333,8 @@ def throughput_vs_accuracy(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
         t = t.merge(avg, how="left", left_on=["acc_config", "acc_exit", "acc_kv"],
                     right_on=["config", "exit_policy", "kv_policy"], suffixes=("", "_acc"))
         t = t.drop(columns=[c for c in t if c.endswith("_acc") or c.startswith("acc_")])
+        # the LoRA-removed model is timed, never evaluated: its accuracy is not the served model's
+        t.loc[t["system"].str.endswith("_no_lora"), ["avg_accuracy", "accuracy_stderr"]] = float("nan")
     cols = ["config", "system", "exit_policy", "kv_policy", "tokens_per_s", "delta_v", "delta_v_min", "delta_v_max",
             "avg_accuracy", "accuracy_stderr"]
     return t[[c for c in cols if c in t]]
@@ -346,17 +344,6 @@ def _config_name(rec) -> str:
     from rrt.relax import lora_modules
     ranks = {m.lora_A.shape[0] for m in lora_modules(rec).values()}
     return f"B={num_loops(rec)} r={max(ranks, default=0)}"
-
-
-def _calibration_text(study, tokenizer, vocab_size: int, seqs: int = 16, seq_len: int = 128):
-    """Held-out sequences to calibrate thresholds and score perplexity on (random ids without a tokenizer)."""
-    import torch
-
-    if tokenizer is None:
-        return torch.randint(vocab_size, (seqs, seq_len), generator=torch.Generator().manual_seed(study.seed)).tolist()
-    corpus, _, split = study.calibration_corpus.partition("/")
-    packed = load_packed(corpus, split, tokenizer=tokenizer, seq_len=seq_len, source=study.data_source, max_seqs=seqs)
-    return [list(map(int, row["input_ids"])) for row in packed]
 
 
 if __name__ == "__main__":

@@ -476,9 +476,13 @@ def main(argv=None) -> BenchResult:
         rec = rrt.convert(model, rrt.RecursiveSpec(num_blocks=args.num_blocks, lora_rank=args.lora_rank))
     workload = Workload(corpus=args.corpus, split=args.split, num_requests=args.num_requests,
                         prefix_len=args.prefix_len, decode_len=args.decode_len, seed=args.seed)
+    text = heldout_text(tok, args.calibration_corpus, vocab_size=model.config.vocab_size) if args.exit_policies else []
+    policies, calibration = calibrated_policies(rec, text, args.exit_policies, target_agreement=args.target_agreement)
     result = run_benchmark(model, tok, rec, workload=workload, max_active=args.max_active,
                            token_budget=args.token_budget, repeats=args.repeats, kv_policies=tuple(args.kv_policies),
-                           hf_generate=not args.no_hf_generate, arrival_rate=args.arrival_rate, progress=True)
+                           exit_policies=policies, hf_generate=not args.no_hf_generate,
+                           arrival_rate=args.arrival_rate, progress=True)
+    result.settings["calibration"] = calibration
     out = Path(args.out)
     write_config(out, {**vars(args), **result.settings})
     write_versions(out)
@@ -491,6 +495,33 @@ def main(argv=None) -> BenchResult:
     (out / "report.md").write_text(report)
     print(report)
     return result
+
+
+def heldout_text(tokenizer, corpus: str, *, vocab_size: int, source: str = "embedded", seqs: int = 16,
+                 seq_len: int = 128, seed: int = 0) -> list[list[int]]:
+    """Held-out sequences ("name/split" packed `seqs` × `seq_len`) to calibrate thresholds and score perplexity
+    on; random ids without a tokenizer (dummy-weight shapes)."""
+    if tokenizer is None:
+        return torch.randint(vocab_size, (seqs, seq_len), generator=torch.Generator().manual_seed(seed)).tolist()
+    from rrt.data import load_packed
+
+    name, _, split = corpus.partition("/")
+    packed = load_packed(name, split or "test", tokenizer=tokenizer, seq_len=seq_len, source=source, max_seqs=seqs)
+    return [list(map(int, row["input_ids"])) for row in packed]
+
+
+def calibrated_policies(rec, text, names, *, target_agreement: float) -> tuple[dict, list[dict]]:
+    """Return ({name: policy}, calibration rows): each scored policy's threshold calibrated on `text`
+    (teacher-forced) so its exits agree with the last loop on `target_agreement` of the tokens."""
+    from rrt.exits import POLICY_CLASSES, calibrate_threshold
+
+    policies, rows = {}, []
+    for policy in names:
+        cal = calibrate_threshold(rec, text, policy=policy, target_agreement=target_agreement)
+        policies[policy] = POLICY_CLASSES[policy](cal.threshold)
+        rows.append({"exit_policy": policy, "threshold": cal.threshold, "agreement": cal.agreement,
+                     "mean_exit_loop": cal.mean_exit_loop, "target_agreement": target_agreement})
+    return policies, rows
 
 
 def _parser():
@@ -510,6 +541,11 @@ def _parser():
     p.add_argument("--token-budget", type=int, default=64, help="engine rows per step")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up; median, min, max")
     p.add_argument("--kv-policies", nargs="+", default=["propagate", "copy_kv"], choices=KV_POLICIES)
+    p.add_argument("--exit-policies", nargs="*", default=[], choices=["max_prob", "margin", "cosine"],
+                   help="confidence exits to serve too, each calibrated on --calibration-corpus")
+    p.add_argument("--target-agreement", type=float, default=0.9,
+                   help="calibration: exits agree with the last loop on this share of held-out tokens")
+    p.add_argument("--calibration-corpus", default="tinystories/test")
     p.add_argument("--arrival-rate", type=float, default=None, help="requests/s of a Poisson latency run")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

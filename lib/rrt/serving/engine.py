@@ -7,17 +7,21 @@ A *work item* is (request, position, loop). Each engine step:
    arrival order. Item (r, p, b) is ready when p has finished loop b−1 and every p' < p has
    finished loop b or runs at loop b in this same batch (their keys are written before attention);
    so per request and loop the ready positions are one contiguous range [done[b], done[b−1]);
-3. runs the K shared layers once over all items (per-row loop LoRA via `per_row_loops`; item at
-   loop b, shared layer j reads and writes the KV of depth b·K + j);
-4. routes: the latest token of a request that finished loop b goes through the LM head and the
-   exit policy; on exit (always at the last loop) the greedy next token is appended and becomes a
-   loop-0 item at once. Every other item just moves on to its next loop.
+3. runs the K shared layers once over all items, laid out once per step (`kv.StepLayout`: rows
+   sorted by loop, request, position; per-row loop LoRA over loop segments via `per_row_loops`;
+   ragged attention by key-length buckets; item at loop b, shared layer j reads and writes the KV
+   of depth b·K + j);
+4. routes: the latest token of a request that finished loop b is asked to the exit policy (through
+   the LM head first only if the policy reads logits); on exit (always at the last loop) the LM head
+   gives the greedy next token, appended and a loop-0 item at once. Every other item moves on.
 
-State propagation (App. A, CALM): an exited token keeps running its remaining loops as ordinary
-items in later batches, writing KV only (no output), so deeper depths always hold keys for every
-earlier position. Its keys therefore equal the full model's: exits change which token is emitted,
-never the cache. Not done: copying the exited hidden state into deeper KV without running the
-layers (CALM's cheaper variant) — it needs no extra compute but changes the keys.
+What an exited token leaves in the depths it skipped is the `kv_policy` (`KV_POLICIES`):
+"propagate" (App. A, state propagation): it keeps running its remaining loops as ordinary items in
+later batches, writing KV only (no output), so its keys equal the full model's: exits change which
+token is emitted, never the cache. "copy_kv" (the CDB anchor's `last_exited`) copies each shared
+layer's exit-loop keys/values into the deeper loops' depths at once; "copy_hidden" (CALM) feeds the
+exit hidden state to every deeper depth's attention, which computes only its keys/values. Both
+cost (almost) nothing and change later tokens' keys; `serving.scoring` measures what that costs.
 
 Bad input and faults: `submit` refuses a malformed request before any compute (`ValueError` naming
 the request and the value). A fault inside a step (an exception in the block or the routing, or a
