@@ -525,6 +525,9 @@ class Engine:
                     logprobs = {n: (tok, (v, tok == next_tokens[n]))
                                 for n, tok, v in zip(forced, targets, values)}
                 exits = [(i, *logprobs.get(n, (next_tokens[n], None))) for n, i in enumerate(exit_rows)]
+        early = [(i, items[i]) for i, _, _ in exits if items[i][2] < last]
+        if early and self.kv_policy != "propagate":  # KV writes only, like the block's (can fail: before state)
+            self._fill([item for _, item in early], outputs, [i for i, _ in early])
         # state changes from here on
         slot = torch.tensor([live.slot for live, _, _ in items], device=outputs.device)
         position = torch.tensor([p for _, p, _ in items], device=outputs.device)
@@ -534,8 +537,9 @@ class Engine:
             if len(live.request.prompt) - 1 <= p < len(live.tokens) - 1:  # emitted already: KV only
                 self.stats["propagation_items"] += 1
         if self.kv_policy != "propagate":
-            self._fill([(items[i][0], items[i][1], items[i][2]) for i, _, _ in exits if items[i][2] < last],
-                       outputs, [i for i, _, _ in exits if items[i][2] < last])
+            for _, (live, p, b) in early:
+                live.filled[p] = b
+                self.stats["filled_rows"] += self.num_loops - 1 - b
         for i, token, logprob in exits:
             self._emit(items[i][0], token, items[i][2], logprob)
         if self.profile:
@@ -574,12 +578,7 @@ class Engine:
 
     def _fill(self, exited, outputs, rows):
         """Give exited tokens' deeper depths their keys/values without running the loops (copy policies)."""
-        if not exited:
-            return
         k = self.num_shared
-        for live, p, b in exited:
-            live.filled[p] = b
-            self.stats["filled_rows"] += self.num_loops - 1 - b
         if self.kv_policy == "copy_kv":
             self.kv.copy_depths([(live.slot, p, b * k + j, d * k + j) for live, p, b in exited for j in range(k)
                                  for d in range(b + 1, self.num_loops)])
