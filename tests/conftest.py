@@ -39,3 +39,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def char_tok():
+    """The tiny models' character-level tokenizer (vocab 99, with EOS, no BOS added)."""
+    return rrt.load_model("tiny-llama")[1]
+
+
+@pytest.fixture(scope="module")
+def bos_tok(tmp_path_factory):
+    """The characters again, from a tokenizer that puts its BOS <s> (id 1) first as Llama's and Gemma's do."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    tok = rrt.models.tiny_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    path = tmp_path_factory.mktemp("bos_tok")
+    tok.save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+

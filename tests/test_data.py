@@ -4,28 +4,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-import rrt
 from rrt import data
-
-
-@pytest.fixture(scope="module")
-def char_tok():
-    """The tiny models' character-level tokenizer (vocab 99, with EOS)."""
-    return rrt.load_model("tiny-llama")[1]
-
-
-@pytest.fixture(scope="module")
-def bos_tok(tmp_path_factory):
-    """The characters again, from a tokenizer that puts its BOS <s> (id 1) first as Llama's and Gemma's do."""
-    from tokenizers import processors
-    from transformers import AutoTokenizer
-
-    tok = rrt.models.tiny_tokenizer()
-    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-    path = tmp_path_factory.mktemp("bos_tok")
-    tok.save_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)
 
 
 def char_stream(tok, texts):

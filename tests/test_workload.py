@@ -1,38 +1,14 @@
 """The serving workload (rrt.serving.workload): App. N requests from held-out text, replayed exits, arrivals, metrics."""
-import dataclasses
-from dataclasses import dataclass
-
 import pytest
 import torch
 
 import rrt
 from rrt.exits import record_oracle_trajectories
-from rrt.serving import Request, workload
 from rrt.serving.workload import (Sample, corpus_samples, latency_metrics, mean_loops, poisson_arrivals,
                                   replay_trajectories, requests_from)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def char_tok():
-    """The tiny models' character-level tokenizer (vocab 99, EOS, no BOS added)."""
-    return rrt.load_model("tiny-llama")[1]
-
-
-@pytest.fixture(scope="module")
-def bos_tok(tmp_path_factory):
-    """The characters again, from a tokenizer that puts its BOS <s> (id 1) first as Llama's does."""
-    from tokenizers import processors
-    from transformers import AutoTokenizer
-
-    tok = rrt.models.tiny_tokenizer()
-    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-    path = tmp_path_factory.mktemp("bos_tok")
-    tok.save_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)
 
 
 def test_samples_are_the_documents_own_text_and_lengths_follow_it(char_tok):
@@ -152,38 +128,10 @@ def test_requests_carry_the_continuations_length_and_index():
     assert [(r.prompt, r.max_new_tokens, r.request_id) for r in reqs] == [([1, 5, 6], 2, 0), ([1, 9], 1, 1)]
 
 
-def test_requests_take_arrivals_and_forcing_only_where_request_has_the_fields(monkeypatch):
+def test_requests_take_arrivals_and_forcing():
     samples = [Sample([1, 5], [7, 8], "x[0]"), Sample([1, 9], [10], "x[1]")]
-
-    @dataclass
-    class Future(Request):
-        arrival_s: float | None = None
-        forced: list[int] | None = None
-
-    monkeypatch.setattr(workload, "Request", Future)
     reqs = requests_from(samples, arrivals=[0.0, 0.5], forced=True)
     assert [(r.arrival_s, r.forced) for r in reqs] == [(0.0, [7, 8]), (0.5, [10])]
+    assert [(r.arrival_s, r.forced) for r in requests_from(samples)] == [(None, None), (None, None)]
     with pytest.raises(ValueError, match="1 arrivals for 2 samples"):
         requests_from(samples, arrivals=[0.0])
-
-    @dataclass
-    class Old:
-        prompt: list[int]
-        max_new_tokens: int
-        request_id: int | None = None
-
-    monkeypatch.setattr(workload, "Request", Old)
-    with pytest.raises(TypeError, match="no field 'arrival_s'"):
-        requests_from(samples, arrivals=[0.0, 0.5])
-    with pytest.raises(TypeError, match="no field 'forced'"):
-        requests_from(samples, forced=True)
-
-
-def test_requests_match_the_engines_request_fields():
-    names = {f.name for f in dataclasses.fields(Request)}
-    samples = [Sample([1, 5], [7, 8], "x[0]")]
-    if "arrival_s" in names:
-        assert requests_from(samples, arrivals=[1.5])[0].arrival_s == 1.5
-    else:
-        with pytest.raises(TypeError, match="arrival_s"):
-            requests_from(samples, arrivals=[1.5])

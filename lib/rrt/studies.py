@@ -222,9 +222,11 @@ def served_models(study, original, tokenizer) -> dict:
     (a `bench.PAPER_CONFIGS` model), or 04's early-exit runs from the run store, trained there when missing."""
     import torch
 
+    from rrt.serving.bench import config_name
+
     if study.checkpoint:
         rec = rrt.load(study.checkpoint, dtype=original.dtype, device=original.device)
-        return {_config_name(rec): rec}
+        return {config_name(rec): rec}
     if not study.trains():
         return {f"B={b} r={r}": rrt.convert(original, rrt.RecursiveSpec(num_blocks=b, lora_rank=r))
                 for b in study.num_blocks for r in study.lora_ranks}
@@ -338,12 +340,6 @@ def throughput_vs_accuracy(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     cols = ["config", "system", "exit_policy", "kv_policy", "tokens_per_s", "delta_v", "delta_v_min", "delta_v_max",
             "avg_accuracy", "accuracy_stderr"]
     return t[[c for c in cols if c in t]]
-
-
-def _config_name(rec) -> str:
-    from rrt.relax import lora_modules
-    ranks = {m.lora_A.shape[0] for m in lora_modules(rec).values()}
-    return f"B={num_loops(rec)} r={max(ranks, default=0)}"
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from rrt.rundir import write_config, write_versions
 from rrt.serving.baselines import StaticBatchEngine, hf_static_generate
 from rrt.serving.engine import KV_POLICIES, Engine
 from rrt.serving.kv import StepLayout
+from rrt.serving import simulate as simulate_module
 from rrt.serving.simulate import kv_bytes_per_token, simulate, weight_bytes
 from rrt.serving.workload import (Sample, corpus_samples, latency_metrics, mean_loops, poisson_arrivals,
                                   replay_trajectories, requests_from)
@@ -276,13 +277,7 @@ def bound_seconds(trace: list[tuple[str, int]], costs: pd.DataFrame) -> float:
 
 def interpolate(costs: pd.DataFrame, column: str, n: int) -> float:
     """Cost at n rows: linear between measured row counts, extrapolated from the last two beyond them."""
-    x, y = costs["rows"].tolist(), costs[column].tolist()
-    if n in x:
-        return y[x.index(n)]
-    if len(x) == 1:
-        return y[0] * n / x[0]
-    i = max(1, min(len(x) - 1, next((j for j, v in enumerate(x) if v >= n), len(x) - 1)))
-    return y[i - 1] + (y[i] - y[i - 1]) * (n - x[i - 1]) / (x[i] - x[i - 1])
+    return simulate_module.interpolate(costs["rows"].tolist(), costs[column].tolist(), n)
 
 
 def _dry_bound(s: _System, requests, costs, recorded) -> float:
@@ -420,12 +415,14 @@ def _reset_peak(model):
         torch.cuda.reset_peak_memory_stats(model.device)
 
 
-def _model_name(model) -> str:
-    b = num_loops(model)
-    if b == 1:
-        return "vanilla"
+def config_name(model) -> str:
+    """"B=2 r=64": a recursive model's loops and largest per-loop LoRA rank."""
     ranks = {m.lora_A.shape[0] for m in lora_modules(model).values()}
-    return f"recursive B={b} r={max(ranks, default=0)}"
+    return f"B={num_loops(model)} r={max(ranks, default=0)}"
+
+
+def _model_name(model) -> str:
+    return "vanilla" if num_loops(model) == 1 else f"recursive {config_name(model)}"
 
 
 def device_name(model) -> str:

@@ -550,9 +550,6 @@ class Engine:
         last = self.num_loops - 1
         policy = self.exit_policy
         dev = outputs.device
-        if isinstance(policy, NoExit):
-            rows = [i for i, b in zip(deciding, loops) if b == last]
-            return rows, self._head(outputs, rows, [last] * len(rows)) if rows else None
         rows_t = torch.tensor(deciding, device=dev)
         loop = torch.tensor(loops, device=dev)
         logits = self._head(outputs, deciding, loops) if policy.needs_logits else None

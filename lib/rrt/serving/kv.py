@@ -144,6 +144,7 @@ class StepLayout:
         self.pool, self.num_shared, self.device = pool, num_shared, device
         self.depth_window = depth_window
         self.has_window = any(depth_window)
+        self.depth_window_t = torch.tensor(depth_window, device=device) if self.has_window else None
         slots, loops, positions = zip(*rows)
         self.slot = torch.tensor(slots, device=device)
         self.loop = torch.tensor(loops, device=device)
@@ -211,8 +212,7 @@ class LayerCache:
         lay = self.layout
         if isinstance(loops, int):
             return lay.depth_window[loops * lay.num_shared + self.j]
-        table = torch.tensor(lay.depth_window, device=loops.device)
-        return table[loops * lay.num_shared + self.j]
+        return lay.depth_window_t[loops * lay.num_shared + self.j]
 
 
 def ragged_attention(module, query, key, value, attention_mask, *, rrt_cache: LayerCache | None = None,

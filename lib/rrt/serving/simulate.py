@@ -119,8 +119,11 @@ def _cdb(trajectories, batch_size, loop_cost, num_blocks, propagate):
 
 
 def _interpolate(times: pd.DataFrame, n: int) -> float:
-    x = times["batch_size"].tolist()
-    y = times["block_s_per_token"].tolist()
+    return interpolate(times["batch_size"].tolist(), times["block_s_per_token"].tolist(), n)
+
+
+def interpolate(x: Sequence[float], y: Sequence[float], n: float) -> float:
+    """y at n: linear between the measured points x (ascending), extrapolated from the last two beyond them."""
     if len(x) == 1:
         return y[0] * n / x[0]
     i = max(1, min(len(x) - 1, next((j for j, v in enumerate(x) if v >= n), len(x) - 1)))

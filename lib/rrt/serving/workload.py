@@ -9,7 +9,6 @@ engine `Request`s, and `latency_metrics` reduces per-request timestamps to TTFT,
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -119,25 +118,14 @@ def requests_from(samples: Sequence[Sample], *, arrivals: Sequence[float] | None
     """Return one engine `Request` per sample: max_new_tokens = len(continuation), request_id = index.
 
     arrivals (seconds, e.g. `poisson_arrivals`) set `Request.arrival_s`; forced=True sets
-    `Request.forced` to the continuation (teacher-forced decoding). Either raises TypeError if
-    this `Request` lacks the field, rather than being silently ignored.
+    `Request.forced` to the continuation (teacher-forced decoding).
     """
-    names = {f.name for f in dataclasses.fields(Request)}
-    for wanted, field_name in ((arrivals is not None, "arrival_s"), (forced, "forced")):
-        if wanted and field_name not in names:
-            raise TypeError(f"Request has no field {field_name!r} (fields: {sorted(names)}): this engine cannot "
-                            f"take {'arrivals' if field_name == 'arrival_s' else 'forced=True'}")
     if arrivals is not None and len(arrivals) != len(samples):
         raise ValueError(f"{len(arrivals)} arrivals for {len(samples)} samples; need one each")
-    out = []
-    for i, s in enumerate(samples):
-        extra = {}
-        if arrivals is not None:
-            extra["arrival_s"] = float(arrivals[i])
-        if forced:
-            extra["forced"] = list(s.continuation)
-        out.append(Request(list(s.prompt), len(s.continuation), request_id=i, **extra))
-    return out
+    return [Request(list(s.prompt), len(s.continuation), request_id=i,
+                    arrival_s=None if arrivals is None else float(arrivals[i]),
+                    forced=list(s.continuation) if forced else None)
+            for i, s in enumerate(samples)]
 
 
 def _stats(values: Sequence[float]) -> dict[str, float]:
