@@ -72,10 +72,10 @@ def test_a_list_passed_as_text_says_how_to_pass_lists():
     (InitAblation, {"model": TINYLLAMA, "num_blocks": [2, 3]}, r"num_blocks: .*22 layers"),  # Table 5 on TinyLlama
     (InitAblation, {"model": "EleutherAI/pythia-1b", "num_blocks": [3]}, r"num_blocks: .*16 layers"),
     (InitAblation, {"lr": 0.0}, "lr must be > 0"),
-    (InitAblation, {"warmup_steps": 20}, "warmup_steps=20 exceeds steps=10"),
+    (InitAblation, {"warmup_steps": 70}, "warmup_steps=70 exceeds steps=60"),
     (InitAblation, {"tasks": ["hellaswagg"]}, "holds 'hellaswagg'; allowed items"),
     (InitAblation, {"global_batch_size": 6}, "not a multiple of batch_size × gpus_per_run"),
-    (Distillation, {"long_warmup_steps": 30}, "long_warmup_steps=30 exceeds long_steps=20"),
+    (Distillation, {"long_warmup_steps": 130}, "long_warmup_steps=130 exceeds long_steps=120"),
     (Distillation, {"kds": ["kl"]}, "holds 'kl'"),
     (RelaxationSweep, {"zero_init_ranks": [128]}, r"zero_init_ranks \[128\] must be nonzero members of lora_ranks"),
     (EarlyExit, {"num_blocks": [1]}, "early exit needs B >= 2"),
@@ -194,3 +194,16 @@ def test_05_refuses_bad_serving_parameters():
         load_params("05_throughput", "cpu", corpus="wikitext2")
     with pytest.raises(ValueError, match="target_agreement=1.5 out of range"):
         load_params("05_throughput", "cpu", target_agreement=1.5)
+
+
+def test_repeat_seeds_run_every_init_again_and_tag_each_run_with_its_seed():
+    study = InitAblation(inits=["stepwise", "lower"], repeat_seeds=[1, 2])
+    inits = [r for r in study.runs() if r.role == "study"]
+    assert [(r.name, r.config.seed, r.tags["seed"]) for r in inits] == [
+        ("stepwise B=2", 0, 0), ("lower B=2", 0, 0), ("stepwise B=2 seed=1", 1, 1), ("lower B=2 seed=1", 1, 1),
+        ("stepwise B=2 seed=2", 2, 2), ("lower B=2 seed=2", 2, 2)]
+    assert len({r.key for r in inits}) == 6  # another seed is another run directory
+    # seed 0's run is the one 03 and 04 share (same config hash), whatever the repeats
+    assert inits[0].key == InitAblation(inits=["stepwise"], repeat_seeds=[]).runs()[1].key
+    with pytest.raises(ValueError, match=r"repeat_seeds \[0\] must be distinct and differ from seed=0"):
+        InitAblation(repeat_seeds=[0])

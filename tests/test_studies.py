@@ -16,7 +16,7 @@ from rrt.plans import InitAblation, start
 from rrt.studies import StudyData, data_spec, run_plan, study_data
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(model="tiny-llama", scale="smoke", steps=2, global_batch_size=2, batch_size=2, warmup_steps=0, seq_len=16,
+SMALL = dict(repeat_seeds=[], model="tiny-llama", scale="smoke", steps=2, global_batch_size=2, batch_size=2, warmup_steps=0, seq_len=16,
              baselines=False, tasks=[], max_eval_seqs=2)
 
 

@@ -87,15 +87,15 @@ class TrainingStudy(Study):
     train_split: str = "validation"   # WikiText-2's train split is not vendored: uptrain on validation
     data_source: str = "embedded"     # embedded (vendored, offline) | hub (streamed by name)
     eval_corpora: tuple[str, ...] = ("wikitext2/test", "tinystories/test")  # held-out perplexity sets
-    seq_len: int = 64                 # tokens per packed training sequence (App. G: 2048)
+    seq_len: int = 128                # tokens per packed training sequence (App. G: 2048)
     max_train_seqs: int | None = None  # packed training sequences (None: all; a hub corpus needs a number)
     max_eval_seqs: int = 16           # sequences per held-out set
-    steps: int = 10                   # optimiser steps per run
+    steps: int = 60                   # optimiser steps per run
     global_batch_size: int = 4        # sequences per optimiser step over all processes (App. G: ~2M tokens)
     batch_size: int = 4               # sequences per micro-batch per process (grad_accum is derived)
     gpus_per_run: int = 1             # processes (GPUs) each run is launched with
     lr: float = 2e-4                  # AdamW peak learning rate (App. G)
-    warmup_steps: int = 2             # linear warmup steps, then cosine decay (App. G: 200; 800 for 60B)
+    warmup_steps: int = 6             # linear warmup steps, then cosine decay (App. G: 200; 800 for 60B)
     tasks: tuple[str, ...] = ("arc_easy", "piqa")  # few-shot tasks (clusters: all seven)
     task_limit: int | None = 20       # examples per task (None: the full split)
 
@@ -137,14 +137,15 @@ class TrainingStudy(Study):
         return Path(self.runs_root or OUTPUTS / "runs").resolve()
 
     def run(self, name: str, role: str = "study", *, steps: int | None = None, warmup_steps: int | None = None,
-            tags: dict | None = None, needs: tuple = (), **fields) -> "Run":
+            seed: int | None = None, tags: dict | None = None, needs: tuple = (), **fields) -> "Run":
         """Return one run of this study's recipe (TrainConfig fields override it)."""
         steps = steps or self.steps
+        seed = self.seed if seed is None else seed
         config = dict(model=self.model, steps=steps,
                       warmup_steps=self.warmup_steps if warmup_steps is None else warmup_steps,
                       batch_size=self.batch_size, num_processes=self.gpus_per_run,
                       grad_accum=self.global_batch_size // (self.batch_size * self.gpus_per_run),
-                      lr=self.lr, seq_len=self.seq_len, seed=self.seed, save_every=max(1, min(steps, 1000)),
+                      lr=self.lr, seq_len=self.seq_len, seed=seed, save_every=max(1, min(steps, 1000)),
                       data=f"{self.data_source}:{self.train_corpus}/{self.train_split}@{self.seq_len}"
                            + (f"[:{self.max_train_seqs}]" if self.max_train_seqs else ""), **fields)
         store = self.store()
@@ -154,7 +155,8 @@ class TrainingStudy(Study):
                     else v for k, v in config.items()}
         key = TrainConfig(out="", **relative).hash()
         out = store / f"{_slug(self.model)}-{key}"
-        return Run(name=name, role=role, config=TrainConfig(out=str(out), **config), tags=tags or {}, needs=needs)
+        return Run(name=name, role=role, config=TrainConfig(out=str(out), **config),
+                   tags={**(tags or {}), "seed": seed}, needs=needs)
 
     def full_size(self) -> "Run":
         """The full-size model uptrained with the same recipe (CE): Fig. 4/5's reference and App. L's teacher."""
@@ -197,7 +199,8 @@ class Explore(Study):
 class InitAblation(TrainingStudy):
     """01_init_ablation (Fig. 5, Table 5): every looped-layer init × B, full- and reduced-size baselines."""
     notebook: typing.ClassVar[str] = "01_init_ablation"
-    inits: tuple[str, ...] = ("stepwise", "average", "lower", "random")  # looped-layer inits (Fig. 2)
+    inits: tuple[str, ...] = ("stepwise", "average", "lower")  # looped-layer inits (Fig. 2; Table 5 adds random)
+    repeat_seeds: tuple[int, ...] = (1,)  # every init's run again at these seeds: the spread over seeds (Fig. 5)
     num_blocks: tuple[int, ...] = (2,)  # B values, each dividing the layer count (Table 5: Gemma 2, 3)
     baselines: bool = True            # also the full-size model (same recipe) and reduced-size (L/B layers, scratch)
     kd: str | None = None             # KD during uptraining (Table 5: none): None | fkl | rkl | jsd | tvd
@@ -206,6 +209,10 @@ class InitAblation(TrainingStudy):
     def validate(self):
         _items("inits", self.inits, INITS)
         self.check_num_blocks("num_blocks", self.num_blocks)
+        for seed in self.repeat_seeds:
+            _at_least("repeat_seeds", seed, 0)
+        if self.seed in self.repeat_seeds or len(set(self.repeat_seeds)) < len(self.repeat_seeds):
+            raise ValueError(f"repeat_seeds {list(self.repeat_seeds)} must be distinct and differ from seed={self.seed}")
         if self.kd is not None:
             _choice("kd", self.kd, KD_KINDS)
         super().validate()
@@ -213,9 +220,9 @@ class InitAblation(TrainingStudy):
     def runs(self):
         teacher, needs = self.teacher_of(self.teacher) if self.kd else (None, ())
         runs = [self.full_size()] if self.baselines or needs else []
-        runs += [self.run(f"{init} B={b}", num_blocks=b, init=init, kd=self.kd, teacher=teacher, needs=needs,
-                          tags={"init": init, "num_blocks": b})
-                 for b in self.num_blocks for init in self.inits]
+        runs += [self.run(f"{init} B={b}" + (f" seed={seed}" if seed != self.seed else ""), num_blocks=b, init=init,
+                          kd=self.kd, teacher=teacher, needs=needs, seed=seed, tags={"init": init, "num_blocks": b})
+                 for seed in (self.seed, *self.repeat_seeds) for b in self.num_blocks for init in self.inits]
         if self.baselines:
             runs += [self.run(f"reduced-size B={b}", "baseline", num_blocks=b, baseline="reduced",
                               tags={"baseline": "reduced", "num_blocks": b}) for b in self.num_blocks]
@@ -267,10 +274,10 @@ class Distillation(TrainingStudy):
     init: str = "stepwise"            # the recursive model's init (Table 11, top)
     relaxed_init: str = "average"     # the relaxed model's init (Table 11, bottom)
     relaxed_lora_rank: int = 0        # its LoRA rank (Table 11: 256; 0 leaves the relaxed rows out)
-    kds: tuple[str | None, ...] = (None, "fkl", "rkl")  # KD divergences (None: CE only; Table 11: all four)
+    kds: tuple[str | None, ...] = (None, "fkl")  # KD divergences (None: CE only; Table 11: all four)
     teacher: str = "full-size"        # full-size (App. L: uptrained alike) | pretrained | an rrt.save dir
-    long_steps: int = 20              # the longer uptraining (Table 11: 60B tokens)
-    long_warmup_steps: int = 2        # its warmup (App. G: 800 for 60B)
+    long_steps: int = 120             # the longer uptraining (Table 11: 60B tokens)
+    long_warmup_steps: int = 12       # its warmup (App. G: 800 for 60B)
     long_kds: tuple[str | None, ...] = ("fkl",)  # its objectives (Table 11: None, 60B alone; Table 12: fkl)
 
     def validate(self):
@@ -315,7 +322,8 @@ class EarlyExit(TrainingStudy):
     per_loop: typing.ClassVar[bool] = True
     num_blocks: tuple[int, ...] = (2,)  # B values
     init: str = "stepwise"            # the uptrained model's init (Table 13: Stepwise)
-    uptrain_steps: int = 10           # steps of the uptraining post-training starts from (01's run, reused)
+    steps: int = 20                   # post-training steps per early-exit run (App. G: 15B tokens)
+    uptrain_steps: int = 60           # steps of the uptraining post-training starts from (01's run, reused)
     exit_coefficients: tuple[float, ...] = (0.1,)  # aggressive coefficients (Table 13: 0.3, 0.1, 0.05, 0.01)
     exit_coefficient: float = 0.1     # the coefficient of the KD, co-training and new-data rows (Table 13: 0.1)
     head_lora_rank: int = 8           # LM-head LoRA of the frozen rows (Table 13: 128)
@@ -381,12 +389,12 @@ class Throughput(Study):
     checkpoint: str = ""              # an rrt.save directory to serve alone; empty: 04's early-exit models (below)
     runs_root: str = ""               # run store shared by every notebook; empty: outputs/runs
     num_blocks: tuple[int, ...] = (2,)  # B of the served models
-    lora_ranks: tuple[int, ...] = (0, 64)  # per-loop LoRA ranks of the served models; r > 0 also runs its LoRA removed
+    lora_ranks: tuple[int, ...] = (0,)  # per-loop LoRA ranks of the served models; r > 0 also runs its LoRA removed
     corpus: str = "wikitext2/test"    # held-out documents the requests are cut from (App. N: SlimPajama, RedPajama, PG19)
     data_source: str = "embedded"     # embedded (vendored, offline) | hub (streamed by name)
-    num_requests: int = 12            # requests in the offline queue (all arrive at once, as in App. N)
+    num_requests: int = 8             # requests in the offline queue (all arrive at once, as in App. N)
     prefix_len: int = 32              # prompt tokens per request (App. N: 64 or 512)
-    decode_len: int = 48              # most output tokens; each request's own length follows its text (App. N: 256/2048)
+    decode_len: int = 32              # most output tokens; each request's own length follows its text (App. N: 256/2048)
     max_active: int = 8               # live requests (KV slots) for every system
     token_budget: int = 64            # engine rows per step
     repeats: int = 3                  # timed rounds per system after a warm-up (median, min, max)
