@@ -13,10 +13,10 @@ LAB_ARGS ?= --no-browser --ip=127.0.0.1 --port=8888
 CHECK_NB_SCALE = test -f notebooks/$(NB).ipynb || { echo "unknown NB=$(NB); valid: $(NOTEBOOKS)" >&2; exit 2; }; \
 	test -f params/$(NB)/$(SCALE).yaml || { echo "unknown SCALE=$(SCALE) for $(NB); valid: $$(cd params/$(NB) && ls *.yaml | sed 's/\.yaml$$//' | tr '\n' ' ')" >&2; exit 2; }
 
-.PHONY: help setup test demo smoke plan run sweep report lab strip
+.PHONY: help setup test demo smoke plan run sweep report screenshots lab strip
 
 help:  ## list every target with one line each
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 setup: .venv/.installed  ## create .venv and install rrt (editable) with every dependency (CPU torch)
 
@@ -41,7 +41,7 @@ run: setup  ## run one notebook: make run NB=01_init_ablation SCALE=cpu [P="step
 	@$(CHECK_NB_SCALE)
 	mkdir -p $(RUN_DIR)
 	$(OFFLINE) $(PY) -m papermill notebooks/$(NB).ipynb $(RUN_DIR)/$(NB).ipynb \
-	  -f params/$(NB)/$(SCALE).yaml $(foreach kv,$(P),-p $(subst =, ,$(kv))) -p run_dir $(RUN_DIR) --progress-bar
+	  -f params/$(NB)/$(SCALE).yaml $(foreach kv,$(P),-p $(subst =, ,$(kv))) -p run_dir $(RUN_DIR) --log-output --no-progress-bar
 
 demo: setup  ## the main job: every notebook at cpu scale on the embedded SmolLM2-135M, headless
 	set -e; for nb in $(NOTEBOOKS); do $(MAKE) --no-print-directory run NB=$$nb SCALE=cpu STAMP=$(STAMP); done
@@ -58,8 +58,20 @@ else
 	$(if $(filter slurm,$(BACKEND)),,$(MAKE) --no-print-directory run NB=$(NB) SCALE=$(SCALE))
 endif
 
-report: setup  ## render every executed notebook under outputs/ to HTML, with an index page
+report: setup outputs/.widgets/embed-amd.js  ## render every executed notebook under outputs/ to HTML, with an index page
 	$(PY) -m rrt.report outputs
+
+SHOTS ?= outputs/examples/screenshots
+screenshots: setup outputs/.widgets/embed-amd.js  ## make report, plus full-page PNGs of its pages (headless Chromium) in SHOTS=outputs/examples/screenshots
+	$(PY) -m rrt.report outputs --screenshots $(SHOTS)
+
+# nbconvert's pages load the widget renderer from a CDN: kept beside the report, widgets render offline too.
+# Without npm the pages use the CDN (`-`: a failure here does not stop the report).
+outputs/.widgets/embed-amd.js:
+	-mkdir -p outputs/.widgets && cd outputs/.widgets && \
+	  npm pack --silent @jupyter-widgets/html-manager@1.0.15 requirejs@2.3.7 >/dev/null && \
+	  tar -xzf jupyter-widgets-html-manager-1.0.15.tgz --strip-components=2 package/dist/embed-amd.js && \
+	  tar -xzf requirejs-2.3.7.tgz --strip-components=1 package/require.js && rm -f *.tgz
 
 lab: setup  ## JupyterLab on the notebooks; as root and on a remote node too: make lab LAB_ARGS="--ip=0.0.0.0 --port=8890"
 	.venv/bin/jupyter lab notebooks/ --allow-root $(LAB_ARGS)

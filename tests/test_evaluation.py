@@ -288,3 +288,24 @@ def test_scoring_refuses_a_bad_batch_size_or_stride(score, bad):
 def test_few_shot_refuses_a_bad_batch_size_or_limit(tiny, bad, message):
     with pytest.raises(ValueError, match=message):
         evaluation.few_shot(*tiny, tasks=["piqa"], **bad)
+
+
+def test_quiet_lm_eval_hides_warnings_and_bars_within_the_block_only(capsys):
+    import logging
+    import sys
+    import warnings
+
+    from tqdm import tqdm
+
+    parent = logging.getLogger("lm_eval")
+    before = parent.level
+    with evaluation.quiet_lm_eval():
+        logging.getLogger("lm_eval.models.huggingface").warning("`pretrained` model kwarg is not of type `str`")
+        warnings.warn("a deprecation")
+        list(tqdm(range(3), desc="Running loglikelihood requests"))
+    assert capsys.readouterr().err == "" and parent.level == before
+    with pytest.raises(RuntimeError), evaluation.quiet_lm_eval():
+        print("what lm-eval said before failing", file=sys.stderr)
+        raise RuntimeError("lm-eval failed")
+    assert "what lm-eval said before failing" in capsys.readouterr().err  # shown when it raises
+    assert parent.level == before

@@ -13,6 +13,7 @@ import torch
 import rrt
 import rrt.train
 from rrt.plans import InitAblation, start
+from rrt.progress import GridProgress
 from rrt.studies import StudyData, data_spec, run_plan, study_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,3 +113,30 @@ def test_fig8_points_take_the_accuracy_of_what_each_system_serves():
     assert pd.isna(points.loc["cdb_oracle_no_lora", "avg_accuracy"])
     assert points.loc["cdb_oracle", "delta_v_min"] == pytest.approx(1.3)
     assert points.loc["cdb_oracle", "delta_v_max"] == pytest.approx(1.5)
+
+
+def test_run_plan_shows_each_training_step_on_its_one_bar(tmp_path, monkeypatch):
+    steps = []
+    monkeypatch.setattr(GridProgress, "step", lambda self, record: steps.append((self.name, record["step"])))
+    study = InitAblation(**SMALL, inits=["stepwise"], runs_root=str(tmp_path / "runs"))
+    original, tok = rrt.load_model("tiny-llama")
+    data = StudyData(train=blocks(16), evals={"synthetic": blocks(2, seed=1)})
+    run_plan(study, original=original, tokenizer=tok, data=data, run_dir=tmp_path / "nb")
+    assert steps == [("stepwise B=2", 1), ("stepwise B=2", 2)]
+
+
+def test_grid_progress_writes_a_line_per_run_event_and_throttles_steps():
+    lines = []
+    grid = GridProgress(2, desc="runs", every_s=3600, write=lines.append)
+    grid.start("stepwise B=2", steps=3)
+    grid.note("training")
+    for step in (1, 2, 3):  # within every_s of the last line: only the last step is written
+        grid.step({"step": step, "loss": 1.5, "tokens_per_s": 100.0})
+    grid.done()
+    grid.start("random B=2", steps=3)
+    grid.done("read back")
+    grid.close()
+    assert [line.split(" (")[0] for line in lines] == ["runs 1/2 stepwise B=2: training",
+                                                       "runs 1/2 stepwise B=2: step 3/3 loss 1.5000 100 tok/s",
+                                                       "runs 1/2 stepwise B=2: done", "runs 2/2 random B=2: read back"]
+    assert grid.bar.n == 2

@@ -4,9 +4,14 @@ few-shot accuracy (`few_shot`, per loop: `loop_idx` or `per_loop_few_shot`), tid
 Loops are counted from 0 (`loop_idx`); exiting every token at loop_idx b is the paper's static
 exiting (§3.7): loop b's hidden state through the final norm and the shared LM head.
 """
+import contextlib
+import io
 import json
+import logging
 import math
 import numbers
+import sys
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -148,7 +153,8 @@ def few_shot(model, tokenizer, *, tasks=tuple(TASKS), limit=None, loop_idx=None,
         raise ValueError(f"loop_idx={loop_idx} out of range for a model with {num_loops(model)} loops")
     if not (_is_positive_int(batch_size) or isinstance(batch_size, str) and batch_size.startswith("auto")):
         raise ValueError(f"batch_size must be an int >= 1 or lm-eval's 'auto' / 'auto:N', got {batch_size!r}")
-    lm = _loop_lm(model, tokenizer, loop_idx=loop_idx, batch_size=batch_size)
+    with quiet_lm_eval():  # HFLM warns on every in-memory model
+        lm = _loop_lm(model, tokenizer, loop_idx=loop_idx, batch_size=batch_size)
     return pd.DataFrame(few_shot_rows(lm, tasks=tasks, limit=limit, source=source, num_fewshot=num_fewshot,
                                       seed=seed, model_name=model_name, loop_idx=loop_idx))
 
@@ -167,9 +173,10 @@ def few_shot_rows(lm, *, tasks, limit, source, num_fewshot, seed, model_name, lo
     # include_defaults=False: indexing lm-eval's thousands of built-in YAMLs costs seconds per call
     manager = (TaskManager(include_path=str(TASKS_DIR), include_defaults=False) if source == "offline"
                else TaskManager())
-    out = lm_eval.simple_evaluate(model=lm, tasks=[prefix + t for t in tasks], task_manager=manager,
-                                  num_fewshot=num_fewshot, limit=limit, random_seed=seed, numpy_random_seed=seed,
-                                  torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False)
+    with quiet_lm_eval():
+        out = lm_eval.simple_evaluate(model=lm, tasks=[prefix + t for t in tasks], task_manager=manager,
+                                      num_fewshot=num_fewshot, limit=limit, random_seed=seed, numpy_random_seed=seed,
+                                      torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False)
     rows = []
     for task in tasks:
         result, metric = out["results"][prefix + task], TASKS[task]
@@ -178,6 +185,32 @@ def few_shot_rows(lm, *, tasks, limit, source, num_fewshot, seed, model_name, lo
                      "n": out["n-samples"][prefix + task]["effective"],
                      "num_fewshot": out["n-shot"][prefix + task], "source": source})
     return rows
+
+
+@contextlib.contextmanager
+def quiet_lm_eval():
+    """Hide lm-eval's warnings and progress bars within the block (what it wrote is shown if it raises).
+
+    lm-eval warns on every call about what we do on purpose (an in-memory model: "`pretrained` model
+    kwarg is not of type `str`"; our offline tasks: "Custom kwargs can be passed to `--metadata`") and
+    draws three bars per task with plain tqdm on stderr, which it has no switch to turn off (its
+    `Task.build_all_requests` bar): in a notebook each is a block of output per evaluation.
+    """
+    loggers = [logging.getLogger(name) for name in ("lm_eval", "lm-eval")]
+    levels = [logger.level for logger in loggers]
+    written = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(written):
+            warnings.simplefilter("ignore")
+            for logger in loggers:
+                logger.setLevel(logging.ERROR)
+            yield
+    except BaseException:
+        sys.stderr.write(written.getvalue())
+        raise
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _check_task_args(*, tasks, source, limit):

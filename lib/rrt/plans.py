@@ -322,7 +322,7 @@ class EarlyExit(TrainingStudy):
     per_loop: typing.ClassVar[bool] = True
     num_blocks: tuple[int, ...] = (2,)  # B values
     init: str = "stepwise"            # the uptrained model's init (Table 13: Stepwise)
-    steps: int = 20                   # post-training steps per early-exit run (App. G: 15B tokens)
+    steps: int = 15                   # post-training steps per early-exit run (App. G: 15B tokens)
     uptrain_steps: int = 60           # steps of the uptraining post-training starts from (01's run, reused)
     exit_coefficients: tuple[float, ...] = (0.1,)  # aggressive coefficients (Table 13: 0.3, 0.1, 0.05, 0.01)
     exit_coefficient: float = 0.1     # the coefficient of the KD, co-training and new-data rows (Table 13: 0.1)
@@ -406,7 +406,7 @@ class Throughput(Study):
     arrival_rate: float = 2.0         # requests/s of the Poisson latency run (0: none)
     memory_cap_gb: float = 0.0        # Tables 16/18: largest batch within this memory (0: no cap)
     tasks: tuple[str, ...] = ("piqa",)  # few-shot tasks for the accuracy axis of Fig. 8
-    task_limit: int | None = 100      # examples per task (None: the full split)
+    task_limit: int | None = 50       # examples per task (None: the full split)
 
     def validate(self):
         from rrt.exits import SCORED_POLICIES

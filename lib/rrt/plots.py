@@ -1,146 +1,265 @@
-"""The paper's figures from tidy tables (seaborn), each saved as PNG and SVG beside the results."""
+"""The paper's figures from the studies' tidy tables; each returns a `Plot` (figure + its source table).
+
+Every figure takes the study config (for its title: model, B, data, scale) and the study's palette
+(`palette(tables["runs"]["run"])`: one colour and one order per run in every figure). Where the data
+cannot make a readable plot (one point, a line through two ranks) the result is the table instead.
+`save(plot, run_dir, name)` writes figures/<name>.png, .svg and the source table <name>.csv.
+"""
 from __future__ import annotations
 
-from pathlib import Path
-
-
-import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
-import seaborn as sns
+from matplotlib import ticker
 
-# Paper-like: white grid, small serif-free fonts, one colour per method.
-STYLE = {"style": "whitegrid", "context": "paper", "palette": "colorblind", "font_scale": 1.1}
+from rrt.evaluation import CHANCE
+from rrt.plots_base import (MIN_LINE_POINTS, METRIC_COLUMNS, TAG_COLUMNS, Plot, figure, human, label_of, log_axis,
+                            ordered, palette, panels, save, table_only, title)
+from rrt.plots_serving import energy_heatmap, real_over_bound, step_costs, throughput
 
+__all__ = ["Plot", "save", "palette", "label_of", "title", "TAG_COLUMNS", "METRIC_COLUMNS", "loss_curves",
+           "accuracy", "task_accuracy", "perplexity", "size_vs_quality", "rank_accuracy", "init_perplexity",
+           "throughput", "step_costs", "real_over_bound", "energy_heatmap"]
 
-def _figure(width=5.0, height=3.4):
-    sns.set_theme(**STYLE)
-    return plt.subplots(figsize=(width, height), constrained_layout=True)
-
-
-def save(fig, run_dir: Path, name: str) -> list[Path]:
-    """Write fig as <run_dir>/figures/<name>.png and .svg; return the paths."""
-    out = Path(run_dir) / "figures"
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{name}.png", out / f"{name}.svg"]
-    fig.savefig(paths[0], dpi=150)
-    fig.savefig(paths[1])
-    return paths
+LOSS_LABELS = {"loss": "training loss (nats/token, smoothed)",
+               "loss/ce": "training CE loss (nats/token, KD term excluded, smoothed)"}
 
 
-def loss_curves(curves: pd.DataFrame, title="Training loss (Fig. 5a)", smooth: int = 3):
-    """Fig. 5a: training loss against tokens seen, one line per run (rolling mean over `smooth` steps)."""
-    fig, ax = _figure()
-    df = curves.sort_values("step").copy()
-    df["loss (smoothed)"] = df.groupby("run")["loss"].transform(lambda s: s.rolling(smooth, min_periods=1).mean())
-    sns.lineplot(df, x="tokens", y="loss (smoothed)", hue="run", ax=ax)
-    ax.set(title=title, xlabel="training tokens")
-    ax.legend(fontsize=7, ncols=2)
-    return fig
+def loss_curves(curves: pd.DataFrame, *, study, colours: dict | None = None, metric: str = "loss", smooth: int = 3,
+                what: str = "Training loss (Fig. 5a)") -> Plot:
+    """Fig. 5a / 6a / 14 (and 7b's curves with metric="loss/ce"): a metric against training tokens, one
+    line per run label (mean over seeds, band = min–max over seeds), rolling mean over `smooth` steps."""
+    d = _labelled(curves)
+    d = d[d["kind"] == "train"] if "kind" in d else d
+    if metric not in d or d[metric].isna().all():
+        raise ValueError(f"curves have no {metric!r} column with values; columns: {sorted(curves.columns)}")
+    d = d.dropna(subset=[metric]).sort_values("step")
+    d[metric] = d.groupby(["label", "seed"])[metric].transform(lambda s: s.rolling(smooth, min_periods=1).mean())
+    table = d[["label", "seed", "step", "tokens", metric]].reset_index(drop=True)
+    if table.groupby(["label", "seed"])["step"].nunique().max() < MIN_LINE_POINTS:
+        return table_only("loss_curves", table, f"fewer than {MIN_LINE_POINTS} logged steps per run: no curve")
+    colours = colours or palette(table["label"])
+    fig, axes = figure(6.8, 3.6)
+    ax = axes[0][0]
+    for label in ordered(table["label"], colours):
+        by_tokens = table[table["label"] == label].groupby("tokens")[metric]
+        mean = by_tokens.mean()
+        ax.plot(mean.index, mean.values, color=colours.get(label), lw=1.4, label=label)
+        if table.loc[table["label"] == label, "seed"].nunique() > 1:
+            ax.fill_between(mean.index, by_tokens.min(), by_tokens.max(), color=colours.get(label), alpha=0.2, lw=0)
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(human))
+    ax.set(xlabel="training tokens", ylabel=LOSS_LABELS.get(metric, metric))
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5),
+              title="band: min–max over seeds" if table["seed"].nunique() > 1 else None, title_fontsize=7)
+    fig.suptitle(title(study, what), fontsize=9)
+    return Plot("loss_curves", table, fig)
 
 
-def accuracy_bars(avg: pd.DataFrame, y="avg_accuracy", title="Few-shot accuracy (Fig. 5b)", hue=None):
-    """Fig. 5b/6: average few-shot accuracy per run as bars."""
-    fig, ax = _figure()
-    sns.barplot(avg, x="run", y=y, hue=hue, ax=ax)
-    ax.set(title=title, xlabel="", ylabel="average accuracy")
-    ax.tick_params(axis="x", rotation=60, labelsize=7)
-    return fig
+def accuracy(acc: pd.DataFrame, *, study, colours: dict | None = None, per_loop: bool = False,
+             what: str = "Average few-shot accuracy (Fig. 5b, Table 5)") -> Plot:
+    """Fig. 5b / 6b / 7b, Tables 5, 9, 11 (per_loop: Table 13, one panel per exit loop): average accuracy
+    over tasks per run label, ± stderr (lm-eval's, propagated over tasks and seeds), seeds as dots,
+    and the tasks' chance accuracy dashed."""
+    if acc.empty:
+        return table_only("accuracy", acc, "no few-shot evaluation in this study")
+    rows = _accuracy_rows(acc, by=["loop"] if per_loop else [])
+    rows["chance"] = _chance(acc["task"].unique())
+    if rows["label"].nunique() < 2:
+        return table_only("accuracy", rows, "one model only: nothing to compare")
+    loops = rows["loop"].max() if per_loop else None
+    fig = panels(rows, panel="loop" if per_loop else None, value="avg_accuracy", err="stderr",
+                 colours=colours or palette(rows["label"]), xlabel="average few-shot accuracy",
+                 chance=rows["chance"].iloc[0], panel_title=lambda b: f"exit at loop {b} of {loops}", sharex=per_loop)
+    fig.suptitle(title(study, what + " ± stderr", where=_tasks(acc)), fontsize=9)
+    return Plot("accuracy", rows, fig)
 
 
-def perplexity_bars(ppl: pd.DataFrame, title="Held-out perplexity"):
-    """Perplexity per run and held-out set (log scale: conversions start orders of magnitude apart)."""
-    fig, ax = _figure(6.0, 3.4)
-    sns.barplot(ppl, x="run", y="perplexity", hue="corpus", ax=ax)
-    ax.set(title=title, xlabel="", yscale="log")
-    ax.tick_params(axis="x", rotation=60, labelsize=7)
-    ax.legend(fontsize=7)
-    return fig
+def task_accuracy(acc: pd.DataFrame, *, study, colours: dict | None = None,
+                  what: str = "Few-shot accuracy per task (Fig. 13)") -> Plot:
+    """Fig. 13: one panel per task (and the average), a bar per run label ± lm-eval stderr, seeds as
+    dots, each task's chance accuracy dashed."""
+    if acc.empty:
+        return table_only("task_accuracy", acc, "no few-shot evaluation in this study")
+    d = _final_exit(_labelled(acc))
+    rows = d.rename(columns={"value": "accuracy"})[["label", "seed", "task", "accuracy", "stderr"]]
+    avg = _accuracy_rows(d).rename(columns={"avg_accuracy": "accuracy"}).assign(task="average")
+    rows = pd.concat([rows, avg[rows.columns]], ignore_index=True)
+    chance = {t: CHANCE.get(t) for t in d["task"].unique()} | {"average": _chance(d["task"].unique())}
+    rows["chance"] = rows["task"].map(chance)
+    if rows["label"].nunique() < 2:
+        return table_only("task_accuracy", rows, "one model only: nothing to compare")
+    fig = panels(rows, panel="task", value="accuracy", err="stderr", colours=colours or palette(rows["label"]),
+                 xlabel="accuracy", chance=chance, width_per_panel=2.2)
+    fig.suptitle(title(study, what + " ± stderr", where=f"{int(d['n'].max()) if 'n' in d else '?'} examples per task"),
+                 fontsize=9)
+    return Plot("task_accuracy", rows, fig)
 
 
-def rank_curve(df: pd.DataFrame, x="lora_rank", y="perplexity", hue="init", style=None, logy=True,
-               title="Perplexity at initialisation vs LoRA rank", reference: float | None = None):
-    """Fig. 7a / 16: a metric against LoRA rank, one line per init (and style, e.g. norm tying).
-
-    reference: a horizontal line labelled "original" (the unconverted model's value)."""
-    fig, ax = _figure()
-    sns.lineplot(df, x=x, y=y, hue=hue, style=style, marker="o", ax=ax)
-    if reference is not None:
-        ax.axhline(reference, color="k", ls="--", lw=1, label="original")
-        ax.legend(fontsize=8)
-    ax.set(title=title, yscale="log" if logy else "linear")
-    return fig
-
-
-def pareto(df: pd.DataFrame, x="non_embedding", y="avg_accuracy", hue="init", title="Size vs accuracy (Fig. 7c)"):
-    """Fig. 7c: accuracy against non-embedding parameters, one point per model."""
-    fig, ax = _figure()
-    sns.scatterplot(df, x=x, y=y, hue=hue, s=60, ax=ax)
-    ax.set(title=title, xlabel="non-embedding parameters")
-    return fig
-
-
-def per_loop(df: pd.DataFrame, y="value", hue="run", title="Accuracy per loop exit (Table 13)"):
-    """Static exiting: a metric at every loop exit, one line per run."""
-    fig, ax = _figure()
-    d = df.assign(loop=df["loop_idx"].astype(int) + 1)
-    sns.lineplot(d, x="loop", y=y, hue=hue, marker="o", ax=ax)
-    ax.set(title=title, xticks=sorted(d["loop"].unique()))
-    ax.legend(fontsize=7)
-    return fig
+def perplexity(ppl: pd.DataFrame, *, study, colours: dict | None = None, per_loop: bool = False,
+               what: str = "Held-out perplexity") -> Plot:
+    """Held-out perplexity per run label on log axes, one panel per corpus (per_loop: one panel per exit
+    loop on the study's first held-out corpus); dot = mean over seeds, whisker = min–max over seeds."""
+    d = _labelled(ppl)
+    if per_loop:
+        d = d[(d["corpus"] == study.eval_corpora[0]) & d["loop"].notna()]
+    else:
+        d = _final_exit(d)
+    rows = d[["label", "seed", "corpus", "loop", "perplexity"]].reset_index(drop=True)
+    if not per_loop:
+        rows = rows.drop(columns="loop")
+    if rows["label"].nunique() < 2:
+        return table_only("perplexity", rows, "one model only: nothing to compare")
+    loops = rows["loop"].max() if per_loop else None
+    fig = panels(rows, panel="loop" if per_loop else "corpus", value="perplexity", err=None,
+                 colours=colours or palette(rows["label"]), xlabel="held-out perplexity (log)", log=True,
+                 panel_title=(lambda b: f"exit at loop {b} of {loops}") if per_loop else str, sharex=per_loop)
+    where = study.eval_corpora[0] if per_loop else "held-out: " + ", ".join(study.eval_corpora)
+    fig.suptitle(title(study, what, where=where), fontsize=9)
+    return Plot("perplexity", rows, fig)
 
 
-def throughput(points: pd.DataFrame, *, chance: float | None = None, title="Throughput vs accuracy (Fig. 8)"):
-    """Fig. 8: accuracy (± stderr) against measured throughput × vanilla static batching (min–max over repeats).
-
-    One colour per system, one marker per KV policy; the dashed lines are vanilla static batching
-    (x = 1) and the tasks' chance accuracy.
-    """
-    df = points.dropna(subset=["avg_accuracy"])
-    fig, ax = _figure(6.4, 3.8)
-    systems = list(dict.fromkeys(df["system"]))
-    colours = dict(zip(systems, sns.color_palette("tab10", len(systems))))
-    markers = dict(zip(dict.fromkeys(df["kv_policy"]), "osD^v"))
-    for row in df.itertuples():
-        xerr = [[row.delta_v - row.delta_v_min], [row.delta_v_max - row.delta_v]]
-        ax.errorbar(row.delta_v, row.avg_accuracy, xerr=xerr, yerr=row.accuracy_stderr, fmt=markers[row.kv_policy],
-                    color=colours[row.system], ms=6, capsize=2, lw=0.8,
-                    label=f"{row.system} ({row.config}, {row.exit_policy}, KV {row.kv_policy})")
-    ax.axvline(1.0, color="k", lw=0.8, ls="--")
-    if chance is not None:
-        ax.axhline(chance, color="grey", lw=0.8, ls=":", label=f"chance ({chance:.2f})")
-    ax.set(title=title, xlabel="throughput / vanilla static batching (measured)", ylabel="average accuracy")
-    ax.legend(fontsize=5, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return fig
-
-
-def step_costs(costs: pd.DataFrame, title="Time per token by batch size (Tables 16, 18)"):
-    """ms per token through every loop (block × B + LM head, per row) against rows per call, per model."""
-    df = costs.copy()
-    loops = df["model"].str.extract(r"B=(\d+)")[0].fillna(1).astype(int)
-    df["ms_per_token"] = 1e3 * (df["block_s"] * loops + df["head_s"]) / df["rows"]
-    fig, ax = _figure(5.4, 3.4)
-    sns.lineplot(df, x="rows", y="ms_per_token", hue="model", marker="o", ax=ax)
-    ax.set(xscale="log", yscale="log", title=title, xlabel="rows per call (batch size)",
-           ylabel="ms per token (all loops + head)")
-    ax.legend(fontsize=6)
-    return fig
-
-
-def real_over_bound(df: pd.DataFrame, title="Measured throughput / the engine's own bound"):
-    """One bar per system (and KV policy): real / bound, with the 0.9 target."""
-    d = df.assign(label=df["system"] + " [" + df["kv_policy"] + "]")
-    fig, ax = _figure(6.0, 3.4)
-    sns.barplot(d, y="label", x="real_over_bound", hue="config" if "config" in d else None, ax=ax)
-    ax.axvline(0.9, color="k", lw=0.8, ls="--")
-    ax.set(title=title, xlabel="real / bound", ylabel="", xlim=(0, 1.1))
-    ax.legend(fontsize=6)
-    return fig
+def size_vs_quality(runs: pd.DataFrame, acc: pd.DataFrame, ppl: pd.DataFrame, *, study, colours: dict | None = None,
+                    what: str = "Size vs quality (Fig. 4, 7c)") -> Plot:
+    """Fig. 4 / 7c: average accuracy (± stderr, chance dashed) and held-out perplexity (log; min–max over
+    seeds) against non-embedding parameters (LoRA included), one point per run label."""
+    corpus = study.eval_corpora[0]
+    table = _labelled(runs)[["label", "seed", "non_embedding"]]
+    if not acc.empty:
+        table = table.merge(_accuracy_rows(acc), on=["label", "seed"], how="left")
+    p = _labelled(ppl)
+    p = _final_exit(p[p["corpus"] == corpus])[["label", "seed", "perplexity"]]
+    table = table.merge(p, on=["label", "seed"], how="left").assign(corpus=corpus)
+    if table["non_embedding"].nunique() < 2:
+        return table_only("size_vs_quality", table, "every model has the same size: no size axis")
+    colours = colours or palette(table["label"])
+    metrics = [m for m in ("avg_accuracy", "perplexity") if m in table and table[m].notna().any()]
+    fig, axes = figure(3.4 * len(metrics) + 2.2, 3.4, ncols=len(metrics), sharex=True)
+    for ax, metric in zip(axes[0], metrics):
+        for k, label in enumerate(ordered(table["label"], colours)):
+            rows = table[table["label"] == label]
+            y = rows[metric].mean()
+            yerr = (np.sqrt((rows["stderr"] ** 2).mean() / len(rows)) if metric == "avg_accuracy"
+                    else [[y - rows[metric].min()], [rows[metric].max() - y]])
+            ax.errorbar(rows["non_embedding"].iloc[0], y, yerr=yerr, fmt="osD^vP*X"[k % 8], ms=7, capsize=3, mfc="none",
+                        mew=1.5, color=colours.get(label), label=label)  # hollow, one marker each: equal sizes overlap
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(human))
+        ax.set_xlabel("non-embedding parameters (LoRA included)")
+        if metric == "avg_accuracy":
+            ax.axhline(_chance(acc["task"].unique()), color="black", ls="--", lw=1, label="chance")
+            ax.set_ylabel("average few-shot accuracy")
+        else:
+            log_axis(ax, "y")
+            ax.set_ylabel(f"held-out perplexity (log), {corpus}")
+    axes[0][-1].legend(*axes[0][0].get_legend_handles_labels(), fontsize=7, loc="center left",
+                       bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(title(study, what), fontsize=9)
+    return Plot("size_vs_quality", table, fig)
 
 
-def energy_heatmap(energy: pd.DataFrame, rank: int):
-    """Share of each depth's residual ‖Wℓ − W′‖² captured by a rank-r SVD, depth × linear."""
-    fig, ax = _figure(6.0, 3.6)
-    grid = energy.pivot(index="linear", columns="depth", values="energy_captured")
-    sns.heatmap(grid, vmin=0, vmax=1, cmap="viridis", ax=ax, cbar_kws={"label": "energy captured"})
-    ax.set(title=f"Residual energy captured at rank {rank} (eq. 4)")
+def rank_accuracy(acc: pd.DataFrame, *, study, what: str = "Accuracy vs LoRA rank (Fig. 7a, 16)") -> Plot:
+    """Fig. 7a / 16: average accuracy (± stderr, chance dashed) against LoRA rank, one line per init ×
+    LoRA init (× norm tying); rank 0 (the recursive model) starts every line of its init.
+    A table instead when fewer than MIN_LINE_POINTS ranks were run."""
+    rows = _accuracy_rows(acc, by=["init", "lora_rank", "lora_init", "untie_norms"]) if not acc.empty else acc
+    if acc.empty:
+        return table_only("rank_accuracy", rows, "no few-shot evaluation in this study")
+    rows = _rank_zero_in_every_line(rows)
+    rows["chance"] = _chance(acc["task"].unique())
+    if rows["lora_rank"].nunique() < MIN_LINE_POINTS:
+        return table_only("rank_accuracy", rows, f"ranks {sorted(rows['lora_rank'].unique())}: fewer than "
+                          f"{MIN_LINE_POINTS} ranks make no curve, so the table")
+    fig = _rank_lines(rows, y="avg_accuracy", err="stderr", ylabel="average few-shot accuracy")
+    ax = fig.axes[0]
+    ax.axhline(rows["chance"].iloc[0], color="black", ls="--", lw=1, label="chance")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(title(study, what + " ± stderr", where=_tasks(acc)), fontsize=9)
+    return Plot("rank_accuracy", rows, fig)
+
+
+def init_perplexity(curve: pd.DataFrame, *, study, what: str = "Perplexity right after conversion, no training "
+                    "(Fig. 11b, 16)") -> Plot:
+    """Held-out perplexity at initialisation (SVD LoRA, no training) against rank, one line per init,
+    solid tied / dashed per-depth norms; the unconverted model dotted. A table below MIN_LINE_POINTS ranks."""
+    original = curve.loc[curve["model"] == "original", "perplexity"]
+    rows = curve[curve["model"] != "original"].assign(lora_init="svd", seed=0)
+    rows = rows.rename(columns={"model": "variant"})[["variant", "init", "untie_norms", "lora_rank", "lora_init",
+                                                      "perplexity", "non_embedding"]]
+    rows["reference"] = original.iloc[0] if len(original) else np.nan
+    if rows["lora_rank"].nunique() < MIN_LINE_POINTS:
+        return table_only("init_perplexity", rows, f"fewer than {MIN_LINE_POINTS} ranks: no curve")
+    fig = _rank_lines(rows, y="perplexity", err=None, ylabel="held-out perplexity (log)")
+    ax = fig.axes[0]
+    if len(original):
+        ax.axhline(original.iloc[0], color="black", ls=":", lw=1.2, label="original model")
+    log_axis(ax, "y")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(title(study, what, where=study.eval_corpora[0]), fontsize=9)
+    return Plot("init_perplexity", rows.drop(columns="lora_init"), fig)
+
+
+# ---------------------------------------------------------------- helpers
+
+def _labelled(df: pd.DataFrame) -> pd.DataFrame:
+    """The table with `label` (run name without seed), `seed` (0 where untagged) and `loop` (1-based exit, or NaN)."""
+    d = df.copy()
+    d["label"] = d["run"].map(label_of)
+    d["seed"] = d["seed"].fillna(0).astype(int) if "seed" in d else 0
+    d["loop"] = d["loop_idx"] + 1 if "loop_idx" in d else np.nan
+    return d
+
+
+def _accuracy_rows(acc: pd.DataFrame, by=()) -> pd.DataFrame:
+    """Per label × seed (× by): mean accuracy over tasks and its stderr, √(Σ stderr²) / tasks (tasks independent)."""
+    d = _labelled(acc)
+    d = d if "loop" in by else _final_exit(d)
+    keys = ["label", "seed", *by]
+    return (d.groupby(keys, sort=False, dropna=False)
+            .agg(avg_accuracy=("value", "mean"), stderr=("stderr", lambda s: np.sqrt((s ** 2).sum()) / len(s)))
+            .reset_index())
+
+
+def _final_exit(d: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the model's own output: loop NaN, or (tables evaluated at every exit only) the last loop."""
+    if d["loop"].isna().any() or d.empty:
+        return d[d["loop"].isna()]
+    return d[d["loop"] == d["loop"].max()]
+
+
+def _chance(tasks) -> float:
+    return float(np.mean([CHANCE[t] for t in tasks]))
+
+
+def _tasks(acc: pd.DataFrame) -> str:
+    n = f", {int(acc['n'].max())} examples each" if "n" in acc and acc["n"].notna().any() else ""
+    return ", ".join(dict.fromkeys(acc["task"])) + n
+
+
+def _truthy(value) -> bool:
+    return str(value).lower() in ("true", "1", "1.0")
+
+
+def _rank_zero_in_every_line(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rank 0 has no LoRA init ("-"): copy its rows into every LoRA-init line of the same init and tying."""
+    zero = rows[rows["lora_rank"].astype(int) == 0]
+    rest = rows[rows["lora_rank"].astype(int) != 0]
+    copies = [zero.assign(lora_init=li) for li in rest["lora_init"].unique()] or [zero]
+    return pd.concat([*copies, rest], ignore_index=True)
+
+
+def _rank_lines(rows: pd.DataFrame, *, y: str, err: str | None, ylabel: str):
+    """One line per init × LoRA init × norm tying against rank (ranks evenly spaced, labelled)."""
+    rows = rows.assign(variant=rows["init"] + ", " + rows["lora_init"].astype(str) + " LoRA init"
+                       + np.where(rows["untie_norms"].map(_truthy), ", per-depth norms", ""))
+    ranks = sorted(rows["lora_rank"].unique(), key=lambda r: float("inf") if r == "full" else int(r))
+    x_of = {r: i for i, r in enumerate(ranks)}
+    colours = palette(rows["init"])
+    fig, axes = figure(6.4, 3.6)
+    ax = axes[0][0]
+    for variant, d in rows.groupby("variant", sort=False):
+        d = d.assign(x=d["lora_rank"].map(x_of)).sort_values("x")
+        ls = "--" if _truthy(d["untie_norms"].iloc[0]) else "-"
+        marker = "s" if d["lora_init"].iloc[0] == "zero" else "o"
+        ax.errorbar(d["x"], d[y], yerr=None if err is None else d[err], color=colours[d["init"].iloc[0]], ls=ls,
+                    marker=marker, ms=5, capsize=3, label=variant)
+    ax.set(xticks=range(len(ranks)), xticklabels=[str(r) for r in ranks], xlabel="LoRA rank per depth (0: recursive)",
+           ylabel=ylabel)
     return fig

@@ -1,54 +1,204 @@
-"""`make report`: render every executed notebook under outputs/ to HTML and write outputs/index.html."""
+"""`make report`: render every executed notebook under outputs/ to HTML and write outputs/index.html.
+
+The index has one row per notebook run (outputs/<notebook>/<scale>-<time>/, outputs/examples/…), ordered
+by notebook then newest first: its scale, date, commit, status (a failed run names its failing cell) and
+figures; directories of results without an executed notebook (committed examples) get a row too.
+`--screenshots DIR` also writes full-page PNGs of the index and of every page (headless Chromium).
+"""
 from __future__ import annotations
 
 import argparse
 import html
 import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
+RESULT_FILES = ("*.csv", "*.md", "*.txt", "*.png")
+# Under root: @jupyter-widgets/html-manager's embed-amd.js and require.js (`make report` fetches them with npm).
+# nbconvert's pages load both from a CDN, so without them widgets (00_explore's controls) render empty offline.
+WIDGET_JS = ".widgets"
 
-def executed_notebooks(root: Path) -> list[Path]:
-    """Return every executed notebook under root (one per run directory), newest first."""
-    found = [p for p in root.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts and "runs" not in p.parts]
-    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of the index: a notebook run (`notebook` set) or a directory of results only."""
+    name: str             # the notebook ("01_init_ablation"), or the results directory relative to root
+    dir: Path             # the run directory
+    notebook: Path | None
+    scale: str
+    date: datetime        # when papermill finished the notebook, else the run directory's stamp, else its newest file
+    commit: str           # versions.json's git_commit, shortened ("-dirty" kept); "?" when absent
+    status: str           # "ok", "failed at In [n]: Error: message", "stopped at In [n]", "results only"
 
 
-def render(notebook: Path) -> Path:
-    """Write notebook.html beside the notebook (nbconvert's lab template); return its path."""
+def write_index(root: Path) -> Path:
+    """Render every executed notebook under root and write root/index.html, one row per `entries` entry."""
+    rows = []
+    for e in entries(root):
+        page = render(e.notebook, widget_js=root / WIDGET_JS) if e.notebook else None
+        link = f'<a href="{_rel(page, root)}">{html.escape(e.name)}</a>' if page else html.escape(e.name)
+        files = "" if page else " ".join(f'<a href="{_rel(f, root)}">{html.escape(f.name)}</a>'
+                                         for f in _result_files(e.dir) if f.suffix != ".png")
+        thumbs = "".join(f'<a href="{_rel(f, root)}"><img src="{_rel(f, root)}" height="100"></a> '
+                         for f in sorted(e.dir.rglob("*.png")))
+        state = "ok" if e.status in ("ok", "results only") else "bad"
+        rows.append(f'<tr><td>{link}</td><td>{html.escape(e.scale)}</td>'
+                    f'<td class="nowrap">{e.date:%Y-%m-%d %H:%M}</td><td><code>{html.escape(e.commit)}</code></td>'
+                    f'<td class="{state}">{html.escape(e.status)}</td>'
+                    f'<td><a href="{_rel(e.dir, root)}/">{html.escape(str(_rel(e.dir, root)))}</a> {files}</td>'
+                    f'<td>{thumbs}</td></tr>')
+    index = root / "index.html"
+    index.write_text("<!doctype html><meta charset=utf-8><title>rrt results</title><style>"
+                     "body{font-family:sans-serif}td{padding:4px 10px;vertical-align:top}"
+                     "tr:nth-child(even){background:#f4f4f4}.bad{color:#b00;font-weight:bold}"
+                     ".nowrap{white-space:nowrap}</style>"
+                     "<h1>rrt: executed notebooks</h1><table><tr><th>notebook</th><th>scale</th><th>date (UTC)</th>"
+                     "<th>commit</th><th>status</th><th>run directory</th><th>figures</th></tr>"
+                     + "".join(rows) + "</table>")
+    return index
+
+
+def entries(root: Path) -> list[Entry]:
+    """Return the index's rows: every run directory under root, by notebook name, then newest first."""
+    found = [describe(nb.parent, nb) for nb in _files(root, "*.ipynb")]
+    with_notebook = {e.dir for e in found}
+    found += [describe(v.parent, None, root) for v in _files(root, "versions.json") if v.parent not in with_notebook]
+    return sorted(sorted(found, key=lambda e: e.date, reverse=True), key=lambda e: e.name)
+
+
+def describe(run_dir: Path, notebook: Path | None, root: Path | None = None) -> Entry:
+    """Return the index row of a run directory (its executed notebook, config.json and versions.json)."""
+    config, versions = _read(run_dir / "config.json"), _read(run_dir / "versions.json")
+    commit = str(versions.get("git_commit") or "?")
+    commit = commit[:10] + ("-dirty" if commit.endswith("-dirty") else "") if len(commit) >= 40 else commit
+    if notebook is None:
+        name = config.get("notebook") or str(run_dir.relative_to(root))
+        return Entry(name=name, dir=run_dir, notebook=None, scale=str(config.get("scale", "?")),
+                     date=_stamp(run_dir, config), commit=commit, status="results only")
+    nb = json.loads(notebook.read_text())
+    papermill = nb.get("metadata", {}).get("papermill", {})
+    params = papermill.get("parameters", {})
+    ended = papermill.get("end_time") or papermill.get("start_time")
+    date = datetime.fromisoformat(ended) if ended else _stamp(run_dir, config)
+    scale = str(params.get("scale", config.get("scale", "?")))
+    return Entry(name=notebook.stem, dir=run_dir, notebook=notebook, scale=scale, date=date, commit=commit,
+                 status=status(nb))
+
+
+def status(nb: dict) -> str:
+    """Return "ok", "failed at In [n]: Error: message" or "stopped at In [n]" (killed, or still running) from
+    the cell metadata papermill writes as it executes (`metadata.papermill.status` / `exception` per cell)."""
+    for cell in nb.get("cells", []):
+        meta = cell.get("metadata", {}).get("papermill", {})
+        where = f"In [{cell.get('execution_count') or '?'}]"
+        if meta.get("exception") or meta.get("status") == "failed":
+            error = next((o for o in cell.get("outputs", []) if o.get("output_type") == "error"), {})
+            message = f"{error.get('ename', 'error')}: {error.get('evalue', '')}".strip(": ")
+            return f"failed at {where}: {message[:200]}"
+        if meta.get("status") == "running":
+            return f"stopped at {where}"
+    return "ok"
+
+
+def render(notebook: Path, *, widget_js: Path | None = None) -> Path:
+    """Write notebook.html beside the notebook (nbconvert's lab template, widget state included); return its path.
+
+    widget_js: a directory holding embed-amd.js and require.js, linked instead of the CDN's when present.
+    """
     from nbconvert import HTMLExporter
 
-    body, _ = HTMLExporter().from_filename(str(notebook))
+    local = {}
+    if widget_js is not None and (widget_js / "embed-amd.js").exists():
+        rel = Path(os.path.relpath(widget_js, notebook.parent)).as_posix()
+        local = {"widget_renderer_url": f"{rel}/embed-amd.js", "require_js_url": f"{rel}/require.js"}
+    body, _ = HTMLExporter(**local).from_filename(str(notebook))
     out = notebook.with_suffix(".html")
     out.write_text(body)
     return out
 
 
-def write_index(root: Path) -> Path:
-    """Render every executed notebook and write root/index.html linking each with its figures."""
-    rows = []
-    for nb in executed_notebooks(root):
-        page = render(nb)
-        config = nb.parent / "config.json"
-        scale = json.loads(config.read_text()).get("scale", "?") if config.exists() else "?"
-        figures = sorted((nb.parent / "figures").glob("*.png"))
-        thumbs = "".join(f'<a href="{f.relative_to(root)}"><img src="{f.relative_to(root)}" height="160"></a>'
-                         for f in figures)
-        rows.append(f"<tr><td><a href=\"{page.relative_to(root)}\">{html.escape(nb.stem)}</a></td>"
-                    f"<td>{html.escape(scale)}</td><td>{html.escape(str(nb.parent.relative_to(root)))}</td>"
-                    f"<td>{thumbs}</td></tr>")
-    index = root / "index.html"
-    index.write_text("<!doctype html><meta charset=utf-8><title>rrt results</title>"
-                     "<style>body{font-family:sans-serif}td{padding:4px 10px;vertical-align:top}</style>"
-                     "<h1>rrt: executed notebooks</h1><table><tr><th>notebook</th><th>scale</th><th>run</th>"
-                     "<th>figures</th></tr>" + "".join(rows) + "</table>")
-    return index
+def screenshots(root: Path, out_dir: Path, *, width: int = 1280, height: int = 16000) -> list[Path]:
+    """Write full-page PNGs of root/index.html and of every rendered notebook into out_dir; return their paths.
+
+    Chromium's --screenshot takes the window, not the page: it shoots a `height`-tall window and the blank
+    bottom is cropped (a page longer than `height` is cut there).
+    """
+    chromium = next((shutil.which(c) for c in ("chromium", "chromium-browser", "google-chrome") if shutil.which(c)),
+                    None)
+    if chromium is None:
+        raise RuntimeError("no Chromium found (chromium, chromium-browser or google-chrome on PATH); "
+                           "on Debian: apt-get install chromium")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pages = [root / "index.html"] + [e.notebook.with_suffix(".html") for e in entries(root) if e.notebook]
+    shots = []
+    for page in pages:
+        name = "index" if page == root / "index.html" else _rel(page.parent, root).replace("/", "-")
+        shot = out_dir / f"{name}.png"
+        with tempfile.TemporaryDirectory() as profile:  # a fresh profile: no state from an earlier run
+            subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                            "--allow-file-access-from-files", f"--user-data-dir={profile}",
+                            "--virtual-time-budget=10000",  # let the widget scripts run before the shot
+                            f"--window-size={width},{height}", f"--screenshot={shot}", page.resolve().as_uri()],
+                           check=True, capture_output=True, timeout=300)
+        crop_blank_bottom(shot)
+        shots.append(shot)
+    return shots
+
+
+def crop_blank_bottom(png: Path, margin: int = 24) -> None:
+    """Crop the rows below the page's last non-background row (the background: the bottom-left pixel)."""
+    from PIL import Image, ImageChops
+
+    image = Image.open(png).convert("RGB")
+    background = Image.new("RGB", image.size, image.getpixel((0, image.height - 1)))
+    box = ImageChops.difference(image, background).getbbox()
+    if box:
+        image.crop((0, 0, image.width, min(image.height, box[3] + margin))).save(png)
+
+
+def _stamp(run_dir: Path, config: dict) -> datetime:
+    """The <scale>-<YYYYmmdd-HHMMSS> stamp `make run` names a run directory with (local time; a copied example
+    keeps it in config.json's run_dir), else the directory's newest file: checkouts and copies reset mtimes."""
+    for name in (str(config.get("run_dir", "")), run_dir.name):
+        found = re.search(r"(\d{8}-\d{6})/?$", name)
+        if found:
+            return datetime.strptime(found.group(1), "%Y%m%d-%H%M%S").astimezone(timezone.utc)
+    return datetime.fromtimestamp(max(f.stat().st_mtime for f in run_dir.iterdir()), timezone.utc)
+
+
+def _files(root: Path, pattern: str) -> list[Path]:
+    # "runs": the run store (each training run's checkpoints and config), not a notebook run
+    return [p for p in root.rglob(pattern) if not {".ipynb_checkpoints", "runs"} & set(p.relative_to(root).parts)]
+
+
+def _result_files(run_dir: Path) -> list[Path]:
+    return sorted(f for pattern in RESULT_FILES for f in run_dir.glob(pattern))
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", nargs="?", default="outputs")
+    parser.add_argument("--screenshots", metavar="DIR", help="also write full-page PNGs of every page into DIR")
     args = parser.parse_args(argv)
-    print(f"wrote {write_index(Path(args.root))}")
+    root = Path(args.root)
+    print(f"wrote {write_index(root)}")
+    if args.screenshots:
+        for shot in screenshots(root, Path(args.screenshots)):
+            print(f"wrote {shot}")
 
 
 if __name__ == "__main__":

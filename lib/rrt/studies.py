@@ -25,6 +25,7 @@ import rrt
 from rrt.data import PACKED_CACHE, load_packed
 from rrt.evaluation import few_shot, per_loop_perplexity, perplexity, save_results
 from rrt.plans import Run, Study, TrainingStudy
+from rrt.progress import GridProgress, nested_bars_off
 from rrt.recursive import num_loops
 from rrt.rundir import read_json, versions, write_json
 
@@ -70,20 +71,31 @@ def run_plan(study: TrainingStudy, *, original, tokenizer, data: StudyData, run_
     evaluation = evaluation_spec(study)
     rows = {k: [] for k in TABLES}
     runs = study.runs()
-    for run in tqdm(runs, desc="runs"):
-        results = read_results(run, evaluation) or execute(run, original=original, tokenizer=tokenizer, data=data,
-                                                           evaluation=evaluation)
-        tags = {"run": run.name, "role": run.role, **{k: _tag(v) for k, v in run.tags.items()}}
-        rows["runs"].append(_merge(tags, {"run_dir": run.dir.name, "config_hash": run.key,
-                                          "tokens": run.tokens, **results["summary"]}))
-        for name in ("curves", "perplexity", "accuracy"):
-            rows[name] += [_merge(tags, r) for r in results[name]]
-        save_tables(run_dir, study, **_frames(rows))
+    grid = GridProgress(len(runs), desc="runs")
+    with nested_bars_off():
+        for run in runs:
+            grid.start(run.name, steps=run.config.steps)
+            results = read_results(run, evaluation)
+            if results:
+                grid.done("read back")
+            else:
+                grid.note("training")
+                results = execute(run, original=original, tokenizer=tokenizer, data=data, evaluation=evaluation,
+                                  grid=grid)
+                grid.done()
+            tags = {"run": run.name, "role": run.role, **{k: _tag(v) for k, v in run.tags.items()}}
+            rows["runs"].append(_merge(tags, {"run_dir": run.dir.name, "config_hash": run.key,
+                                              "tokens": run.tokens, **results["summary"]}))
+            for name in ("curves", "perplexity", "accuracy"):
+                rows[name] += [_merge(tags, r) for r in results[name]]
+            save_tables(run_dir, study, **_frames(rows))
+    grid.close()
     return _frames(rows)
 
 
-def execute(run: Run, *, original, tokenizer, data: StudyData, evaluation: dict) -> dict:
-    """Train `run` (resuming whatever it has), evaluate it, write its results file; return the results."""
+def execute(run: Run, *, original, tokenizer, data: StudyData, evaluation: dict, grid=None) -> dict:
+    """Train `run` (resuming whatever it has), evaluate it, write its results file; return the results.
+    grid: the `GridProgress` that shows this run's steps (None: training draws its own bar)."""
     from accelerate import PartialState
 
     from rrt.train import train
@@ -93,9 +105,11 @@ def execute(run: Run, *, original, tokenizer, data: StudyData, evaluation: dict)
     if missing:
         raise ValueError(f"run {run.name!r} reads {missing} (the final checkpoint of {list(run.needs)}), which is "
                          f"not there yet: train the plan in order (its runs are listed dependencies first)")
-    result = train(run.config, train_blocks=data.train, original=original)
+    result = train(run.config, train_blocks=data.train, original=original, progress=grid.step if grid else None)
     if not PartialState().is_main_process:  # under a multi-process launch, one process evaluates
         return {}
+    if grid:
+        grid.note("evaluating")
     model = result.model.eval()
     results = {"summary": {"checkpoint": str(Path(result.checkpoint).relative_to(run.dir)),  # in the run store
                            **rrt.count_parameters(model)},
@@ -235,17 +249,26 @@ def served_models(study, original, tokenizer) -> dict:
     recipe = study.training()
     data = None
     out = {}
-    for (b, r), runs in study.served().items():
+    served = study.served()
+    grid = GridProgress(sum(len(runs) for runs in served.values()), desc="served runs")
+    for (b, r), runs in served.items():
         for run in runs:
-            if not run.trained():
-                data = data or study_data(data_spec(recipe), tokenizer)
-                train(run.config, train_blocks=data.train, original=original)
+            grid.start(run.name, steps=run.config.steps)
+            if run.trained():
+                grid.done("read back")
+                continue
+            data = data or study_data(data_spec(recipe), tokenizer)
+            grid.note("training")
+            train(run.config, train_blocks=data.train, original=original, progress=grid.step)
+            grid.done()
         rec = rrt.load(str(runs[1].final_checkpoint), dtype=original.dtype, device=original.device)
         out[f"B={b} r={r}"] = rec.eval()
+    grid.close()
     torch.set_num_threads(study.threads)  # training may have changed it
     return out
 
 
+@nested_bars_off()  # the served models' bar is the one shown
 def throughput_study(study, original, tokenizer) -> dict[str, pd.DataFrame]:
     """Serve every model of the study through the CDB engine and its baselines (Fig. 8, Tables 16–19, App. N).
 
@@ -270,7 +293,10 @@ def throughput_study(study, original, tokenizer) -> dict[str, pd.DataFrame]:
         acc = few_shot(original, tokenizer, tasks=list(study.tasks), limit=study.task_limit, model_name="vanilla")
         tables["accuracy"].append(acc.assign(config="vanilla", exit_policy="none", kv_policy="-", mean_exit_loop=0.0))
     models = served_models(study, original, tokenizer)
-    for config, rec in tqdm(models.items(), desc="served models"):
+    grid = GridProgress(len(models), desc="served models")
+    for config, rec in models.items():
+        grid.start(config)
+        grid.note("benchmark")
         b = num_loops(rec)
         tag = {"config": config, "num_blocks": b}
         policies, calibration = calibrated_policies(rec, heldout, study.exit_policies,
@@ -281,7 +307,7 @@ def throughput_study(study, original, tokenizer) -> dict[str, pd.DataFrame]:
             result = run_benchmark(original, tokenizer, rec, workload=workload, max_active=study.max_active,
                                    token_budget=study.token_budget, repeats=study.repeats,
                                    kv_policies=tuple(study.kv_policies), exit_policies=policies,
-                                   arrival_rate=study.arrival_rate or None, memory_cap_bytes=cap, progress=True)
+                                   arrival_rate=study.arrival_rate or None, memory_cap_bytes=cap)
         for name, df in result.tables().items():
             key = "throughput" if name == "bench" else name
             tables[key].append(df.assign(**tag, mean_loops_replayed=result.mean_loops))
@@ -290,6 +316,7 @@ def throughput_study(study, original, tokenizer) -> dict[str, pd.DataFrame]:
             if name == "none" and kv != study.kv_policies[0]:
                 continue  # nothing exits early: every KV policy serves the same scores
             kv_label = kv if name != "none" else "-"
+            grid.note(f"scoring exit {name}, kv {kv_label}")
             ppl = served_perplexity(rec, heldout, exit_policy=policy, kv_policy=kv, max_active=study.max_active)
             tables["quality"].append({**tag, "exit_policy": name, "kv_policy": kv_label, "corpus": study.calibration_corpus,
                                       **ppl})
@@ -298,6 +325,8 @@ def throughput_study(study, original, tokenizer) -> dict[str, pd.DataFrame]:
                                       exit_policy=policy, kv_policy=kv, max_active=32, token_budget=256,
                                       model_name=config)
                 tables["accuracy"].append(acc.assign(config=config, exit_policy=name, kv_policy=kv_label))
+        grid.done()
+    grid.close()
     out = {k: pd.concat(v, ignore_index=True) if v and isinstance(v[0], pd.DataFrame) else pd.DataFrame(v)
            for k, v in tables.items()}
     out["deltas"] = deltas(out["throughput"])

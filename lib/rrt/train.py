@@ -55,7 +55,8 @@ class RunResult:
     model: nn.Module          # the trained model (unwrapped, on the training device)
 
 
-def train(config: TrainConfig, *, train_blocks, eval_blocks=None, original: nn.Module | None = None) -> RunResult:
+def train(config: TrainConfig, *, train_blocks, eval_blocks=None, original: nn.Module | None = None,
+          progress=None) -> RunResult:
     """Train per `config`; return the run directory, its last checkpoint and the metrics records.
 
     train_blocks / eval_blocks: a Dataset with `input_ids` or a LongTensor [n_blocks, block_len].
@@ -63,6 +64,8 @@ def train(config: TrainConfig, *, train_blocks, eval_blocks=None, original: nn.M
     in eval mode); loaded here when None. Restarting with the same config (and training blocks)
     resumes from the newest valid checkpoint in `config.out`; a different config there, or other
     blocks, fail before training, and so does a second writer while one holds the directory.
+    progress: None draws train's own progress bar; a callable instead gets each step's record
+    ({"step", "loss", "lr", "tokens_per_s", ...}) and no bar is drawn (a caller showing one bar for many runs).
     """
     blocks = _Blocks(train_blocks, "train_blocks")
     if config.seq_len is not None and blocks.shape[1] != config.seq_len:
@@ -76,12 +79,12 @@ def train(config: TrainConfig, *, train_blocks, eval_blocks=None, original: nn.M
     lock = RunLock(config.out)  # the processes of one launch are one writer: its main process holds the lock
     _on_main(state, lock.acquire)
     try:
-        return _train(config, blocks, eval_blocks, original, state)
+        return _train(config, blocks, eval_blocks, original, state, progress)
     finally:
         lock.release()  # a no-op off the main process
 
 
-def _train(config: TrainConfig, blocks: "_Blocks", eval_blocks, original, state) -> RunResult:
+def _train(config: TrainConfig, blocks: "_Blocks", eval_blocks, original, state, progress) -> RunResult:
     """`train` once the run directory is held: resume or start, step, checkpoint, evaluate."""
     run_dir = Path(config.out)
     latest = _on_main(state, lambda: _check_run_dir(run_dir, config, blocks))
@@ -105,7 +108,8 @@ def _train(config: TrainConfig, blocks: "_Blocks", eval_blocks, original, state)
     tokens_per_step = config.batch_size * config.grad_accum * blocks.shape[1] * config.num_processes
     run.student.train()
     from tqdm.auto import tqdm
-    with tqdm(total=config.steps, initial=run.start, disable=not acc.is_main_process, desc="train") as bar:
+    show_bar = acc.is_main_process and progress is None
+    with tqdm(total=config.steps, initial=run.start, disable=not show_bar, desc="train") as bar:
         for step in range(run.start + 1, config.steps + 1):
             t0 = time.perf_counter()
             parts = _optimiser_step(run, blocks, config, step, last_good=checkpoint)
@@ -114,6 +118,8 @@ def _train(config: TrainConfig, blocks: "_Blocks", eval_blocks, original, state)
             metrics.write(record)
             bar.update(1)
             bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{parts['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if progress is not None and acc.is_main_process:
+                progress(record)
             if config.eval_every and step % config.eval_every == 0 and step != config.steps:
                 evaluate(step)
             if step % config.save_every == 0 or step == config.steps:

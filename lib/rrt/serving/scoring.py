@@ -106,8 +106,9 @@ def served_few_shot(model, tokenizer, *, tasks=tuple(evaluation.TASKS), limit=No
     _check_policies(exit_policy, kv_policy)
     rows = []
     for task in tasks:  # one task per lm-eval run, so each row's mean_exit_loop is its own
-        lm = EngineLM(model, tokenizer, exit_policy=exit_policy, kv_policy=kv_policy, max_active=max_active,
-                      token_budget=token_budget)
+        with evaluation.quiet_lm_eval():  # HFLM warns on every in-memory model
+            lm = EngineLM(model, tokenizer, exit_policy=exit_policy, kv_policy=kv_policy, max_active=max_active,
+                          token_budget=token_budget)
         row, = evaluation.few_shot_rows(lm, tasks=[task], limit=limit, source=source, num_fewshot=num_fewshot,
                                         seed=seed, model_name=model_name)
         rows.append(row | {"exit_policy": _policy_label(exit_policy), "kv_policy": kv_policy,

@@ -1,0 +1,281 @@
+"""The paper's tables (tables.py): Δ columns, seeds averaged with their spread, the paper's numbers on the right rows,
+missing reference rows tolerated, 1-based loop labels, the Styler; then every table over the example outputs."""
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from pandas.io.formats.style import Styler
+
+from rrt import tables as T
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "outputs" / "examples" / "cpu"
+TASKS = ("arc_easy", "piqa")
+CORPORA = ("wikitext2/test", "tinystories/test")
+ACC = "avg acc (%)"
+
+
+def run(name, role="study", *, acc=0.5, ppl=10.0, non_embedding=53_102_016, **tags):
+    """One run: acc per task (a float: every task; a tuple: one per task) or {loop_idx: that} for per-loop studies;
+    ppl on wikitext2 (tinystories gets twice it), a float or {loop_idx: float}."""
+    accs = acc if isinstance(acc, dict) else {None: acc}
+    ppls = ppl if isinstance(ppl, dict) else {b: ppl for b in accs}
+    return {"run": name, "role": role, **tags, "seed": tags.get("seed", 0)}, accs, ppls, non_embedding
+
+
+def study(*runs):
+    """run_plan's tables (runs, curves, perplexity, accuracy) in the example CSVs' schema, plus the seed tag."""
+    rows = {"runs": [], "curves": [], "perplexity": [], "accuracy": []}
+    for tags, accs, ppls, params in runs:
+        rows["runs"].append({**tags, "run_dir": "smollm2-135m-abc", "config_hash": "abc", "tokens": 2560,
+                             "checkpoint": "checkpoints/step-00000010", "non_embedding": params,
+                             "embedding": 28_311_552, "lora": 0, "total": params + 28_311_552})
+        rows["perplexity"] += [{**tags, "corpus": corpus, "loop_idx": b, "perplexity": p * (i + 1)}
+                               for b, p in ppls.items() for i, corpus in enumerate(CORPORA)]
+        rows["accuracy"] += [{**tags, "model": "model", "task": task, "loop_idx": b, "metric": "acc_norm", "value": v,
+                              "stderr": 0.1, "n": 20, "num_fewshot": 0, "source": "offline"}
+                             for b, a in accs.items() for task, v in zip(TASKS, a if isinstance(a, tuple) else (a, a))]
+    return {k: pd.DataFrame(v) for k, v in rows.items()}
+
+
+FULL = run("full-size", "baseline", acc=0.6, baseline="full", non_embedding=106_000_000)
+
+
+def recursive(name, init, acc, b=2, **tags):
+    return run(name, acc=acc, init=init, num_blocks=b, **tags)
+
+
+# ---------------------------------------------------------------- Table 5
+
+def table5_example():
+    return study(FULL, recursive("stepwise B=2", "stepwise", 0.4),
+                 recursive("stepwise B=2 seed=1", "stepwise", 0.5, ppl=30.0, seed=1),
+                 recursive("average B=2", "average", (0.3, 0.5)), recursive("random B=2", "random", 0.25),
+                 run("reduced-size B=2", "baseline", acc=0.3, baseline="reduced", num_blocks=2))
+
+
+def test_table5_deltas_seeds_and_paper_numbers():
+    t = T.table5(table5_example()).set_index("model")
+    assert list(t.index) == ["full-size", "stepwise B=2", "average B=2", "random B=2", "reduced-size B=2"]
+    step, avg = t.loc["stepwise B=2"], t.loc["average B=2"]
+    assert step[ACC] == pytest.approx(45.0) and step["seeds"] == 2
+    assert step["acc std over seeds (pts)"] == pytest.approx(50 ** 0.5)  # std of 40 and 50 (ddof 1)
+    assert step["ppl wikitext2/test"] == pytest.approx(20.0) and step["ppl tinystories/test"] == pytest.approx(40.0)
+    assert t["acc std over seeds (pts)"].drop("stepwise B=2").isna().all()
+    assert avg[ACC] == pytest.approx(40.0)  # mean over tasks
+    assert avg["Δ acc vs full-size (pts)"] == pytest.approx(-20.0)  # 0.40 vs 0.60
+    assert step["Δ acc vs full-size (pts)"] == pytest.approx(-15.0)
+    assert avg["Δ acc vs random (pts)"] == pytest.approx(15.0)
+    assert t.loc["full-size", "non-emb params (M)"] == pytest.approx(106.0)
+    assert t["paper avg acc (%)"].to_dict() == {"full-size": 60.1, "stepwise B=2": 51.7, "average B=2": 46.7,
+                                                 "random B=2": 37.6, "reduced-size B=2": 38.2}
+    assert step["paper Δ acc vs full-size (pts)"] == pytest.approx(-8.4)
+    assert step["paper Δ acc vs random (pts)"] == pytest.approx(14.1)
+    assert pd.isna(t.loc["full-size", "Δ acc vs random (pts)"])
+
+
+def test_table5_missing_rows_leave_deltas_nan():
+    t = T.table5(study(recursive("stepwise B=3", "stepwise", 0.4, b=3), recursive("lower B=3", "lower", 0.3, b=3)))
+    assert list(t["model"]) == ["stepwise B=3", "lower B=3"]  # no full-size, no random, no B=2
+    cols = ["Δ acc vs full-size (pts)", "Δ acc vs random (pts)", "paper avg acc (%)",
+            "paper Δ acc vs full-size (pts)"]
+    assert t[cols].isna().all().all()
+    assert (t["seeds"] == 1).all()
+
+
+def test_table5_without_accuracy_or_seed_column():
+    tables = table5_example()
+    tables["accuracy"] = pd.DataFrame()  # a study run with tasks=()
+    tables = {k: v.drop(columns="seed", errors="ignore") for k, v in tables.items()}
+    t = T.table5(tables)
+    assert len(t) == 5 and t[ACC].isna().all() and t["ppl wikitext2/test"].notna().all()
+
+
+# ---------------------------------------------------------------- Table 9
+
+def relaxed(name, init, rank, lora_init, acc, untie=False):
+    return recursive(name, init, acc, lora_rank=rank, lora_init=lora_init, untie_norms=untie)
+
+
+def test_table9_deltas_vs_rank_zero_and_svd_vs_zero():
+    t = T.table9(study(relaxed("average B=2 r=0", "average", 0, "-", 0.40),
+                       relaxed("average B=2 r=512 svd", "average", 512, "svd", 0.55),
+                       relaxed("average B=2 r=512 zero", "average", 512, "zero", 0.45),
+                       relaxed("stepwise B=2 r=0", "stepwise", 0, "-", 0.50),
+                       relaxed("stepwise B=2 r=64 svd", "stepwise", 64, "svd", 0.45),
+                       relaxed("average B=2 r=0 untied", "average", 0, "-", 0.30, untie=True),
+                       relaxed("average B=2 r=64 svd untied", "average", 64, "svd", 0.35, untie=True)))
+    t = t.set_index("model")
+    d = t["Δ acc vs rank 0 (pts)"]
+    assert d["average B=2 r=512 svd"] == pytest.approx(15.0) and d["average B=2 r=512 zero"] == pytest.approx(5.0)
+    assert d["stepwise B=2 r=64 svd"] == pytest.approx(-5.0)  # vs Stepwise's own rank 0
+    assert d["average B=2 r=64 svd untied"] == pytest.approx(5.0)  # vs the untied rank 0
+    svd = t["Δ acc SVD vs zero (pts)"]
+    assert svd["average B=2 r=512 svd"] == pytest.approx(10.0) and svd.drop("average B=2 r=512 svd").isna().all()
+    paper = t["paper avg acc (%)"].dropna().to_dict()
+    assert paper == {"average B=2 r=0": 46.7, "average B=2 r=512 svd": 55.5, "average B=2 r=512 zero": 49.0,
+                     "stepwise B=2 r=0": 51.7}
+    assert t.loc["average B=2 r=512 svd", "paper Δ acc SVD vs zero (pts)"] == pytest.approx(6.5)  # PAPER.md
+    assert t.loc["average B=2 r=512 svd", "paper Δ acc vs rank 0 (pts)"] == pytest.approx(8.8)
+
+
+# ---------------------------------------------------------------- Table 11
+
+def kd_run(kd, steps, acc):
+    return recursive(f"stepwise B=2 {kd}" + (f" {steps} steps" if steps > 10 else ""), "stepwise", acc, lora_rank=0,
+                     kd=kd, uptrain_steps=steps)
+
+
+def test_table11_kd_and_longer_uptraining():
+    t = T.table11(study(FULL, kd_run("ce", 10, 0.50), kd_run("fkl", 10, 0.55), kd_run("rkl", 10, 0.45),
+                        kd_run("ce", 20, 0.60), kd_run("fkl", 20, 0.65))).set_index("model")
+    assert t["Δ acc vs CE (pts)"].drop("full-size").tolist() == pytest.approx([0.0, 5.0, -5.0, 0.0, 5.0])
+    longer = t["Δ acc vs shortest (pts)"]
+    assert longer[["stepwise B=2 ce 20 steps", "stepwise B=2 fkl 20 steps"]].tolist() == pytest.approx([10.0, 10.0])
+    assert longer[["full-size", "stepwise B=2 ce", "stepwise B=2 fkl"]].isna().all()
+    assert t["paper avg acc (%)"].dropna().to_dict() == {"stepwise B=2 ce": 51.7, "stepwise B=2 fkl": 53.4,
+                                                         "stepwise B=2 rkl": 53.3, "stepwise B=2 ce 20 steps": 53.4}
+    assert t.loc["stepwise B=2 fkl", "paper Δ acc vs CE (pts)"] == pytest.approx(1.7)  # PAPER.md: FKL +1.7
+    assert t.loc["stepwise B=2 ce 20 steps", "paper Δ acc vs shortest (pts)"] == pytest.approx(1.7)  # 60B +1.7
+
+
+def test_table11_without_ce_reference():
+    t = T.table11(study(kd_run("fkl", 10, 0.55)))
+    assert len(t) == 1 and t["Δ acc vs CE (pts)"].isna().all() and t["paper Δ acc vs CE (pts)"].isna().all()
+
+
+# ---------------------------------------------------------------- Tables 13 and 1
+
+def exit_run(name, acc, training="post", scheme="aggressive", coef=0.1, sd=False, trainable="all", data="ovlp", b=2):
+    return recursive(name, "stepwise", acc, b=b, training=training, exit_scheme=scheme, exit_coefficient=coef,
+                     self_distill=sd, trainable=trainable, data=data)
+
+
+def early_exit_study():
+    return study(run("stepwise B=2", "uptrained", acc={0: 0.3, 1: 0.5}, ppl={0: 100.0, 1: 10.0}, init="stepwise",
+                     num_blocks=2),
+                 exit_run("B=2 post weighted", {0: 0.45, 1: 0.45}, scheme="weighted", coef="-"),
+                 exit_run("B=2 post aggressive 0.1 +SD", {0: 0.40, 1: 0.52}, sd=True),
+                 exit_run("B=2 co aggressive 0.1", {0: 0.35, 1: 0.50}, training="co"),
+                 exit_run("B=3 post weighted", {0: 0.2, 1: 0.3, 2: 0.4}, scheme="weighted", coef="-", b=3))
+
+
+def test_table13_per_loop_deltas_and_labels():
+    t = T.table13(early_exit_study())
+    assert len(t) == 2 + 2 + 2 + 2 + 3  # one row per run and loop
+    assert t["loop"].tolist()[-3:] == ["loop 1", "loop 2", "loop 3"] and t["loop_idx"].tolist()[-3:] == [0, 1, 2]
+    sd = t[t["model"] == "B=2 post aggressive 0.1 +SD"].set_index("loop")
+    assert sd["Δ acc vs uptrained (pts)"].tolist() == pytest.approx([10.0, 2.0])
+    assert sd["paper avg acc (%)"].tolist() == [48.0, 52.6]  # PAPER.md: loop 1 reaches 48.0
+    assert pd.isna(sd.loc["loop 1", "paper Δ acc vs uptrained (pts)"])
+    assert sd.loc["loop 2", "paper Δ acc vs uptrained (pts)"] == pytest.approx(0.9)  # keeps the last loop (+0.9)
+    up = t[t["role"] == "uptrained"]
+    assert up["ppl wikitext2/test"].tolist() == [100.0, 10.0] and up["paper avg acc (%)"].iloc[1] == 51.7
+    b3 = t[t["num_blocks"] == 3]
+    assert b3[["Δ acc vs uptrained (pts)", "paper avg acc (%)"]].isna().all().all()  # no B=3 uptrained run
+
+
+def test_table1_uptrained_vs_recipes():
+    t = T.table1(early_exit_study()).set_index("model")
+    assert list(t.index) == ["stepwise B=2", "B=2 post weighted", "B=2 post aggressive 0.1 +SD", "B=3 post weighted"]
+    sd = t.loc["B=2 post aggressive 0.1 +SD"]
+    assert sd["acc loop 1 (%)"] == pytest.approx(40.0) and sd["acc last loop (%)"] == pytest.approx(52.0)
+    assert sd["Δ last loop vs uptrained (pts)"] == pytest.approx(2.0)
+    assert (sd["paper acc loop 1 (%)"], sd["paper acc last loop (%)"]) == (48.0, 52.6)
+    assert sd["paper Δ last loop vs uptrained (pts)"] == pytest.approx(0.9)
+    assert t.loc["B=3 post weighted", "acc last loop (%)"] == pytest.approx(40.0)  # loop 3
+
+
+# ---------------------------------------------------------------- Tables 17 and 16
+
+def test_table17_paper_numbers_on_matching_systems():
+    systems = [("vanilla_static", "none", 10.0, 1.0, 0.8), ("vanilla_continuous", "none", 12.5, 1.25, 1.0),
+               ("recursive_no_exit", "none", 9.0, 0.9, 0.72), ("cdb_oracle", "oracle", 20.0, 2.0, 1.6)]
+    deltas = pd.DataFrame([{"config": "B=2 r=64", "system": s, "exit_policy": e, "kv_policy": "copy_kv",
+                            "tokens_per_s": v, "tokens_per_s_min": v - 1, "tokens_per_s_max": v + 1, "delta_v": dv,
+                            "delta_seq": ds, "ratio_vs_hf_generate": 1.0, "real_over_bound": 0.9,
+                            "mean_loops_per_token": 1.5} for s, e, v, dv, ds in systems])
+    t = T.table17(deltas).set_index("system")
+    assert t["Δ_V (×)"].tolist() == [1.0, 1.25, 0.9, 2.0] and t["tokens/s"].tolist() == [10.0, 12.5, 9.0, 20.0]
+    paper = ["paper tokens/s", "paper Δ_V (×)", "paper Δ_Seq (×)"]
+    assert t.loc["vanilla_static", paper].tolist() == [1080, 1.0, 0.71]
+    assert t.loc["vanilla_continuous", "paper tokens/s"] == 1528
+    assert t.loc["cdb_oracle", "paper Δ_V (×)"] == 2.00 and pd.isna(t.loc["cdb_oracle", "paper tokens/s"])
+    assert t.loc["recursive_no_exit", ["paper tokens/s", "paper Δ_V (×)"]].isna().all()
+
+
+def test_table16_per_token_block_time():
+    costs = [("vanilla", 1, 0.02, True), ("vanilla", 10, 0.01, True), ("vanilla", 16, 0.012, False),
+             ("recursive B=2 r=0", 1, 0.01, True), ("recursive B=2 r=0", 10, 0.004, True),
+             ("recursive B=2 r=64", 10, 0.005, True)]
+    step_costs = pd.DataFrame([{"rows": n, "block_s": s, "fill_s": None, "head_s": 0.002, "kv_bytes": 1, "fits": f,
+                                "model": m, "config": "B=2 r=0", "num_blocks": 2, "mean_loops_replayed": 1.3}
+                               for m, n, s, f in costs])
+    t = T.table16(step_costs)
+    assert t["block ms/token"].tolist() == pytest.approx([20.0, 1.0, 0.75, 20.0, 0.8, 1.0])  # × B loops
+    assert t["head ms/token"].iloc[1] == pytest.approx(0.2)
+    assert t["block time × vanilla"].iloc[4] == pytest.approx(0.8)
+    assert t["paper batch size"].iloc[:2].tolist() == [1, 43] and pd.isna(t["paper batch size"].iloc[2])  # 16 won't fit
+    assert t["paper block ms/token"].tolist()[:2] == [21.344, 0.616] and pd.isna(t["paper block ms/token"].iloc[2])
+    assert t["paper block ms/token"].iloc[3:5].tolist() == [11.059, 0.265]  # PAPER.md: 0.616 vanilla vs 0.265
+    assert t["paper block time × vanilla"].iloc[4] == pytest.approx(0.265 / 0.616)
+    assert t["block time × vanilla"].iloc[5] == pytest.approx(1.0)
+    assert t[["paper batch size", "paper block ms/token"]].iloc[5].isna().all()  # PAPER.md has no relaxed times
+
+
+# ---------------------------------------------------------------- style
+
+def test_style_caption_precision_nan_and_colours():
+    styler = T.style(T.table5(table5_example()), caption="Table 5 at the smoke scale (tiny-llama, 2 steps)")
+    assert isinstance(styler, Styler)
+    html = styler.to_html()
+    assert "Table 5 at the smoke scale (tiny-llama, 2 steps)" in html
+    assert ">–<" in html and ">nan<" not in html.lower()
+    assert "-20.0" in html and "+14.1" in html and "45.0" in html  # Δ signed, 1 decimal
+    assert "background-color" in html  # Δ columns coloured
+
+
+def test_style_ratio_columns_center_on_one():
+    df = pd.DataFrame({"system": ["a", "b"], "Δ_V (×)": [1.0, 2.0]})
+    html = T.style(df).to_html()
+    assert "2.00×" in html and "background-color" in html
+
+
+# ---------------------------------------------------------------- the example outputs
+
+def example(folder):
+    out = {}
+    for name in ("runs", "curves", "perplexity", "accuracy"):
+        df = pd.read_csv(EXAMPLES / folder / f"{name}.csv")
+        out[name] = df if "seed" in df else df.assign(seed=0)
+    return out
+
+
+@pytest.mark.parametrize("folder, table", [("01_init_ablation", T.table5),
+                                           ("02_relaxation_rank_sweep", T.table9), ("03_distillation", T.table11)])
+def test_examples_one_row_per_model(folder, table):
+    tables = example(folder)
+    t = table(tables)
+    assert list(t["model"]) == list(tables["runs"]["run"].str.replace(T.SEED_SUFFIX, "", regex=True).unique())
+    ours = [ACC] + [c for c in t if c.startswith("ppl ")]
+    assert len(ours) == 3 and t[ours].notna().all().all()
+
+
+def test_examples_early_exit():
+    tables = example("04_early_exit")
+    t13, t1 = T.table13(tables), T.table1(tables)
+    runs = tables["runs"]
+    assert len(t13) == 2 * len(runs) and set(t13["loop"]) == {"loop 1", "loop 2"}
+    assert t13[[ACC, "ppl wikitext2/test", "Δ acc vs uptrained (pts)"]].notna().all().all()
+    assert t1["model"].is_unique and t1["role"].iloc[0] == "uptrained"
+    assert t1[["acc loop 1 (%)", "acc last loop (%)"]].notna().all().all()
+
+
+def test_examples_throughput():
+    deltas = pd.read_csv(EXAMPLES / "05_throughput" / "deltas.csv")
+    step_costs = pd.read_csv(EXAMPLES / "05_throughput" / "step_costs.csv")
+    t17, t16 = T.table17(deltas), T.table16(step_costs)
+    assert len(t17) == len(deltas) and t17[["tokens/s", "Δ_V (×)", "Δ_Seq (×)"]].notna().all().all()
+    assert len(t16) == len(step_costs) and t16["block ms/token"].notna().all()
+    assert (t16["paper batch size"] == 43).sum() == 2  # each model's largest batch within the cap
+    for df in (t17, t16):
+        assert "Table" in T.style(df, caption="Table 17/16 at the cpu scale").to_html()
