@@ -21,7 +21,7 @@ __all__ = ["Plot", "save", "palette", "label_of", "title", "TAG_COLUMNS", "METRI
            "throughput", "step_costs", "real_over_bound", "energy_heatmap"]
 
 LOSS_LABELS = {"loss": "training loss (nats/token, smoothed)",
-               "loss/ce": "training CE loss (nats/token, KD term excluded, smoothed)"}
+               "loss/ce": "CE part of the loss (nats/token)"}  # the KD term left out; smoothed like the total
 
 
 def loss_curves(curves: pd.DataFrame, *, study, colours: dict | None = None, metric: str = "loss", smooth: int = 3,

@@ -32,7 +32,7 @@ def throughput(points: pd.DataFrame, *, study, chance: float | None = None,
         xerr = [[row.delta_v - row.delta_v_min], [row.delta_v_max - row.delta_v]]
         ax.errorbar(row.delta_v, row.avg_accuracy, xerr=xerr, yerr=row.accuracy_stderr,
                     fmt=KV_MARKERS.get(row.kv_policy, "D"), color=colours[row.label], ms=6, capsize=2, lw=0.8,
-                    label=f"{row.label}, KV {row.kv_policy}")
+                    label=row.label if row.exit_policy == "none" else f"{row.label}, KV {row.kv_policy}")
     ax.axvline(1.0, color="grey", lw=0.8, ls="--", label="vanilla static batching")
     if chance is not None:
         ax.axhline(chance, color="black", lw=1, ls="--", label="chance")

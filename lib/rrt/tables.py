@@ -162,6 +162,8 @@ def table17(deltas: pd.DataFrame) -> pd.DataFrame:
              "delta_v": "Δ_V (×)", "delta_seq": "Δ_Seq (×)", "mean_loops_per_token": "mean loops/token",
              "real_over_bound": "real / bound"}
     df = deltas.rename(columns=names)
+    if {"exit_policy", "kv_policy"} <= set(df):  # nothing exits: no KV policy applies
+        df.loc[df["exit_policy"] == "none", "kv_policy"] = "-"
     paper = [PAPER["table17"].get((s, c), PAPER["table17"].get((s, None), (NAN,) * 3))
              for s, c in zip(df["system"], df["config"])]
     for i, col in enumerate(("paper tokens/s", "paper Δ_V (×)", "paper Δ_Seq (×)")):
