@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +44,18 @@ H100_FLOPS = 989e12
 MFU = 0.4
 COST_RULE = (f"FLOPs = 6·N·T (+2·N_teacher·T with KD, +6·V·d·T per intermediate exit); "
              f"H100 hours = FLOPs / ({H100_FLOPS / 1e12:.0f} TFLOP/s × {MFU:.0%} MFU) / 3600")
+
+SEED_SUFFIX = r" seed=\d+$"  # InitAblation names a repeated seed's run "<model> seed=<n>"
+
+
+def label_of(run: str) -> str:
+    """A run's name without its repeat seed ("stepwise B=2 seed=1" → "stepwise B=2"): repeats share a label."""
+    return re.sub(SEED_SUFFIX, "", str(run))
+
+
+def tag_is_true(value) -> bool:
+    """A boolean tag read back from a table (True, "True", 1, "1.0" after a CSV round trip)."""
+    return str(value).lower() in ("true", "1", "1.0")
 
 
 # ---------------------------------------------------------------- the fields every study shares

@@ -12,6 +12,7 @@ import pandas as pd
 from matplotlib import ticker
 
 from rrt.evaluation import CHANCE
+from rrt.plans import tag_is_true
 from rrt.plots_base import (MIN_LINE_POINTS, METRIC_COLUMNS, TAG_COLUMNS, Plot, figure, human, label_of, log_axis,
                             ordered, palette, panels, save, table_only, title)
 from rrt.plots_serving import energy_heatmap, real_over_bound, step_costs, throughput
@@ -233,10 +234,6 @@ def _tasks(acc: pd.DataFrame) -> str:
     return ", ".join(dict.fromkeys(acc["task"])) + n
 
 
-def _truthy(value) -> bool:
-    return str(value).lower() in ("true", "1", "1.0")
-
-
 def _rank_zero_in_every_line(rows: pd.DataFrame) -> pd.DataFrame:
     """Rank 0 has no LoRA init ("-"): copy its rows into every LoRA-init line of the same init and tying."""
     zero = rows[rows["lora_rank"].astype(int) == 0]
@@ -248,7 +245,7 @@ def _rank_zero_in_every_line(rows: pd.DataFrame) -> pd.DataFrame:
 def _rank_lines(rows: pd.DataFrame, *, y: str, err: str | None, ylabel: str):
     """One line per init × LoRA init × norm tying against rank (ranks evenly spaced, labelled)."""
     rows = rows.assign(variant=rows["init"] + ", " + rows["lora_init"].astype(str) + " LoRA init"
-                       + np.where(rows["untie_norms"].map(_truthy), ", per-depth norms", ""))
+                       + np.where(rows["untie_norms"].map(tag_is_true), ", per-depth norms", ""))
     ranks = sorted(rows["lora_rank"].unique(), key=lambda r: float("inf") if r == "full" else int(r))
     x_of = {r: i for i, r in enumerate(ranks)}
     colours = palette(rows["init"])
@@ -256,7 +253,7 @@ def _rank_lines(rows: pd.DataFrame, *, y: str, err: str | None, ylabel: str):
     ax = axes[0][0]
     for variant, d in rows.groupby("variant", sort=False):
         d = d.assign(x=d["lora_rank"].map(x_of)).sort_values("x")
-        ls = "--" if _truthy(d["untie_norms"].iloc[0]) else "-"
+        ls = "--" if tag_is_true(d["untie_norms"].iloc[0]) else "-"
         marker = "s" if d["lora_init"].iloc[0] == "zero" else "o"
         ax.errorbar(d["x"], d[y], yerr=None if err is None else d[err], color=colours[d["init"].iloc[0]], ls=ls,
                     marker=marker, ms=5, capsize=3, label=variant)

@@ -6,7 +6,6 @@ them from `rrt.plots`.
 from __future__ import annotations
 
 import io
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +15,8 @@ import pandas as pd
 import seaborn as sns
 from matplotlib import ticker
 from matplotlib.figure import Figure
+
+from rrt.plans import label_of  # noqa: F401 (re-exported as rrt.plots.label_of)
 
 # Paper-like: white grid, small sans fonts. Figures are built with matplotlib.figure.Figure, not pyplot:
 # nothing is drawn twice by the inline backend and nothing leaks between cells or tests.
@@ -74,11 +75,6 @@ def save(plot, run_dir: Path, name: str) -> None:
     fig.savefig(out / f"{name}.png", dpi=150)
     fig.savefig(out / f"{name}.svg")
     return None
-
-
-def label_of(run: str) -> str:
-    """The run's name without its seed ("stepwise B=2 seed=1" → "stepwise B=2"): repeats share a label."""
-    return re.sub(r" seed=\d+$", "", str(run))
 
 
 def palette(labels) -> dict[str, tuple]:

@@ -16,6 +16,7 @@ import re
 import numpy as np
 import pandas as pd
 
+from rrt.plans import SEED_SUFFIX, label_of, tag_is_true  # noqa: F401 (SEED_SUFFIX: the naming rule)
 from rrt.studies import average_accuracy
 
 NAN = float("nan")
@@ -62,7 +63,6 @@ PAPER = {
 
 ACC, SPREAD, PARAMS = "avg acc (%)", "acc std over seeds (pts)", "non-emb params (M)"
 PAPER_ACC = "paper " + ACC
-SEED_SUFFIX = r" seed=\d+$"  # rrt.plans.InitAblation names a repeated seed's run "<model> seed=<n>"
 
 
 def table5(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -85,7 +85,7 @@ def table9(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     df = _per_model(tables)
     rank, same = pd.to_numeric(df["lora_rank"]), ["init", "num_blocks", "untie_norms"]
     df[PAPER_ACC] = [PAPER["table9"].get((row["init"], int(r), row["lora_init"]), NAN)
-                     if _at_b2(row) and not _true(row.get("untie_norms")) else NAN
+                     if _at_b2(row) and not tag_is_true(row.get("untie_norms")) else NAN
                      for r, (_, row) in zip(rank, df.iterrows())]
     for prefix, col in (("", ACC), ("paper ", PAPER_ACC)):
         df[f"{prefix}Δ acc vs rank 0 (pts)"] = _delta(df, col, rank.eq(0), same)
@@ -229,7 +229,7 @@ def _per_model(tables: dict, *, per_loop: bool = False) -> pd.DataFrame:
     """One row per model (and loop): its tags, and the mean over seeds of avg accuracy (%), per-corpus perplexity
     ("ppl <corpus>") and non-embedding parameters (M); `seeds` and the accuracy's std over seeds (pts)."""
     runs = tables["runs"].copy()
-    runs["model"] = runs["run"].str.replace(SEED_SUFFIX, "", regex=True)
+    runs["model"] = runs["run"].map(label_of)
     if "non_embedding" in runs:
         runs[PARAMS] = runs["non_embedding"] / 1e6
     keys = ["run", "loop_idx"] if per_loop else ["run"]
@@ -286,15 +286,11 @@ def _at_b2(row) -> bool:
     return _num(row.get("num_blocks")) == 2
 
 
-def _true(value) -> bool:
-    return str(value) == "True"
-
-
 def _recipe(row) -> tuple:
     """04's recipe tags as a key of PAPER["table13"] (exit_coefficient "-" → None, self_distill → bool)."""
     coef = _num(row.get("exit_coefficient"))
     return (row.get("training"), row.get("exit_scheme"), None if np.isnan(coef) else float(coef),
-            _true(row.get("self_distill")), row.get("trainable"), row.get("data"))
+            tag_is_true(row.get("self_distill")), row.get("trainable"), row.get("data"))
 
 
 def _shape(model: str) -> tuple[int, int]:
