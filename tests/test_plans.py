@@ -75,7 +75,7 @@ def test_a_list_passed_as_text_says_how_to_pass_lists():
     (InitAblation, {"warmup_steps": 70}, "warmup_steps=70 exceeds steps=60"),
     (InitAblation, {"tasks": ["hellaswagg"]}, "holds 'hellaswagg'; allowed items"),
     (InitAblation, {"global_batch_size": 6}, "not a multiple of batch_size × gpus_per_run"),
-    (Distillation, {"long_warmup_steps": 130}, "long_warmup_steps=130 exceeds long_steps=120"),
+    (Distillation, {"long_warmup_steps": 100}, "long_warmup_steps=100 exceeds long_steps=90"),
     (Distillation, {"kds": ["kl"]}, "holds 'kl'"),
     (RelaxationSweep, {"zero_init_ranks": [128]}, r"zero_init_ranks \[128\] must be nonzero members of lora_ranks"),
     (EarlyExit, {"num_blocks": [1]}, "early exit needs B >= 2"),
@@ -160,7 +160,8 @@ def test_new_data_post_training_starts_past_the_uptraining():
 
 
 def test_from_dict_keeps_every_field_typed():
-    study = from_dict("02_relaxation_rank_sweep", {"lora_ranks": [0, 8], "zero_init_ranks": [8], "model": "tiny-llama"})
+    study = from_dict("02_relaxation_rank_sweep", {"lora_ranks": [0, 8], "zero_init_ranks": [8], "model": "tiny-llama",
+                                                   "baselines": False})
     assert study.lora_ranks == (0, 8)
     assert [r.name for r in study.runs()] == ["average B=2 r=0", "average B=2 r=8 svd", "average B=2 r=8 zero"]
 
@@ -197,7 +198,7 @@ def test_05_refuses_bad_serving_parameters():
 
 
 def test_repeat_seeds_run_every_init_again_and_tag_each_run_with_its_seed():
-    study = InitAblation(inits=["stepwise", "lower"], repeat_seeds=[1, 2])
+    study = InitAblation(inits=["stepwise", "lower"], repeat_seeds=[1, 2], repeat_inits=["stepwise", "lower"])
     inits = [r for r in study.runs() if r.role == "study"]
     assert [(r.name, r.config.seed, r.tags["seed"]) for r in inits] == [
         ("stepwise B=2", 0, 0), ("lower B=2", 0, 0), ("stepwise B=2 seed=1", 1, 1), ("lower B=2 seed=1", 1, 1),
@@ -207,3 +208,34 @@ def test_repeat_seeds_run_every_init_again_and_tag_each_run_with_its_seed():
     assert inits[0].key == InitAblation(inits=["stepwise"], repeat_seeds=[]).runs()[1].key
     with pytest.raises(ValueError, match=r"repeat_seeds \[0\] must be distinct and differ from seed=0"):
         InitAblation(repeat_seeds=[0])
+
+
+def test_repeat_inits_limit_the_repeats_and_must_be_inits():
+    study = InitAblation(inits=["stepwise", "average", "lower"], repeat_seeds=[1], repeat_inits=["stepwise"])
+    assert [r.name for r in study.runs() if r.role == "study"] == ["stepwise B=2", "average B=2", "lower B=2",
+                                                                    "stepwise B=2 seed=1"]
+    with pytest.raises(ValueError, match=r"repeat_inits \['random'\] are not in inits"):
+        InitAblation(inits=["stepwise"], repeat_inits=["random"])
+
+
+def test_init_variants_are_fig11_runs_at_the_first_b():
+    study = InitAblation(num_blocks=[2, 3], variants=["stepwise_start", "norm_choice", "norm_zero"], repeat_seeds=[])
+    variants = [r for r in study.runs() if r.role == "variant"]
+    assert [(r.name, r.config.init, r.config.norm_init, r.config.num_blocks, r.tags["norm_init"]) for r in variants] == [
+        ("stepwise_start B=2", "stepwise_start", None, 2, "-"), ("average B=2 norm=choice", "average", "choice", 2, "choice"),
+        ("average B=2 norm=zero", "average", "zero", 2, "zero")]
+    assert len({r.key for r in study.runs()}) == len(study.runs())  # each variant is its own run
+    with pytest.raises(ValueError, match="parameter variants holds 'norm_avg'"):
+        InitAblation(variants=["norm_avg"])
+
+
+def test_relaxation_sweep_reads_01s_baselines_and_stepwise_run_by_config_hash():
+    sweep = {r.name: r for r in RelaxationSweep().runs()}
+    ablation = {r.name: r for r in InitAblation().runs()}
+    for name in ("full-size", "reduced-size B=2", "stepwise B=2"):
+        assert sweep[name].key == ablation[name].key and sweep[name].role == "baseline"
+    assert [r.name for r in RelaxationSweep(baselines=False).runs()] == [
+        n for n in sweep if n not in ("full-size", "reduced-size B=2", "stepwise B=2")]
+    # a sweep over Stepwise already has that run (r=0): it is planned once, as the sweep's
+    names = [r.name for r in RelaxationSweep(inits=["stepwise", "average"]).runs()]
+    assert "stepwise B=2" not in names and names.count("stepwise B=2 r=0") == 1 and names[0] == "full-size"

@@ -29,6 +29,7 @@ NEEDS = {"loss_curves": {"label", "seed", "tokens"}, "accuracy": {"label", "seed
          "size_vs_quality": {"label", "seed", "non_embedding", "perplexity"},
          "rank_accuracy": {"label", "init", "lora_rank", "lora_init", "avg_accuracy", "stderr"},
          "init_perplexity": {"init", "lora_rank", "untie_norms", "perplexity", "reference"},
+         "init_variants": {"label", "seed", "variant", "tokens", "loss"},
          "throughput": {"label", "system", "kv_policy", "delta_v", "avg_accuracy", "accuracy_stderr"},
          "step_costs": {"model", "rows", "ms_per_token"}, "real_over_bound": {"label", "system", "real_over_bound"}}
 STRING_TAGS = {"plot", "label", "run", "role", "init", "lora_init", "kd", "exit_scheme", "training", "trainable", "data",
@@ -80,6 +81,15 @@ def init_curve(ranks=(0, 4, 32)):
     return pd.DataFrame(rows)
 
 
+def variant_curves():
+    """01's Stepwise (two seeds) and Average with their Fig. 11 variants, and one run no panel shows."""
+    runs = [("stepwise B=2", "study", "stepwise", "-"), ("stepwise B=2 seed=1", "study", "stepwise", "-"),
+            ("average B=2", "study", "average", "-"), ("lower B=2", "study", "lower", "-"),
+            ("stepwise_start B=2", "variant", "stepwise_start", "-"), ("average B=2 norm=zero", "variant", "average", "zero")]
+    tags = pd.DataFrame([{"run": r, "role": role, "init": i, "norm_init": n, "num_blocks": 2} for r, role, i, n in runs])
+    return curves_table([r[0] for r in runs]).merge(tags, on="run")
+
+
 def serving_tables():
     points = pd.DataFrame([{"config": c, "system": s, "exit_policy": e, "kv_policy": "propagate",
                             "tokens_per_s": 100.0, "delta_v": d, "delta_v_min": d - 0.05, "delta_v_max": d + 0.05,
@@ -108,6 +118,7 @@ def every_plot():
             plots.size_vs_quality(runs_table(), acc, ppl, study=STUDY, colours=colours),
             plots.rank_accuracy(rank_table(), study=STUDY),
             plots.init_perplexity(init_curve(), study=STUDY),
+            plots.init_variants(variant_curves(), study=STUDY),
             plots.throughput(points, study=STUDY, chance=0.5),
             plots.step_costs(costs, study=STUDY),
             plots.real_over_bound(throughput, study=STUDY)]
@@ -281,3 +292,15 @@ def test_the_check_catches_a_metric_in_a_tag_column():
                         "chance": [0.25], "kd": [3.21]})
     with pytest.raises(AssertionError, match="kd"):
         check_source_table(bad, "bad")
+
+
+def test_init_variants_compare_each_variant_with_its_init_in_its_own_panel():
+    plot = plots.init_variants(variant_curves(), study=STUDY)
+    a, b = plot.figure.axes[:2]
+    assert [ln.get_label() for ln in a.get_lines()] == ["fixed ends (first and last layer; our Stepwise)",
+                                                        "fixed start (layer 0, then every B-th)"]
+    assert [ln.get_label() for ln in b.get_lines()] == ["LN-avg (averaged; our Average)", "LN-zero (zeros)"]
+    assert len(a.collections) == 1  # Stepwise ran at two seeds: its band; the variant ran at one
+    assert "lower" not in set(plot.table["init"])
+    fallback = plots.init_variants(curves_table(), study=STUDY)
+    assert fallback.figure is None and "no init variants" in fallback.note

@@ -105,6 +105,24 @@ def test_stepwise_copies_picked_layers(tiny):
             assert torch.equal(p, _layer_params(model, src)[name]), (j, name)
 
 
+@pytest.mark.parametrize("num_layers,num_blocks,expected", [
+    (30, 2, [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28]),  # SmolLM2: the last layer (29) left out
+    (18, 3, [0, 3, 6, 9, 12, 15]),                                      # Gemma 2B, B=3
+    (6, 6, [0]),
+])
+def test_stepwise_start_picks(num_layers, num_blocks, expected):
+    assert rrt.recursive.stepwise_start_indices(num_layers, num_layers // num_blocks) == expected
+
+
+def test_stepwise_start_copies_picked_layers_and_differs_from_fixed_ends(tiny):
+    _, model, _ = tiny
+    rec = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, init="stepwise_start"))
+    for j, src in enumerate([0, 2, 4]):  # fixed ends would take [0, 3, 5]
+        for name, p in _layer_params(rec, j).items():
+            assert torch.equal(p, _layer_params(model, src)[name]), (j, name)
+    assert rrt.recursive.spec_of(rec).init == "stepwise_start"
+
+
 def test_lower_copies_first_k_layers(tiny):
     _, model, _ = tiny
     rec = rrt.convert(model, rrt.RecursiveSpec(num_blocks=3, init="lower"))

@@ -17,7 +17,7 @@ from rrt.progress import GridProgress
 from rrt.studies import StudyData, data_spec, run_plan, study_data
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(repeat_seeds=[], model="tiny-llama", scale="smoke", steps=2, global_batch_size=2, batch_size=2, warmup_steps=0, seq_len=16,
+SMALL = dict(repeat_seeds=[], variants=[], model="tiny-llama", scale="smoke", steps=2, global_batch_size=2, batch_size=2, warmup_steps=0, seq_len=16,
              baselines=False, tasks=[], max_eval_seqs=2)
 
 
@@ -140,3 +140,10 @@ def test_grid_progress_writes_a_line_per_run_event_and_throttles_steps():
                                                        "runs 1/2 stepwise B=2: step 3/3 loss 1.5000 100 tok/s",
                                                        "runs 1/2 stepwise B=2: done", "runs 2/2 random B=2: read back"]
     assert grid.bar.n == 2
+
+
+def test_by_role_keeps_the_rows_of_those_roles_and_tables_without_roles_whole():
+    tables = {"runs": pd.DataFrame({"run": ["a", "b", "c"], "role": ["study", "baseline", "variant"]}),
+              "curve": pd.DataFrame({"rank": [0, 4]})}
+    picked = rrt.studies.by_role(tables, "study", "baseline")
+    assert picked["runs"]["run"].tolist() == ["a", "b"] and picked["curve"] is tables["curve"]

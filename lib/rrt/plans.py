@@ -34,6 +34,7 @@ from rrt.recursive import INITS, check_num_blocks
 from rrt.rundir import read_json, write_json
 from rrt.trainconfig import TrainConfig
 
+INIT_VARIANTS = ("stepwise_start", "norm_choice", "norm_zero")  # Fig. 11 (App. I): InitAblation.variants
 SCALES = ("smoke", "cpu", "paper-gemma-2b", "paper-tinyllama-1.1b", "paper-pythia-1b")
 REPO = Path(__file__).resolve().parents[2]
 OUTPUTS = REPO / "outputs"
@@ -210,17 +211,25 @@ class Explore(Study):
 
 @dataclass(frozen=True, kw_only=True)
 class InitAblation(TrainingStudy):
-    """01_init_ablation (Fig. 5, Table 5): every looped-layer init × B, full- and reduced-size baselines."""
+    """01_init_ablation (Fig. 5, 11, Table 5): every looped-layer init × B, full- and reduced-size baselines, init variants."""
     notebook: typing.ClassVar[str] = "01_init_ablation"
     inits: tuple[str, ...] = ("stepwise", "average", "lower")  # looped-layer inits (Fig. 2; Table 5 adds random)
-    repeat_seeds: tuple[int, ...] = (1,)  # every init's run again at these seeds: the spread over seeds (Fig. 5)
+    repeat_seeds: tuple[int, ...] = (1,)  # the repeat_inits' runs again at these seeds: the spread over seeds (Fig. 5)
+    repeat_inits: tuple[str, ...] = ("stepwise",)  # the inits repeated (members of inits; cpu: the headline init)
     num_blocks: tuple[int, ...] = (2,)  # B values, each dividing the layer count (Table 5: Gemma 2, 3)
     baselines: bool = True            # also the full-size model (same recipe) and reduced-size (L/B layers, scratch)
+    # Fig. 11's init variants, at the first B: stepwise_start (Stepwise "fixed-start", against 01's fixed ends),
+    # norm_choice / norm_zero (Average with the tied norms picked / zeroed, against its averaged norms)
+    variants: tuple[str, ...] = ("stepwise_start", "norm_zero")
     kd: str | None = None             # KD during uptraining (Table 5: none): None | fkl | rkl | jsd | tvd
     teacher: str = "full-size"        # with kd: full-size (App. L) | pretrained | an rrt.save dir
 
     def validate(self):
         _items("inits", self.inits, INITS)
+        _items("variants", self.variants, INIT_VARIANTS)
+        stray = sorted(set(self.repeat_inits) - set(self.inits))
+        if stray:
+            raise ValueError(f"repeat_inits {stray} are not in inits {list(self.inits)}")
         self.check_num_blocks("num_blocks", self.num_blocks)
         for seed in self.repeat_seeds:
             _at_least("repeat_seeds", seed, 0)
@@ -235,16 +244,23 @@ class InitAblation(TrainingStudy):
         runs = [self.full_size()] if self.baselines or needs else []
         runs += [self.run(f"{init} B={b}" + (f" seed={seed}" if seed != self.seed else ""), num_blocks=b, init=init,
                           kd=self.kd, teacher=teacher, needs=needs, seed=seed, tags={"init": init, "num_blocks": b})
-                 for seed in (self.seed, *self.repeat_seeds) for b in self.num_blocks for init in self.inits]
+                 for seed in (self.seed, *self.repeat_seeds) for b in self.num_blocks for init in self.inits
+                 if seed == self.seed or init in self.repeat_inits]
         if self.baselines:
             runs += [self.run(f"reduced-size B={b}", "baseline", num_blocks=b, baseline="reduced",
                               tags={"baseline": "reduced", "num_blocks": b}) for b in self.num_blocks]
+        b = self.num_blocks[0]
+        for variant in self.variants:
+            init, norm_init = ("stepwise_start", None) if variant == "stepwise_start" else ("average", variant[len("norm_"):])
+            runs.append(self.run(f"{init} B={b}" + (f" norm={norm_init}" if norm_init else ""), "variant", num_blocks=b,
+                                 init=init, norm_init=norm_init, kd=self.kd, teacher=teacher, needs=needs,
+                                 tags={"init": init, "num_blocks": b, "norm_init": norm_init or "-"}))
         return runs
 
 
 @dataclass(frozen=True, kw_only=True)
 class RelaxationSweep(TrainingStudy):
-    """02_relaxation_rank_sweep (Fig. 6, 7a, 7c, Table 9): init × per-depth LoRA rank, SVD init vs zero."""
+    """02_relaxation_rank_sweep (Fig. 4, 6, 7a, 7c, Table 9): init × per-depth LoRA rank, SVD init vs zero."""
     notebook: typing.ClassVar[str] = "02_relaxation_rank_sweep"
     num_blocks: tuple[int, ...] = (2,)  # B values
     inits: tuple[str, ...] = ("average",)  # looped-layer inits (Table 9: stepwise, average, lower)
@@ -252,6 +268,8 @@ class RelaxationSweep(TrainingStudy):
     zero_init_ranks: tuple[int, ...] = (64,)  # ranks that also run with zero LoRA init (Table 9: 512 only)
     untie_norms: tuple[bool, ...] = (False,)  # per-depth norms (the paper ties them: False)
     init_curve_ranks: tuple[int, ...] = (0, 64, 256, 576)  # ranks of the no-training perplexity curve
+    # Fig. 4's references, 01's runs (read back when 01 ran first): full-size, reduced-size and Stepwise per B
+    baselines: bool = True
 
     def validate(self):
         _items("inits", self.inits, INITS)
@@ -265,6 +283,17 @@ class RelaxationSweep(TrainingStudy):
         super().validate()
 
     def runs(self):
+        runs = self._relaxed()
+        baselines = [self.full_size()] if self.baselines else []
+        for b in self.num_blocks if self.baselines else ():
+            baselines.append(self.run(f"reduced-size B={b}", "baseline", num_blocks=b, baseline="reduced",
+                                      tags={"baseline": "reduced", "num_blocks": b}))
+            baselines.append(self.run(f"stepwise B={b}", "baseline", num_blocks=b, init="stepwise",
+                                      tags={"init": "stepwise", "num_blocks": b, "lora_rank": 0}))
+        planned_keys = {r.key for r in runs}  # "stepwise B=b r=0" of the sweep is already 01's Stepwise run
+        return [r for r in baselines if r.key not in planned_keys] + runs
+
+    def _relaxed(self) -> list["Run"]:
         runs = []
         for b in self.num_blocks:
             for init in self.inits:
@@ -289,8 +318,8 @@ class Distillation(TrainingStudy):
     relaxed_lora_rank: int = 0        # its LoRA rank (Table 11: 256; 0 leaves the relaxed rows out)
     kds: tuple[str | None, ...] = (None, "fkl")  # KD divergences (None: CE only; Table 11: all four)
     teacher: str = "full-size"        # full-size (App. L: uptrained alike) | pretrained | an rrt.save dir
-    long_steps: int = 120             # the longer uptraining (Table 11: 60B tokens)
-    long_warmup_steps: int = 12       # its warmup (App. G: 800 for 60B)
+    long_steps: int = 90              # the longer uptraining (Table 11: 60B tokens)
+    long_warmup_steps: int = 9        # its warmup (App. G: 800 for 60B)
     long_kds: tuple[str | None, ...] = ("fkl",)  # its objectives (Table 11: None, 60B alone; Table 12: fkl)
 
     def validate(self):

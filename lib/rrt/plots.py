@@ -18,7 +18,7 @@ from rrt.plots_base import (MIN_LINE_POINTS, METRIC_COLUMNS, TAG_COLUMNS, Plot, 
 from rrt.plots_serving import energy_heatmap, real_over_bound, step_costs, throughput
 
 __all__ = ["Plot", "save", "palette", "label_of", "title", "TAG_COLUMNS", "METRIC_COLUMNS", "loss_curves",
-           "accuracy", "task_accuracy", "perplexity", "size_vs_quality", "rank_accuracy", "init_perplexity",
+           "accuracy", "task_accuracy", "perplexity", "size_vs_quality", "rank_accuracy", "init_perplexity", "init_variants",
            "throughput", "step_costs", "real_over_bound", "energy_heatmap"]
 
 LOSS_LABELS = {"loss": "training loss (nats/token, smoothed)",
@@ -29,18 +29,32 @@ def loss_curves(curves: pd.DataFrame, *, study, colours: dict | None = None, met
                 what: str = "Training loss (Fig. 5a)") -> Plot:
     """Fig. 5a / 6a / 14 (and 7b's curves with metric="loss/ce"): a metric against training tokens, one
     line per run label (mean over seeds, band = min–max over seeds), rolling mean over `smooth` steps."""
-    d = _labelled(curves)
-    d = d[d["kind"] == "train"] if "kind" in d else d
-    if metric not in d or d[metric].isna().all():
-        raise ValueError(f"curves have no {metric!r} column with values; columns: {sorted(curves.columns)}")
-    d = d.dropna(subset=[metric]).sort_values("step")
-    d[metric] = d.groupby(["label", "seed"])[metric].transform(lambda s: s.rolling(smooth, min_periods=1).mean())
+    d = _smoothed_curves(curves, metric, smooth)
     table = d[["label", "seed", "step", "tokens", metric]].reset_index(drop=True)
     if table.groupby(["label", "seed"])["step"].nunique().max() < MIN_LINE_POINTS:
         return table_only("loss_curves", table, f"fewer than {MIN_LINE_POINTS} logged steps per run: no curve")
     colours = colours or palette(table["label"])
     fig, axes = figure(6.8, 3.6)
     ax = axes[0][0]
+    _curve_lines(ax, table, metric, colours)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5),
+              title="band: min–max over seeds" if table["seed"].nunique() > 1 else None, title_fontsize=7)
+    fig.suptitle(title(study, what), fontsize=9)
+    return Plot("loss_curves", table, fig)
+
+
+def _smoothed_curves(curves: pd.DataFrame, metric: str, smooth: int) -> pd.DataFrame:
+    d = _labelled(curves)
+    d = d[d["kind"] == "train"] if "kind" in d else d
+    if metric not in d or d[metric].isna().all():
+        raise ValueError(f"curves have no {metric!r} column with values; columns: {sorted(curves.columns)}")
+    d = d.dropna(subset=[metric]).sort_values("step")
+    d[metric] = d.groupby(["label", "seed"])[metric].transform(lambda s: s.rolling(smooth, min_periods=1).mean())
+    return d
+
+
+def _curve_lines(ax, table: pd.DataFrame, metric: str, colours: dict) -> None:
+    """One line per label against tokens (mean over seeds, band = min–max over seeds)."""
     for label in ordered(table["label"], colours):
         by_tokens = table[table["label"] == label].groupby("tokens")[metric]
         mean = by_tokens.mean()
@@ -49,10 +63,44 @@ def loss_curves(curves: pd.DataFrame, *, study, colours: dict | None = None, met
             ax.fill_between(mean.index, by_tokens.min(), by_tokens.max(), color=colours.get(label), alpha=0.2, lw=0)
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(human))
     ax.set(xlabel="training tokens", ylabel=LOSS_LABELS.get(metric, metric))
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5),
-              title="band: min–max over seeds" if table["seed"].nunique() > 1 else None, title_fontsize=7)
+
+
+VARIANT_PANELS = {  # Fig. 11's panels: which runs each compares, and how the legend names them
+    "(a) Stepwise: which layers": {"stepwise": "fixed ends (first and last layer; our Stepwise)",
+                                   "stepwise_start": "fixed start (layer 0, then every B-th)"},
+    "(b) Average: the tied norms": {"average": "LN-avg (averaged; our Average)", "choice": "LN-choice (one layer's)",
+                                    "zero": "LN-zero (zeros)"},
+}
+
+
+def init_variants(curves: pd.DataFrame, *, study, smooth: int = 3,
+                  what: str = "Init variants: training loss (Fig. 11)") -> Plot:
+    """Fig. 11: training loss of Stepwise fixed ends vs fixed start (a) and of Average with averaged,
+    picked and zeroed tied norms (b), at the variants' B (band = min–max over seeds)."""
+    d = _smoothed_curves(curves, "loss", smooth)
+    b = d.loc[d["role"] == "variant", "num_blocks"] if "role" in d else pd.Series(dtype=float)
+    if b.empty:
+        return table_only("init_variants", d, "no init variants in this plan (InitAblation.variants)")
+    d = d[(d["num_blocks"] == b.iloc[0]) & d["init"].isin(["stepwise", "stepwise_start", "average"])]
+    norm = d["norm_init"].fillna("-") if "norm_init" in d else pd.Series("-", index=d.index)
+    d = d.assign(variant=np.where(d["init"] == "average", norm.replace({"-": "average"}), d["init"]))
+    names = {k: v for panel in VARIANT_PANELS.values() for k, v in panel.items()}
+    table = d.assign(label=d["variant"].map(names))[["label", "run", "seed", "init", "variant", "step", "tokens", "loss"]]
+    colours = palette(table["label"])
+    fig, axes = figure(9.6, 3.6, ncols=2, sharey=False)
+    for ax, (panel, members) in zip(axes[0], VARIANT_PANELS.items()):
+        part = table[table["variant"].isin(members)]
+        _curve_lines(ax, part, "loss", colours)
+        ax.set_title(panel, fontsize=9)
+        if part.empty:
+            ax.text(0.5, 0.5, "not in this plan", ha="center", va="center", transform=ax.transAxes)
+            continue
+        late = part[part["tokens"] >= 0.2 * part["tokens"].max()]["loss"]  # the first steps' loss would flatten the rest
+        ax.set_ylim(late.min() - 0.05 * (late.max() - late.min() or 1), late.max() + 0.1 * (late.max() - late.min() or 1))
+        ax.legend(fontsize=7, loc="upper right", title_fontsize=7,
+                  title="band: min–max over seeds" if part.groupby("label")["seed"].nunique().max() > 1 else None)
     fig.suptitle(title(study, what), fontsize=9)
-    return Plot("loss_curves", table, fig)
+    return Plot("init_variants", table, fig)
 
 
 def accuracy(acc: pd.DataFrame, *, study, colours: dict | None = None, per_loop: bool = False,
@@ -177,7 +225,7 @@ def rank_accuracy(acc: pd.DataFrame, *, study, what: str = "Accuracy vs LoRA ran
 
 
 def init_perplexity(curve: pd.DataFrame, *, study, what: str = "Perplexity right after conversion, no training "
-                    "(Fig. 11b, 16)") -> Plot:
+                    "(Fig. 16 at rank r, before training)") -> Plot:
     """Held-out perplexity at initialisation (SVD LoRA, no training) against rank, one line per init,
     solid tied / dashed per-depth norms; the unconverted model dotted. A table below MIN_LINE_POINTS ranks."""
     original = curve.loc[curve["model"] == "original", "perplexity"]

@@ -15,7 +15,8 @@ from torch import nn
 
 from rrt.models import decoder_layers, head_logits
 
-INITS = ("stepwise", "average", "lower", "random")
+# stepwise_start: Stepwise's "fixed-start" variant (App. I, Fig. 11a): layer 0, then every B-th layer
+INITS = ("stepwise", "average", "lower", "random", "stepwise_start")
 NORM_INITS = ("average", "choice", "zero")
 LORA_INITS = ("svd", "zero")
 RANK_GROUPS = ("q", "kv", "o", "mlp")
@@ -25,10 +26,10 @@ RANK_GROUPS = ("q", "kv", "o", "mlp")
 class RecursiveSpec:
     """How to turn a pretrained model into a (Relaxed) Recursive Transformer."""
     num_blocks: int = 2            # B: loops over the shared block; must divide the layer count L
-    init: str = "stepwise"         # looped-layer init (§2.2, Fig. 2): stepwise|average|lower|random
+    init: str = "stepwise"         # looped-layer init (§2.2, Fig. 2): stepwise|average|lower|random|stepwise_start
     # Norm weights of the shared layers (App. I, Fig. 11b): average|choice|zero over each tied group.
     # None follows the init as the paper does: averaged for "average", the picked layer's for
-    # "stepwise"/"lower", fresh for "random". "choice" takes the group's first layer (its picked
+    # "stepwise"/"lower"/"stepwise_start", fresh for "random". "choice" takes the group's first layer (its picked
     # layer under stepwise).
     norm_init: str | None = None
     lora_rank: int | dict = 0      # per-depth LoRA rank (§2.3); a dict sets it per group q|kv|o|mlp
@@ -148,6 +149,12 @@ def stepwise_indices(num_layers: int, num_shared: int) -> list[int]:
     return [(2 * j * span + steps) // (2 * steps) for j in range(num_shared)]
 
 
+def stepwise_start_indices(num_layers: int, num_shared: int) -> list[int]:
+    """Return the K layers Stepwise's "fixed-start" variant keeps (App. I, Fig. 11a): layer 0, then every
+    (L/K)-th layer, so the last layer is left out whenever L/K > 1."""
+    return list(range(0, num_layers, num_layers // num_shared))[:num_shared]
+
+
 def tied_groups(num_layers: int, num_blocks: int) -> list[list[int]]:
     """Return, for each shared layer j, the depths that loop through it: [j, j+K, j+2K, …]."""
     k = num_layers // num_blocks
@@ -165,7 +172,8 @@ def _init_shared_layers(rec: nn.Module, original: nn.Module, spec: RecursiveSpec
     src, dst = decoder_layers(original), decoder_layers(rec)
     groups = tied_groups(len(src), spec.num_blocks)
     k = len(groups)
-    picks = {"stepwise": stepwise_indices(len(src), k), "lower": list(range(k)),
+    picks = {"stepwise": stepwise_indices(len(src), k), "stepwise_start": stepwise_start_indices(len(src), k),
+             "lower": list(range(k)),
              "average": list(range(k)), "random": list(range(k))}[spec.init]
     fresh = _fresh_layers(rec, k, spec.seed) if spec.init == "random" else None
     norm_init = spec.norm_init or ("average" if spec.init == "average" else None)

@@ -175,6 +175,12 @@ def average_accuracy(acc: pd.DataFrame, by=("run",)) -> pd.DataFrame:
     return acc.groupby(keys, dropna=False)["value"].mean().rename("avg_accuracy").reset_index()
 
 
+def by_role(tables: dict[str, pd.DataFrame], *roles: str) -> dict[str, pd.DataFrame]:
+    """Return the tables with only the rows of runs in `roles` (study | baseline | variant | uptrained);
+    tables without a `role` column are returned whole."""
+    return {k: v[v["role"].isin(roles)].reset_index(drop=True) if "role" in v else v for k, v in tables.items()}
+
+
 def save_tables(run_dir: Path, study: Study, **tables: pd.DataFrame) -> None:
     """Write each table as <name>.csv and <name>.json (rows + the study that produced them)."""
     found = versions()  # once per call: it asks git twice
