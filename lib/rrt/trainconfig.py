@@ -69,7 +69,7 @@ class TrainConfig:
                                           # starts past the uptraining's (Table 13, "Data: New")
     clip: float = 1.0                     # max global grad norm; 0 disables
     gradient_checkpointing: bool = False
-    precision: str = "auto"               # auto: bf16 autocast on GPU, fp32 on CPU
+    precision: str = "auto"               # auto: bf16 autocast on GPU and on CPUs with bf16 matmuls, else fp32
     # bookkeeping
     seq_len: int | None = None            # if set, the training blocks must have this length
     eval_every: int = 0                   # per-loop perplexity every N steps (also at start and end)
