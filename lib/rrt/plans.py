@@ -34,7 +34,9 @@ from rrt.recursive import INITS, check_num_blocks
 from rrt.rundir import read_json, write_json
 from rrt.trainconfig import TrainConfig
 
-INIT_VARIANTS = ("stepwise_start", "norm_choice", "norm_zero")  # Fig. 11 (App. I): InitAblation.variants
+# Fig. 11 (App. I), InitAblation.variants: each variant's (init, norm_init)
+INIT_VARIANTS = {"stepwise_start": ("stepwise_start", None), "norm_choice": ("average", "choice"),
+                 "norm_zero": ("average", "zero")}
 SCALES = ("smoke", "cpu", "paper-gemma-2b", "paper-tinyllama-1.1b", "paper-pythia-1b")
 REPO = Path(__file__).resolve().parents[2]
 OUTPUTS = REPO / "outputs"
@@ -176,6 +178,11 @@ class TrainingStudy(Study):
         """The full-size model uptrained with the same recipe (CE): Fig. 4/5's reference and App. L's teacher."""
         return self.run("full-size", "baseline", num_blocks=1, baseline="full", tags={"baseline": "full"})
 
+    def reduced_size(self, b: int) -> "Run":
+        """The reduced-size model (L/B layers, trained from scratch with the same recipe): Fig. 4/5's other reference."""
+        return self.run(f"reduced-size B={b}", "baseline", num_blocks=b, baseline="reduced",
+                        tags={"baseline": "reduced", "num_blocks": b})
+
     def teacher_of(self, teacher: str) -> tuple[str | None, tuple]:
         """Return (TrainConfig.teacher, the runs it needs) for a study's `teacher` field."""
         if teacher == "full-size":
@@ -226,7 +233,7 @@ class InitAblation(TrainingStudy):
 
     def validate(self):
         _items("inits", self.inits, INITS)
-        _items("variants", self.variants, INIT_VARIANTS)
+        _items("variants", self.variants, tuple(INIT_VARIANTS))
         stray = sorted(set(self.repeat_inits) - set(self.inits))
         if stray:
             raise ValueError(f"repeat_inits {stray} are not in inits {list(self.inits)}")
@@ -247,11 +254,10 @@ class InitAblation(TrainingStudy):
                  for seed in (self.seed, *self.repeat_seeds) for b in self.num_blocks for init in self.inits
                  if seed == self.seed or init in self.repeat_inits]
         if self.baselines:
-            runs += [self.run(f"reduced-size B={b}", "baseline", num_blocks=b, baseline="reduced",
-                              tags={"baseline": "reduced", "num_blocks": b}) for b in self.num_blocks]
+            runs += [self.reduced_size(b) for b in self.num_blocks]
         b = self.num_blocks[0]
         for variant in self.variants:
-            init, norm_init = ("stepwise_start", None) if variant == "stepwise_start" else ("average", variant[len("norm_"):])
+            init, norm_init = INIT_VARIANTS[variant]
             runs.append(self.run(f"{init} B={b}" + (f" norm={norm_init}" if norm_init else ""), "variant", num_blocks=b,
                                  init=init, norm_init=norm_init, kd=self.kd, teacher=teacher, needs=needs,
                                  tags={"init": init, "num_blocks": b, "norm_init": norm_init or "-"}))
@@ -286,8 +292,7 @@ class RelaxationSweep(TrainingStudy):
         runs = self._relaxed()
         baselines = [self.full_size()] if self.baselines else []
         for b in self.num_blocks if self.baselines else ():
-            baselines.append(self.run(f"reduced-size B={b}", "baseline", num_blocks=b, baseline="reduced",
-                                      tags={"baseline": "reduced", "num_blocks": b}))
+            baselines.append(self.reduced_size(b))
             baselines.append(self.run(f"stepwise B={b}", "baseline", num_blocks=b, init="stepwise",
                                       tags={"init": "stepwise", "num_blocks": b, "lora_rank": 0}))
         planned_keys = {r.key for r in runs}  # "stepwise B=b r=0" of the sweep is already 01's Stepwise run

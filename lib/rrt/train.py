@@ -153,9 +153,8 @@ def native_bf16() -> bool:
 def _setup(config: TrainConfig, original: nn.Module | None, latest: Path | None) -> _Run:
     """Build the accelerator, student, teacher, AdamW and cosine schedule; resume from `latest` if set."""
     from accelerate import Accelerator
-    from transformers import get_cosine_schedule_with_warmup
-
     from accelerate.state import AcceleratorState
+    from transformers import get_cosine_schedule_with_warmup
 
     mixed = "bf16" if config.precision == "bf16" or (config.precision == "auto" and native_bf16()) else "no"
     if AcceleratorState._shared_state and str(AcceleratorState().mixed_precision) != mixed:
