@@ -46,7 +46,7 @@ def cross_entropy(logits, labels, ignore_index=-100):
     """Return the token-averaged CE of logits [..., V] against labels [...]."""
     _check_leading(logits, labels, "labels")
     keep = labels != ignore_index                       # [...]
-    logits, labels = _upcast(logits[keep]), labels[keep]  # [n, V], [n]
+    logits, labels = _upcast(_kept(logits, keep)), _kept(labels, keep)  # [n, V], [n]
     # sum / count (not F.cross_entropy's mean) so an all-padding batch gives 0, not nan
     return F.cross_entropy(logits, labels, reduction="sum") / max(labels.numel(), 1)
 
@@ -68,8 +68,9 @@ def kd_loss(student_logits, teacher_logits, mask=None, kind="fkl", temperature=1
         mask = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
     _check_leading(student_logits, mask, "mask")
     keep = mask.bool()
-    log_q = F.log_softmax(_upcast(student_logits[keep]) / temperature, dim=-1)  # [n, V] student
-    log_p = F.log_softmax(_upcast(teacher_logits[keep]) / temperature, dim=-1)  # [n, V] teacher
+    scale = (lambda x: x) if temperature == 1 else (lambda x: x / temperature)  # T = 1: no [n, V] copy
+    log_q = F.log_softmax(scale(_upcast(_kept(student_logits, keep))), dim=-1)  # [n, V] student
+    log_p = F.log_softmax(scale(_upcast(_kept(teacher_logits, keep))), dim=-1)  # [n, V] teacher
     per_token = _DIVERGENCES[kind](log_p, log_q)                                # [n]
     return per_token.sum() / max(per_token.numel(), 1) * temperature**2
 
@@ -192,6 +193,12 @@ def _tvd(log_p, log_q):
 
 
 _DIVERGENCES = {"fkl": _fkl, "rkl": _rkl, "jsd": _jsd, "tvd": _tvd}
+
+
+def _kept(x, keep):
+    # x[keep] copies (and its backward scatters into zeros) even when every position is kept, as in packed training
+    # batches: a view there instead (the same values; 0.1 s of a 2 s SmolLM2-135M step on CPU)
+    return x.reshape(-1, *x.shape[keep.dim():]) if bool(keep.all()) else x[keep]
 
 
 def _upcast(x):

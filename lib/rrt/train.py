@@ -172,7 +172,11 @@ def _setup(config: TrainConfig, original: nn.Module | None, latest: Path | None)
     if config.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    # fused AdamW (one kernel over every parameter; CPU and CUDA): the same update rule as torch's default, which on
+    # CPU is a Python loop over tensors, 6× slower here (0.06 vs 0.35 s a step for SmolLM2-135M's 135M parameters)
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16) for p in params)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
+                                  fused=fused or None)
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
     start = 0
     if latest is not None:  # model first (before DDP broadcasts it), optimiser after prepare
