@@ -7,6 +7,7 @@ import pytest
 from pandas.io.formats.style import Styler
 
 from rrt import tables as T
+from rrt.studies import by_role
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "outputs" / "examples" / "cpu"
 TASKS = ("arc_easy", "piqa")
@@ -250,10 +251,13 @@ def example(folder):
     return out
 
 
-@pytest.mark.parametrize("folder, table", [("01_init_ablation", T.table5),
-                                           ("02_relaxation_rank_sweep", T.table9), ("03_distillation", T.table11)])
-def test_examples_one_row_per_model(folder, table):
+@pytest.mark.parametrize("folder, table, roles", [("01_init_ablation", T.table5, ("study", "baseline")),
+                                                  ("02_relaxation_rank_sweep", T.table9, ("study",)),
+                                                  ("03_distillation", T.table11, None)])
+def test_examples_one_row_per_model(folder, table, roles):
+    """Each table from the runs its notebook passes it (01: without Fig. 11's variants; 02: without Fig. 4's baselines)."""
     tables = example(folder)
+    tables = by_role(tables, *roles) if roles else tables
     t = table(tables)
     assert list(t["model"]) == list(tables["runs"]["run"].str.replace(T.SEED_SUFFIX, "", regex=True).unique())
     ours = [ACC] + [c for c in t if c.startswith("ppl ")]
