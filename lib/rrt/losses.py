@@ -196,8 +196,9 @@ _DIVERGENCES = {"fkl": _fkl, "rkl": _rkl, "jsd": _jsd, "tvd": _tvd}
 
 
 def _kept(x, keep):
-    # x[keep] copies (and its backward scatters into zeros) even when every position is kept, as in packed training
-    # batches: a view there instead (the same values; 0.1 s of a 2 s SmolLM2-135M step on CPU)
+    # x[keep] gathers (and its backward scatters into zeros) even when every position is kept, as in packed training
+    # batches: a reshape there instead, the same values (a view, or one dense copy of the shifted logits); CE forward +
+    # backward 0.21 → 0.14 s on SmolLM2-135M's [4, 127, 49152] bf16 logits, CPU
     return x.reshape(-1, *x.shape[keep.dim():]) if bool(keep.all()) else x[keep]
 
 
