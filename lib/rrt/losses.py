@@ -68,9 +68,10 @@ def kd_loss(student_logits, teacher_logits, mask=None, kind="fkl", temperature=1
         mask = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
     _check_leading(student_logits, mask, "mask")
     keep = mask.bool()
-    scale = (lambda x: x) if temperature == 1 else (lambda x: x / temperature)  # T = 1: no [n, V] copy
-    log_q = F.log_softmax(scale(_upcast(_kept(student_logits, keep))), dim=-1)  # [n, V] student
-    log_p = F.log_softmax(scale(_upcast(_kept(teacher_logits, keep))), dim=-1)  # [n, V] teacher
+    student, teacher = _upcast(_kept(student_logits, keep)), _upcast(_kept(teacher_logits, keep))  # [n, V] each
+    if temperature != 1:  # T = 1 needs no [n, V] copy
+        student, teacher = student / temperature, teacher / temperature
+    log_q, log_p = F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1)
     per_token = _DIVERGENCES[kind](log_p, log_q)                                # [n]
     return per_token.sum() / max(per_token.numel(), 1) * temperature**2
 
