@@ -8,8 +8,9 @@ from rrt.serving import Engine, Request
 from rrt.exits import OracleExit
 from rrt.rundir import read_json
 from rrt.serving.baselines import StaticBatchEngine
+from rrt.models import native_bf16
 from rrt.serving.bench import (PAPER_CONFIGS, DryRunEngine, Workload, bound_seconds, interpolate, load_bench_model,
-                               main, measure_step_costs, run_benchmark)
+                               main, measure_step_costs, median_costs, run_benchmark, serving_dtype)
 from rrt.serving.simulate import kv_bytes_per_token, simulate, weight_bytes
 from rrt.serving.workload import requests_from
 
@@ -97,6 +98,24 @@ def test_bound_prices_every_call_at_its_row_count():
     assert bound_seconds(trace, costs) == pytest.approx(1.0 + 0.4 + 0.5 + 2.5)
 
 
+def test_median_costs_per_row_count_over_rounds():
+    rounds = [pd.DataFrame({"rows": [1, 2], "block_s": [b1, b2], "fill_s": [0.1, 0.2], "head_s": [h, h],
+                            "kv_bytes": [64, 64], "fits": [True, False]})
+              for b1, b2, h in [(1.0, 2.0, 0.5), (3.0, 2.5, 0.7), (2.0, 9.0, 0.6)]]
+    df = median_costs(rounds)
+    assert df["rows"].tolist() == [1, 2] and df["block_s"].tolist() == [2.0, 2.5]
+    assert df["head_s"].tolist() == [0.6, 0.6] and df["fits"].tolist() == [True, False]
+    assert interpolate(df, "block_s", 2) == 2.5
+
+
+def test_serving_dtype():
+    assert serving_dtype("cpu", "float32") == torch.float32 and serving_dtype("cpu", "bfloat16") == torch.bfloat16
+    assert serving_dtype("cpu") == (torch.bfloat16 if native_bf16() else torch.float32)
+    assert serving_dtype("cuda:0") == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'fp32'; valid: auto, float32"):
+        serving_dtype("cpu", "fp32")
+
+
 def test_run_benchmark_rows_ratios_and_bound(tiny_served):
     model, tok, rec, _ = tiny_served
     result = run_benchmark(model, tok, rec, workload=Workload(num_requests=4, prefix_len=6, decode_len=5),
@@ -110,6 +129,11 @@ def test_run_benchmark_rows_ratios_and_bound(tiny_served):
     assert (df.loc[df.system == "vanilla_static", "delta_v"] == 1.0).all()
     assert (df.loc[df.system == "vanilla_continuous", "delta_seq"] == 1.0).all()
     assert (df["real_over_bound"] > 0).all() and (df["bound_s"] > 0).all()
+    assert df["bound_tokens_per_s"].tolist() == pytest.approx((df["tokens"] / df["bound_s"]).tolist())
+    continuous = df.loc[df.system == "vanilla_continuous"].iloc[0]
+    assert continuous["delta_seq_bound"] == 1.0
+    assert df["delta_seq_bound"].tolist() == pytest.approx((df["bound_tokens_per_s"]
+                                                            / continuous["bound_tokens_per_s"]).tolist())
     oracle = df[df.system == "cdb_oracle"].set_index("kv_policy")
     no_lora = df[df.system == "cdb_oracle_no_lora"].set_index("kv_policy")
     assert (oracle["exits_per_loop"] == no_lora["exits_per_loop"]).all()  # same replayed trajectories

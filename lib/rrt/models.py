@@ -112,6 +112,14 @@ def head_logits(model: nn.Module, hidden: torch.Tensor, loop_idx: int | torch.Te
     return logits
 
 
+def native_bf16() -> bool:
+    """Whether bf16 matmuls run on bf16 hardware here: a GPU, or a CPU with AVX512-BF16 or AMX (through
+    oneDNN). There bf16 trains 2.4× faster than fp32 (SmolLM2-135M B=2, 2-core EPYC) and serves 2× faster,
+    its small-batch matmuls bound by reading the weights rather than by arithmetic (LOG.md)."""
+    return torch.cuda.is_available() or bool(torch.backends.mkldnn.is_available()
+                                             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def load_model(source: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
                cache_dir: str | Path | None = None):
     """Return (model, tokenizer) for a hub id, a local dir, an embedded name or a tiny test name.

@@ -40,7 +40,7 @@ from torch import nn
 from rrt.checkpoint import (TRAINING_STATE, WEIGHTS, CheckpointError, file_digest, fsync_path, load, load_into,
                             read_manifest, save, unique_state_dict, verify_manifest, write_manifest)
 from rrt.losses import early_exit_loss, shift_for_next_token, uptrain_loss
-from rrt.models import decoder_layers
+from rrt.models import decoder_layers, native_bf16
 from rrt.recursive import check_num_blocks, convert, loop_logits, spec_of
 from rrt.rundir import (CONFIG, METRICS, Metrics, RunLock, read_config, read_json, write_config, write_json,
                         write_versions)
@@ -141,13 +141,6 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: object
     start: int                # the last step already done (0: a fresh run)
-
-
-def native_bf16() -> bool:
-    """Whether bf16 autocast runs on bf16 hardware here: a GPU, or a CPU with bf16 matmuls (AVX512-BF16 or
-    AMX, through oneDNN), where it trains 2.4× faster than fp32 (SmolLM2-135M B=2, 2-core EPYC; LOG.md)."""
-    return torch.cuda.is_available() or bool(torch.backends.mkldnn.is_available()
-                                             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _setup(config: TrainConfig, original: nn.Module | None, latest: Path | None) -> _Run:

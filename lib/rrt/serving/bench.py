@@ -39,6 +39,7 @@ import torch
 
 import rrt
 from rrt.exits import OracleExit
+from rrt.models import native_bf16
 from rrt.recursive import num_loops
 from rrt.relax import lora_modules, truncate_lora
 from rrt.rundir import write_config, write_versions
@@ -157,21 +158,25 @@ def run_benchmark(model, tokenizer, recursive, *, workload: Workload = Workload(
         for kv in kv_policies:
             systems.append(_System(f"cdb_{name}", recursive, engine(Engine, recursive, policy, kv), name, kv))
 
-    costs = {id(m): measure_step_costs(m, max_rows=token_budget, context_len=workload.prefix_len
-                                       + workload.decode_len // 2, max_active=max_active, seq_len=seq,
-                                       memory_cap_bytes=memory_cap_bytes)
-             for m in {id(s.model): s.model for s in systems}.values()}
+    models = {id(s.model): s.model for s in systems}
+    measured: dict[int, list[pd.DataFrame]] = {k: [] for k in models}
     runs: dict[int, list[dict]] = {i: [] for i in range(len(systems))}
     rounds = range(repeats + 1)  # round 0 is the warm-up
     if progress:
         from tqdm.auto import tqdm
         rounds = tqdm(rounds, desc="benchmark rounds", leave=False)
     for round_ in rounds:
+        if round_:  # step costs are measured in every timed round, so drift of the machine hits both sides of real / bound
+            for k, m in models.items():
+                measured[k].append(measure_step_costs(m, max_rows=token_budget, context_len=workload.prefix_len
+                                                      + workload.decode_len // 2, max_active=max_active, seq_len=seq,
+                                                      memory_cap_bytes=memory_cap_bytes))
         for i, s in enumerate(systems):
             _reset_peak(s.model)
             result = _time_hf(s.model, requests, max_active) if s.make is None else _time_engine(s.make, requests)
             if round_:
                 runs[i].append(result)
+    costs = {k: median_costs(v) for k, v in measured.items()}
     rows = []
     for i, s in enumerate(systems):
         median = sorted(runs[i], key=lambda r: r["seconds"])[len(runs[i]) // 2]
@@ -186,6 +191,9 @@ def run_benchmark(model, tokenizer, recursive, *, workload: Workload = Workload(
         if base in set(systems_df["system"]):
             ref = systems_df.loc[systems_df["system"] == base, "tokens_per_s"].iloc[0]
             systems_df[column] = systems_df["tokens_per_s"] / ref
+    if "vanilla_continuous" in set(systems_df["system"]):  # what Δ_Seq would be if every system reached its bound
+        ref = systems_df.loc[systems_df["system"] == "vanilla_continuous", "bound_tokens_per_s"].iloc[0]
+        systems_df["delta_seq_bound"] = systems_df["bound_tokens_per_s"] / ref
     step_costs = pd.concat([costs[id(m)].assign(model=_model_name(m))
                             for m in {id(s.model): s.model for s in systems}.values()], ignore_index=True)
     paper = _paper_sim(trajectories, costs[id(model)], costs[id(recursive)], b, max_active)
@@ -241,6 +249,12 @@ def measure_step_costs(model, *, max_rows: int, context_len: int, max_active: in
     df["kv_bytes"] = max_active * seq_len * kv_bytes_per_token(model)
     df["fits"] = True if memory_cap_bytes is None else weight_bytes(model) + df["kv_bytes"] <= memory_cap_bytes
     return df
+
+
+def median_costs(rounds: list[pd.DataFrame]) -> pd.DataFrame:
+    """Per row count, the median over rounds of each measured cost (`measure_step_costs` tables)."""
+    df = pd.concat(rounds, ignore_index=True)
+    return df.groupby("rows", as_index=False, sort=True).median(numeric_only=True).astype({"fits": bool})
 
 
 class DryRunEngine(Engine):
@@ -345,7 +359,7 @@ def _row(s: _System, run: dict, seconds: list[float], bound: float) -> dict:
            "tokens": tokens, "seconds": run["seconds"], "repeats": len(seconds),
            "tokens_per_s": tokens / run["seconds"], "tokens_per_s_min": tokens / max(seconds),
            "tokens_per_s_max": tokens / min(seconds), "ms_per_token": 1e3 * run["seconds"] / tokens,
-           "bound_s": bound, "real_over_bound": bound / run["seconds"],
+           "bound_s": bound, "bound_tokens_per_s": tokens / bound, "real_over_bound": bound / run["seconds"],
            "latency_p50_s": lat.quantile(0.5).item(), "latency_p99_s": lat.quantile(0.99).item()}
     if e is not None:
         s_ = e.stats
@@ -434,6 +448,20 @@ def device_name(model) -> str:
 # ---------------------------------------------------------------------- models and CLI
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def serving_dtype(device: str, dtype: str = "auto") -> torch.dtype:
+    """The dtype to serve in: `dtype` by name, or for "auto" bf16 where matmuls run natively in bf16 (a
+    GPU, as the paper measured; a CPU with AVX512-BF16/AMX: small-batch matmuls there are bound by
+    reading the weights, which depth-wise batching amortises, not by fp32 arithmetic) and fp32 elsewhere."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    return torch.bfloat16 if str(device).startswith("cuda") or native_bf16() else torch.float32
+
+
 def load_bench_model(name: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """Return (model, tokenizer or None): a `PAPER_CONFIGS` shape with random weights, or `rrt.load_model`."""
     if name not in PAPER_CONFIGS:
@@ -448,7 +476,7 @@ def load_bench_model(name: str, *, device: str = "cpu", dtype: torch.dtype = tor
 
 
 SUMMARY_COLUMNS = ["system", "model", "exit_policy", "kv_policy", "tokens_per_s", "tokens_per_s_min",
-                   "tokens_per_s_max", "ratio_vs_hf_generate", "delta_v", "delta_seq", "real_over_bound",
+                   "tokens_per_s_max", "ratio_vs_hf_generate", "delta_v", "delta_seq", "delta_seq_bound", "real_over_bound",
                    "mean_loops_per_token", "steps", "mean_rows_per_step", "score_waste", "latency_p50_s",
                    "latency_p99_s"]
 
@@ -463,7 +491,7 @@ def main(argv=None) -> BenchResult:
     """Run the benchmark; write bench.csv, step_costs.csv, paper_sim.csv, latency.csv, report.md, config.json."""
     args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    dtype = serving_dtype(args.device, args.dtype)
     model, tok = load_bench_model(args.model, device=args.device, dtype=dtype)
     if args.checkpoint:
         rec = rrt.load(args.checkpoint, dtype=dtype, device=args.device)
@@ -546,7 +574,8 @@ def _parser():
     p.add_argument("--arrival-rate", type=float, default=None, help="requests/s of a Poisson latency run")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="auto: bf16 on a GPU or a CPU with bf16 matmuls (AVX512-BF16/AMX), else float32")
     p.add_argument("--no-hf-generate", action="store_true", help="skip the HF generate baseline")
     p.add_argument("--out", default="outputs/serving_bench")
     return p
