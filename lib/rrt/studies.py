@@ -316,6 +316,8 @@ def throughput_study(study, original, tokenizer) -> dict[str, pd.DataFrame]:
                                    arrival_rate=study.arrival_rate or None, memory_cap_bytes=cap)
         for name, df in result.tables().items():
             key = "throughput" if name == "bench" else name
+            if key == "throughput":  # what the numbers ran on
+                df = df.assign(device=result.settings["device"], dtype=result.settings["dtype"])
             tables[key].append(df.assign(**tag, mean_loops_replayed=result.mean_loops))
         exits = {"none": "none", "oracle": "oracle", **policies}
         for (name, policy), kv in itertools.product(exits.items(), study.kv_policies):
