@@ -166,7 +166,7 @@ def run_benchmark(model, tokenizer, recursive, *, workload: Workload = Workload(
         from tqdm.auto import tqdm
         rounds = tqdm(rounds, desc="benchmark rounds", leave=False)
     for round_ in rounds:
-        if round_:  # step costs are measured in every timed round, so drift of the machine hits both sides of real / bound
+        if round_:  # step costs measured in every timed round: drift of the machine hits both sides of real / bound
             for k, m in models.items():
                 measured[k].append(measure_step_costs(m, max_rows=token_budget, context_len=workload.prefix_len
                                                       + workload.decode_len // 2, max_active=max_active, seq_len=seq,
@@ -476,9 +476,9 @@ def load_bench_model(name: str, *, device: str = "cpu", dtype: torch.dtype = tor
 
 
 SUMMARY_COLUMNS = ["system", "model", "exit_policy", "kv_policy", "tokens_per_s", "tokens_per_s_min",
-                   "tokens_per_s_max", "ratio_vs_hf_generate", "delta_v", "delta_seq", "delta_seq_bound", "real_over_bound",
-                   "mean_loops_per_token", "steps", "mean_rows_per_step", "score_waste", "latency_p50_s",
-                   "latency_p99_s"]
+                   "tokens_per_s_max", "ratio_vs_hf_generate", "delta_v", "delta_seq", "delta_seq_bound",
+                   "real_over_bound", "mean_loops_per_token", "steps", "mean_rows_per_step", "score_waste",
+                   "latency_p50_s", "latency_p99_s"]
 
 
 def summary_table(result: BenchResult) -> str:
