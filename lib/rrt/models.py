@@ -114,7 +114,7 @@ def head_logits(model: nn.Module, hidden: torch.Tensor, loop_idx: int | torch.Te
 
 def native_bf16() -> bool:
     """Whether bf16 matmuls run on bf16 hardware here: a GPU, or a CPU with AVX512-BF16 or AMX (through
-    oneDNN). There bf16 trains 2.4× faster than fp32 (SmolLM2-135M B=2, 2-core EPYC) and serves 2× faster,
+    oneDNN). There bf16 trains 2.4× faster than fp32 (SmolLM2-135M B=2, 2-core EPYC) and serves 2.2–2.5× faster,
     its small-batch matmuls bound by reading the weights rather than by arithmetic (LOG.md)."""
     return torch.cuda.is_available() or bool(torch.backends.mkldnn.is_available()
                                              and torch.ops.mkldnn._is_mkldnn_bf16_supported())
