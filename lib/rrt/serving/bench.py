@@ -194,8 +194,7 @@ def run_benchmark(model, tokenizer, recursive, *, workload: Workload = Workload(
     if "vanilla_continuous" in set(systems_df["system"]):  # what Δ_Seq would be if every system reached its bound
         ref = systems_df.loc[systems_df["system"] == "vanilla_continuous", "bound_tokens_per_s"].iloc[0]
         systems_df["delta_seq_bound"] = systems_df["bound_tokens_per_s"] / ref
-    step_costs = pd.concat([costs[id(m)].assign(model=_model_name(m))
-                            for m in {id(s.model): s.model for s in systems}.values()], ignore_index=True)
+    step_costs = pd.concat([costs[k].assign(model=_model_name(m)) for k, m in models.items()], ignore_index=True)
     paper = _paper_sim(trajectories, costs[id(model)], costs[id(recursive)], b, max_active)
     latency = pd.DataFrame()
     if arrival_rate:
@@ -459,7 +458,7 @@ def serving_dtype(device: str, dtype: str = "auto") -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     if dtype != "auto":
         return getattr(torch, dtype)
-    return torch.bfloat16 if str(device).startswith("cuda") or native_bf16() else torch.float32
+    return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
 def load_bench_model(name: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
