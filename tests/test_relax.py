@@ -212,6 +212,9 @@ def test_per_row_path_equals_per_depth_path(tiny, assignment):
             x = torch.randn(rows, layers[j].get_submodule(name).base_layer.weight.shape[1], generator=gen)
             with per_row_loops(relaxed, loop_segments(loop_idx.tolist())):
                 got = layers[j].get_submodule(name)(x)
+                # several loops in the call: the loops' packed pair with a row mask; one loop: its own pair
+                packed = [m.row_pack is not None for m in lora_modules(layers[j]).values()]
+                assert packed and all(p == (assignment != "all_last") for p in packed)
             want = torch.stack([layers[j + int(b) * k].get_submodule(name)(x[i]) for i, b in enumerate(loop_idx)])
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert all(m.row_loras is None for m in lora_modules(relaxed).values())  # context cleaned up

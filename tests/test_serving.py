@@ -5,9 +5,11 @@ import torch
 
 import rrt
 from rrt.exits import MaxProbExit, OracleExit, calibrate_threshold, record_oracle_trajectories
+from rrt.models import decoder_layers
 from rrt.relax import lora_modules
 from rrt.serving import Engine, Request, reference_generate
 from rrt.serving.kv import ScheduleError
+from rrt.serving.packed import packing_supported
 
 TEXTS = ["Hello world, this is", "Ab", "The quick brown fox", "Loops!"]
 NEW = 6
@@ -448,3 +450,36 @@ def test_profile_is_a_hook_of_the_engine(llama):
     assert 0 < p.attn_s < p.block_s and 0 < p.head_s <= p.route_s
     assert 1.0 <= p.score_waste <= 1.5
     assert Engine(rec).profile is None
+
+
+@pytest.mark.skipif(not packing_supported(torch.nn.Linear(2, 2).to(torch.bfloat16)),
+                    reason="prepacked linears need oneDNN on a CPU")
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3", "tiny-gpt-neox"])
+def test_prepacked_weights_serve_the_same_tokens_in_bf16(name):
+    # Serving in bf16 on a CPU runs the shared layers' linears, the LM head and the loops' packed
+    # LoRA pairs through oneDNN prepacked weights: the same outputs as eager, so the same tokens and
+    # exits under an oracle that mixes loops in one step; the model is left as it was.
+    rec, prompts = _relaxed(name, num_blocks=3)
+    rec = rec.to(torch.bfloat16)
+    expected = [_hf_greedy(rec, p) for p in prompts]
+    trajectories = record_oracle_trajectories(rec, [p + e for p, e in zip(prompts, expected)])
+    runs = {}
+    for pack in (False, True):
+        engine = Engine(rec, token_budget=6, exit_policy=OracleExit(dict(enumerate(trajectories))), pack_weights=pack)
+        assert (engine.packed is not None) == pack
+        if pack:  # every weight the block and head compute with is held once more, packed
+            linears = {m for layer in decoder_layers(rec)[:engine.num_shared] for m in layer.modules()
+                       if isinstance(m, torch.nn.Linear)} | {rec.get_output_embeddings()}
+            assert engine.packed_bytes >= sum(m.weight.numel() * m.weight.element_size() for m in linears)
+        out = engine.run(_requests(prompts, 1))
+        runs[pack] = ([out[i] for i in range(len(prompts))], [engine.exit_loops[i] for i in range(len(prompts))])
+    assert runs[True] == runs[False]
+    assert sum(loop < 2 for loops in runs[True][1] for loop in loops) > 0  # steps held several loops
+    assert not any("forward" in vars(m) for m in rec.modules())
+
+
+def test_prepacking_refused_where_it_cannot_run(llama):
+    rec, _, _ = llama  # fp32
+    with pytest.raises(ValueError, match="pack_weights=True needs a bf16 model"):
+        Engine(rec, pack_weights=True)
+    assert Engine(rec).packed is None

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -38,16 +38,23 @@ class LoRA(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
         # not saved: the family table rebuilds it (models.Fused)
         self.register_buffer("rows", rows, persistent=False)
-        # Set by `rrt.serving.rows.per_row_loops`: every loop's (A, B) of this shared LoRA, and the
-        # step's rows as (loop, lo, hi) segments of the flattened leading dims.
+        # Set by `rrt.serving.rows.RowLoRAs.apply`: every loop's (A, B) of this shared LoRA, the
+        # step's rows as (loop, lo, hi) segments of the flattened leading dims, and, when the step
+        # holds several loops, the loops' pairs packed side by side with each row's column mask.
         self.row_loras: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.row_segments: list[tuple[int, int, int]] | None = None
+        # (x → x·A_catᵀ, z → z·B_catᵀ, mask, x → x·[W′; A_cat]ᵀ or None)
+        self.row_pack: tuple[Callable, Callable, torch.Tensor, Callable | None] | None = None
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """Return B·A x for x [.., in] → [.., out_features]; per row its own loop's inside per_row_loops."""
         if self.row_loras is not None:
             flat = x.reshape(-1, x.shape[-1])  # [rows, in]
-            delta = per_row_lora(flat, self.row_segments, self.row_loras)
+            if self.row_pack is not None:  # several loops: one packed pair, other loops' columns zeroed
+                linear_a, linear_b, mask, _ = self.row_pack
+                delta = linear_b(linear_a(flat) * mask)
+            else:
+                delta = per_row_lora(flat, self.row_segments, self.row_loras)
             return delta.reshape(*x.shape[:-1], -1)
         return (x @ self.lora_A.t()) @ self.lora_B.t()
 
@@ -66,6 +73,11 @@ class LoopLoRALinear(LoRA):
         self.loop_idx = loop_idx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_pack is not None and self.row_pack[3] is not None:  # serving: W′ and the loops' A in one call
+            _, linear_b, mask, linear_wa = self.row_pack
+            y = linear_wa(x)  # [.., out + Σ ranks]
+            out = self.base_layer.out_features
+            return y[..., :out] + linear_b(y[..., out:] * mask)
         return self.base_layer(x) + self.delta(x)
 
     def loras(self) -> list[LoRA]:
@@ -104,9 +116,10 @@ def per_row_lora(x: torch.Tensor, segments: Sequence[tuple[int, int, int]],
     """Return B_{loop}A_{loop}x for x [rows, in] whose rows [lo, hi) are at `loop`, per (loop, lo, hi) → [rows, out].
 
     One matmul pair per segment: the engine sorts a step's rows by loop, so that is one pair per loop
-    present (no per-row gather of A, which would cost rows·r·in memory; no concatenated-LoRA matmul,
-    the paper's App. A choice, which costs B× the FLOPs; no per-call unique/nonzero). Segments must
-    cover the rows in order. Ranks may differ per loop; None means no LoRA at that loop.
+    present (no per-row gather of A, which would cost rows·r·in memory; no per-call unique/nonzero).
+    The engine runs the loops' packed pair instead (`rrt.serving.rows.RowLoRAs`), except unpacked for
+    steps of one loop. Segments must cover the rows in order. Ranks may differ per loop;
+    None means no LoRA at that loop.
     """
     out_dim = next(b.shape[0] for lora in loras if lora is not None for b in [lora[1]])
     parts = []

@@ -218,7 +218,8 @@ def measure_step_costs(model, *, max_rows: int, context_len: int, max_active: in
     the loops (so every loop's LoRA is in the batch, as in a CDB step). Median of `repeats` calls.
     Columns: rows, block_s (one call of the K shared layers; for a plain model all L layers),
     fill_s (copy_hidden's KV-only call at loops >= 1), head_s, kv_bytes (the KV of max_active
-    requests of seq_len tokens), fits (weights + that KV within memory_cap_bytes).
+    requests of seq_len tokens), fits (weights, the engine's packed copies of them, and that KV within
+    memory_cap_bytes).
     """
     sizes = sorted({n for n in [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256] if n <= max_rows}
                    | {max_rows})
@@ -246,7 +247,8 @@ def measure_step_costs(model, *, max_rows: int, context_len: int, max_active: in
         rows.append({"rows": n, "block_s": block, "fill_s": fill, "head_s": head})
     df = pd.DataFrame(rows)
     df["kv_bytes"] = max_active * seq_len * kv_bytes_per_token(model)
-    df["fits"] = True if memory_cap_bytes is None else weight_bytes(model) + df["kv_bytes"] <= memory_cap_bytes
+    held = weight_bytes(model) + engine.packed_bytes
+    df["fits"] = True if memory_cap_bytes is None else held + df["kv_bytes"] <= memory_cap_bytes
     return df
 
 
@@ -265,7 +267,7 @@ class DryRunEngine(Engine):
     """
 
     def __init__(self, *args, static: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, pack_weights=False, **kwargs)  # no compute: no packed weights
         self.static = static
         self.trace: list[tuple[str, int]] = []
 
@@ -365,6 +367,7 @@ def _row(s: _System, run: dict, seconds: list[float], bound: float) -> dict:
         p = e.profile
         exits = s_["exits_per_loop"]
         kv_pool = 0 if e.kv.keys is None else 2 * e.kv.keys.numel() * e.kv.keys.element_size()
+        packed = e.packed_bytes
         row.update({"steps": s_["steps"], "mean_rows_per_step": s_["items"] / max(s_["steps"], 1),
                     "exits_per_loop": " ".join(map(str, exits)),
                     "mean_loops_per_token": sum((b + 1) * n for b, n in enumerate(exits)) / max(sum(exits), 1),
@@ -372,11 +375,11 @@ def _row(s: _System, run: dict, seconds: list[float], bound: float) -> dict:
                     "schedule_s": p.schedule_s, "block_s": p.block_s, "attn_s": p.attn_s, "route_s": p.route_s,
                     "head_s": p.head_s, "score_waste": p.score_waste})
     else:
-        kv_pool = run["batch_size"] * run["seq"] * kv_bytes_per_token(s.model)
+        kv_pool, packed = run["batch_size"] * run["seq"] * kv_bytes_per_token(s.model), 0
     peak = (torch.cuda.max_memory_allocated(s.model.device) if s.model.device.type == "cuda"
-            else weight_bytes(s.model) + kv_pool)
-    row.update({"weight_bytes": weight_bytes(s.model), "kv_bytes_per_token": kv_bytes_per_token(s.model),
-                "peak_memory_bytes": peak})
+            else weight_bytes(s.model) + packed + kv_pool)
+    row.update({"weight_bytes": weight_bytes(s.model), "packed_bytes": packed,
+                "kv_bytes_per_token": kv_bytes_per_token(s.model), "peak_memory_bytes": peak})
     return row
 
 

@@ -8,7 +8,7 @@ A *work item* is (request, position, loop). Each engine step:
    finished loop b or runs at loop b in this same batch (their keys are written before attention);
    so per request and loop the ready positions are one contiguous range [done[b], done[b−1]);
 3. runs the K shared layers once over all items, laid out once per step (`kv.StepLayout`: rows
-   sorted by loop, request, position; per-row loop LoRA over loop segments via `per_row_loops`;
+   sorted by loop, request, position; per-row loop LoRA over loop segments via `rows.RowLoRAs`;
    ragged attention by key-length buckets; item at loop b, shared layer j reads and writes the KV
    of depth b·K + j);
 4. routes: the latest token of a request that finished loop b is asked to the exit policy (through
@@ -48,7 +48,8 @@ from rrt.models import decoder_layers, head_logits
 from rrt.recursive import num_loops, spec_of
 from rrt.relax import lora_modules
 from rrt.serving.kv import KVPool, ScheduleError, StepLayout, ragged_attention
-from rrt.serving.rows import per_row_loops
+from rrt.serving.packed import PackedLinears, packing_supported
+from rrt.serving.rows import RowLoRAs
 
 AttentionInterface.register("rrt_ragged", ragged_attention)
 
@@ -141,8 +142,12 @@ class Engine:
 
     def __init__(self, model, *, token_budget: int = 64, exit_policy=None, max_active: int = 8,
                  max_seq_len: int | None = None, eos_token_id: int | Sequence[int] | None = None,
-                 kv_policy: str = "propagate", profile: bool = False, debug: bool = False):
+                 kv_policy: str = "propagate", profile: bool = False, debug: bool = False,
+                 pack_weights: bool | None = None):
         _check_supported(model)
+        if pack_weights and not packing_supported(model):
+            raise ValueError("pack_weights=True needs a bf16 model on a CPU with oneDNN (rrt.serving.packed); "
+                             "pass None to pack only where it runs")
         if token_budget < 1 or max_active < 1:
             raise ValueError(f"token_budget and max_active must be >= 1, got {token_budget}, {max_active}")
         if kv_policy not in KV_POLICIES:
@@ -161,7 +166,14 @@ class Engine:
         self.kv = KVPool(num_slots=max_active, num_depths=len(self.layers),
                          max_seq_len=self.max_seq_len, debug=debug)
         self.hidden = None  # [slots, max_seq_len, hidden]: each position's latest loop output
-        self.has_lora = bool(lora_modules(model))
+        # The shared layers' and the LM head's weights, reordered once for oneDNN (bitwise the same
+        # outputs, faster calls: rrt.serving.packed), and the loops' LoRAs packed side by side.
+        pack = packing_supported(model) if pack_weights is None else pack_weights
+        self.row_loras = RowLoRAs(model, pack=pack) if lora_modules(model) else None
+        self.packed = PackedLinears([*self.layers[:self.num_shared], model.get_output_embeddings()],
+                                    skip=self.row_loras.fused_bases if self.row_loras else ()) if pack else None
+        self.packed_bytes = ((self.packed.nbytes if self.packed else 0)
+                             + (self.row_loras.nbytes if self.row_loras else 0))  # copies held while serving
         # GPT-NeoX layers take the cache as `layer_past`, Llama/Gemma ones as `past_key_values`.
         params = inspect.signature(self.layers[0].forward).parameters
         self.cache_kwarg = "layer_past" if "layer_past" in params else "past_key_values"
@@ -446,8 +458,8 @@ class Engine:
         from h (input norm + projections); h is not updated and no MLP runs.
         """
         rotary = self._rotary(h, layout.position)
-        with self._ragged_attention(), (per_row_loops(self.model, layout.segments) if self.has_lora
-                                        else nullcontext()):
+        with self._ragged_attention(), (self.row_loras.apply(layout.segments) if self.row_loras
+                                        else nullcontext()), (self.packed.apply() if self.packed else nullcontext()):
             for j in range(self.num_shared):
                 cache = layout.cache(j)
                 cache.profile = self.profile
@@ -569,7 +581,8 @@ class Engine:
         t = time.perf_counter()
         dev = outputs.device
         idx = torch.tensor(rows, device=dev)
-        logits = head_logits(self.model, outputs[idx][None], loop_idx=torch.tensor(loops, device=dev)[None])[0]
+        with self.packed.apply() if self.packed else nullcontext():
+            logits = head_logits(self.model, outputs[idx][None], loop_idx=torch.tensor(loops, device=dev)[None])[0]
         if self.profile:
             self.profile.head_s += time.perf_counter() - t
         return logits
