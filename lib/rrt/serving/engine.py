@@ -245,12 +245,13 @@ class Engine:
         for r in requests or []:
             self.submit(r)
         start = self._t0 = time.perf_counter()
-        while self.queue or self.active:
-            if not self.active and self.queue and self.queue[0].arrival_step <= self.step_count:
-                wait = (self.queue[0].arrival_s or 0.0) - (time.perf_counter() - self._t0)
-                if wait > 0:
-                    time.sleep(wait)
-            self.step()
+        with self.packed.apply() if self.packed else nullcontext():  # once for the run, not per call
+            while self.queue or self.active:
+                if not self.active and self.queue and self.queue[0].arrival_step <= self.step_count:
+                    wait = (self.queue[0].arrival_s or 0.0) - (time.perf_counter() - self._t0)
+                    if wait > 0:
+                        time.sleep(wait)
+                self.step()
         self.stats["seconds"] += time.perf_counter() - start
         return self.results
 

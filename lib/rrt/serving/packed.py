@@ -44,6 +44,7 @@ class PackedLinears:
     """Every nn.Linear among `modules` (each once, none in `skip`), its weight reordered at construction.
 
     Inside `apply()` those modules compute with their packed weight; outside it they are untouched.
+    Nested `apply()`s (a run, and each block or head call within it) switch once, at the outermost.
     The weights are read at construction: build it for serving a frozen model.
     """
 
@@ -55,15 +56,21 @@ class PackedLinears:
                     seen.add(id(m))
                     self.linears.append((m, pack_weight(m.weight)))
         self.nbytes = sum(m.weight.numel() * m.weight.element_size() for m, _ in self.linears)
+        self.active = False
 
     @contextmanager
     def apply(self):
-        # an instance attribute shadows nn.Linear.forward for this call only (nn.Module.__call__ reads
+        if self.active:
+            yield
+            return
+        # an instance attribute shadows nn.Linear.forward while active (nn.Module.__call__ reads
         # self.forward); popped after, so the model is as it was
+        self.active = True
         for m, linear in self.linears:
             m.__dict__["forward"] = partial(linear, bias=m.bias)
         try:
             yield
         finally:
+            self.active = False
             for m, _ in self.linears:
                 m.__dict__.pop("forward", None)
