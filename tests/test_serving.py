@@ -483,3 +483,27 @@ def test_prepacking_refused_where_it_cannot_run(llama):
     with pytest.raises(ValueError, match="pack_weights=True needs a bf16 model"):
         Engine(rec, pack_weights=True)
     assert Engine(rec).packed is None
+
+
+@pytest.mark.skipif(not packing_supported(torch.nn.Linear(2, 2).to(torch.bfloat16)),
+                    reason="prepacked linears need oneDNN on a CPU")
+def test_prepacked_row_loras_give_each_row_its_own_loop():
+    # RowLoRAs(pack=True): W′ stacked with the loops' A in one prepacked call, then the masked B_cat;
+    # every row gets its own depth's linear, whatever the order of the loops in the rows
+    from rrt.serving.rows import RowLoRAs
+    rec, _ = _relaxed("tiny-llama", num_blocks=3)
+    rec = rec.to(torch.bfloat16)
+    layers, k = decoder_layers(rec), 2
+    loop_idx = [2, 0, 1, 1, 0, 2, 2]
+    row_loras = RowLoRAs(rec, pack=True)
+    assert row_loras.fused_bases and row_loras.nbytes > 0
+    gen = torch.Generator().manual_seed(0)
+    for name in ["self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"]:
+        x = torch.randn(len(loop_idx), layers[0].get_submodule(name).base_layer.in_features, generator=gen).to(torch.bfloat16)
+        with row_loras.apply(rrt.relax.loop_segments(loop_idx)):
+            got = layers[0].get_submodule(name)(x).float()
+            delta = layers[0].get_submodule(name).delta(x).float()
+        want = torch.stack([layers[b * k].get_submodule(name)(x[i]) for i, b in enumerate(loop_idx)]).float()
+        base = layers[0].get_submodule(name).base_layer(x).float()
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(delta, want - base, rtol=5e-2, atol=5e-2)

@@ -40,19 +40,22 @@ class LoRA(nn.Module):
         self.register_buffer("rows", rows, persistent=False)
         # Set by `rrt.serving.rows.RowLoRAs.apply`: every loop's (A, B) of this shared LoRA, the
         # step's rows as (loop, lo, hi) segments of the flattened leading dims, and, when the step
-        # holds several loops, the loops' pairs packed side by side with each row's column mask.
+        # holds several loops or the weights are prepacked, the loops' pairs packed side by side
+        # with each row's column mask.
         self.row_loras: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.row_segments: list[tuple[int, int, int]] | None = None
-        # (x → x·A_catᵀ, z → z·B_catᵀ, mask, x → x·[W′; A_cat]ᵀ or None)
+        # (x → x·A_catᵀ or None, z → z·B_catᵀ, mask, x → x·[W′; A_cat]ᵀ or None): one of the two
+        # A sides is set
         self.row_pack: tuple[Callable, Callable, torch.Tensor, Callable | None] | None = None
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """Return B·A x for x [.., in] → [.., out_features]; per row its own loop's inside per_row_loops."""
         if self.row_loras is not None:
             flat = x.reshape(-1, x.shape[-1])  # [rows, in]
-            if self.row_pack is not None:  # several loops: one packed pair, other loops' columns zeroed
-                linear_a, linear_b, mask, _ = self.row_pack
-                delta = linear_b(linear_a(flat) * mask)
+            if self.row_pack is not None:  # the loops' packed pair, other loops' columns zeroed
+                linear_a, linear_b, mask, linear_wa = self.row_pack
+                z = linear_a(flat) if linear_a is not None else linear_wa(flat)[:, self.lora_B.shape[0]:]
+                delta = linear_b(z * mask)
             else:
                 delta = per_row_lora(flat, self.row_segments, self.row_loras)
             return delta.reshape(*x.shape[:-1], -1)

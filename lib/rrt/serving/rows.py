@@ -53,10 +53,8 @@ class RowLoRAs:
                 with torch.no_grad():
                     a_cat = torch.cat([a for a, _ in pairs]).detach()
                     b_cat = torch.cat([b for _, b in pairs], dim=1).detach()
-                linear_a, linear_b = ((pack_weight(a_cat), pack_weight(b_cat)) if pack else
-                                      (partial(F.linear, weight=a_cat), partial(F.linear, weight=b_cat)))
-                linear_wa = None
-                if pack and isinstance(lora, LoopLoRALinear):
+                linear_a = linear_wa = None
+                if pack and isinstance(lora, LoopLoRALinear):  # A_cat rides in [W′; A_cat]
                     base = lora.base_layer
                     with torch.no_grad():
                         wa = torch.cat([base.weight.detach(), a_cat])
@@ -64,7 +62,11 @@ class RowLoRAs:
                     linear_wa = partial(pack_weight(wa), bias=bias)
                     self.fused_bases.append(base)
                     self.nbytes += wa.numel() * wa.element_size()
-                self.nbytes += (a_cat.numel() + b_cat.numel()) * a_cat.element_size()
+                else:
+                    linear_a = pack_weight(a_cat) if pack else partial(F.linear, weight=a_cat)
+                    self.nbytes += a_cat.numel() * a_cat.element_size()
+                linear_b = pack_weight(b_cat) if pack else partial(F.linear, weight=b_cat)
+                self.nbytes += b_cat.numel() * b_cat.element_size()
                 self.entries.append((lora, pairs, (linear_a, linear_b, linear_wa), tuple(a.shape[0] for a, _ in pairs)))
 
     @contextmanager
@@ -72,8 +74,8 @@ class RowLoRAs:
         """Within the block, shared layer j (depth j < K) applies each row's own loop LoRA.
 
         `segments` are (loop, lo, hi) runs over the rows of the hidden states fed to the layer (their
-        leading dims flattened, e.g. [batch, seq] row-major), covering them in order, each loop in
-        one run (rows sorted by loop); `loop_segments(loop_idx)` builds them.
+        leading dims flattened, e.g. [batch, seq] row-major), covering them in order (the engine sorts
+        rows by loop, so one run per loop; any order works); `loop_segments(loop_idx)` builds them.
         """
         segments = list(segments)
         masks = {}  # ranks → [rows, Σ ranks] 0/1: row i keeps its loop's columns of x·A_catᵀ
