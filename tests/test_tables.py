@@ -241,6 +241,11 @@ def test_style_ratio_columns_center_on_one():
     assert "2.00×" in html and "background-color" in html
 
 
+def test_style_shows_bools_as_bools():
+    html = T.style(pd.DataFrame({"rows": [1, 64], "fits": [True, False]})).to_html()
+    assert ">True<" in html and ">False<" in html
+
+
 # ---------------------------------------------------------------- the example outputs
 
 def example(folder):

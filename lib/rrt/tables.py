@@ -212,7 +212,8 @@ def style(df: pd.DataFrame, caption: str | None = None):
     sign (diverging red–green centred on 0, or on 1 for × ratios), and `caption` (name the paper table and our
     scale, e.g. "Table 5 at the cpu scale: SmolLM2-135M, 10 steps")."""
     styler = df.style.format(na_rep="–").hide(axis="index")
-    styler = styler.format({c: _format(c) for c in df.columns if pd.api.types.is_numeric_dtype(df[c])}, na_rep="–")
+    numeric = [c for c in df.columns if pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])]
+    styler = styler.format({c: _format(c) for c in numeric}, na_rep="–")  # bools (Table 16's fits) stay True/False
     for col in [c for c in df.columns if c.startswith(("Δ", "paper Δ"))]:
         center = 1.0 if "×" in col else 0.0
         spread = (pd.to_numeric(df[col], errors="coerce") - center).abs().max()
