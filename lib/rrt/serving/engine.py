@@ -245,7 +245,7 @@ class Engine:
         for r in requests or []:
             self.submit(r)
         start = self._t0 = time.perf_counter()
-        with self.packed.apply() if self.packed else nullcontext():  # once for the run, not per call
+        with self._packed():  # once for the run (the block and head calls inside it switch nothing)
             while self.queue or self.active:
                 if not self.active and self.queue and self.queue[0].arrival_step <= self.step_count:
                     wait = (self.queue[0].arrival_s or 0.0) - (time.perf_counter() - self._t0)
@@ -460,7 +460,7 @@ class Engine:
         """
         rotary = self._rotary(h, layout.position)
         with self._ragged_attention(), (self.row_loras.apply(layout.segments) if self.row_loras
-                                        else nullcontext()), (self.packed.apply() if self.packed else nullcontext()):
+                                        else nullcontext()), self._packed():
             for j in range(self.num_shared):
                 cache = layout.cache(j)
                 cache.profile = self.profile
@@ -475,6 +475,10 @@ class Engine:
                                      position_embeddings=cos_sin, rrt_cache=cache, **{self.cache_kwarg: cache})
                 h = out[0] if isinstance(out, tuple) else out
         return h
+
+    def _packed(self):
+        """The prepacked linears switched on (a no-op when not packing, or already on)."""
+        return self.packed.apply() if self.packed else nullcontext()
 
     @contextmanager
     def _ragged_attention(self):
@@ -582,7 +586,7 @@ class Engine:
         t = time.perf_counter()
         dev = outputs.device
         idx = torch.tensor(rows, device=dev)
-        with self.packed.apply() if self.packed else nullcontext():
+        with self._packed():
             logits = head_logits(self.model, outputs[idx][None], loop_idx=torch.tensor(loops, device=dev)[None])[0]
         if self.profile:
             self.profile.head_s += time.perf_counter() - t

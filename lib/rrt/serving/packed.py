@@ -14,33 +14,23 @@ The packed copies are extra memory for the engine's lifetime (the model keeps it
 from __future__ import annotations
 
 from contextlib import contextmanager
-from functools import lru_cache, partial
+from functools import partial
 from typing import Iterable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from rrt.models import native_bf16
+
 __all__ = ["PackedLinears", "packing_supported", "pack_weight"]
 
 
 def packing_supported(model: nn.Module) -> bool:
-    """Whether `model`'s linears can run prepacked: bf16 on a CPU whose oneDNN runs bf16 linears."""
+    """Whether `model`'s linears can run prepacked: bf16 on a CPU whose oneDNN runs bf16 matmuls."""
     p = next(model.parameters())
-    return p.device.type == "cpu" and p.dtype == torch.bfloat16 and _onednn_bf16_linear()
-
-
-@lru_cache(maxsize=None)
-def _onednn_bf16_linear() -> bool:
-    # Probe once: oneDNN may be built without bf16 kernels for this CPU (then the reorder raises).
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
-        return False
-    try:
-        w = torch.ones(4, 8, dtype=torch.bfloat16)
-        y = pack_weight(w)(torch.ones(2, 8, dtype=torch.bfloat16))
-    except RuntimeError:
-        return False
-    return bool((y == 8).all())
+    return (p.device.type == "cpu" and p.dtype == torch.bfloat16 and native_bf16("cpu")
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 def pack_weight(weight: torch.Tensor):
