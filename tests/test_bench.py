@@ -8,7 +8,7 @@ from rrt.serving import Engine, Request
 from rrt.exits import OracleExit
 from rrt.rundir import read_json
 from rrt.serving.baselines import StaticBatchEngine
-from rrt.models import native_bf16
+from rrt.models import decoder_layers, native_bf16
 from rrt.serving.bench import (PAPER_CONFIGS, DryRunEngine, Workload, bound_seconds, interpolate, load_bench_model,
                                main, measure_step_costs, median_costs, run_benchmark, serving_dtype)
 from rrt.serving.simulate import kv_bytes_per_token, simulate, weight_bytes
@@ -134,6 +134,18 @@ def test_run_benchmark_rows_ratios_and_bound(tiny_served):
     assert continuous["delta_seq_bound"] == 1.0
     assert df["delta_seq_bound"].tolist() == pytest.approx((df["bound_tokens_per_s"]
                                                             / continuous["bound_tokens_per_s"]).tolist())
+    # layer rows: without exits every position runs all L layers (B loops of K), as on the vanilla model;
+    # propagate runs exited tokens' remaining loops (where a later token reads them) on top of what copy_kv runs
+    rows = df.set_index(["system", "kv_policy"])
+    vanilla_rows = rows.loc[("vanilla_continuous", "propagate"), "layer_rows"]
+    k = len(decoder_layers(rec)) // 3  # layers per loop
+    assert rows.loc[("vanilla_static", "propagate"), "layer_rows"] == vanilla_rows
+    assert rows.loc[("recursive_no_exit", "propagate"), "layer_rows"] == vanilla_rows
+    propagate, copy_kv = rows.loc["cdb_oracle", "propagate"], rows.loc["cdb_oracle", "copy_kv"]
+    assert propagate["layer_rows"] == copy_kv["layer_rows"] + k * propagate["propagation_rows"]
+    assert copy_kv["layer_rows"] < propagate["layer_rows"] <= vanilla_rows
+    assert copy_kv["delta_seq_rows"] == pytest.approx(vanilla_rows / copy_kv["layer_rows"])
+    assert rows.loc[("recursive_no_exit", "propagate"), "delta_seq_rows"] == 1.0
     oracle = df[df.system == "cdb_oracle"].set_index("kv_policy")
     no_lora = df[df.system == "cdb_oracle_no_lora"].set_index("kv_policy")
     assert (oracle["exits_per_loop"] == no_lora["exits_per_loop"]).all()  # same replayed trajectories

@@ -345,7 +345,7 @@ def throughput_study(study, original, tokenizer) -> dict[str, pd.DataFrame]:
 def deltas(throughput: pd.DataFrame) -> pd.DataFrame:
     """Tables 17/19: per served model and system, tokens/s and Δ_V / Δ_Seq (× vanilla static / continuous)."""
     cols = ["config", "system", "exit_policy", "kv_policy", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max",
-            "delta_v", "delta_seq", "delta_seq_bound", "ratio_vs_hf_generate", "real_over_bound",
+            "delta_v", "delta_seq", "delta_seq_bound", "delta_seq_rows", "ratio_vs_hf_generate", "real_over_bound",
             "mean_loops_per_token"]
     return throughput[[c for c in cols if c in throughput]].copy()
 

@@ -160,6 +160,7 @@ def table17(deltas: pd.DataFrame) -> pd.DataFrame:
     beside the matching systems (its simulation skipped exited tokens' KV compute: nearest our `copy_kv`)."""
     names = {"tokens_per_s": "tokens/s", "tokens_per_s_min": "tokens/s min", "tokens_per_s_max": "tokens/s max",
              "delta_v": "Δ_V (×)", "delta_seq": "Δ_Seq (×)", "delta_seq_bound": "Δ_Seq at the bounds (×)",
+             "delta_seq_rows": "Δ_Seq in layer rows (×)",
              "mean_loops_per_token": "mean loops/token",
              "real_over_bound": "real / bound"}
     df = deltas.rename(columns=names)
