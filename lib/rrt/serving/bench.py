@@ -376,13 +376,13 @@ def _row(s: _System, run: dict, seconds: list[float], bound: float) -> dict:
         p = e.profile
         exits = s_["exits_per_loop"]
         kv_pool = 0 if e.kv.keys is None else 2 * e.kv.keys.numel() * e.kv.keys.element_size()
+        layer_rows = s_["items"] * e.num_shared  # rows × layer calls of the block
         packed = e.packed_bytes
         row.update({"steps": s_["steps"], "mean_rows_per_step": s_["items"] / max(s_["steps"], 1),
                     "exits_per_loop": " ".join(map(str, exits)),
                     "mean_loops_per_token": sum((b + 1) * n for b, n in enumerate(exits)) / max(sum(exits), 1),
                     "propagation_rows": s_["propagation_items"], "filled_rows": s_["filled_rows"],
-                    "layer_rows": s_["items"] * e.num_shared,
-                    "tokens_per_layer_row": tokens / max(s_["items"] * e.num_shared, 1),
+                    "layer_rows": layer_rows, "tokens_per_layer_row": tokens / max(layer_rows, 1),
                     "schedule_s": p.schedule_s, "block_s": p.block_s, "attn_s": p.attn_s, "route_s": p.route_s,
                     "head_s": p.head_s, "score_waste": p.score_waste})
     else:
