@@ -12,6 +12,8 @@ from rrt.models import decoder_layers, native_bf16
 from rrt.serving.bench import (PAPER_CONFIGS, DryRunEngine, Workload, bound_seconds, interpolate, load_bench_model,
                                main, measure_step_costs, median_costs, run_benchmark, serving_dtype)
 from rrt.serving.simulate import kv_bytes_per_token, simulate, weight_bytes
+from rrt.serving import targets as targets_module
+from rrt.serving.targets import TARGETS, model_loops_and_rank, targets_table
 from rrt.serving.workload import requests_from
 
 
@@ -156,6 +158,51 @@ def test_run_benchmark_rows_ratios_and_bound(tiny_served):
     assert result.latency["system"].tolist() == ["vanilla_continuous", "cdb_oracle"]
     assert (result.latency["ttft_p50_s"] <= result.latency["latency_p50_s"]).all()
 
+    # the targets, read off the same table
+    t = targets_table(df)
+    assert t.groupby("target").size().to_dict() == {"real_over_bound": 10, "delta_seq_over_b_over_e": 4,
+                                                    "ratio_vs_hf_generate": 4, "lora_cost": 2}
+    by = t.set_index(["target", "system", "kv_policy"])
+    for r in df[df.system.isin(["cdb_oracle", "cdb_oracle_own"])].itertuples():
+        got = by.loc[("delta_seq_over_b_over_e", r.system, r.kv_policy)]
+        assert got["value"] == pytest.approx(r.delta_seq * r.mean_loops_per_token / 3)
+        assert got["at_equal_row_cost"] == pytest.approx(r.delta_seq_rows * r.mean_loops_per_token / 3)
+        assert by.loc[("ratio_vs_hf_generate", r.system, r.kv_policy), "value"] == r.ratio_vs_hf_generate
+    for kv in ("propagate", "copy_kv"):
+        cost = by.loc[("lora_cost", "cdb_oracle", kv), "value"]
+        assert cost == pytest.approx(1 - oracle.loc[kv, "tokens_per_s"] / no_lora.loc[kv, "tokens_per_s"])
+    assert (t["met"] == [TARGETS[n].met(v) for n, v in zip(t["target"], t["value"])]).all()
+    # a bench.csv from before delta_seq_rows: the same ratio from steps × mean_rows_per_step and B
+    backfilled = targets_table(df.drop(columns=["delta_seq_rows", "layer_rows"]))
+    assert backfilled["at_equal_row_cost"].tolist() == pytest.approx(t["at_equal_row_cost"].tolist(), nan_ok=True)
+
+
+def test_targets_arithmetic_and_names():
+    bench = pd.DataFrame([
+        # system, model, kv, tokens/s, real/bound, Δ_Seq, ratio to HF, E, tokens, steps, rows per step
+        ("vanilla_continuous", "vanilla", "propagate", 100.0, 0.95, 1.0, 2.0, 1.0, 60, 20, 4.0),
+        ("cdb_oracle", "recursive B=3 r=64", "copy_kv", 175.0, 0.90, 1.7, 3.4, 1.5, 60, 40, 3.0),
+        ("cdb_oracle_no_lora", "recursive B=3 r=0", "copy_kv", 200.0, 0.89, 2.0, 4.0, 1.5, 60, 40, 3.0),
+    ], columns=["system", "model", "kv_policy", "tokens_per_s", "real_over_bound", "delta_seq",
+                "ratio_vs_hf_generate", "mean_loops_per_token", "tokens", "steps", "mean_rows_per_step"])
+    bench["exit_policy"] = ["none", "oracle", "oracle"]
+    t = targets_table(bench).set_index(["target", "system"])
+    assert t.loc[("real_over_bound", "cdb_oracle"), "met"] and not t.loc[("real_over_bound", "cdb_oracle_no_lora"), "met"]
+    # Δ_Seq 1.7 against B / E = 3 / 1.5 = 2: 0.85 of it
+    assert t.loc[("delta_seq_over_b_over_e", "cdb_oracle"), "value"] == pytest.approx(0.85)
+    assert not t.loc[("delta_seq_over_b_over_e", "cdb_oracle"), "met"]
+    # layer rows: continuous 80 items × L layers for 60 tokens; CDB 120 items × L/3 = 40·L: 2× the tokens
+    # per layer row, which is B / E itself
+    assert t.loc[("delta_seq_over_b_over_e", "cdb_oracle"), "at_equal_row_cost"] == pytest.approx(1.0)
+    assert t.loc[("ratio_vs_hf_generate", "cdb_oracle"), "met"]
+    assert t.loc[("lora_cost", "cdb_oracle"), "value"] == 0.125 and t.loc[("lora_cost", "cdb_oracle"), "met"]
+    assert TARGETS["lora_cost"].met(0.15) and not TARGETS["lora_cost"].met(0.151)  # at most, inclusive
+    assert TARGETS["real_over_bound"].met(0.9) and not TARGETS["real_over_bound"].met(0.899)
+    assert ("lora_cost", "cdb_oracle_no_lora") not in t.index
+    assert model_loops_and_rank("vanilla") == (1, 0) and model_loops_and_rank("recursive B=2 r=0") == (2, 0)
+    with pytest.raises(ValueError, match="not a bench model name"):
+        model_loops_and_rank("recursive B=2")
+
 
 def test_cli_writes_tables(tmp_path):
     result = main(["--model", "tiny-llama", "--num-requests", "2", "--decode-len", "3", "--prefix-len", "5",
@@ -165,9 +212,18 @@ def test_cli_writes_tables(tmp_path):
     assert len(result.systems) == 9 and (result.systems["system"] == "cdb_max_prob").sum() == 2
     calibration = read_json(tmp_path / "config.json")["calibration"]
     assert calibration[0]["exit_policy"] == "max_prob" and calibration[0]["agreement"] >= 0.8
-    for name in ["bench.csv", "step_costs.csv", "paper_sim.csv", "report.md", "config.json", "versions.json"]:
+    for name in ["bench.csv", "step_costs.csv", "paper_sim.csv", "targets.csv", "report.md", "config.json",
+                 "versions.json"]:
         assert (tmp_path / name).exists()
-    assert "real_over_bound" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "real_over_bound" in report and "Targets" in report and "delta_seq_over_b_over_e" in report
+    written = pd.read_csv(tmp_path / "targets.csv")
+    assert len(written) == 9 + 4  # real / bound for every system, Δ_Seq for the four oracle rows (no HF, no LoRA)
+    again = targets_module.main([str(tmp_path), "--no-write"])
+    assert again["value"].tolist() == pytest.approx(written["value"].tolist())
+    assert again["met"].tolist() == written["met"].tolist()
+    with pytest.raises(FileNotFoundError, match="no bench.csv"):
+        targets_module.main([str(tmp_path / "missing")])
 
 
 def test_step_costs_and_memory_cap():

@@ -54,6 +54,7 @@ from rrt.serving.engine import KV_POLICIES, Engine
 from rrt.serving.kv import StepLayout
 from rrt.serving import simulate as simulate_module
 from rrt.serving.simulate import kv_bytes_per_token, simulate, weight_bytes
+from rrt.serving.targets import targets_table
 from rrt.serving.workload import (Sample, corpus_samples, latency_metrics, mean_loops, poisson_arrivals,
                                   replay_trajectories, requests_from)
 
@@ -501,7 +502,8 @@ def summary_table(result: BenchResult) -> str:
 
 
 def main(argv=None) -> BenchResult:
-    """Run the benchmark; write bench.csv, step_costs.csv, paper_sim.csv, latency.csv, report.md, config.json."""
+    """Run the benchmark; write bench.csv, step_costs.csv, paper_sim.csv, latency.csv, targets.csv, report.md,
+    config.json."""
     args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = serving_dtype(args.device, args.dtype)
@@ -526,10 +528,13 @@ def main(argv=None) -> BenchResult:
     write_versions(out)
     for name, df in result.tables().items():
         df.to_csv(out / f"{name}.csv", index=False)
+    targets = targets_table(result.systems)
+    targets.to_csv(out / "targets.csv", index=False)
     command = " ".join(argv if argv is not None else sys.argv[1:])
     report = "\n\n".join([f"`python -m rrt.serving.bench {command}` on {result.settings['device']}; "
                           f"mean loops per token E = {result.mean_loops:.3f}", summary_table(result),
-                          result.step_costs.to_markdown(index=False, floatfmt=".4g")]) + "\n"
+                          result.step_costs.to_markdown(index=False, floatfmt=".4g"),
+                          "Targets (`rrt.serving.targets`):", targets.to_markdown(index=False, floatfmt=".3g")]) + "\n"
     (out / "report.md").write_text(report)
     print(report)
     return result

@@ -1,0 +1,129 @@
+"""The serving targets, read off a benchmark's `bench.csv`: each one's value, whether it is met, what the rows allow.
+
+    python -m rrt.serving.targets outputs/examples/serving/cpu-64-256/b2-r0 [more bench directories]
+
+prints one table over the directories and writes `targets.csv` into each (`rrt.serving.bench`
+writes it itself from now on). The targets (issue "Fig. 8 measured, not simulated"):
+
+- `real_over_bound`: each system's throughput over its own bound ≥ 0.90;
+- `delta_seq_over_b_over_e`: CDB + oracle over continuous sequence-wise batching (Δ_Seq), as a
+  fraction of B / E (B loops, E the run's mean loops per output token) ≥ 0.90;
+- `ratio_vs_hf_generate`: CDB + oracle over HF `generate` at the same batch ≥ 1.5;
+- `lora_cost`: the throughput LoRA costs, 1 − CDB + oracle / the same model without its LoRA on the
+  same trajectories, ≤ 0.15.
+
+`at_equal_row_cost` is the value `delta_seq_over_b_over_e` would take if a layer call cost the same
+per row in both systems: the system's tokens per layer row over continuous batching's
+(`delta_seq_rows`), over B / E. Where CDB's calls run as many rows as continuous batching's (a copy
+policy: one row per live request per call, as continuous batching runs one per request per forward),
+it is the most the target can reach, before the LM head CDB runs at every call where a token exits.
+`propagate` runs its exited tokens' remaining loops as extra rows in the same calls, which cost
+less per row, so it can exceed it. Every prompt token runs every loop, so under a copy policy it is
+about E·(P + D) / (B·P + E·D) for P prompt and D output tokens, and it reaches 0.9 only if
+E ≥ 0.9·B·P / (P + 0.1·D): at App. N's 1 : 4 prompt-to-output shapes E ≥ 0.64·B (1.93 loops of 3,
+1.29 of 2). The more a model exits, the further the target sits above what it can save.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+__all__ = ["Target", "TARGETS", "targets_table", "model_loops_and_rank"]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    threshold: float
+    at_least: bool        # met when value ≥ threshold (else when value ≤ threshold)
+    what: str
+
+    def met(self, value: float) -> bool:
+        return value >= self.threshold if self.at_least else value <= self.threshold
+
+
+TARGETS = {t.name: t for t in (
+    Target("real_over_bound", 0.90, True, "throughput / its bound, every system"),
+    Target("delta_seq_over_b_over_e", 0.90, True, "CDB + oracle vs continuous batching, as a fraction of B / E"),
+    Target("ratio_vs_hf_generate", 1.5, True, "CDB + oracle vs HF generate at the same batch"),
+    Target("lora_cost", 0.15, False, "1 - CDB + oracle with LoRA / without, same trajectories"),
+)}
+ORACLE_SYSTEMS = ("cdb_oracle", "cdb_oracle_own")  # replayed text trajectories, the model's own output's
+COLUMNS = ["target", "system", "model", "exit_policy", "kv_policy", "value", "threshold", "met", "at_equal_row_cost"]
+
+
+def model_loops_and_rank(model: str) -> tuple[int, int]:
+    """(B, largest LoRA rank) of a bench row's `model`: "vanilla" or "recursive B=3 r=64" (`bench.config_name`)."""
+    if model == "vanilla":
+        return 1, 0
+    found = re.fullmatch(r"recursive B=(\d+) r=(\d+)", model)
+    if not found:
+        raise ValueError(f"not a bench model name: {model!r} (expected 'vanilla' or 'recursive B=<loops> r=<rank>')")
+    return int(found[1]), int(found[2])
+
+
+def targets_table(bench: pd.DataFrame) -> pd.DataFrame:
+    """One row per (target, system it applies to) of a bench table (`BenchResult.systems` or bench.csv)."""
+    df = bench.copy()
+    if "delta_seq_rows" not in df:  # bench.csv written before c1b18db: the same ratio from its own columns
+        df["delta_seq_rows"] = _delta_seq_rows(df)
+    rows = []
+
+    def add(target, r, value, equal_cost=math.nan):
+        t = TARGETS[target]
+        rows.append({"target": target, "system": r.system, "model": r.model, "exit_policy": r.exit_policy,
+                     "kv_policy": r.kv_policy, "value": value, "threshold": t.threshold, "met": t.met(value),
+                     "at_equal_row_cost": equal_cost})
+
+    for r in df.itertuples():
+        add("real_over_bound", r, r.real_over_bound)
+    for r in df[df.system.isin(ORACLE_SYSTEMS)].itertuples():
+        b_over_e = model_loops_and_rank(r.model)[0] / r.mean_loops_per_token
+        add("delta_seq_over_b_over_e", r, r.delta_seq / b_over_e, r.delta_seq_rows / b_over_e)
+    if "ratio_vs_hf_generate" in df:
+        for r in df[df.system.isin(ORACLE_SYSTEMS)].itertuples():
+            add("ratio_vs_hf_generate", r, r.ratio_vs_hf_generate)
+    bare = df[df.system == "cdb_oracle_no_lora"].set_index("kv_policy")["tokens_per_s"]
+    for r in df[df.system == "cdb_oracle"].itertuples():
+        if r.kv_policy in bare and model_loops_and_rank(r.model)[1] > 0:
+            add("lora_cost", r, 1 - r.tokens_per_s / bare[r.kv_policy])
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _delta_seq_rows(df: pd.DataFrame) -> pd.Series:
+    """Tokens per layer row over vanilla continuous batching's, from steps × mean_rows_per_step (the rows,
+    exact up to rounding) and B: a layer call of a B-loop model is L / B layers, so L cancels."""
+    items = (df["steps"] * df["mean_rows_per_step"]).round()
+    loops = df["model"].map(lambda m: model_loops_and_rank(m)[0])
+    per_row = df["tokens"] * loops / items
+    return per_row / per_row[df.system == "vanilla_continuous"].iloc[0]
+
+
+def main(argv=None) -> pd.DataFrame:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("dirs", nargs="+", type=Path, help="bench output directories (bench.csv, config.json)")
+    p.add_argument("--no-write", action="store_true", help="print only; do not write DIR/targets.csv")
+    args = p.parse_args(argv)
+    tables = []
+    for d in args.dirs:
+        if not (d / "bench.csv").exists():
+            raise FileNotFoundError(f"{d}: no bench.csv (a `python -m rrt.serving.bench --out {d}` directory?)")
+        table = targets_table(pd.read_csv(d / "bench.csv"))
+        if not args.no_write:
+            table.to_csv(d / "targets.csv", index=False)
+        config = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
+        shape = f"{config.get('prefix_len', '?')}/{config.get('decode_len', '?')}"
+        tables.append(table.assign(run=d.name, shape=shape))
+    out = pd.concat(tables, ignore_index=True)
+    print(out[["run", "shape", *COLUMNS]].to_markdown(index=False, floatfmt=".3g"))
+    return out
+
+
+if __name__ == "__main__":
+    main()
