@@ -18,7 +18,7 @@ EXPECTED = {  # results (CSV + JSON unless named with a suffix) and figures (PNG
     "03_distillation": (TABLES, ["loss_curves", "fig7b_accuracy"]),
     "04_early_exit": (TABLES, ["table13_per_loop_accuracy", "per_loop_perplexity"]),
     "05_throughput": (["throughput", "step_costs", "paper_sim", "latency", "calibration", "quality", "accuracy",
-                       "deltas", "max_batch", "throughput_vs_accuracy"],
+                       "deltas", "targets", "max_batch", "throughput_vs_accuracy"],
                       ["real_over_bound", "table16_step_costs", "fig8_throughput"]),
 }
 

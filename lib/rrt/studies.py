@@ -282,7 +282,8 @@ def throughput_study(study, original, tokenizer) -> dict[str, pd.DataFrame]:
     benchmark (`throughput`: every system, ratios, real / bound; `step_costs`: Table 16/18's time per
     call per row count; `paper_sim`; `latency`: Poisson arrivals), the held-out perplexity of each
     exit × KV policy as served (`quality`), and few-shot accuracy as served (`accuracy`). `deltas`
-    is Tables 17/19: Δ_V (vs vanilla static) and Δ_Seq (vs vanilla continuous) per system.
+    is Tables 17/19: Δ_V (vs vanilla static) and Δ_Seq (vs vanilla continuous) per system; `targets`
+    the serving targets per served model (`rrt.serving.targets`).
     """
     from rrt.serving.bench import Workload, calibrated_policies, heldout_text, run_benchmark
     from rrt.serving.scoring import served_few_shot, served_perplexity
@@ -338,6 +339,7 @@ def throughput_study(study, original, tokenizer) -> dict[str, pd.DataFrame]:
     out = {k: pd.concat(v, ignore_index=True) if v and isinstance(v[0], pd.DataFrame) else pd.DataFrame(v)
            for k, v in tables.items()}
     out["deltas"] = deltas(out["throughput"])
+    out["targets"] = targets(out["throughput"])
     out["max_batch"] = max_batch(out["step_costs"]) if len(out["step_costs"]) else pd.DataFrame()
     return out
 
@@ -348,6 +350,14 @@ def deltas(throughput: pd.DataFrame) -> pd.DataFrame:
             "delta_v", "delta_seq", "delta_seq_bound", "delta_seq_rows", "ratio_vs_hf_generate", "real_over_bound",
             "mean_loops_per_token"]
     return throughput[[c for c in cols if c in throughput]].copy()
+
+
+def targets(throughput: pd.DataFrame) -> pd.DataFrame:
+    """Per served model, the serving targets read off its benchmark rows (`rrt.serving.targets`)."""
+    from rrt.serving.targets import targets_table
+    out = pd.concat([targets_table(rows).assign(config=config)
+                     for config, rows in throughput.groupby("config", sort=False)], ignore_index=True)
+    return out[["config", *(c for c in out.columns if c != "config")]]
 
 
 def max_batch(step_costs: pd.DataFrame) -> pd.DataFrame:
