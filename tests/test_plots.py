@@ -223,6 +223,16 @@ def test_vanilla_is_drawn_once_whatever_the_configs():
     assert plots.real_over_bound(throughput, study=STUDY).table["system"].tolist().count("vanilla_continuous") == 1
 
 
+def test_real_over_bound_shows_every_bar_whole():
+    _, _, throughput = serving_tables()
+    throughput = throughput.assign(real_over_bound=np.linspace(0.5, 1.4, len(throughput)))
+    plot = plots.real_over_bound(throughput, study=STUDY)
+    ax = plot.figure.axes[0]
+    assert ax.get_xlim()[1] > plot.table["real_over_bound"].max()  # bars above the bound are not clipped
+    labels = [t.get_text().strip() for t in ax.texts]
+    assert labels == [f"{v:.2f}" for v in plot.table["real_over_bound"]]
+
+
 def test_log_axes_have_plain_tick_labels():
     plot = plots.perplexity(perplexity_table(), study=STUDY)
     ax = plot.figure.axes[0]
