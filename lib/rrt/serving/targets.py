@@ -42,18 +42,13 @@ class Target:
     name: str
     threshold: float
     at_least: bool        # met when value ≥ threshold (else when value ≤ threshold)
-    what: str
 
     def met(self, value: float) -> bool:
         return value >= self.threshold if self.at_least else value <= self.threshold
 
 
-TARGETS = {t.name: t for t in (
-    Target("real_over_bound", 0.90, True, "throughput / its bound, every system"),
-    Target("delta_seq_over_b_over_e", 0.90, True, "CDB + oracle vs continuous batching, as a fraction of B / E"),
-    Target("ratio_vs_hf_generate", 1.5, True, "CDB + oracle vs HF generate at the same batch"),
-    Target("lora_cost", 0.15, False, "1 - CDB + oracle with LoRA / without, same trajectories"),
-)}
+TARGETS = {t.name: t for t in (Target("real_over_bound", 0.90, True), Target("delta_seq_over_b_over_e", 0.90, True),
+                               Target("ratio_vs_hf_generate", 1.5, True), Target("lora_cost", 0.15, False))}
 ORACLE_SYSTEMS = ("cdb_oracle", "cdb_oracle_own")  # replayed text trajectories, the model's own output's
 COLUMNS = ["target", "system", "model", "exit_policy", "kv_policy", "value", "threshold", "met", "at_equal_row_cost"]
 
