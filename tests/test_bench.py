@@ -8,11 +8,14 @@ from rrt.serving import Engine, Request
 from rrt.exits import OracleExit
 from rrt.rundir import read_json
 from rrt.serving.baselines import StaticBatchEngine
-from rrt.models import decoder_layers, native_bf16
-from rrt.serving.bench import (PAPER_CONFIGS, DryRunEngine, Workload, bound_seconds, interpolate, load_bench_model,
-                               main, measure_step_costs, median_costs, run_benchmark, serving_dtype)
+from rrt.devices import native_bf16
+from rrt.families import decoder_layers
+from rrt.cli import bench_main as main
+from rrt.cli import targets_main
+from rrt.recipes import PAPER_MODELS
+from rrt.serving.bench import load_bench_model, run_benchmark, serving_dtype, Workload
+from rrt.serving.bounds import bound_seconds, DryRunEngine, interpolate, measure_step_costs, median_costs
 from rrt.serving.simulate import kv_bytes_per_token, simulate, weight_bytes
-from rrt.serving import targets as targets_module
 from rrt.serving.targets import TARGETS, model_loops_and_rank, targets_table
 from rrt.serving.workload import requests_from
 
@@ -219,11 +222,11 @@ def test_cli_writes_tables(tmp_path):
     assert "real_over_bound" in report and "Targets" in report and "delta_seq_over_b_over_e" in report
     written = pd.read_csv(tmp_path / "targets.csv")
     assert len(written) == 9 + 4  # real / bound for every system, Δ_Seq for the four oracle rows (no HF, no LoRA)
-    again = targets_module.main([str(tmp_path), "--no-write"])
+    again = targets_main([str(tmp_path), "--no-write"])
     assert again["value"].tolist() == pytest.approx(written["value"].tolist())
     assert again["met"].tolist() == written["met"].tolist()
     with pytest.raises(FileNotFoundError, match="no bench.csv"):
-        targets_module.main([str(tmp_path / "missing")])
+        targets_main([str(tmp_path / "missing")])
 
 
 def test_step_costs_and_memory_cap():
@@ -244,6 +247,6 @@ def test_step_costs_and_memory_cap():
                                                 ("paper-tinyllama-1.1b", 968_976_384),
                                                 ("paper-pythia-1b", 805_736_448)])
 def test_paper_configs_match_table_16(name, non_embedding):
-    assert name in PAPER_CONFIGS
+    assert name in PAPER_MODELS
     model, tok = load_bench_model(name, device="meta")  # shapes only: no memory, no time
     assert tok is None and rrt.count_parameters(model)["non_embedding"] == non_embedding

@@ -4,7 +4,7 @@ import torch
 
 import rrt
 from rrt.exits import (CosineExit, MarginExit, MaxProbExit, NoExit, OracleExit, calibrate_threshold,
-                       exit_scores, loop_states, record_oracle_trajectories)
+                       exit_scores, _loop_states, record_oracle_trajectories)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,9 +21,9 @@ def rec_and_seqs():
 def test_loop_states_match_loop_logits(rec_and_seqs):
     rec, seqs = rec_and_seqs
     ids = torch.tensor([seqs[0]])
-    states, _ = loop_states(rec, ids)
+    states, _ = _loop_states(rec, ids)
     for h, logits in zip(states, rrt.loop_logits(rec, ids)):
-        torch.testing.assert_close(rrt.models.head_logits(rec, h), logits, rtol=0, atol=0)
+        torch.testing.assert_close(rrt.families.head_logits(rec, h), logits, rtol=0, atol=0)
 
 
 def test_oracle_is_first_loop_agreeing_with_last(rec_and_seqs):
@@ -62,7 +62,7 @@ def test_calibration_meets_target(rec_and_seqs, policy):
         agree, exit_loop = [], []
         for seq in seqs:
             ids = torch.tensor([seq])
-            states, embeddings = loop_states(rec, ids)
+            states, embeddings = _loop_states(rec, ids)
             logits = rrt.loop_logits(rec, ids)
             first = torch.full((len(seq),), len(states) - 1)  # the last loop always exits
             for b in reversed(range(len(states) - 1)):  # the first exiting loop wins

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 import rrt
 import rrt.checkpoint
 import rrt.rundir
-import rrt.train as rtrain
+import rrt.train.loop as rtrain
 from rrt.checkpoint import MANIFEST, TRAINING_STATE, WEIGHTS
 from rrt.rundir import RunLock
 from rrt.train import latest_checkpoint, train
@@ -42,7 +42,7 @@ def llama():
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, llama):
     """The uninterrupted run every recovery must repeat."""
-    return train(tiny_config(tmp_path_factory.mktemp("ref"), **RECIPE), train_blocks=TRAIN, eval_blocks=EVAL,
+    return train(tiny_config(tmp_path_factory.mktemp("ref"), **RECIPE), train_seqs=TRAIN, eval_seqs=EVAL,
                  original=llama).metrics
 
 
@@ -77,7 +77,7 @@ def resume(config, llama):
     """Train again, returning (result, warning messages)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = train(config, train_blocks=TRAIN, eval_blocks=EVAL, original=llama)
+        result = train(config, train_seqs=TRAIN, eval_seqs=EVAL, original=llama)
     return result, [str(w.message) for w in caught]
 
 
@@ -91,7 +91,8 @@ sys.path.insert(0, {root!r})
 import torch
 import rrt, rrt.checkpoint, rrt.train
 from tests.test_train import TRAIN, EVAL
-from rrt.train import TrainConfig, train
+from rrt.train import train
+from rrt.trainconfig import TrainConfig
 
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
@@ -126,12 +127,12 @@ def arm(point, nth):
                 die()
         torch.save = save
     elif point == "manifest":  # the temp dir complete, killed before its rename
-        real = rrt.train.write_manifest
+        real = rrt.train.resume.write_manifest
         def write_manifest(*a, **k):
             real(*a, **k)
             if due():
                 die()
-        rrt.train.write_manifest = write_manifest
+        rrt.train.resume.write_manifest = write_manifest
     elif point == "renamed":  # killed just after a checkpoint is renamed into place (before pruning, evaluating)
         real = os.replace
         def replace(src, dst):
@@ -140,12 +141,12 @@ def arm(point, nth):
                 die()
         os.replace = replace
     elif point == "step":  # killed as step `nth` starts
-        real = rrt.train._optimiser_step
+        real = rrt.train.loop._optimiser_step
         def step(*a, **k):
             if due():
                 die()
             return real(*a, **k)
-        rrt.train._optimiser_step = step
+        rrt.train.loop._optimiser_step = step
 
 original = rrt.load_model("tiny-llama")[0]
 for name, point, nth, config in json.loads(sys.argv[1]):
@@ -153,7 +154,7 @@ for name, point, nth, config in json.loads(sys.argv[1]):
     if pid == 0:
         try:
             arm(point, nth)
-            train(TrainConfig.from_dict(config), train_blocks=TRAIN, eval_blocks=EVAL, original=original)
+            train(TrainConfig.from_dict(config), train_seqs=TRAIN, eval_seqs=EVAL, original=original)
         except BaseException:
             traceback.print_exc()
         os._exit(3)  # not killed: the point was never reached
@@ -172,6 +173,7 @@ KILLS = [  # (name, point, n-th call); metric records: eval 0, train 1-4, eval 4
 ]
 
 
+@pytest.mark.slow
 def test_sigkill_at_each_point_then_resume_repeats_the_uninterrupted_run(tmp_path, llama, reference):
     configs = {name: config_in(tmp_path, f"kill{i}") for i, (name, _, _) in enumerate(KILLS)}
     scenarios = [(name, point, nth, configs[name].to_dict()) for name, point, nth in KILLS]
@@ -237,7 +239,7 @@ def test_full_disk_during_a_checkpoint_save_fails_naming_it_and_loses_nothing(tm
     monkeypatch.setattr(torch, "save", save)
     with pytest.raises(OSError, match=r"writing checkpoint .*step-00000004 failed at .*"
                                       r"(model.safetensors|rank0.pt).*last good checkpoint: .*step-00000002") as e:
-        train(config, train_blocks=TRAIN, eval_blocks=EVAL, original=llama)
+        train(config, train_seqs=TRAIN, eval_seqs=EVAL, original=llama)
     assert e.value.errno == errno.ENOSPC
     run = Path(config.out)
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002"]  # the partial copy removed
@@ -262,7 +264,7 @@ def test_full_disk_during_a_metrics_append_leaves_no_torn_line(tmp_path, llama, 
 
     monkeypatch.setattr(os, "write", write)
     with pytest.raises(OSError, match=r"appending a record to .*metrics.jsonl failed") as e:
-        train(config, train_blocks=TRAIN, eval_blocks=EVAL, original=llama)
+        train(config, train_seqs=TRAIN, eval_seqs=EVAL, original=llama)
     monkeypatch.undo()
     assert e.value.errno == errno.ENOSPC
     got = records(config.out)  # strict: no torn line left behind
@@ -289,7 +291,7 @@ def stopped(tmp_path_factory, llama):
     rtrain._optimiser_step = step
     try:
         with pytest.raises(KeyboardInterrupt):
-            train(config, train_blocks=TRAIN, eval_blocks=EVAL, original=llama)
+            train(config, train_seqs=TRAIN, eval_seqs=EVAL, original=llama)
     finally:
         rtrain._optimiser_step = real
     return Path(config.out)
@@ -360,7 +362,7 @@ def test_a_garbled_run_file_is_refused_naming_it(tmp_path, llama, stopped, kind)
         match = r"config.json is not valid JSON"
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     with pytest.raises(ValueError, match=match):
-        train(config_in(tmp_path, "run"), train_blocks=TRAIN, eval_blocks=EVAL, original=llama)
+        train(config_in(tmp_path, "run"), train_seqs=TRAIN, eval_seqs=EVAL, original=llama)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing touched
 
 
@@ -381,7 +383,7 @@ def test_checkpoints_of_another_config_are_refused_and_kept(tmp_path, llama, sto
     (run / "config.json").unlink()
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
     with pytest.raises(ValueError, match=r"holds checkpoints of another config.*step-00000006"):
-        train(config_in(tmp_path, "run", lr=1e-3), train_blocks=TRAIN, eval_blocks=EVAL, original=llama)
+        train(config_in(tmp_path, "run", lr=1e-3), train_seqs=TRAIN, eval_seqs=EVAL, original=llama)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 
@@ -391,8 +393,8 @@ def test_resuming_on_other_training_blocks_is_refused(tmp_path, llama, stopped):
     shutil.copytree(stopped, run)
     other = TRAIN.clone()
     other[0, 0] += 1
-    with pytest.raises(ValueError, match=r"train_blocks.json: this run trained on other blocks"):
-        train(config_in(tmp_path, "run"), train_blocks=other, eval_blocks=EVAL, original=llama)
+    with pytest.raises(ValueError, match=r"train_seqs.json: this run trained on other sequences"):
+        train(config_in(tmp_path, "run"), train_seqs=other, eval_seqs=EVAL, original=llama)
 
 
 # ---- two writers in one run directory -------------------------------------------------------------
@@ -402,18 +404,20 @@ import sys
 sys.path.insert(0, {root!r})
 import rrt.train
 from tests.test_train import TRAIN, EVAL
-from rrt.train import TrainConfig, train
-real = rrt.train._optimiser_step
+from rrt.train import train
+from rrt.trainconfig import TrainConfig
+real = rrt.train.loop._optimiser_step
 def step(run, blocks, config, n, **kw):
     if n == 5:  # hold the run directory mid-run until told to go on
         print("holding", flush=True)
         sys.stdin.readline()
     return real(run, blocks, config, n, **kw)
-rrt.train._optimiser_step = step
-train(TrainConfig.from_dict({config!r}), train_blocks=TRAIN, eval_blocks=EVAL)
+rrt.train.loop._optimiser_step = step
+train(TrainConfig.from_dict({config!r}), train_seqs=TRAIN, eval_seqs=EVAL)
 """
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_reclaimed(tmp_path, llama, reference):
     config = config_in(tmp_path, "run")
     holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(root=ROOT, config=config.to_dict())],
@@ -423,7 +427,7 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_reclaimed(tmp_pat
         assert holder.stdout.readline() == "holding\n", (tmp_path / "log").read_text()[-3000:]
         before = records(config.out)
         with pytest.raises(RuntimeError, match=rf"in use by another writer \(pid {holder.pid} on "):
-            train(config, train_blocks=TRAIN, eval_blocks=EVAL, original=llama)
+            train(config, train_seqs=TRAIN, eval_seqs=EVAL, original=llama)
         assert records(config.out) == before  # the refused writer wrote nothing
     finally:
         holder.kill()  # SIGKILL: its lock file stays behind, naming a dead pid
@@ -439,11 +443,11 @@ def test_the_lock_is_per_directory_and_released_on_errors(tmp_path, llama):
     lock.acquire()
     try:
         with pytest.raises(RuntimeError, match=rf"in use by another writer \(pid {os.getpid()} "):
-            train(config_in(tmp_path, "run"), train_blocks=TRAIN, original=llama)
+            train(config_in(tmp_path, "run"), train_seqs=TRAIN, original=llama)
     finally:
         lock.release()
     with pytest.raises(ValueError, match="config.num_processes=2"):  # refused before the lock: none left behind
-        train(config_in(tmp_path, "run", num_processes=2), train_blocks=TRAIN, original=llama)
+        train(config_in(tmp_path, "run", num_processes=2), train_seqs=TRAIN, original=llama)
     assert not (tmp_path / "run" / "run.lock").exists()
 
 
@@ -464,7 +468,7 @@ def test_a_nan_gradient_with_a_finite_loss_stops_before_the_optimiser(tmp_path, 
     config = config_in(tmp_path, "run", clip=0.0)
     with pytest.raises(FloatingPointError, match=r"non-finite \{'grad_norm': nan\} at step 3; stopped before the "
                                                  r"optimiser step.*last good checkpoint: .*step-00000002"):
-        train(config, train_blocks=TRAIN, eval_blocks=EVAL, original=llama)
+        train(config, train_seqs=TRAIN, eval_seqs=EVAL, original=llama)
     assert [r["step"] for r in records(config.out) if r["kind"] == "train"] == [1, 2]
     assert all(math.isfinite(r["grad_norm"]) for r in records(config.out) if r["kind"] == "train")
     weights = load_file(Path(config.out) / "checkpoints" / "step-00000002" / WEIGHTS)
@@ -488,7 +492,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, llama, reference, m
     with pytest.raises(FloatingPointError, match=r"non-finite weights after step 4 \(1 tensors, e.g. "
                                                  r"\['model.embed_tokens.weight'\]\): .*step-00000004 not written; "
                                                  r"last good checkpoint: .*step-00000002"):
-        train(config, train_blocks=TRAIN, eval_blocks=EVAL, original=llama)
+        train(config, train_seqs=TRAIN, eval_seqs=EVAL, original=llama)
     assert [p.name for p in (Path(config.out) / "checkpoints").iterdir()] == ["step-00000002"]
     monkeypatch.undo()
     result, _ = resume(config, llama)

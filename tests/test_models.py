@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import rrt
-from rrt.models import TINY, decoder_layers
+from rrt.families import decoder_layers
+from rrt.models import TINY
 
 
 def test_tiny_models_are_deterministic_and_odd_sized():

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import rrt
-from rrt.train import TrainConfig, train
+from rrt.train import train
+from rrt.trainconfig import TrainConfig
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 N_BLOCKS, BLOCK_LEN = 24, 8
 # block i is token id i repeated (tiny-llama's vocabulary is 99): every block the trainer reads names itself
@@ -56,11 +57,12 @@ RUN_SCRIPT = """
 import json, os, sys
 sys.path.insert(0, {root!r})
 import rrt
-from rrt.train import TrainConfig, train
+from rrt.train import train
+from rrt.trainconfig import TrainConfig
 from tests.test_multiprocess import BLOCKS, record_reads
 original = rrt.load_model("tiny-llama")[0]
 reads = record_reads(original)
-train(TrainConfig.from_dict({config!r}), train_blocks=BLOCKS, original=original)
+train(TrainConfig.from_dict({config!r}), train_seqs=BLOCKS, original=original)
 with open(os.path.join({out!r}, "reads-" + os.environ["RANK"] + ".json"), "w") as f:
     json.dump(reads, f)
 """
@@ -80,7 +82,7 @@ def test_two_processes_split_each_epoch_and_read_what_one_process_reads(tmp_path
 
     original = rrt.load_model("tiny-llama")[0]
     reads = record_reads(original)
-    train(tiny_config(tmp_path / "one", batch_size=4), train_blocks=BLOCKS, original=original)
+    train(tiny_config(tmp_path / "one", batch_size=4), train_seqs=BLOCKS, original=original)
     one = per_step(reads)
 
     # each step: the two processes together read exactly the blocks one process reads

@@ -32,6 +32,7 @@ def execute(name, run_dir, **extra):
                                       kernel_name="python3", progress_bar=False, cwd=str(ROOT))
 
 
+@pytest.mark.notebook
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_notebook_smoke(name, tmp_path):
     execute(name, tmp_path)
@@ -70,6 +71,7 @@ def check_tables(run_dir):
     assert set(ppl["loop_idx"].dropna().astype(int)) <= set(range(loops))
 
 
+@pytest.mark.notebook
 def test_misspelt_parameter_stops_the_first_cell(tmp_path):
     with pytest.raises(papermill.PapermillExecutionError, match="unknown parameter 'num_blcks'"):
         execute("00_explore", tmp_path, num_blcks=2)
@@ -83,7 +85,7 @@ def test_committed_notebook_is_stripped_and_keeps_logic_in_the_library(name):
     nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert "parameters" in code[0].metadata.get("tags", [])
-    assert f'rrt.plans.resolve("{name}", globals())' in code[1].source  # validation right after parameters
+    assert f'rrt.notebook.resolve("{name}", globals())' in code[1].source  # validation right after parameters
     for cell in code:
         assert cell.outputs == [] and cell.execution_count is None, "run `make strip` before committing"
         assert not any(line.lstrip().startswith(("def ", "class ")) for line in cell.source.splitlines()), \

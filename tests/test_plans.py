@@ -1,5 +1,6 @@
 """Study plans (plans.py): one typed schema per notebook, validated before any compute, expanded into runs."""
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -8,8 +9,9 @@ import papermill
 import pytest
 import yaml
 
-from rrt.plans import (SCALES, STUDIES, Distillation, EarlyExit, Explore, InitAblation, RelaxationSweep, from_dict,
-                       load_params, plan_table, resolve)
+from rrt.notebook import from_dict, load_params, resolve
+from rrt.plans import Distillation, EarlyExit, Explore, InitAblation, RelaxationSweep, SCALES, STUDIES
+from rrt.runs.cost import plan_table
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
@@ -52,9 +54,9 @@ def test_a_misspelt_key_names_the_closest_field_and_the_allowed_ones():
 
 @pytest.mark.parametrize("override,error,match", [
     ({"num_blocks": "2"}, TypeError, "num_blocks='2' must be int"),
-    ({"init": "stepwize"}, ValueError, "allowed: stepwise, average, lower, random"),
+    ({"init": "stepwize"}, ValueError, "valid: stepwise, average, lower, random"),
     ({"exit_threshold": 1.5}, ValueError, r"out of range \[0, 1\]"),
-    ({"scale": "gpu"}, ValueError, "allowed: smoke, cpu"),
+    ({"scale": "gpu"}, ValueError, "valid: smoke, cpu"),
     ({"untie_norms": 1}, TypeError, "must be bool"),
     ({"num_blocks": 4}, ValueError, "num_blocks=4 does not divide the 30 layers"),
 ])
@@ -73,7 +75,7 @@ def test_a_list_passed_as_text_says_how_to_pass_lists():
     (InitAblation, {"model": "EleutherAI/pythia-1b", "num_blocks": [3]}, r"num_blocks: .*16 layers"),
     (InitAblation, {"lr": 0.0}, "lr must be > 0"),
     (InitAblation, {"warmup_steps": 70}, "warmup_steps=70 exceeds steps=60"),
-    (InitAblation, {"tasks": ["hellaswagg"]}, "holds 'hellaswagg'; allowed items"),
+    (InitAblation, {"tasks": ["hellaswagg"]}, "holds 'hellaswagg'; valid"),
     (InitAblation, {"global_batch_size": 6}, "not a multiple of batch_size × gpus_per_run"),
     (Distillation, {"long_warmup_steps": 100}, "long_warmup_steps=100 exceeds long_steps=90"),
     (Distillation, {"kds": ["kl"]}, "holds 'kl'"),
@@ -89,7 +91,7 @@ def test_make_plan_works_for_every_notebook_and_scale_without_weights(monkeypatc
     """`make plan` reads shapes only: loading any weights would raise here."""
     import transformers
 
-    from rrt.plans import main
+    from rrt.cli import plan_main as main
 
     def no_weights(*args, **kwargs):
         raise AssertionError("make plan loaded weights")
@@ -105,6 +107,7 @@ def test_make_plan_works_for_every_notebook_and_scale_without_weights(monkeypatc
                         "h100_hours"} <= set(table.columns)
 
 
+@pytest.mark.slow
 def test_make_plan_target_prints_the_plan():
     ok = subprocess.run(["make", "-s", "plan", "NB=04_early_exit", "SCALE=paper-gemma-2b"], cwd=ROOT,
                         capture_output=True, text=True)
@@ -118,11 +121,12 @@ def test_make_plan_target_prints_the_plan():
     ({"warmup_steps": 9000}, "warmup_steps=9000 exceeds steps=7153"),
     ({"num_block": [2]}, "unknown parameter 'num_block' (did you mean 'num_blocks'?)"),
 ])
+@pytest.mark.slow
 def test_a_bad_plan_file_fails_in_make_plan_naming_the_key(tmp_path, change, named):
     values = {**yaml.safe_load((ROOT / "params/01_init_ablation/paper-tinyllama-1.1b.yaml").read_text()), **change}
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(values))
-    bad = subprocess.run([sys.executable, "-m", "rrt.plans", "01_init_ablation", str(path)], cwd=ROOT,
+    bad = subprocess.run([sys.executable, "-m", "rrt", "plan", "01_init_ablation", str(path)], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and named in bad.stderr and "Traceback" not in bad.stderr
 
@@ -139,7 +143,7 @@ def test_runs_share_the_run_store_by_config_hash(tmp_path):
     up = exits.runs()[0]
     assert up.role == "uptrained" and up.dir == stepwise.dir
     assert all(r.config.init_from == str(up.final_checkpoint) for r in exits.runs() if "post" in r.name)
-    table = plan_table(distil)
+    table = plan_table(distil.runs())
     assert table.set_index("run").loc["stepwise B=2 fkl", "teacher"].startswith("full-size (tiny-llama-")
 
 
@@ -169,7 +173,7 @@ def test_from_dict_keeps_every_field_typed():
 def test_05_serves_04s_early_exit_model_and_trains_its_relaxed_twin():
     """05's B=2, r=0 model is 04's aggressive 0.1 + self-distillation run (the same run directory);
     its r > 0 models follow the same recipe with LoRA, from an uptrained model with that LoRA."""
-    from rrt.plans import load_params
+    from rrt.notebook import load_params
     for scale in ("smoke", "cpu", "paper-gemma-2b"):
         served = load_params("05_throughput", scale).served()
         ee = load_params("05_throughput", scale).training()
@@ -188,8 +192,8 @@ def test_05_serves_04s_early_exit_model_and_trains_its_relaxed_twin():
 
 
 def test_05_refuses_bad_serving_parameters():
-    from rrt.plans import load_params
-    with pytest.raises(ValueError, match="parameter kv_policies holds 'skip'; allowed items: propagate, copy_kv, copy_hidden"):
+    from rrt.notebook import load_params
+    with pytest.raises(ValueError, match="kv_policies holds 'skip'; valid: propagate, copy_kv, copy_hidden"):
         load_params("05_throughput", "cpu", kv_policies=["skip"])
     with pytest.raises(ValueError, match="corpus='wikitext2' must be 'corpus/split'"):
         load_params("05_throughput", "cpu", corpus="wikitext2")
@@ -225,7 +229,7 @@ def test_init_variants_are_fig11_runs_at_the_first_b():
         ("stepwise_start B=2", "stepwise_start", None, 2, "-"), ("average B=2 norm=choice", "average", "choice", 2, "choice"),
         ("average B=2 norm=zero", "average", "zero", 2, "zero")]
     assert len({r.key for r in study.runs()}) == len(study.runs())  # each variant is its own run
-    with pytest.raises(ValueError, match="parameter variants holds 'norm_avg'"):
+    with pytest.raises(ValueError, match="variants holds 'norm_avg'"):
         InitAblation(variants=["norm_avg"])
 
 
@@ -239,3 +243,20 @@ def test_relaxation_sweep_reads_01s_baselines_and_stepwise_run_by_config_hash():
     # a sweep over Stepwise already has that run (r=0): it is planned once, as the sweep's
     names = [r.name for r in RelaxationSweep(inits=["stepwise", "average"]).runs()]
     assert "stepwise B=2" not in names and names.count("stepwise B=2 r=0") == 1 and names[0] == "full-size"
+
+
+def test_every_plan_is_the_runs_it_was_under_the_same_config_hashes(tmp_path):
+    """Run stores written before the run layer (rrt.runs) stay readable: every plan of every notebook and scale
+    has the same runs, in the same order, in the same <model>-<config hash> directories, and is evaluated and fed
+    as before (the results file of a run is keyed by its evaluation). tests/data/plan_keys.json was written by
+    the plans at fa1d171."""
+    from rrt.notebook import planned
+    expected = json.loads((ROOT / "tests" / "data" / "plan_keys.json").read_text())
+    assert {k.split("/")[1] for k in expected} >= {"cpu", *SCALES[2:]}
+    for key, want in expected.items():
+        notebook, scale = key.split("/")
+        study = load_params(notebook, scale, **({} if notebook == "00_explore" else {"runs_root": str(tmp_path)}))
+        assert [[r.name, r.role, r.dir.name] for r in study.runs()] == want["runs"], key
+        recipe = planned(study)
+        assert (recipe and recipe.data_spec().to_dict()) == (want["data"] or None), key
+        assert (recipe and recipe.eval_spec().to_dict()) == (want["evaluation"] or None), key

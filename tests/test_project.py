@@ -3,6 +3,7 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +81,7 @@ def test_ci_runs_the_readme_commands():
     assert readme.index("make setup") < 400  # the two commands open the README
 
 
+@pytest.mark.slow
 def test_make_run_refuses_an_unknown_notebook_or_scale_in_one_line_creating_nothing(tmp_path):
     import subprocess
     root = Path(__file__).resolve().parents[1]
@@ -92,6 +94,7 @@ def test_make_run_refuses_an_unknown_notebook_or_scale_in_one_line_creating_noth
     assert not list((root / "outputs").glob(f"*/*test-{tmp_path.name}"))
 
 
+@pytest.mark.slow
 def test_make_run_passes_one_parameter_override_per_key_value():
     import subprocess
     root = Path(__file__).resolve().parents[1]
@@ -100,9 +103,12 @@ def test_make_run_passes_one_parameter_override_per_key_value():
     assert "-f params/03_distillation/smoke.yaml -p steps 3 -p lr 1e-4 -p run_dir " in dry
 
 
+@pytest.mark.slow
 def test_every_module_with_a_command_line_answers_help():
     import subprocess
     import sys
-    for module in ("rrt.studies", "rrt.plans", "rrt.train", "rrt.sweep", "rrt.serving.bench"):
-        done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
-        assert done.returncode == 0 and "usage:" in done.stdout, (module, done.stderr[-500:])
+    commands = [["rrt.train"], ["rrt.runs"], ["rrt"]] + [["rrt", c] for c in ("plan", "sweep", "report", "bench",
+                                                                             "targets", "init-perplexity")]
+    for command in commands:
+        done = subprocess.run([sys.executable, "-m", *command, "--help"], capture_output=True, text=True)
+        assert done.returncode == 0 and "usage:" in done.stdout, (command, done.stderr[-500:])

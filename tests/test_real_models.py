@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import rrt
-from rrt.models import decoder_layers
+from rrt.families import decoder_layers
 
 pytestmark = pytest.mark.real
+
 PROMPT = "The capital of France is Paris. Recursive Transformers share one block of layers."
 
 

@@ -5,10 +5,11 @@ import pandas as pd
 import pytest
 
 from rrt import recipes
-from rrt.plans import load_params, plan_table, planned
+from rrt.notebook import load_params
+from rrt.runs.cost import plan_table
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPER = sorted(recipes.MODELS)
+PAPER = sorted(recipes.PAPER_MODELS)
 TRAINING = ("01_init_ablation", "02_relaxation_rank_sweep", "03_distillation", "04_early_exit")
 
 
@@ -26,7 +27,7 @@ def long_run(study, run):
 def test_every_run_trains_the_papers_tokens_at_its_step_size_for_any_process_count(notebook, scale, gpus):
     study = load_params(notebook, scale, gpus_per_run=gpus)
     up = recipes.UPTRAIN
-    assert study.model == recipes.MODELS[scale]["model"]
+    assert study.model == recipes.PAPER_MODELS[scale].model
     for run in study.runs():
         c = run.config
         tokens = up["long_tokens"] if long_run(study, run) else (
@@ -50,11 +51,11 @@ def test_every_notebook_of_a_scale_packs_the_same_training_set(scale):
 def test_init_ablation_runs_the_papers_block_counts_and_baselines(scale):
     study = load_params("01_init_ablation", scale)
     runs = study.runs()
-    assert tuple(study.num_blocks) == recipes.MODELS[scale]["num_blocks"]
+    assert tuple(study.num_blocks) == recipes.PAPER_MODELS[scale].num_blocks
     assert {(r.config.init, r.config.num_blocks) for r in runs if r.role == "study"} == {
-        (i, b) for i in ("stepwise", "average", "lower", "random") for b in recipes.MODELS[scale]["num_blocks"]}
+        (i, b) for i in ("stepwise", "average", "lower", "random") for b in recipes.PAPER_MODELS[scale].num_blocks}
     assert {r.name for r in runs if r.role == "baseline"} == {"full-size"} | {
-        f"reduced-size B={b}" for b in recipes.MODELS[scale]["num_blocks"]}
+        f"reduced-size B={b}" for b in recipes.PAPER_MODELS[scale].num_blocks}
     assert all(r.config.kd is None for r in runs)  # Table 5: CE only
 
 
@@ -111,7 +112,7 @@ def test_the_committed_example_plans_are_what_the_params_plan_today():
     for notebook in TRAINING + ("05_throughput",):  # 05 trains the models it serves: 04's recipe per LoRA rank
         committed = pd.read_csv(ROOT / "outputs" / "examples" / "plans" / f"{notebook}-paper-gemma-2b.csv")
         study = load_params(notebook, "paper-gemma-2b")
-        fresh = plan_table(planned(study), study.runs())
+        fresh = plan_table(study.runs())
         keep = ["run", "role", "init", "num_blocks", "lora_rank", "objective", "kd", "teacher", "starts_from",
                 "data_offset", "tokens", "steps", "warmup_steps", "tokens_per_step", "gpus", "run_dir", "config_hash"]
         pd.testing.assert_frame_equal(committed[keep], fresh[keep], check_dtype=False)

@@ -3,8 +3,14 @@ import pytest
 import torch
 
 import rrt
-from rrt.models import decoder_layers
-from rrt.recursive import shared_parameter_report, stepwise_indices, tied_groups
+from rrt.families import decoder_layers
+from rrt.recursive import stepwise_indices, tied_groups
+
+
+def shared_parameter_report(model) -> dict[str, int]:
+    """Return {depth-qualified name: data_ptr} for every layer parameter (the tie checks)."""
+    return {f"{d}.{n}": p.data_ptr() for d, layer in enumerate(decoder_layers(model))
+            for n, p in layer.named_parameters(remove_duplicate=False)}
 
 
 def assert_tied(model, num_blocks):
@@ -71,7 +77,7 @@ def test_input_model_untouched(tiny, tiny_ids):
     _, model, _ = tiny
     before = {n: p.clone() for n, p in model.state_dict().items()}
     ref = model(tiny_ids).logits
-    for init in rrt.recursive.INITS:
+    for init in rrt.spec.INITS:
         rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, init=init))
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
     assert torch.equal(model(tiny_ids).logits, ref)
@@ -120,7 +126,7 @@ def test_stepwise_start_copies_picked_layers_and_differs_from_fixed_ends(tiny):
     for j, src in enumerate([0, 2, 4]):  # fixed ends would take [0, 3, 5]
         for name, p in _layer_params(rec, j).items():
             assert torch.equal(p, _layer_params(model, src)[name]), (j, name)
-    assert rrt.recursive.spec_of(rec).init == "stepwise_start"
+    assert rrt.spec.spec_of(rec).init == "stepwise_start"
 
 
 def test_lower_copies_first_k_layers(tiny):
@@ -139,7 +145,7 @@ def test_average_is_mean_of_tied_layers(tiny, norm_init):
     for j, group in enumerate(tied_groups(6, 3)):  # K=2: groups [0,2,4], [1,3,5]
         for name, p in _layer_params(rec, j).items():
             values = torch.stack([_layer_params(model, i)[name] for i in group])
-            is_norm = rrt.recursive.is_norm_param(layer0, name)
+            is_norm = rrt.recursive._is_norm_param(layer0, name)
             if not is_norm or norm_init in (None, "average"):
                 torch.testing.assert_close(p, values.mean(0), rtol=0, atol=1e-7)
             elif norm_init == "choice":
@@ -153,7 +159,7 @@ def test_norm_init_with_stepwise_averages_group_norms(tiny):
     rec = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, init="stepwise", norm_init="average"))
     layer0 = decoder_layers(rec)[0]
     for name, p in _layer_params(rec, 1).items():  # shared layer 1 = original 3; group [1, 4]
-        if rrt.recursive.is_norm_param(layer0, name):
+        if rrt.recursive._is_norm_param(layer0, name):
             expected = (_layer_params(model, 1)[name] + _layer_params(model, 4)[name]) / 2
             torch.testing.assert_close(p, expected, rtol=0, atol=1e-7)
         else:
@@ -237,7 +243,7 @@ def test_converting_twice_is_refused(tiny):
 # --------------------------------------------------------------------------- spec_of, head LoRA
 
 def test_spec_of_reads_the_converted_spec_and_a_plain_model_as_one_loop(tiny):
-    from rrt.recursive import spec_of
+    from rrt.spec import spec_of
 
     _, model, _ = tiny
     spec = rrt.RecursiveSpec(num_blocks=3, init="average", untie_norms=True, seed=5)
@@ -246,7 +252,7 @@ def test_spec_of_reads_the_converted_spec_and_a_plain_model_as_one_loop(tiny):
 
 
 def test_spec_of_refuses_unknown_fields():
-    from rrt.recursive import spec_of
+    from rrt.spec import spec_of
 
     rec = rrt.convert(rrt.load_model("tiny-llama")[0], rrt.RecursiveSpec(num_blocks=2))
     rec.config.rrt = {**rec.config.rrt, "lora_ranks": 4}
@@ -268,8 +274,8 @@ def test_head_lora_changes_intermediate_exits_only():
         assert not torch.allclose(got[0], want[0]) and not torch.allclose(got[1], want[1])
         hidden = rrt.recursive.loop_hidden_states(rec, tiny_ids)[1]
         per_row = torch.tensor([[1], [2]]).expand(tiny_ids.shape)  # row 0 at loop 1, row 1 at the last loop
-        mixed = rrt.models.head_logits(rec, hidden, loop_idx=per_row)
+        mixed = rrt.families.head_logits(rec, hidden, loop_idx=per_row)
         assert torch.equal(mixed[0], got[1][0])
-        assert torch.equal(mixed[1], rrt.models.head_logits(plain, hidden, loop_idx=2)[1])
+        assert torch.equal(mixed[1], rrt.families.head_logits(plain, hidden, loop_idx=2)[1])
         with pytest.raises(ValueError, match="pass loop_idx"):
-            rrt.models.head_logits(rec, hidden)
+            rrt.families.head_logits(rec, hidden)

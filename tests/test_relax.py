@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rrt
-from rrt.models import Fused, decoder_layers, family_of
+from rrt.families import decoder_layers, family_of, Fused
 from rrt.relax import (FusedLoopLoRALinear, LoopLoRALinear, loop_segments, lora_modules, merge, per_row_lora,
                        set_trainable)
 from rrt.serving.rows import per_row_loops

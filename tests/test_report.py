@@ -7,7 +7,8 @@ import shutil
 import nbformat
 import pytest
 
-from rrt.report import entries, main, screenshots, status, write_index
+from rrt.cli import report_main as main
+from rrt.report import entries, screenshots, status, write_index
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -5,7 +5,7 @@ import torch
 
 import rrt
 from rrt.exits import MaxProbExit, OracleExit, calibrate_threshold, record_oracle_trajectories
-from rrt.models import decoder_layers
+from rrt.families import decoder_layers
 from rrt.relax import lora_modules
 from rrt.serving import Engine, Request, reference_generate
 from rrt.serving.kv import ScheduleError
@@ -425,7 +425,7 @@ def test_forced_requests_score_the_given_tokens(llama):
 
 def test_step_layout_buckets_pad_at_most_one_and_a_half_times():
     from rrt.serving.kv import PAD_RATIO, KVPool, StepLayout
-    pool = KVPool(num_slots=8, num_depths=4, max_seq_len=128)
+    pool = KVPool(max_active=8, num_depths=4, max_seq_len=128)
     lengths = [100, 70, 66, 40, 27, 10, 9, 1]
     rows = sorted((loop, slot, n - 1) for slot, (n, loop) in enumerate(zip(lengths, [0, 1, 0, 1, 0, 1, 0, 1])))
     layout = StepLayout(pool, [(s, b, p) for b, s, p in rows], num_shared=2, depth_window=[0] * 4, device="cpu")

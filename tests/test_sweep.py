@@ -66,7 +66,7 @@ def test_a_plan_becomes_one_array_task_per_run_in_waves_then_a_collect_job(tmp_p
     for script in (wave0, wave1):
         assert "#SBATCH --gres=gpu:8" in script
         assert script.count("accelerate launch --config_file params/accelerate/ddp.yaml --num_processes 8 "
-                            "-m rrt.train --config ") == script.count(") .venv/")
+                            "-m rrt.runs ") == script.count(") .venv/")
     text = submit.read_text()
     assert "w1=$(sbatch --parsable --dependency=afterok:$w0 " in text
     assert "sbatch --dependency=afterany:$w0:$w1 " in text and "collect.sbatch" in text

@@ -7,7 +7,8 @@ import pytest
 from pandas.io.formats.style import Styler
 
 from rrt import tables as T
-from rrt.studies import by_role
+from rrt.runs.execute import by_role
+from rrt.runs.store import label_of
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "outputs" / "examples" / "cpu"
 TASKS = ("arc_easy", "piqa")
@@ -264,7 +265,7 @@ def test_examples_one_row_per_model(folder, table, roles):
     tables = example(folder)
     tables = by_role(tables, *roles) if roles else tables
     t = table(tables)
-    assert list(t["model"]) == list(tables["runs"]["run"].str.replace(T.SEED_SUFFIX, "", regex=True).unique())
+    assert list(t["model"]) == list(tables["runs"]["run"].map(label_of).unique())
     ours = [ACC] + [c for c in t if c.startswith("ppl ")]
     assert len(ours) == 3 and t[ours].notna().all().all()
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import rrt
-import rrt.train as rtrain
-from rrt.models import decoder_layers
-from rrt.train import TrainConfig, latest_checkpoint, train
+import rrt.train.loop as rtrain
+from rrt.families import decoder_layers
+from rrt.train import latest_checkpoint, train
+from rrt.trainconfig import TrainConfig
 from tests.test_recursive import assert_tied
 
 
@@ -49,7 +50,7 @@ def train_losses(metrics):
 
 def test_twenty_steps_lower_the_loss_and_keep_ties(tmp_path, llama):
     config = tiny_config(tmp_path, objective="early_exit", kd="fkl", self_distill=True, eval_every=10)
-    result = train(config, train_blocks=TRAIN, eval_blocks=EVAL, original=llama)
+    result = train(config, train_seqs=TRAIN, eval_seqs=EVAL, original=llama)
     losses = train_losses(result.metrics)
     assert len(losses) == 20 and all(map(math.isfinite, losses))
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1
@@ -82,14 +83,14 @@ def test_a_packed_dataset_on_disk_trains_exactly_like_the_same_blocks_in_memory(
     on_disk = datasets.load_from_disk(str(tmp_path / "packed"))  # memory-mapped Arrow
     assert on_disk.cache_files
     config = dict(steps=12, save_every=12, batch_size=5)  # 60 samples of 48 blocks: epoch 2 starts mid-batch
-    a = train(tiny_config(tmp_path, "tensor", **config), train_blocks=TRAIN, original=llama)
-    b = train(tiny_config(tmp_path, "dataset", **config), train_blocks=on_disk, original=llama)
+    a = train(tiny_config(tmp_path, "tensor", **config), train_seqs=TRAIN, original=llama)
+    b = train(tiny_config(tmp_path, "dataset", **config), train_seqs=on_disk, original=llama)
     assert train_losses(a.metrics) == train_losses(b.metrics)
 
 
 def test_teacher_stays_frozen_and_original_untouched(tmp_path, llama):
     before = {k: v.clone() for k, v in llama.state_dict().items()}
-    train(tiny_config(tmp_path, kd="jsd", steps=2), train_blocks=TRAIN, original=llama)
+    train(tiny_config(tmp_path, kd="jsd", steps=2), train_seqs=TRAIN, original=llama)
     assert all(torch.equal(v, llama.state_dict()[k]) for k, v in before.items())
 
 
@@ -99,11 +100,13 @@ RUN_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {root!r})
 from tests.test_train import TRAIN, EVAL
-from rrt.train import TrainConfig, train
-train(TrainConfig.from_dict({config!r}), train_blocks=TRAIN, eval_blocks=EVAL)
+from rrt.train import train
+from rrt.trainconfig import TrainConfig
+train(TrainConfig.from_dict({config!r}), train_seqs=TRAIN, eval_seqs=EVAL)
 """
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_repeats_the_uninterrupted_losses(tmp_path):
     steps, save_every = 16, 4
     config = tiny_config(tmp_path, "killed", steps=steps, save_every=save_every, kd="fkl", eval_every=8,
@@ -121,10 +124,10 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_losses(tmp_path):
     killed_at = latest_checkpoint(config.out)
     assert killed_at is not None and int(killed_at.name.split("-")[1]) < steps
 
-    resumed = train(config, train_blocks=TRAIN, eval_blocks=EVAL)
+    resumed = train(config, train_seqs=TRAIN, eval_seqs=EVAL)
     reference = train(tiny_config(tmp_path, "reference", steps=steps, save_every=save_every, kd="fkl",
                                   eval_every=8, objective="early_exit", grad_accum=2, batch_size=2),
-                      train_blocks=TRAIN, eval_blocks=EVAL)
+                      train_seqs=TRAIN, eval_seqs=EVAL)
     got, want = train_losses(resumed.metrics), train_losses(reference.metrics)
     assert [r["step"] for r in resumed.metrics if r["kind"] == "train"] == list(range(1, steps + 1))
     assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-6 and len(got) == len(want)
@@ -132,17 +135,17 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_losses(tmp_path):
 
 def test_restarting_a_finished_run_does_no_more_steps(tmp_path, llama):
     config = tiny_config(tmp_path, steps=3, save_every=2)
-    first = train(config, train_blocks=TRAIN, original=llama)
-    again = train(config, train_blocks=TRAIN, original=llama)
+    first = train(config, train_seqs=TRAIN, original=llama)
+    again = train(config, train_seqs=TRAIN, original=llama)
     assert again.checkpoint == first.checkpoint and again.metrics == first.metrics
 
 
 def test_restart_before_the_first_checkpoint_starts_a_clean_metrics_file(tmp_path, llama):
     config = tiny_config(tmp_path, steps=3, save_every=3)
-    stale = train(config, train_blocks=TRAIN, eval_blocks=EVAL, original=llama)
+    stale = train(config, train_seqs=TRAIN, eval_seqs=EVAL, original=llama)
     for ckpt in (Path(config.out) / "checkpoints").iterdir():  # as if killed before any checkpoint
         ckpt.rename(ckpt.with_name(".killed-" + ckpt.name))
-    fresh = train(config, train_blocks=TRAIN, eval_blocks=EVAL, original=llama)
+    fresh = train(config, train_seqs=TRAIN, eval_seqs=EVAL, original=llama)
     assert [(r["kind"], r["step"]) for r in fresh.metrics] == [(r["kind"], r["step"]) for r in stale.metrics]
 
 
@@ -159,7 +162,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path
     monkeypatch.setattr(rtrain, "_loss", poisoned)
     config = tiny_config(tmp_path, steps=6, save_every=2)
     with pytest.raises(FloatingPointError, match="at step 4.*step-00000002"):
-        train(config, train_blocks=TRAIN, original=llama)
+        train(config, train_seqs=TRAIN, original=llama)
     assert latest_checkpoint(config.out).name == "step-00000002"
     assert_tied(rrt.load(latest_checkpoint(config.out)), 2)
 
@@ -169,7 +172,7 @@ def test_checkpoints_carry_a_manifest_and_the_grad_norm_is_taken_without_clippin
     directory keeps the training blocks' fingerprint; the lock is gone once the run ends."""
     from rrt.checkpoint import verify_manifest
     config = tiny_config(tmp_path, steps=3, save_every=1, clip=0.0)
-    result = train(config, train_blocks=TRAIN, original=llama)
+    result = train(config, train_seqs=TRAIN, original=llama)
     assert all(r["grad_norm"] > 0 for r in result.metrics if r["kind"] == "train")
     run = Path(config.out)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
@@ -177,7 +180,7 @@ def test_checkpoints_carry_a_manifest_and_the_grad_norm_is_taken_without_clippin
     for step, files in ((2, model_files | {"rank0.pt"}), (3, model_files)):
         manifest = verify_manifest(run / "checkpoints" / f"step-{step:08d}")
         assert manifest["step"] == step and manifest["config_hash"] == config.hash() and set(manifest["files"]) == files
-    assert json.loads((run / "train_blocks.json").read_text())["shape"] == [48, 17]
+    assert json.loads((run / "train_seqs.json").read_text())["shape"] == [48, 17]
     assert not (run / "run.lock").exists()
 
 
@@ -185,10 +188,10 @@ def test_checkpoints_carry_a_manifest_and_the_grad_norm_is_taken_without_clippin
 
 def test_post_training_head_lora_changes_intermediate_exits_only(tmp_path, llama):
     """Table 13's frozen rows: only the head LoRA trains, and it leaves the last loop exactly as it was."""
-    uptrained = train(tiny_config(tmp_path, "up", steps=2), train_blocks=TRAIN, original=llama)
+    uptrained = train(tiny_config(tmp_path, "up", steps=2), train_seqs=TRAIN, original=llama)
     config = tiny_config(tmp_path, "post", steps=3, init_from=str(uptrained.checkpoint), objective="early_exit",
                          trainable="head_lora", head_lora_rank=3, exit_coefficient=0.1, lr=3e-2)
-    result = train(config, train_blocks=TRAIN, original=llama)
+    result = train(config, train_seqs=TRAIN, original=llama)
     start = rrt.load(uptrained.checkpoint)
     trained = dict(result.model.named_parameters())
     assert set(trained) - dict(start.named_parameters()).keys() == {"head_lora.lora_A", "head_lora.lora_B"}
@@ -218,10 +221,10 @@ def test_head_lora_needs_an_intermediate_exit(tmp_path):
 
 def test_baselines(tmp_path, llama):
     full = train(tiny_config(tmp_path, "full", baseline="full", num_blocks=1, lora_rank=0, steps=2),
-                 train_blocks=TRAIN, eval_blocks=EVAL, original=llama)
+                 train_seqs=TRAIN, eval_seqs=EVAL, original=llama)
     assert len(decoder_layers(full.model)) == 6 and "ppl/loop_0" in full.metrics[0]
     reduced = train(tiny_config(tmp_path, "reduced", baseline="reduced", num_blocks=3, lora_rank=0, steps=2),
-                    train_blocks=TRAIN, original=llama)
+                    train_seqs=TRAIN, original=llama)
     layers = decoder_layers(reduced.model)
     assert len(layers) == 2 and layers[0].mlp.up_proj.weight.shape == (37, 32)
     assert not torch.equal(layers[0].mlp.up_proj.weight, decoder_layers(llama)[0].mlp.up_proj.weight)
@@ -247,51 +250,56 @@ def test_bad_config_fails(tmp_path, overrides, message):
 
 
 def test_resume_dir_of_another_config_fails_before_training(tmp_path, llama):
-    train(tiny_config(tmp_path, steps=1, warmup_steps=0), train_blocks=TRAIN, original=llama)
+    train(tiny_config(tmp_path, steps=1, warmup_steps=0), train_seqs=TRAIN, original=llama)
     with pytest.raises(ValueError, match=r"different config.*'lr': \(0.003, 0.001\)"):
-        train(tiny_config(tmp_path, steps=1, warmup_steps=0, lr=1e-3), train_blocks=TRAIN, original=llama)
+        train(tiny_config(tmp_path, steps=1, warmup_steps=0, lr=1e-3), train_seqs=TRAIN, original=llama)
 
 
 def test_cli_flags_build_the_config(tmp_path):
     import argparse
 
-    from rrt.train import add_config_arguments, config_from_args
+    from rrt.cli import add_dataclass_arguments, dataclass_from_args
     parser = argparse.ArgumentParser()
-    add_config_arguments(parser)
+    add_dataclass_arguments(parser, TrainConfig)
     args = parser.parse_args(["--out", "x", "--kd", "fkl", "--exit-coefficient", "none", "--exit-scheme",
                               "weighted", "--self-distill", "--objective", "early_exit", "--betas", "0.9", "0.99", "--lora-rank", "8"])
-    config = config_from_args(args)
+    config = dataclass_from_args(TrainConfig, args)
     assert config == TrainConfig(out="x", kd="fkl", exit_coefficient=None, exit_scheme="weighted",
                                  self_distill=True, objective="early_exit", betas=(0.9, 0.99), lora_rank=8)
     with pytest.raises(ValueError, match="unknown kd"):
-        config_from_args(parser.parse_args(["--out", "x", "--kd", "kl2"]))
-
-
-def test_cli_config_file_allows_no_other_flag(tmp_path):
-    with pytest.raises(ValueError, match=r"--config run.json takes no other flags.*'--steps'"):
-        rtrain.main(["--config", "run.json", "--steps", "3"])
+        dataclass_from_args(TrainConfig, parser.parse_args(["--out", "x", "--kd", "kl2"]))
 
 
 def test_cli_packs_a_hub_corpus_only_as_far_as_the_run_reads(tmp_path, monkeypatch):
-    """--data-source hub with no --max-train-blocks: steps × batch × accumulation × processes
+    """--data-source hub with no --max-train-seqs: steps × batch × accumulation × processes
     sequences, cached on disk; nothing is fetched (load_packed and training are replaced)."""
-    import rrt.data
-    import rrt.models
+    import rrt.cli
+    import rrt.runs.execute
     calls = []
-    monkeypatch.setattr(rrt.data, "load_packed", lambda name, split, **kw: calls.append((name, kw)) or TRAIN)
-    monkeypatch.setattr(rrt.models, "load_model", lambda source: (None, None))
-    monkeypatch.setattr(rtrain, "train", lambda config, **kw: rtrain.RunResult(Path(config.out), None, [], None))
+    monkeypatch.setattr(rrt.runs.execute, "load_packed", lambda name, split, **kw: calls.append((name, kw)) or TRAIN)
+    monkeypatch.setattr(rrt.cli, "load_model", lambda source: (None, None))
+    monkeypatch.setattr(rrt.cli, "train", lambda config, **kw: rtrain.RunResult(Path(config.out), None, [], None))
     monkeypatch.setenv("WORLD_SIZE", "4")
-    rtrain.main(["--out", str(tmp_path / "run"), "--model", "tiny-llama", "--steps", "10", "--batch-size", "8",
-                 "--grad-accum", "2", "--seq-len", "17", "--data-source", "hub", "--train-corpus", "slimpajama",
-                 "--eval-corpus", "slimpajama"])
+    rrt.cli.train_main(["--out", str(tmp_path / "run"), "--model", "tiny-llama", "--steps", "10", "--batch-size", "8",
+                        "--grad-accum", "2", "--seq-len", "17", "--data-source", "hub", "--train-corpus", "slimpajama",
+                        "--eval-corpora", "slimpajama/test"])
     (train_name, train_kw), (_, eval_kw) = calls
     assert train_name == "slimpajama" and train_kw["source"] == "hub" and train_kw["max_seqs"] == 10 * 8 * 2 * 4
     assert train_kw["cache_dir"] and eval_kw["max_seqs"] == 32
 
 
+def test_cli_refuses_a_bad_data_source_and_several_eval_sets_before_loading(monkeypatch):
+    import rrt.cli
+    monkeypatch.setattr(rrt.cli, "load_model", lambda source: pytest.fail("loaded a model"))
+    with pytest.raises(ValueError, match="unknown data_source 'web'; valid: embedded, hub"):
+        rrt.cli.train_main(["--out", "x", "--data-source", "web"])
+    with pytest.raises(SystemExit):
+        rrt.cli.train_main(["--out", "x", "--eval-corpora", "wikitext2/test", "tinystories/test"])
+
+
 # ---- multi-process (DDP over gloo on CPU) --------------------------------------------------------
 
+@pytest.mark.slow
 def test_two_processes_follow_the_single_process_trajectory(tmp_path, llama):
     """2 processes × batch 2 read the same samples per step as 1 process × batch 4 (see _micro_batch)."""
     # fp32: bf16 autocast (precision="auto" on a CPU with bf16 matmuls) sums in another order per process count
@@ -304,19 +312,20 @@ def test_two_processes_follow_the_single_process_trajectory(tmp_path, llama):
                    env=os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     got = train_losses([json.loads(line) for line in (Path(two.out) / "metrics.jsonl").read_text().splitlines()])
     one = train(tiny_config(tmp_path, "one", steps=4, batch_size=4, kd="fkl", objective="early_exit", precision="fp32"),
-                train_blocks=TRAIN, eval_blocks=EVAL, original=llama)
+                train_seqs=TRAIN, eval_seqs=EVAL, original=llama)
     assert got == pytest.approx(train_losses(one.metrics), abs=1e-5)
     assert sorted(p.name for p in (Path(two.out) / "checkpoints" / "step-00000002").iterdir()
                   if p.name.startswith("rank")) == ["rank0.pt", "rank1.pt"]
 
 
+@pytest.mark.slow
 def test_cli_under_torchrun_packs_once_per_node_then_trains(tmp_path):
     """The first process packs into the cache while the other waits (local_main_process_first), then reads it."""
     cache, out = tmp_path / "cache", tmp_path / "run"
     torchrun = Path(sys.executable).with_name("torchrun")
     done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "rrt.train", "--out", str(out),
                            "--model", "tiny-llama", "--num-blocks", "2", "--steps", "2", "--batch-size", "2",
-                           "--seq-len", "32", "--max-train-blocks", "16", "--eval-max-blocks", "2",
+                           "--seq-len", "32", "--max-train-seqs", "16", "--max-eval-seqs", "2",
                            "--data-cache", str(cache), "--save-every", "2"],
                           capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -330,7 +339,7 @@ def test_cli_under_torchrun_packs_once_per_node_then_trains(tmp_path):
 def test_a_config_launched_with_another_process_count_is_refused(tmp_path, llama):
     """Tokens per step are planned for num_processes: a mismatched launch would train other token counts."""
     with pytest.raises(ValueError, match=r"config.num_processes=2 but 1 processes were launched"):
-        train(tiny_config(tmp_path, steps=2, num_processes=2), train_blocks=TRAIN, original=llama)
+        train(tiny_config(tmp_path, steps=2, num_processes=2), train_seqs=TRAIN, original=llama)
 
 
 def test_data_offset_starts_the_sample_stream_later(tmp_path, llama):
@@ -343,7 +352,7 @@ def test_data_offset_starts_the_sample_stream_later(tmp_path, llama):
             lambda m, a, kw: rows.append(kw["input_ids"][:, 0].tolist()) if m is llama else None, with_kwargs=True)
         try:
             train(tiny_config(tmp_path, name, steps=4, batch_size=4, kd="fkl", data_offset=offset, lora_rank=0),
-                  train_blocks=TRAIN, original=llama)
+                  train_seqs=TRAIN, original=llama)
         finally:
             hook.remove()
         seen[name] = [t for r in rows for t in r]

@@ -10,11 +10,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rrt.families import FAMILIES
+from rrt.recursive import tie_layers
+from rrt.relax import add_head_lora, add_lora_modules
 from rrt.rundir import write_json
+from rrt.spec import spec_of
 
 WEIGHTS = "model.safetensors"
-TRAINING_STATE = "training_state.pt"  # beside the weights in train.py's checkpoints: step, scheduler
-MANIFEST = "manifest.json"  # written last into train.py's checkpoints: each file's sha256, the step, the config hash
+TRAINING_STATE = "training_state.pt"  # beside the weights in rrt.train's checkpoints: step, scheduler
+MANIFEST = "manifest.json"  # written last into rrt.train's checkpoints: each file's sha256, the step, the config hash
 
 
 class CheckpointError(ValueError):
@@ -119,7 +123,6 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu"
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from rrt.recursive import spec_of, tie_layers
 
     path = _checked(path)
     config = AutoConfig.from_pretrained(path)
@@ -128,10 +131,8 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu"
     spec = spec_of(model)  # refuses a spec that does not fit the model's layer count
     tie_layers(model, spec)
     if any(spec.ranks.values()):
-        from rrt.relax import add_lora_modules
         add_lora_modules(model, spec)
     if spec.head_lora_rank:
-        from rrt.relax import add_head_lora
         add_head_lora(model, spec.head_lora_rank)
     # a plain HF checkpoint (no config.rrt) may store a tied head beside its embedding; rrt.save never does
     _load_unique(model, state, equal_copies=not getattr(config, "rrt", None))
@@ -140,7 +141,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu"
 
 def load_into(model: nn.Module, path: str | Path) -> int | None:
     """Copy a `save` directory's unique tensors into `model` in place (ties survive); return the training
-    step stored beside them (a train.py checkpoint), or None. The model must have exactly those tensors."""
+    step stored beside them (an rrt.train checkpoint), or None. The model must have exactly those tensors."""
     path = _checked(path)
     state, own = load_file(path / WEIGHTS), unique_state_dict(model)
     if set(state) != set(own):
@@ -166,8 +167,6 @@ def _load_unique(model: nn.Module, state: dict[str, torch.Tensor], *, equal_copi
     stored tensors that land on one tied tensor of the model mean the checkpoint was saved under another
     spec: refused, unless `equal_copies` and they are equal (a tied head stored beside its embedding).
     """
-    from rrt.models import FAMILIES
-
     full = model.state_dict(keep_vars=True)
     family = FAMILIES.get(model.config.model_type)
     alias = {a: b for pair in (family.aliases if family else ()) for a, b in (pair, pair[::-1])}

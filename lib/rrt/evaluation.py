@@ -18,7 +18,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from rrt.recursive import loop_logits, num_loops
+from rrt import rundir
+from rrt.recursive import loop_logits
+from rrt.spec import num_loops
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 # The paper's seven tasks (§3.1) with its metric: length-normalised accuracy except LAMBADA and
@@ -253,8 +255,6 @@ def save_results(df, out_dir, *, params, name="results", versions=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     csv, js = out_dir / f"{name}.csv", out_dir / f"{name}.json"
     df.to_csv(csv, index=False)
-    from rrt import rundir
-
     record = {"params": params, "versions": versions or rundir.versions(),
               "rows": json.loads(df.to_json(orient="records"))}
     rundir.write_json(js, record)

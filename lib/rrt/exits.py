@@ -27,10 +27,9 @@ from typing import ClassVar, Mapping, Sequence
 
 import torch
 
-from rrt.models import head_logits
+from rrt.families import head_logits
 from rrt.recursive import loop_hidden_states
-
-SCORED_POLICIES = ("max_prob", "margin", "cosine")
+from rrt.spec import check_choice
 
 
 @dataclass(frozen=True)
@@ -99,16 +98,17 @@ class CosineExit(_ScoredExit):
         return cos.masked_fill(loop == 0, float("-inf"))
 
 
+# The one registry of exit policies: every other list of their names (notebook parameters, CLI choices,
+# calibration) is read from it.
 POLICY_CLASSES = {cls.kind: cls for cls in (MaxProbExit, MarginExit, CosineExit)}
-# Every policy by name: what the notebooks' `exit_policy` parameters and the engine's callers accept.
+SCORED_POLICIES = tuple(POLICY_CLASSES)  # the confidence policies, calibrated on held-out text
 POLICIES = {"none": NoExit, "oracle": OracleExit, **POLICY_CLASSES}
 
 
 def exit_scores(kind: str, *, loop: torch.Tensor, logits: torch.Tensor, hidden: torch.Tensor,
                 prev_hidden: torch.Tensor) -> torch.Tensor:
     """Return the confidence score [n] of the scored policy `kind` (its class's `score`)."""
-    if kind not in POLICY_CLASSES:
-        raise ValueError(f"unknown exit policy {kind!r}; valid: {', '.join(SCORED_POLICIES)}")
+    check_choice("exit policy", kind, SCORED_POLICIES)
     return POLICY_CLASSES[kind].score(loop=loop, logits=logits, hidden=hidden, prev_hidden=prev_hidden)
 
 
@@ -132,13 +132,13 @@ def loop_outputs(model, input_ids) -> list[LoopOutput]:
     """Return every loop's `LoopOutput` for one sequence of ids: the one per-loop view that calibration,
     oracle recording, the sequential reference and notebook 00's explorer all read."""
     ids = torch.as_tensor(list(input_ids), device=model.device)[None]
-    states, embeddings = loop_states(model, ids)
+    states, embeddings = _loop_states(model, ids)
     prev = [embeddings[0]] + [h[0] for h in states[:-1]]
     return [LoopOutput(b, h[0], prev[b], head_logits(model, h, loop_idx=b)[0]) for b, h in enumerate(states)]
 
 
 @torch.no_grad()
-def loop_states(model, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _loop_states(model, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Return (per-loop hidden states, each [batch, seq, hidden] before the final norm; embeddings)."""
     return loop_hidden_states(model, input_ids), model.get_input_embeddings()(input_ids)
 
@@ -174,8 +174,7 @@ def calibrate_threshold(model, sequences: Sequence[Sequence[int]], *, policy: st
     Teacher-forced over every position of the held-out `sequences`; candidates are quantiles of the
     observed scores (at most `max_candidates`). The lowest passing threshold exits the earliest.
     """
-    if policy not in SCORED_POLICIES:
-        raise ValueError(f"unknown exit policy {policy!r}; valid: {', '.join(SCORED_POLICIES)}")
+    check_choice("exit policy", policy, SCORED_POLICIES)
     if not 0.0 <= target_agreement <= 1.0:
         raise ValueError(f"target_agreement must be in [0, 1], got {target_agreement!r}")
     scores, agree = _teacher_forced_scores(model, sequences, policy)  # [tokens, loops] each

@@ -1,19 +1,25 @@
-"""Notebook 00's views of one conversion: sizes, SVD energy per layer, per-loop predictions, exits.
+"""Conversions without training: notebook 00's views of one conversion (sizes, SVD energy per layer,
+per-loop predictions, exits) and 02's perplexity right after conversion (`init_perplexity`).
 
-`explorer(original, tokenizer)` wires them to ipywidgets for JupyterLab; under papermill the
+`explorer(original, tokenizer)` wires 00's views to ipywidgets for JupyterLab; under papermill the
 notebook calls the same functions once with its parameters (headless).
 """
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-import rrt
+from rrt.evaluation import perplexity
 from rrt.exits import POLICY_CLASSES, SCORED_POLICIES, exit_scores, loop_outputs
-from rrt.models import decoder_layers, family_of
-from rrt.serving import Engine, Request
+from rrt.families import decoder_layers, family_of
+from rrt.recursive import convert, count_parameters
+from rrt.relax import truncate_lora
+from rrt.serving.engine import Engine, Request
+from rrt.spec import INITS, RecursiveSpec
 
 EXIT_POLICIES = ("none",) + SCORED_POLICIES
 
@@ -22,12 +28,12 @@ def convert_quietly(original, **spec) -> torch.nn.Module:
     """Return rrt.convert(original, RecursiveSpec(**spec)), rank clamping accepted silently."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return rrt.convert(original, rrt.RecursiveSpec(**spec))
+        return convert(original, RecursiveSpec(**spec))
 
 
 def parameter_table(original, rec) -> pd.DataFrame:
     """Return unique parameter counts of the original and the converted model side by side."""
-    return pd.DataFrame({"original": rrt.count_parameters(original), "converted": rrt.count_parameters(rec)}).T
+    return pd.DataFrame({"original": count_parameters(original), "converted": count_parameters(rec)}).T
 
 
 @torch.no_grad()
@@ -80,7 +86,7 @@ def explorer(original, tokenizer):
     layers = len(decoder_layers(original))
     controls = dict(
         num_blocks=w.Dropdown(options=[b for b in range(1, layers + 1) if layers % b == 0], value=2, description="B"),
-        init=w.Dropdown(options=rrt.recursive.INITS, value="average", description="init"),
+        init=w.Dropdown(options=INITS, value="average", description="init"),
         lora_rank=w.IntSlider(value=0, min=0, max=256, step=8, description="LoRA rank"),
         untie_norms=w.Checkbox(value=False, description="untie norms"),
         prompt=w.Text(value="The capital of France is", description="prompt"),
@@ -105,3 +111,28 @@ def explorer(original, tokenizer):
     button = w.Button(description="convert and run")
     button.on_click(refresh)
     return w.VBox([*controls.values(), button, out])
+
+
+def init_perplexity(model, sequences, *, num_blocks=2, inits=("stepwise", "average", "lower"),
+                    ranks=(0, 64, 128, 256, "full"), untie_norms=(False, True), batch_size=8) -> pd.DataFrame:
+    """Return held-out perplexity right after conversion for each init × LoRA rank × norm tying.
+
+    SVD init (eq. 4) makes rank interpolate between the recursive model (r=0) and, with per-depth
+    norms, the original (full rank): the paper's "perplexity at initialisation" view (Fig. 16).
+    """
+    full = max(min(w.shape) for w in model.parameters() if w.ndim == 2)
+    rows = [{"model": "original", "init": "-", "lora_rank": "-", "untie_norms": "-",
+             "perplexity": perplexity(model, sequences, batch_size=batch_size), **count_parameters(model)}]
+    # One full-rank SVD conversion per (init, tying); lower ranks truncate it (truncate_lora), largest first.
+    by_size = sorted(ranks, key=lambda r: full if r == "full" else r, reverse=True)
+    for init, untie in tqdm(list(itertools.product(inits, untie_norms)), desc="init perplexity"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # full rank is clamped per matrix on purpose
+            rec = convert(model, RecursiveSpec(num_blocks=num_blocks, init=init, untie_norms=untie,
+                                               lora_rank=full))
+        for rank in by_size:
+            truncate_lora(rec, full if rank == "full" else rank)
+            rows.append({"model": f"B={num_blocks}", "init": init, "lora_rank": rank, "untie_norms": untie,
+                         "perplexity": perplexity(rec, sequences, batch_size=batch_size),
+                         **count_parameters(rec)})
+    return pd.DataFrame(rows)

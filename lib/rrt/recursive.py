@@ -8,103 +8,13 @@ yields each shared tensor once and gradients from every depth accumulate into it
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
 
-from rrt.models import decoder_layers, head_logits
-
-# stepwise_start: Stepwise's "fixed-start" variant (App. I, Fig. 11a): layer 0, then every B-th layer
-INITS = ("stepwise", "average", "lower", "random", "stepwise_start")
-NORM_INITS = ("average", "choice", "zero")
-LORA_INITS = ("svd", "zero")
-RANK_GROUPS = ("q", "kv", "o", "mlp")
-
-
-@dataclass(frozen=True)
-class RecursiveSpec:
-    """How to turn a pretrained model into a (Relaxed) Recursive Transformer."""
-    num_blocks: int = 2            # B: loops over the shared block; must divide the layer count L
-    init: str = "stepwise"         # looped-layer init (§2.2, Fig. 2): stepwise|average|lower|random|stepwise_start
-    # Norm weights of the shared layers (App. I, Fig. 11b): average|choice|zero over each tied group.
-    # None follows the init as the paper does: averaged for "average", the picked layer's for
-    # "stepwise"/"lower"/"stepwise_start", fresh for "random". "choice" takes the group's first layer (its picked
-    # layer under stepwise).
-    norm_init: str | None = None
-    lora_rank: int | dict = 0      # per-depth LoRA rank (§2.3); a dict sets it per group q|kv|o|mlp
-    lora_init: str = "svd"         # svd (eq. 4-5) | zero (A random, B zero)
-    untie_norms: bool = False      # per-depth copies of norm weights and biases (see relax.py)
-    # A LoRA on the LM head for the intermediate loop exits only (Table 13's frozen-model rows: the
-    # last loop keeps the model's own head, Δ +0.0); needs num_blocks >= 2. See relax.HeadLoRA.
-    head_lora_rank: int = 0
-    seed: int = 0                  # for init="random" and the random LoRA A matrices
-    ranks: dict = field(init=False, repr=False, compare=False)  # lora_rank per group, resolved
-
-    def __post_init__(self):
-        _check_choice("init", self.init, INITS)
-        if self.norm_init is not None:
-            _check_choice("norm_init", self.norm_init, NORM_INITS)
-        _check_choice("lora_init", self.lora_init, LORA_INITS)
-        if not isinstance(self.num_blocks, int) or isinstance(self.num_blocks, bool) or self.num_blocks < 1:
-            raise ValueError(f"num_blocks must be a positive int, got {self.num_blocks!r}")
-        if not isinstance(self.untie_norms, bool):
-            raise TypeError(f"untie_norms must be a bool, got {self.untie_norms!r}")
-        rank = self.head_lora_rank
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
-            raise ValueError(f"head_lora_rank must be an int >= 0, got {rank!r}")
-        if rank and self.num_blocks < 2:
-            raise ValueError(f"head_lora_rank={rank} needs num_blocks >= 2: the head LoRA acts on "
-                             f"intermediate loop exits only, and num_blocks={self.num_blocks} has none")
-        object.__setattr__(self, "ranks", _resolve_ranks(self.lora_rank))
-
-    def to_dict(self) -> dict:
-        """Return the spec as JSON-ready values (stored in model.config.rrt)."""
-        d = asdict(self)
-        d.pop("ranks")
-        return d
-
-
-def spec_of(model: nn.Module) -> RecursiveSpec:
-    """Return the RecursiveSpec a converted model holds (model.config.rrt); the one reader of it.
-
-    An ordinary model reads as RecursiveSpec(num_blocks=1): one loop, nothing shared (invariant 1).
-    A stored spec that is not a valid RecursiveSpec, or whose num_blocks does not divide the model's
-    layer count, is refused naming the bad value.
-    """
-    stored = getattr(model.config, "rrt", None)
-    if not stored:
-        return RecursiveSpec(num_blocks=1)
-    valid = [f.name for f in fields(RecursiveSpec) if f.init]
-    unknown = sorted(set(stored) - set(valid))
-    if unknown:
-        raise ValueError(f"model.config.rrt holds unknown spec fields {unknown}; valid: {', '.join(valid)}")
-    spec = RecursiveSpec(**stored)
-    try:
-        check_num_blocks(len(decoder_layers(model)), spec.num_blocks)
-    except ValueError as err:
-        raise ValueError(f"model.config.rrt does not fit this model: {err}") from None
-    return spec
-
-
-def _check_choice(name, value, valid):
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
-
-
-def _resolve_ranks(lora_rank) -> dict:
-    """Return {group: rank} for an int rank or a per-group dict (missing groups get 0)."""
-    if isinstance(lora_rank, dict):
-        unknown = set(lora_rank) - set(RANK_GROUPS)
-        if unknown:
-            raise ValueError(f"unknown lora_rank groups {sorted(unknown)}; valid: {', '.join(RANK_GROUPS)}")
-        ranks = {g: lora_rank.get(g, 0) for g in RANK_GROUPS}
-    else:
-        ranks = {g: lora_rank for g in RANK_GROUPS}
-    for group, r in ranks.items():
-        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
-            raise ValueError(f"lora_rank for {group!r} must be an int >= 0, got {r!r}")
-    return ranks
+from rrt.families import decoder_layers, head_logits
+from rrt.relax import add_head_lora, relax
+from rrt.spec import RecursiveSpec, check_num_blocks, num_loops
 
 
 def convert(model: nn.Module, spec: RecursiveSpec) -> nn.Module:
@@ -119,23 +29,13 @@ def convert(model: nn.Module, spec: RecursiveSpec) -> nn.Module:
     _init_shared_layers(rec, model, spec)
     tie_layers(rec, spec)
     if spec.untie_norms:
-        untie_values(rec, model)
+        _untie_values(rec, model)
     rec.config.rrt = spec.to_dict()
     if any(spec.ranks.values()):
-        from rrt.relax import relax
         relax(rec, model, spec)
     if spec.head_lora_rank:
-        from rrt.relax import add_head_lora
         add_head_lora(rec, spec.head_lora_rank, seed=spec.seed)
     return rec
-
-
-def check_num_blocks(num_layers: int, num_blocks: int) -> None:
-    """Raise unless num_blocks divides num_layers, naming the values that do."""
-    if num_layers % num_blocks:
-        valid = [b for b in range(1, num_layers + 1) if num_layers % b == 0]
-        raise ValueError(f"num_blocks={num_blocks} does not divide the {num_layers} layers of this model; "
-                         f"valid values: {', '.join(map(str, valid))}")
 
 
 def stepwise_indices(num_layers: int, num_shared: int) -> list[int]:
@@ -161,7 +61,7 @@ def tied_groups(num_layers: int, num_blocks: int) -> list[list[int]]:
     return [list(range(j, num_layers, k)) for j in range(k)]
 
 
-def is_norm_param(layer: nn.Module, name: str) -> bool:
+def _is_norm_param(layer: nn.Module, name: str) -> bool:
     """True for parameters that belong to a non-linear module of a layer (norm weights and biases)."""
     owner = layer.get_submodule(name.rpartition(".")[0])
     return not isinstance(owner, nn.Linear)
@@ -181,7 +81,7 @@ def _init_shared_layers(rec: nn.Module, original: nn.Module, spec: RecursiveSpec
         for j, group in enumerate(groups):
             src_params = [dict(src[i].named_parameters()) for i in group]
             for name, p in dst[j].named_parameters():
-                norm = is_norm_param(dst[j], name)
+                norm = _is_norm_param(dst[j], name)
                 if spec.init == "random":
                     value = dict(fresh[j].named_parameters())[name]
                 elif spec.init == "average" and not norm:
@@ -238,7 +138,7 @@ def tie_layers(model: nn.Module, spec: RecursiveSpec) -> None:
                 setattr(layers[depth].get_submodule(owner_name), attr, p)
 
 
-def untie_values(rec: nn.Module, original: nn.Module) -> None:
+def _untie_values(rec: nn.Module, original: nn.Module) -> None:
     """Copy every per-depth vector (norm weights, biases) from the original model's same depth."""
     with torch.no_grad():
         for dst, src in zip(decoder_layers(rec), decoder_layers(original)):
@@ -246,12 +146,6 @@ def untie_values(rec: nn.Module, original: nn.Module) -> None:
             for name, p in dst.named_parameters():
                 if p.ndim == 1:
                     p.copy_(src_params[name])
-
-
-def shared_parameter_report(model: nn.Module) -> dict[str, int]:
-    """Return {depth-qualified name: data_ptr} for every layer parameter (for tie checks)."""
-    return {f"{d}.{n}": p.data_ptr() for d, layer in enumerate(decoder_layers(model))
-            for n, p in layer.named_parameters(remove_duplicate=False)}
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -265,11 +159,6 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     embedding = sum(params[i].numel() for i in emb_ids if i in params)
     total = sum(p.numel() for p in params.values())
     return {"non_embedding": total - embedding, "embedding": embedding, "lora": lora, "total": total}
-
-
-def num_loops(model: nn.Module) -> int:
-    """Return B for a recursive model, 1 for an ordinary one."""
-    return spec_of(model).num_blocks
 
 
 def loop_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -24,8 +24,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from rrt.models import Fused, decoder_layers, family_of
-from rrt.recursive import spec_of
+from rrt.families import Fused, decoder_layers, family_of
+from rrt.spec import spec_of
 
 
 class LoRA(nn.Module):
@@ -153,7 +153,7 @@ def relax(rec: nn.Module, original: nn.Module, spec) -> None:
         torch.manual_seed(spec.seed)
         for (depth, name), lora in modules.items():
             target = orig_layers[depth].get_submodule(name).weight if spec.lora_init == "svd" else None
-            init_lora(lora, target)
+            _init_lora(lora, target)
 
 
 def lora_ranks(model: nn.Module, spec) -> dict[str, int | dict[str, int]]:
@@ -204,7 +204,7 @@ def add_lora_modules(model: nn.Module, spec) -> dict[tuple[int, str], LoopLoRALi
 
 
 @torch.no_grad()
-def init_lora(lora: LoopLoRALinear | FusedLoopLoRALinear, target: torch.Tensor | None) -> None:
+def _init_lora(lora: LoopLoRALinear | FusedLoopLoRALinear, target: torch.Tensor | None) -> None:
     """SVD init (eq. 4–5) towards `target` Wℓ: each LoRA of the wrapper gets B = UᵣΣᵣ, A = Vᵣᵀ of its
     own rows of Wℓ − W′ (all rows, or a fused part's); standard init where None or those rows of Wℓ = W′.
 

@@ -7,7 +7,6 @@ figures; directories of results without an executed notebook (committed examples
 """
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import os
@@ -146,12 +145,12 @@ def screenshots(root: Path, out_dir: Path, *, width: int = 1280, height: int = 1
                             "--virtual-time-budget=10000",  # let the widget scripts run before the shot
                             f"--window-size={width},{height}", f"--screenshot={shot}", page.resolve().as_uri()],
                            check=True, capture_output=True, timeout=300)
-        crop_blank_bottom(shot)
+        _crop_blank_bottom(shot)
         shots.append(shot)
     return shots
 
 
-def crop_blank_bottom(png: Path, margin: int = 24) -> None:
+def _crop_blank_bottom(png: Path, margin: int = 24) -> None:
     """Crop the rows below the page's last non-background row (the background: the bottom-left pixel)."""
     from PIL import Image, ImageChops
 
@@ -187,19 +186,3 @@ def _read(path: Path) -> dict:
 
 def _rel(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", nargs="?", default="outputs")
-    parser.add_argument("--screenshots", metavar="DIR", help="also write full-page PNGs of every page into DIR")
-    args = parser.parse_args(argv)
-    root = Path(args.root)
-    print(f"wrote {write_index(root)}")
-    if args.screenshots:
-        for shot in screenshots(root, Path(args.screenshots)):
-            print(f"wrote {shot}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,10 +1,10 @@
 """The paper's tables as DataFrames: our numbers, the paper's Δ columns, and the paper's own numbers beside them.
 
-Each `tableN` takes what a notebook already has (`rrt.studies.run_plan`'s tables; 05's `deltas` or
+Each `tableN` takes what a notebook already has (`rrt.runs.run_plan`'s tables; 05's `deltas` or
 `step_costs`) and returns one tidy DataFrame: one row per model (per model and loop for Table 13),
 its tags, numeric metric columns, Δ columns, and `paper …` columns (NaN where the paper has no such
 row, or the row is not Gemma's B=2). Units follow the paper: accuracy in % (mean over the few-shot
-tasks we ran: the paper's "Avg", as `rrt.studies.average_accuracy`), Δ in percentage points
+tasks we ran: the paper's "Avg", as `rrt.runs.average_accuracy`), Δ in percentage points
 ("pts"), throughput ratios as ×. A model run at several seeds (01: "stepwise B=2 seed=1" beside
 "stepwise B=2") is one row: the mean over seeds, with the spread as its own column. A reference row
 this scale lacks (no full-size run, no random init) leaves its Δ column NaN. `style` renders any of them.
@@ -16,14 +16,14 @@ import re
 import numpy as np
 import pandas as pd
 
-from rrt.plans import SEED_SUFFIX, label_of, tag_is_true  # noqa: F401 (SEED_SUFFIX: the naming rule)
-from rrt.studies import average_accuracy
+from rrt.runs.execute import average_accuracy
+from rrt.runs.store import label_of, tag_is_true
 
 NAN = float("nan")
 
-# The paper's own numbers (Bae et al. 2024, Gemma 2B, 15B uptraining tokens), kept in one place. Source:
-# /work/shared/PAPER.md "Headline numbers"; entries marked "full text" are read from the paper's table
-# (paper/relaxed-recursive-transformers.txt) and checked against the Δ that table prints.
+# The paper's own numbers (Bae et al. 2024, arXiv 2410.20672; Gemma 2B, 15B uptraining tokens), kept in one
+# place. "PAPER.md" below marks its headline numbers (abstract, §3); "full text" an entry read from the
+# table itself and checked against the Δ that table prints.
 PAPER = {
     # Table 5 (PAPER.md): avg few-shot accuracy (%) at B=2; "full" / "reduced" are the baselines.
     "table5": {"full": 60.1, "reduced": 38.2, "stepwise": 51.7, "average": 46.7, "lower": 47.1, "random": 37.6},

@@ -6,7 +6,7 @@ Where the starting model comes from decides the regime:
 - `baseline`: "full" trains the original L-layer model with the same recipe, "reduced" a random
   model of L/B layers and the same widths from scratch (the paper's two reference lines, Fig. 4).
 Every bad value fails in `__post_init__`, before any model is loaded. This module is the schema
-only: train.py builds the models a config describes and its command-line flags.
+only: rrt.train.build builds the models a config describes, rrt.cli its command-line flags.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 
 from rrt.losses import KD_KINDS, LOOP_SCHEMES, loop_weights
-from rrt.recursive import RecursiveSpec
+from rrt.spec import RecursiveSpec, check_choice, check_int
 
 OBJECTIVES = ("uptrain", "early_exit")
 BASELINES = ("full", "reduced")
@@ -34,61 +34,61 @@ class TrainConfig:
     baseline: str | None = None           # None | "full" (L layers) | "reduced" (L/B layers, random)
     data: str = ""                        # a label for the data (corpus/split/length); checked on resume
     # recursion (RecursiveSpec fields; §2.2–2.3)
-    num_blocks: int = 2
-    init: str = "stepwise"
-    norm_init: str | None = None
-    lora_rank: int = 0
-    lora_init: str = "svd"
-    untie_norms: bool = False
+    num_blocks: int = 2                   # B: loops over the shared block; divides the layer count L
+    init: str = "stepwise"                # looped-layer init: stepwise|average|lower|random|stepwise_start
+    norm_init: str | None = None          # shared norms: average|choice|zero; None: as the init does (App. I)
+    lora_rank: int = 0                    # per-depth LoRA rank (§2.3); 0: the plain recursive model
+    lora_init: str = "svd"                # LoRA init: svd (truncated SVD of the residual, eq. 4-5) | zero
+    untie_norms: bool = False             # per-depth norm weights (full rank then reproduces the original)
     # objective
     objective: str = "uptrain"            # uptrain (CE + KD, §3.6) | early_exit (every loop, §3.7)
     kd: str | None = None                 # KD divergence: fkl|rkl|jsd|tvd; None = CE only
     teacher: str | None = None            # KD teacher: None = `model` as loaded; else an rrt.save dir or a
                                           # load_model source (App. L: the full-size model uptrained alike)
-    kd_weight: float = 1.0
-    temperature: float = 1.0
+    kd_weight: float = 1.0                # weight of the KD term beside CE
+    temperature: float = 1.0              # KD temperature T (the divergence is scaled by T²)
     teacher_dtype: str = "float32"        # float32 | bfloat16 (halves the teacher's memory on GPU)
     exit_scheme: str = "aggressive"       # weighted | aggressive (App. M)
     exit_coefficient: float | None = 0.1  # aggressive: weight of every intermediate loop (Table 13: 0.1)
     self_distill: bool = False            # intermediate loops also distil the detached final loop
-    self_distill_kind: str = "fkl"
+    self_distill_kind: str = "fkl"        # self-distillation divergence: fkl|rkl|jsd|tvd
     # what trains
     trainable: str = "all"                # all | base (no LoRA) | lora | head_lora (Table 13)
     head_lora_rank: int = 0               # a LoRA on the LM head for intermediate exits (Table 13's frozen-model option)
     # optimisation (AdamW + cosine with linear warmup)
-    lr: float = 2e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    steps: int = 100
-    batch_size: int = 8                   # blocks per micro-batch per process
-    grad_accum: int = 1
+    lr: float = 2e-4                      # AdamW peak learning rate (App. G)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    weight_decay: float = 0.0             # AdamW weight decay
+    warmup_steps: int = 0                 # linear warmup steps, then cosine decay to 0
+    steps: int = 100                      # optimiser steps
+    batch_size: int = 8                   # sequences per micro-batch per process
+    grad_accum: int = 1                   # micro-batches per optimiser step
     num_processes: int = 1                # processes the batch arithmetic assumes (train() checks it):
                                           # tokens per step = batch_size × grad_accum × num_processes × seq_len
     data_offset: int = 0                  # training samples to skip first: post-training on "new" tokens
                                           # starts past the uptraining's (Table 13, "Data: New")
     clip: float = 1.0                     # max global grad norm; 0 disables
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, more time)
     precision: str = "auto"               # auto: bf16 autocast on GPU and on CPUs with bf16 matmuls, else fp32
     # bookkeeping
-    seq_len: int | None = None            # if set, the training blocks must have this length
+    seq_len: int | None = None            # tokens per training sequence (if set, the data must have it)
     eval_every: int = 0                   # per-loop perplexity every N steps (also at start and end)
-    eval_batch_size: int = 8
+    eval_batch_size: int = 8              # sequences per batch of the per-loop perplexity
     save_every: int = 50                  # checkpoint every N steps (and at the end)
-    keep_checkpoints: int = 2
-    seed: int = 0
+    keep_checkpoints: int = 2             # checkpoints kept (the newest)
+    seed: int = 0                         # data order, random init, LoRA A matrices
 
     def __post_init__(self):
-        _choice("objective", self.objective, OBJECTIVES)
+        check_choice("objective", self.objective, OBJECTIVES)
         if self.baseline is not None:
-            _choice("baseline", self.baseline, BASELINES)
+            check_choice("baseline", self.baseline, BASELINES)
         if self.kd is not None:
-            _choice("kd", self.kd, KD_KINDS)
-        _choice("self_distill_kind", self.self_distill_kind, KD_KINDS)
-        _choice("exit_scheme", self.exit_scheme, LOOP_SCHEMES)
-        _choice("trainable", self.trainable, TRAINABLE)
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("teacher_dtype", self.teacher_dtype, TEACHER_DTYPES)
+            check_choice("kd", self.kd, KD_KINDS)
+        check_choice("self_distill_kind", self.self_distill_kind, KD_KINDS)
+        check_choice("exit_scheme", self.exit_scheme, LOOP_SCHEMES)
+        check_choice("trainable", self.trainable, TRAINABLE)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("teacher_dtype", self.teacher_dtype, TEACHER_DTYPES)
         self.spec()  # RecursiveSpec validates num_blocks, init, norm_init, lora_rank, lora_init, head_lora_rank
         loop_weights(2, self.exit_scheme, self.exit_coefficient)  # coefficient in [0, 1]; None for weighted
         if self.teacher is not None and self.kd is None:
@@ -102,10 +102,9 @@ class TrainConfig:
             raise ValueError(f"temperature and lr must be > 0; got {self.temperature}, {self.lr}")
         for name in ("steps", "batch_size", "grad_accum", "num_processes", "save_every", "keep_checkpoints",
                      "eval_batch_size"):
-            _positive_int(name, getattr(self, name))
+            check_int(name, getattr(self, name), 1)
         for name in ("warmup_steps", "eval_every", "head_lora_rank", "seed", "data_offset"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be an int >= 0; got {getattr(self, name)!r}")
+            check_int(name, getattr(self, name), 0)
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
         self._check_regime()
@@ -153,12 +152,3 @@ class TrainConfig:
             raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
-
-def _choice(name, value, valid):
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
-
-
-def _positive_int(name, value):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1; got {value!r}")

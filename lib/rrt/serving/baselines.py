@@ -31,15 +31,15 @@ class StaticBatchEngine(Engine):
             super()._admit(elapsed)
 
 
-def hf_static_generate(model, requests: list[Request], *, batch_size: int) -> dict:
+def hf_static_generate(model, requests: list[Request], *, max_active: int) -> dict:
     """Greedy HF `generate` in fixed batches of equal-length prompts; return {request_id: seconds to finish}.
 
     EOS is ignored; a batch decodes its longest output, shorter requests ride along as padding rows
     (static batching's cost) and count only their own max_new_tokens.
     """
     start, latency = time.perf_counter(), {}
-    for i in range(0, len(requests), batch_size):
-        batch = requests[i:i + batch_size]
+    for i in range(0, len(requests), max_active):
+        batch = requests[i:i + max_active]
         if len({len(r.prompt) for r in batch}) > 1:
             raise ValueError("hf_static_generate needs equal prompt lengths within a batch (no padding)")
         ids = torch.tensor([r.prompt for r in batch], device=model.device)

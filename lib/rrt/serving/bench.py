@@ -1,6 +1,6 @@
 """Serving benchmark (§3.8, Fig. 8, App. N): measured throughput of every system, and its own bound.
 
-    python -m rrt.serving.bench --checkpoint outputs/runs/<early-exit run>/checkpoints/step-… --out DIR
+    python -m rrt bench --checkpoint outputs/runs/<early-exit run>/checkpoints/step-… --out DIR
 
 Workload (App. N): held-out corpus documents cut into a prompt and the text that follows it
 (`workload.corpus_samples`), all queued at once (offline throughput), plus an open-loop Poisson
@@ -32,37 +32,29 @@ alike; median with min and max.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import pandas as pd
 import torch
+from transformers import AutoModelForCausalLM
 
-import rrt
-from rrt.exits import OracleExit
-from rrt.models import native_bf16
-from rrt.recursive import num_loops
+from rrt.data import load_packed
+from rrt.devices import native_bf16
+from rrt.exits import POLICY_CLASSES, OracleExit, calibrate_threshold, record_oracle_trajectories
+from rrt.models import load_model, model_config
+from rrt.recipes import PAPER_MODELS
 from rrt.relax import lora_modules, truncate_lora
-from rrt.rundir import write_config, write_versions
 from rrt.serving.baselines import StaticBatchEngine, hf_static_generate
+from rrt.serving.bounds import (DryRunEngine, bound_seconds, hf_bound, measure_step_costs, median_costs, paper_sim,
+                                positions)
 from rrt.serving.engine import KV_POLICIES, Engine
-from rrt.serving.kv import StepLayout
-from rrt.serving import simulate as simulate_module
-from rrt.serving.simulate import kv_bytes_per_token, simulate, weight_bytes
-from rrt.serving.targets import targets_table
+from rrt.serving.simulate import kv_bytes_per_token, weight_bytes
 from rrt.serving.workload import (Sample, corpus_samples, latency_metrics, mean_loops, poisson_arrivals,
                                   replay_trajectories, requests_from)
+from rrt.spec import check_choice, num_loops
 
-# The paper's models by scale name, built with random weights from their published shapes
-# (rrt.models.SHAPES): timing needs shapes, not values.
-PAPER_CONFIGS = {"paper-gemma-2b": "google/gemma-2b",
-                 "paper-tinyllama-1.1b": "TinyLlama/TinyLlama-1.1B-intermediate-step-50K-105b",
-                 "paper-pythia-1b": "EleutherAI/pythia-1b"}
 # column: (baseline system, the throughput it divides); delta_seq_bound is what Δ_Seq would be if every
 # system reached its bound, delta_seq_rows what it would be if a layer call cost the same per row
 # (tokens per layer row: the compute a system saves, whatever its calls cost)
@@ -136,9 +128,8 @@ def run_benchmark(model, tokenizer, recursive, *, workload: Workload = Workload(
     vanilla continuous batching and CDB + oracle (the first KV policy) and report latency.
     memory_cap_bytes: the step-cost sweep stops where weights + KV of that many rows would exceed it.
     """
-    for policy in kv_policies:
-        if policy not in KV_POLICIES:
-            raise ValueError(f"unknown kv_policy {policy!r}; valid: {', '.join(KV_POLICIES)}")
+    for policy in kv_policies:  # before any compute (the engines are built after the trajectories)
+        check_choice("kv_policy", policy, KV_POLICIES)
     samples = workload.samples(tokenizer, model.config.vocab_size)
     trajectories = replay_trajectories(recursive, samples)
     seq = max(len(s.prompt) + len(s.continuation) for s in samples)
@@ -194,7 +185,7 @@ def run_benchmark(model, tokenizer, recursive, *, workload: Workload = Workload(
     for i, s in enumerate(systems):
         median = sorted(runs[i], key=lambda r: r["seconds"])[len(runs[i]) // 2]
         if s.make is None:
-            bound = _hf_bound(samples, max_active, costs[id(s.model)])
+            bound = hf_bound(samples, max_active, costs[id(s.model)])
         else:
             recorded = None if s.exit_policy in ("none", "oracle", "oracle (own output)") else median["exit_loops"]
             bound = _dry_bound(s, requests, costs[id(s.model)], recorded)
@@ -205,104 +196,18 @@ def run_benchmark(model, tokenizer, recursive, *, workload: Workload = Workload(
             ref = systems_df.loc[systems_df["system"] == base, rate].iloc[0]
             systems_df[column] = systems_df[rate] / ref
     step_costs = pd.concat([costs[k].assign(model=_model_name(m)) for k, m in models.items()], ignore_index=True)
-    paper = _paper_sim(trajectories, costs[id(model)], costs[id(recursive)], b, max_active)
+    paper = paper_sim(trajectories, costs[id(model)], costs[id(recursive)], b, max_active)
     latency = pd.DataFrame()
     if arrival_rate:
         latency = _poisson(systems, samples, arrival_rate, workload.seed)
     settings = {"workload": asdict(workload), "max_active": max_active, "token_budget": token_budget,
                 "repeats": repeats, "kv_policies": list(kv_policies), "arrival_rate": arrival_rate,
                 "memory_cap_bytes": memory_cap_bytes, "mean_loops": mean_loops(trajectories),
-                "num_blocks": b, "device": device_name(model), "dtype": str(model.dtype).removeprefix("torch.")}
+                "num_blocks": b, "device": _device_name(model), "dtype": str(model.dtype).removeprefix("torch.")}
     return BenchResult(systems_df, step_costs, paper, latency, trajectories, settings)
 
 
 # ---------------------------------------------------------------------- step costs and the bound
-
-
-@torch.no_grad()
-def measure_step_costs(model, *, max_rows: int, context_len: int, max_active: int, seq_len: int,
-                       repeats: int = 5, memory_cap_bytes: int | None = None) -> pd.DataFrame:
-    """Time this engine's own block, KV-fill and LM-head calls at row counts up to max_rows (Table 16).
-
-    Rows are decode rows, each its own (request, loop) group with `context_len` keys, spread over
-    the loops (so every loop's LoRA is in the batch, as in a CDB step). Median of `repeats` calls.
-    Columns: rows, block_s (one call of the K shared layers; for a plain model all L layers),
-    fill_s (copy_hidden's KV-only call at loops >= 1), head_s, kv_bytes (the KV of max_active
-    requests of seq_len tokens), fits (weights, the engine's packed copies of them, and that KV within
-    memory_cap_bytes).
-    """
-    sizes = sorted({n for n in [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256] if n <= max_rows}
-                   | {max_rows})
-    b = num_loops(model)
-    engine = Engine(model, max_active=max(sizes), max_seq_len=context_len)
-    cfg = model.config
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    engine.kv._ensure(kv_heads, head_dim, torch.empty(0, dtype=model.dtype, device=model.device))
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    for n in sizes:
-        tags = sorted((i % b, i, context_len - 1) for i in range(n))  # (loop, slot, position)
-        layout = StepLayout(engine.kv, [(s, loop, p) for loop, s, p in tags], num_shared=engine.num_shared,
-                            depth_window=engine.depth_window, device=model.device)
-        h = torch.randn(1, n, cfg.hidden_size, generator=gen).to(model.device, model.dtype)
-        block = _median(lambda: engine._layers(h, layout, kv_only=False), model.device, repeats)
-        fill = float("nan")
-        if b > 1:
-            deep = sorted((1 + i % (b - 1), i, context_len - 1) for i in range(n))
-            fill_layout = StepLayout(engine.kv, [(s, loop, p) for loop, s, p in deep], num_shared=engine.num_shared,
-                                     depth_window=engine.depth_window, device=model.device)
-            fill = _median(lambda: engine._layers(h, fill_layout, kv_only=True), model.device, repeats)
-        head = _median(lambda: engine._head(h[0], list(range(n)), [b - 1] * n), model.device, repeats)
-        rows.append({"rows": n, "block_s": block, "fill_s": fill, "head_s": head})
-    df = pd.DataFrame(rows)
-    df["kv_bytes"] = max_active * seq_len * kv_bytes_per_token(model)
-    held = weight_bytes(model) + engine.packed_bytes
-    df["fits"] = True if memory_cap_bytes is None else held + df["kv_bytes"] <= memory_cap_bytes
-    return df
-
-
-def median_costs(rounds: list[pd.DataFrame]) -> pd.DataFrame:
-    """Per row count, the median over rounds of each measured cost (`measure_step_costs` tables)."""
-    df = pd.concat(rounds, ignore_index=True)
-    return df.groupby("rows", as_index=False, sort=True).median(numeric_only=True).astype({"fits": bool})
-
-
-class DryRunEngine(Engine):
-    """The engine's scheduler and routing without compute: records each step's block, fill and head rows.
-
-    Exits come from the policy (oracle or no exit: neither reads logits); tokens are all 0, which
-    changes nothing in the schedule (the bench has no stop tokens). static=True admits like
-    `StaticBatchEngine`.
-    """
-
-    def __init__(self, *args, static: bool = False, **kwargs):
-        super().__init__(*args, pack_weights=False, **kwargs)  # no compute: no packed weights
-        self.static = static
-        self.trace: list[tuple[str, int]] = []
-
-    def _admit(self, elapsed: float = float("inf")) -> None:
-        if not (self.static and self.active):
-            super()._admit(elapsed)
-
-    def _layers(self, h, layout, *, kv_only):
-        self.trace.append(("fill" if kv_only else "block", len(layout.loop_list)))
-        return h
-
-    def _head(self, outputs, rows, loops):
-        self.trace.append(("head", len(rows)))
-        return outputs.new_zeros(len(rows), 1)
-
-
-def bound_seconds(trace: list[tuple[str, int]], costs: pd.DataFrame) -> float:
-    """Σ over a dry run's calls of the measured cost at that row count (linear between measured counts)."""
-    column = {"block": "block_s", "fill": "fill_s", "head": "head_s"}
-    return sum(interpolate(costs, column[kind], n) for kind, n in trace)
-
-
-def interpolate(costs: pd.DataFrame, column: str, n: int) -> float:
-    """Cost at n rows: linear between measured row counts, extrapolated from the last two beyond them."""
-    return simulate_module.interpolate(costs["rows"].tolist(), costs[column].tolist(), n)
 
 
 def _dry_bound(s: _System, requests, costs, recorded) -> float:
@@ -310,34 +215,9 @@ def _dry_bound(s: _System, requests, costs, recorded) -> float:
     dry = DryRunEngine(engine.model, token_budget=engine.token_budget, max_active=engine.max_active,
                        max_seq_len=engine.max_seq_len, kv_policy=engine.kv_policy,
                        static=isinstance(engine, StaticBatchEngine),
-                       exit_policy=OracleExit(_positions(recorded, requests())) if recorded else engine.exit_policy)
+                       exit_policy=OracleExit(positions(recorded, requests())) if recorded else engine.exit_policy)
     dry.run(requests())
     return bound_seconds(dry.trace, costs)
-
-
-def _positions(exit_loops: dict, requests) -> dict:
-    """Per-request exit loops of generated tokens → per-position trajectories (prompt positions: last loop)."""
-    return {r.request_id: [0] * (len(r.prompt) - 1) + list(exit_loops[r.request_id]) for r in requests}
-
-
-def _hf_bound(samples, batch_size, costs) -> float:
-    """HF static batches: one prefill of the batch's prompts, then its longest output's decode steps."""
-    total = 0.0
-    for i in range(0, len(samples), batch_size):
-        batch = samples[i:i + batch_size]
-        m, steps = len(batch), max(len(s.continuation) for s in batch)
-        total += interpolate(costs, "block_s", m * len(batch[0].prompt)) + interpolate(costs, "head_s", m)
-        total += (steps - 1) * (interpolate(costs, "block_s", m) + interpolate(costs, "head_s", m))
-    return total
-
-
-def _paper_sim(trajectories, vanilla, recursive, b, max_active) -> pd.DataFrame:
-    """The paper's simulator (decode only) with T(n) = this engine's block (+ head) cost at n rows."""
-    def table(costs, loops):
-        return pd.DataFrame({"batch_size": costs["rows"],
-                             "block_s_per_token": costs["block_s"] * loops + costs["head_s"]})
-    return simulate(trajectories, vanilla_times=table(vanilla, 1), recursive_times=table(recursive, b),
-                    num_blocks=b, max_active=max_active)
 
 
 # ---------------------------------------------------------------------- timing
@@ -352,13 +232,13 @@ def _time_engine(make, requests) -> dict:
     return {"seconds": seconds, "engine": e, "exit_loops": dict(e.exit_loops), "latency": list(e.latency().values())}
 
 
-def _time_hf(model, requests, batch_size) -> dict:
+def _time_hf(model, requests, max_active) -> dict:
     reqs = requests()
     start = time.perf_counter()
-    latency = hf_static_generate(model, reqs, batch_size=batch_size)
+    latency = hf_static_generate(model, reqs, max_active=max_active)
     return {"seconds": time.perf_counter() - start, "tokens": sum(r.max_new_tokens for r in reqs),
             "latency": list(latency.values()), "seq": max(len(r.prompt) + r.max_new_tokens for r in reqs),
-            "batch_size": batch_size}
+            "max_active": max_active}
 
 
 def _row(s: _System, run: dict, seconds: list[float], bound: float) -> dict:
@@ -387,7 +267,7 @@ def _row(s: _System, run: dict, seconds: list[float], bound: float) -> dict:
                     "schedule_s": p.schedule_s, "block_s": p.block_s, "attn_s": p.attn_s, "route_s": p.route_s,
                     "head_s": p.head_s, "score_waste": p.score_waste})
     else:
-        kv_pool, packed = run["batch_size"] * run["seq"] * kv_bytes_per_token(s.model), 0
+        kv_pool, packed = run["max_active"] * run["seq"] * kv_bytes_per_token(s.model), 0
     peak = (torch.cuda.max_memory_allocated(s.model.device) if s.model.device.type == "cuda"
             else weight_bytes(s.model) + packed + kv_pool)
     row.update({"weight_bytes": weight_bytes(s.model), "packed_bytes": packed,
@@ -413,28 +293,11 @@ def _poisson(systems, samples, rate, seed) -> pd.DataFrame:
 
 def _own_oracle(rec, samples, seq) -> OracleExit:
     """Oracle trajectories on the model's own greedy (no-exit) output: its exits emit the same tokens."""
-    from rrt.exits import record_oracle_trajectories
     engine = Engine(rec, max_seq_len=seq, max_active=8)
     reqs = requests_from(samples)
     out = engine.run(reqs)
     full = record_oracle_trajectories(rec, [r.prompt + out[r.request_id] for r in reqs])
     return OracleExit({r.request_id: full[i].tolist() for i, r in enumerate(reqs)})
-
-
-def _median(fn, device, repeats) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = _now(device)
-        fn()
-        times.append(_now(device) - start)
-    return statistics.median(times)
-
-
-def _now(device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def _reset_peak(model):
@@ -453,7 +316,7 @@ def _model_name(model) -> str:
     return "vanilla" if num_loops(model) == 1 else f"recursive {config_name(model)}"
 
 
-def device_name(model) -> str:
+def _device_name(model) -> str:
     if model.device.type == "cuda":
         return torch.cuda.get_device_name(model.device)
     return f"cpu, {torch.get_num_threads()} threads"
@@ -477,13 +340,11 @@ def serving_dtype(device: str, dtype: str = "auto") -> torch.dtype:
 
 
 def load_bench_model(name: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """Return (model, tokenizer or None): a `PAPER_CONFIGS` shape with random weights, or `rrt.load_model`."""
-    if name not in PAPER_CONFIGS:
-        return rrt.load_model(name, dtype=dtype, device=device)
-    from transformers import AutoModelForCausalLM
-
-    from rrt.models import model_config
-    config = model_config(PAPER_CONFIGS[name])
+    """Return (model, tokenizer or None): a `paper-*` scale's shape (recipes.PAPER_MODELS) with random weights,
+    or `rrt.load_model`'s."""
+    if name not in PAPER_MODELS:
+        return load_model(name, dtype=dtype, device=device)
+    config = model_config(PAPER_MODELS[name].model)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model.eval(), None
@@ -501,53 +362,12 @@ def summary_table(result: BenchResult) -> str:
     return df[[c for c in SUMMARY_COLUMNS if c in df]].to_markdown(index=False, floatfmt=".3g")
 
 
-def main(argv=None) -> BenchResult:
-    """Run the benchmark; write bench.csv, step_costs.csv, paper_sim.csv, latency.csv, targets.csv, report.md,
-    config.json."""
-    args = _parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
-    dtype = serving_dtype(args.device, args.dtype)
-    model, tok = load_bench_model(args.model, device=args.device, dtype=dtype)
-    if args.checkpoint:
-        rec = rrt.load(args.checkpoint, dtype=dtype, device=args.device)
-        if args.lora_rank:
-            raise ValueError("--checkpoint serves the checkpoint's own LoRA: drop --lora-rank")
-    else:
-        rec = rrt.convert(model, rrt.RecursiveSpec(num_blocks=args.num_blocks, lora_rank=args.lora_rank))
-    workload = Workload(corpus=args.corpus, split=args.split, num_requests=args.num_requests,
-                        prefix_len=args.prefix_len, decode_len=args.decode_len, seed=args.seed)
-    text = heldout_text(tok, args.calibration_corpus, vocab_size=model.config.vocab_size) if args.exit_policies else []
-    policies, calibration = calibrated_policies(rec, text, args.exit_policies, target_agreement=args.target_agreement)
-    result = run_benchmark(model, tok, rec, workload=workload, max_active=args.max_active,
-                           token_budget=args.token_budget, repeats=args.repeats, kv_policies=tuple(args.kv_policies),
-                           exit_policies=policies, hf_generate=not args.no_hf_generate,
-                           arrival_rate=args.arrival_rate, progress=True)
-    result.settings["calibration"] = calibration
-    out = Path(args.out)
-    write_config(out, {**vars(args), **result.settings})
-    write_versions(out)
-    for name, df in result.tables().items():
-        df.to_csv(out / f"{name}.csv", index=False)
-    targets = targets_table(result.systems)
-    targets.to_csv(out / "targets.csv", index=False)
-    command = " ".join(argv if argv is not None else sys.argv[1:])
-    report = "\n\n".join([f"`python -m rrt.serving.bench {command}` on {result.settings['device']}; "
-                          f"mean loops per token E = {result.mean_loops:.3f}", summary_table(result),
-                          result.step_costs.to_markdown(index=False, floatfmt=".4g"),
-                          "Targets (`rrt.serving.targets`):", targets.to_markdown(index=False, floatfmt=".3g")]) + "\n"
-    (out / "report.md").write_text(report)
-    print(report)
-    return result
-
-
 def heldout_text(tokenizer, corpus: str, *, vocab_size: int, source: str = "embedded", seqs: int = 16,
                  seq_len: int = 128, seed: int = 0) -> list[list[int]]:
     """Held-out sequences ("name/split" packed `seqs` × `seq_len`) to calibrate thresholds and score perplexity
     on; random ids without a tokenizer (dummy-weight shapes)."""
     if tokenizer is None:
         return torch.randint(vocab_size, (seqs, seq_len), generator=torch.Generator().manual_seed(seed)).tolist()
-    from rrt.data import load_packed
-
     name, _, split = corpus.partition("/")
     packed = load_packed(name, split or "test", tokenizer=tokenizer, seq_len=seq_len, source=source, max_seqs=seqs)
     return [list(map(int, row["input_ids"])) for row in packed]
@@ -556,8 +376,6 @@ def heldout_text(tokenizer, corpus: str, *, vocab_size: int, source: str = "embe
 def calibrated_policies(rec, text, names, *, target_agreement: float) -> tuple[dict, list[dict]]:
     """Return ({name: policy}, calibration rows): each scored policy's threshold calibrated on `text`
     (teacher-forced) so its exits agree with the last loop on `target_agreement` of the tokens."""
-    from rrt.exits import POLICY_CLASSES, calibrate_threshold
-
     policies, rows = {}, []
     for policy in names:
         cal = calibrate_threshold(rec, text, policy=policy, target_agreement=target_agreement)
@@ -565,39 +383,3 @@ def calibrated_policies(rec, text, names, *, target_agreement: float) -> tuple[d
         rows.append({"exit_policy": policy, "threshold": cal.threshold, "agreement": cal.agreement,
                      "mean_exit_loop": cal.mean_exit_loop, "target_agreement": target_agreement})
     return policies, rows
-
-
-def _parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m",
-                   help=f"rrt.load_model source or one of {', '.join(PAPER_CONFIGS)} (random weights)")
-    p.add_argument("--checkpoint", default=None, help="an rrt.save directory: the recursive model to serve")
-    p.add_argument("--num-blocks", type=int, default=2, help="without --checkpoint: convert (Stepwise) to B loops")
-    p.add_argument("--lora-rank", type=int, default=0, help="without --checkpoint: per-loop LoRA rank")
-    p.add_argument("--corpus", default="wikitext2")
-    p.add_argument("--split", default="test")
-    p.add_argument("--num-requests", type=int, default=16)
-    p.add_argument("--prefix-len", type=int, default=32, help="prompt tokens per request (App. N: 64 or 512)")
-    p.add_argument("--decode-len", type=int, default=96, help="most output tokens per request (App. N: 256 or 2048)")
-    p.add_argument("--seed", type=int, default=0, help="which documents")
-    p.add_argument("--max-active", type=int, default=8, help="live requests (KV slots) for every system")
-    p.add_argument("--token-budget", type=int, default=64, help="engine rows per step")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up; median, min, max")
-    p.add_argument("--kv-policies", nargs="+", default=["propagate", "copy_kv"], choices=KV_POLICIES)
-    p.add_argument("--exit-policies", nargs="*", default=[], choices=["max_prob", "margin", "cosine"],
-                   help="confidence exits to serve too, each calibrated on --calibration-corpus")
-    p.add_argument("--target-agreement", type=float, default=0.9,
-                   help="calibration: exits agree with the last loop on this share of held-out tokens")
-    p.add_argument("--calibration-corpus", default="tinystories/test")
-    p.add_argument("--arrival-rate", type=float, default=None, help="requests/s of a Poisson latency run")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="auto: bf16 on a GPU or a CPU with bf16 matmuls (AVX512-BF16/AMX), else float32")
-    p.add_argument("--no-hf-generate", action="store_true", help="skip the HF generate baseline")
-    p.add_argument("--out", default="outputs/serving_bench")
-    return p
-
-
-if __name__ == "__main__":
-    main()

@@ -36,20 +36,21 @@ import inspect
 import itertools
 import operator
 import time
-from collections.abc import Collection, Sequence, Set
+from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
 
 from rrt.exits import NoExit
-from rrt.models import decoder_layers, head_logits
-from rrt.recursive import num_loops, spec_of
+from rrt.families import decoder_layers, head_logits
 from rrt.relax import lora_modules
-from rrt.serving.kv import KVPool, ScheduleError, StepLayout, ragged_attention
+from rrt.serving.kv import KVPool, ScheduleError, StepLayout, per_row_rotary, ragged_attention, rotary_tables
 from rrt.serving.packed import PackedLinears, packing_supported
+from rrt.serving.requests import (Live, Request, StepProfile, attention_of, check_kv_only, check_request,
+                                  check_supported, is_int, token_ids)
 from rrt.serving.rows import RowLoRAs
+from rrt.spec import check_choice, num_loops
 
 AttentionInterface.register("rrt_ragged", ragged_attention)
 
@@ -62,81 +63,6 @@ AttentionInterface.register("rrt_ragged", ragged_attention)
 KV_POLICIES = ("propagate", "copy_kv", "copy_hidden")
 
 
-@dataclass
-class Request:
-    """A generation request: prompt token ids, how many tokens to generate, when it arrives.
-
-    Generation ends after `max_new_tokens` tokens or at the first emitted token in
-    `stop_token_ids` or the engine's `eos_token_id`; that stop token is included in the output
-    (HF `generate()`'s convention for eos). A request arrives at engine step `arrival_step` and,
-    if `arrival_s` is set, once that many seconds of `Engine.run` have passed (a Poisson load).
-    `forced` teacher-forces the output: those tokens are emitted (exits still decided by the
-    policy) and `Engine.logprobs` holds, per forced token, its log-probability under the logits of
-    its exit loop and whether it was their argmax (lm-eval's loglikelihood, perplexity).
-    """
-    prompt: list[int]
-    max_new_tokens: int
-    arrival_step: int = 0            # engine step at which it joins the queue
-    request_id: int | str | None = None  # defaults to the submission index
-    stop_token_ids: Collection[int] = ()  # per-request stop tokens, alongside the engine's eos
-    arrival_s: float | None = None   # seconds after `run` starts
-    forced: Sequence[int] | None = None  # exactly max_new_tokens ids to emit instead of the argmax
-
-
-@dataclass
-class _Live:
-    """Engine-side state of an admitted request."""
-    request: Request
-    slot: int
-    order: int
-    tokens: list[int]
-    done: list[int]                  # per loop: positions [0, done[b]) have finished loop b
-    stop: frozenset = frozenset()    # the engine's eos ids ∪ the request's stop_token_ids
-    exit_loops: list[int] = field(default_factory=list)
-    filled: dict = field(default_factory=dict)  # position -> exit loop, its deeper depths filled (copy policies)
-    logprobs: list[tuple[float, bool]] = field(default_factory=list)  # forced: (log-prob, was the argmax)
-
-    @property
-    def generated(self) -> list[int]:
-        return self.tokens[len(self.request.prompt):]
-
-
-@dataclass
-class StepProfile:
-    """Wall-clock per engine phase (`Engine(profile=True)`), and the attention work actually done.
-
-    schedule_s: admission, scheduling and the step layout (row tags, loop segments, attention
-    buckets). block_s: the K shared layers (projections, LoRA, KV writes, attention); attn_s: the
-    part of block_s in `ragged_attention`. route_s: exit decisions, LM head on the rows that need
-    it, bookkeeping, KV fills; head_s: the LM head part of it. scores_computed / scores_needed:
-    Σ over layer calls of the attention scores computed vs the allowed (row, key) pairs, whose
-    ratio is the padding waste. step_rows / step_block_s: per step, for a fit.
-    """
-    schedule_s: float = 0.0
-    block_s: float = 0.0
-    attn_s: float = 0.0
-    route_s: float = 0.0
-    head_s: float = 0.0
-    scores_computed: int = 0
-    scores_needed: int = 0
-    step_rows: list = field(default_factory=list)
-    step_block_s: list = field(default_factory=list)
-
-    @property
-    def score_waste(self) -> float:
-        return self.scores_computed / max(self.scores_needed, 1)
-
-    def fixed_and_per_row_cost(self) -> tuple[float, float]:
-        """Least-squares fit block_s ≈ a + b·rows over steps: (a per call, b per row), in seconds."""
-        if len(set(self.step_rows)) < 2:
-            return float("nan"), float("nan")
-        x = torch.tensor(self.step_rows, dtype=torch.float64)
-        y = torch.tensor(self.step_block_s, dtype=torch.float64)
-        design = torch.stack([torch.ones_like(x), x], 1)
-        a, b = torch.linalg.lstsq(design, y[:, None]).solution[:, 0].tolist()
-        return a, b
-
-
 class Engine:
     """Serve greedy generation from a (relaxed) recursive model with continuous depth-wise batching."""
 
@@ -144,26 +70,25 @@ class Engine:
                  max_seq_len: int | None = None, eos_token_id: int | Sequence[int] | None = None,
                  kv_policy: str = "propagate", profile: bool = False, debug: bool = False,
                  pack_weights: bool | None = None):
-        _check_supported(model)
+        check_supported(model)
         if pack_weights and not packing_supported(model):
             raise ValueError("pack_weights=True needs a bf16 model on a CPU with oneDNN (rrt.serving.packed); "
                              "pass None to pack only where it runs")
         if token_budget < 1 or max_active < 1:
             raise ValueError(f"token_budget and max_active must be >= 1, got {token_budget}, {max_active}")
-        if kv_policy not in KV_POLICIES:
-            raise ValueError(f"unknown kv_policy {kv_policy!r}; valid: {', '.join(KV_POLICIES)}")
+        check_choice("kv_policy", kv_policy, KV_POLICIES)
         self.model, self.token_budget, self.max_active = model, token_budget, max_active
         self.kv_policy = kv_policy
         self.exit_policy = exit_policy if exit_policy is not None else NoExit()
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_token_id = eos_token_id  # one id or several (HF generation_config style)
-        eos = [] if eos_token_id is None else [eos_token_id] if _is_int(eos_token_id) else eos_token_id
-        self.eos_token_ids = frozenset(self._token_ids(eos, "engine", "eos_token_id"))
+        eos = [] if eos_token_id is None else [eos_token_id] if is_int(eos_token_id) else eos_token_id
+        self.eos_token_ids = frozenset(token_ids(eos, "engine", "eos_token_id", self.vocab_size))
         self.layers = decoder_layers(model)
         self.num_loops = num_loops(model)
         self.num_shared = len(self.layers) // self.num_loops
         self.max_seq_len = max_seq_len or model.config.max_position_embeddings
-        self.kv = KVPool(num_slots=max_active, num_depths=len(self.layers),
+        self.kv = KVPool(max_active=max_active, num_depths=len(self.layers),
                          max_seq_len=self.max_seq_len, debug=debug)
         self.hidden = None  # [slots, max_seq_len, hidden]: each position's latest loop output
         # The shared layers' and the LM head's weights, reordered once for oneDNN (bitwise the same
@@ -177,10 +102,10 @@ class Engine:
         # GPT-NeoX layers take the cache as `layer_past`, Llama/Gemma ones as `past_key_values`.
         params = inspect.signature(self.layers[0].forward).parameters
         self.cache_kwarg = "layer_past" if "layer_past" in params else "past_key_values"
-        self.attention = [_attention_of(layer) for layer in self.layers[:self.num_shared]]
+        self.attention = [attention_of(layer) for layer in self.layers[:self.num_shared]]
         self._attn_configs = list({id(a.config): a.config for a in self.attention}.values())
         if kv_policy == "copy_hidden":
-            _check_kv_only(self.layers[0])
+            check_kv_only(self.layers[0])
         rotary = model.base_model.rotary_emb
         self.rotary_by_type = "layer_type" in inspect.signature(rotary.forward).parameters
         types = getattr(model.config, "layer_types", None) or ["full_attention"] * len(self.layers)
@@ -189,7 +114,7 @@ class Engine:
         self.depth_window = [window if t == "sliding_attention" else 0 for t in types]
         self.profile = StepProfile() if profile else None
         self.queue: list[Request] = []
-        self.active: list[_Live] = []
+        self.active: list[Live] = []
         self.results: dict = {}          # request_id -> generated ids, until `collect`ed
         self.failed: dict = {}           # request_id -> error message of a fault in its items
         self.exit_loops: dict = {}
@@ -209,7 +134,9 @@ class Engine:
     def submit(self, request: Request) -> None:
         """Queue a request (validated now, so a bad one fails before any compute)."""
         rid = request.request_id if request.request_id is not None else self._submitted
-        self._validate(request, rid)
+        check_request(request, rid, vocab_size=self.vocab_size, max_seq_len=self.max_seq_len, in_use=lambda: (
+            rid in self.results or rid in self.failed or any(q.request_id == rid for q in self.queue)
+            or any(live.request.request_id == rid for live in self.active)))
         request.request_id = rid
         self._submitted += 1
         self.queue.append(request)
@@ -294,51 +221,6 @@ class Engine:
         s["tokens_per_s"] = s["tokens"] / s["seconds"] if s["seconds"] else float("nan")
         return s
 
-    # ------------------------------------------------------------------ validation
-
-    def _validate(self, r: Request, rid) -> None:
-        """Raise ValueError naming request `rid` and the bad value, if `r` cannot be served."""
-        def bad(what):
-            return ValueError(f"request {rid!r}: {what}")
-        try:
-            hash(rid)
-        except TypeError:
-            raise bad(f"request_id must be hashable (int or str), got {type(rid).__name__}") from None
-        if (rid in self.results or rid in self.failed or any(q.request_id == rid for q in self.queue)
-                or any(live.request.request_id == rid for live in self.active)):
-            default = " (defaulted to the submission index)" if r.request_id is None else ""
-            raise bad(f"request_id{default} is already in use: queued, active, or finished and not "
-                      f"collected (`Engine.collect` frees it); give each request a unique request_id")
-        for name in ("max_new_tokens", "arrival_step"):
-            value = getattr(r, name)
-            if not _is_int(value) or value < (1 if name == "max_new_tokens" else 0):
-                raise bad(f"{name} must be an int >= {1 if name == 'max_new_tokens' else 0}, got {value!r}")
-        if r.arrival_s is not None and (isinstance(r.arrival_s, bool) or not isinstance(r.arrival_s, (int, float))
-                                        or not r.arrival_s >= 0):
-            raise bad(f"arrival_s must be a number of seconds >= 0 or None, got {r.arrival_s!r}")
-        if not _is_ids(r.prompt) or isinstance(r.prompt, Set) or len(r.prompt) == 0:  # a set has no order
-            raise bad(f"needs a non-empty prompt (a sequence of token ids), got {r.prompt!r}")
-        self._token_ids(r.prompt, f"request {rid!r}", "prompt")
-        self._token_ids(r.stop_token_ids, f"request {rid!r}", "stop_token_ids")
-        if r.forced is not None:
-            if not _is_ids(r.forced) or len(r.forced) != r.max_new_tokens:
-                raise bad(f"forced must be a sequence of exactly max_new_tokens={r.max_new_tokens} token ids, "
-                          f"got {r.forced!r}")
-            self._token_ids(r.forced, f"request {rid!r}", "forced")
-        if len(r.prompt) + r.max_new_tokens > self.max_seq_len:
-            raise bad(f"len(prompt) + max_new_tokens = {len(r.prompt)} + {r.max_new_tokens} exceeds "
-                      f"the KV pool's max_seq_len={self.max_seq_len}")
-
-    def _token_ids(self, ids, owner: str, name: str) -> list[int]:
-        """Return `ids` as Python ints, or raise ValueError naming the first one outside the vocabulary."""
-        if not _is_ids(ids):
-            raise ValueError(f"{owner}: {name} must be a sequence of token ids, got {ids!r}")
-        for i, t in enumerate(ids):
-            if not _is_int(t) or not 0 <= operator.index(t) < self.vocab_size:
-                raise ValueError(f"{owner}: {name}[{i}] = {t!r} is not a token id: "
-                                 f"valid ids are ints in [0, {self.vocab_size})")
-        return [operator.index(t) for t in ids]
-
     # ------------------------------------------------------------------ scheduling
 
     def _admit(self, elapsed: float = float("inf")) -> None:
@@ -350,10 +232,10 @@ class Engine:
             r = self.queue.pop(0)
             tokens = [operator.index(t) for t in r.prompt]
             stop = self.eos_token_ids | {operator.index(t) for t in r.stop_token_ids}
-            self.active.append(_Live(r, self.kv.allocate(), next(self._order), tokens,
+            self.active.append(Live(r, self.kv.allocate(), next(self._order), tokens,
                                      [0] * self.num_loops, stop))
 
-    def _schedule(self) -> list[tuple[_Live, int, int]]:
+    def _schedule(self) -> list[tuple[Live, int, int]]:
         """Return ready items (live, position, loop), deepest loop first, up to the token budget.
 
         Positions whose deeper depths were filled at their exit (copy policies) are skipped at those
@@ -412,7 +294,7 @@ class Engine:
                              device=dev)
         self.kv.unwrite(slot=slot, depth=depth, position=position)
 
-    def _fail(self, live: _Live, error: Exception) -> None:
+    def _fail(self, live: Live, error: Exception) -> None:
         rid = live.request.request_id
         self.failed[rid] = f"{type(error).__name__}: {error}"
         self.active.remove(live)
@@ -458,13 +340,14 @@ class Engine:
         kv_only (copy_hidden fills): each layer only writes the keys/values its attention computes
         from h (input norm + projections); h is not updated and no MLP runs.
         """
-        rotary = self._rotary(h, layout.position)
+        rotary = rotary_tables(self.model.base_model.rotary_emb, h, layout.position,
+                               set(self.depth_type) if self.rotary_by_type else None)
         with self._ragged_attention(), (self.row_loras.apply(layout.segments) if self.row_loras
                                         else nullcontext()), self._packed():
             for j in range(self.num_shared):
                 cache = layout.cache(j)
                 cache.profile = self.profile
-                cos_sin = self._per_row_rotary(rotary, layout.loop * self.num_shared + j)
+                cos_sin = per_row_rotary(rotary, layout.loop * self.num_shared + j, self.depth_type)
                 if kv_only:
                     cache.kv_only = True
                     normed = self.layers[j].input_layernorm(h)
@@ -491,24 +374,6 @@ class Engine:
         finally:
             for c, impl in zip(self._attn_configs, saved):
                 c._attn_implementation = impl
-
-    def _rotary(self, h, position):
-        """Return {layer type: (cos, sin) [1, rows, head_dim]} (Gemma 3 has one rotary per type)."""
-        rotary = self.model.base_model.rotary_emb
-        if not self.rotary_by_type:
-            return {None: rotary(h, position[None])}
-        return {t: rotary(h, position[None], t) for t in set(self.depth_type)}
-
-    def _per_row_rotary(self, rotary, depth):
-        if None in rotary:
-            return rotary[None]
-        types = [self.depth_type[d] for d in depth.tolist()]
-        cos, sin = rotary[types[0]]
-        for t in set(types) - {types[0]}:
-            rows = torch.tensor([x == t for x in types], device=depth.device)[None, :, None]
-            cos = torch.where(rows, rotary[t][0], cos)
-            sin = torch.where(rows, rotary[t][1], sin)
-        return cos, sin
 
     # ------------------------------------------------------------------ routing
 
@@ -607,7 +472,7 @@ class Engine:
         src = torch.tensor([rows[n] for *_, n in fill], device=outputs.device)
         self._layers(outputs[src][None], layout, kv_only=True)
 
-    def _emit(self, live: _Live, token: int, loop: int, logprob: tuple[float, bool] | None = None) -> None:
+    def _emit(self, live: Live, token: int, loop: int, logprob: tuple[float, bool] | None = None) -> None:
         live.tokens.append(token)
         live.exit_loops.append(loop)
         if logprob is not None:
@@ -626,52 +491,3 @@ class Engine:
             self.finished_at[r.request_id] = now
             self.active.remove(live)
             self.kv.release(live.slot)
-
-
-def _is_ids(x) -> bool:
-    """True for a 1-D collection of would-be token ids (list, tuple, set, 1-D tensor or array), not a string."""
-    if isinstance(x, (str, bytes)):
-        return False
-    ndim = getattr(x, "ndim", None)
-    return ndim == 1 if ndim is not None else isinstance(x, Collection)
-
-
-def _is_int(value) -> bool:
-    """True for an integer (Python, NumPy or 0-d integer tensor), False for bool, float and the rest."""
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor)
-                                   and (value.is_floating_point() or value.dtype == torch.bool)):
-        return False
-    try:
-        operator.index(value)
-    except TypeError:
-        return False
-    return True
-
-
-def _attention_of(layer):
-    """A decoder layer's attention module (Llama/Gemma `self_attn`, GPT-NeoX `attention`)."""
-    attention = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
-    if attention is None or not hasattr(attention, "config"):
-        raise ValueError(f"{type(layer).__name__} has no self_attn/attention module with a config: not supported")
-    return attention
-
-
-def _check_kv_only(layer) -> None:
-    """copy_hidden needs the layer's attention input norm, to compute keys/values without the layer."""
-    if not hasattr(layer, "input_layernorm"):
-        raise ValueError(f"kv_policy='copy_hidden' needs an `input_layernorm` on {type(layer).__name__}; "
-                         f"use 'propagate' or 'copy_kv'")
-
-
-def _check_supported(model) -> None:
-    """Refuse what the engine does not implement, before any compute."""
-    if spec_of(model).untie_norms:
-        raise ValueError("untie_norms=True models are not supported by the engine: their per-depth "
-                         "norm weights would need a per-row norm gather; use untie_norms=False")
-    impl = model.config._attn_implementation
-    if impl not in ("eager", "sdpa"):
-        raise ValueError(f"attention implementation {impl!r} is not supported (the engine passes "
-                         f"an explicit ragged mask); valid: eager, sdpa")
-    if getattr(model.config, "layer_types", None) is None and getattr(model.config, "sliding_window", None) \
-            and getattr(model.config, "use_sliding_window", True):
-        raise ValueError("sliding_window without config.layer_types is not supported")

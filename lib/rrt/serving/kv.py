@@ -13,7 +13,7 @@ layer calls: layer j of a row at loop b reads and writes depth b·K + j.
 `ragged_attention` is registered with transformers' `AttentionInterface` as "rrt_ragged" and set on
 the shared layers' configs for the duration of a step, so each HF decoder layer runs unchanged
 (its own projections, rotary, q/k norms, scaling) and only the attention product is ours. Why not
-the layer's own sdpa/eager call: it takes one [batch, seq] block, and a step's rows are one
+the layer's own sdpa/eager call: it takes one [batch, seq] tensor, and a step's rows are one
 "sequence" whose keys live in different (request, depth) groups; masking the concatenation of
 every group's keys computes rows × Σ keys scores (4–6× the needed ones at cpu scale). Instead:
 - one-row groups (decode tokens, the common case) are bucketed by key length so each bucket's
@@ -39,15 +39,15 @@ class ScheduleError(AssertionError):
 
 
 class KVPool:
-    """Preallocated keys and values for `num_slots` requests × `num_depths` depths × `max_seq_len`."""
+    """Preallocated keys and values for `max_active` requests × `num_depths` depths × `max_seq_len`."""
 
-    def __init__(self, *, num_slots: int, num_depths: int, max_seq_len: int, debug: bool = False):
-        self.num_slots, self.num_depths, self.max_seq_len = num_slots, num_depths, max_seq_len
+    def __init__(self, *, max_active: int, num_depths: int, max_seq_len: int, debug: bool = False):
+        self.max_active, self.num_depths, self.max_seq_len = max_active, num_depths, max_seq_len
         self.debug = debug
         self.keys: torch.Tensor | None = None    # [slots, depths, max_seq_len, kv_heads, head_dim]
         self.values: torch.Tensor | None = None  # allocated at the first write, when shapes are known
-        self.written = torch.zeros(num_slots, num_depths, max_seq_len, dtype=torch.bool)
-        self.free = list(range(num_slots))
+        self.written = torch.zeros(max_active, num_depths, max_seq_len, dtype=torch.bool)
+        self.free = list(range(max_active))
 
     def allocate(self) -> int:
         """Return a free slot (its written marks cleared)."""
@@ -57,9 +57,9 @@ class KVPool:
 
     def release(self, slot: int) -> None:
         """Give a finished (or failed) request's slot back, its written marks cleared."""
-        if not 0 <= slot < self.num_slots or slot in self.free:
+        if not 0 <= slot < self.max_active or slot in self.free:
             raise ValueError(f"slot {slot!r} is not allocated; allocated: "
-                             f"{sorted(set(range(self.num_slots)) - set(self.free))}")
+                             f"{sorted(set(range(self.max_active)) - set(self.free))}")
         self.written[slot] = False
         self.free.append(slot)
 
@@ -95,17 +95,17 @@ class KVPool:
         """Keys and values of positions [0, length) of each (slot, depth) [n]: two [n, kv_heads, length, head_dim].
 
         One index_select over (slot, depth) of the pool sliced to `length` positions: each group's
-        rows are one contiguous block, and nothing past `length` is copied.
+        rows are one contiguous range, and nothing past `length` is copied.
         """
         flat = slot * self.num_depths + depth
-        shape = (self.num_slots * self.num_depths, self.max_seq_len, *self.keys.shape[3:])
+        shape = (self.max_active * self.num_depths, self.max_seq_len, *self.keys.shape[3:])
         keys = self.keys.view(shape)[:, :length].index_select(0, flat).transpose(1, 2)
         values = self.values.view(shape)[:, :length].index_select(0, flat).transpose(1, 2)
         return keys, values
 
     def _ensure(self, kv_heads: int, head_dim: int, like: torch.Tensor) -> None:
         if self.keys is None:
-            shape = (self.num_slots, self.num_depths, self.max_seq_len, kv_heads, head_dim)
+            shape = (self.max_active, self.num_depths, self.max_seq_len, kv_heads, head_dim)
             self.keys = like.new_zeros(shape)
             self.values = like.new_zeros(shape)
             self.written = self.written.to(like.device)
@@ -289,3 +289,24 @@ def _check_written(pool: KVPool, slot, depth, mask) -> None:
     written = pool.written[slot.to(pool.written.device), depth.to(pool.written.device)]  # [n, max_seq]
     if (mask & ~written[:, :mask.shape[1]].to(mask.device)).any():
         raise ScheduleError("KV slot read before written (scheduler broke a dependency)")
+
+
+def rotary_tables(rotary, h, position, layer_types=None) -> dict:
+    """Return {layer type: (cos, sin) [1, rows, head_dim]} for the rows' positions; one table (key None) unless
+    the rotary embedding takes a layer type (Gemma 3 has one per type), then one per type in `layer_types`."""
+    if layer_types is None:
+        return {None: rotary(h, position[None])}
+    return {t: rotary(h, position[None], t) for t in layer_types}
+
+
+def per_row_rotary(tables: dict, depth, depth_type) -> tuple:
+    """Return (cos, sin) for rows at depths `depth` [rows]: each row the table of its depth's layer type."""
+    if None in tables:
+        return tables[None]
+    types = [depth_type[d] for d in depth.tolist()]
+    cos, sin = tables[types[0]]
+    for t in set(types) - {types[0]}:
+        rows = torch.tensor([x == t for x in types], device=depth.device)[None, :, None]
+        cos = torch.where(rows, tables[t][0], cos)
+        sin = torch.where(rows, tables[t][1], sin)
+    return cos, sin

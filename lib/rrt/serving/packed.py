@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rrt.models import native_bf16
+from rrt.devices import native_bf16
 
 __all__ = ["PackedLinears", "packing_supported", "pack_weight"]
 

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rrt.models import decoder_layers
-from rrt.recursive import spec_of, tied_groups
+from rrt.families import decoder_layers
+from rrt.recursive import tied_groups
+from rrt.spec import spec_of
 from rrt.relax import LoopLoRALinear, loop_segments, lora_modules
 from rrt.serving.packed import pack_weight
 

@@ -23,10 +23,11 @@ import torch
 from lm_eval.models.huggingface import HFLM
 
 from rrt import evaluation
-from rrt.exits import NoExit, OracleExit, record_oracle_trajectories
+from rrt.exits import POLICIES, SCORED_POLICIES, NoExit, OracleExit, record_oracle_trajectories
 from rrt.serving.engine import KV_POLICIES, Engine, Request
+from rrt.spec import check_choice
 
-EXIT_POLICY_NAMES = ("none", "oracle")
+EXIT_POLICY_NAMES = tuple(p for p in POLICIES if p not in SCORED_POLICIES)  # by name: those with no threshold
 
 
 @dataclass(frozen=True)
@@ -186,8 +187,7 @@ def _check_policies(exit_policy, kv_policy) -> None:
             not isinstance(exit_policy, str) and not hasattr(exit_policy, "exit_mask"):
         raise ValueError(f"exit_policy must be one of {list(EXIT_POLICY_NAMES)} or a policy from rrt.exits, "
                          f"got {exit_policy!r}")
-    if kv_policy not in KV_POLICIES:
-        raise ValueError(f"unknown kv_policy {kv_policy!r}; valid: {', '.join(KV_POLICIES)}")
+    check_choice("kv_policy", kv_policy, KV_POLICIES)
 
 
 def _ids(seq) -> list[int]:

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from rrt.models import decoder_layers
+from rrt.families import decoder_layers
 
 
 def simulate(trajectories: Sequence[Sequence[int]], *, vanilla_times: pd.DataFrame,
@@ -37,7 +37,8 @@ def simulate(trajectories: Sequence[Sequence[int]], *, vanilla_times: pd.DataFra
     """Return one row per system (simulated seconds, tokens/s, ratio to vanilla static; App. N).
 
     `trajectories`: per request, the exit loop (0-based) of each generated token; its length is the
-    request's output length. `*_times`: `measure_block_times` tables (batch_size, block_s_per_token).
+    request's output length. `*_times`: tables (batch_size, block_s_per_token), e.g.
+    `bounds.paper_sim`'s from `bounds.measure_step_costs`.
     """
     if max_active < 1 or num_blocks < 1:
         raise ValueError(f"max_active and num_blocks must be >= 1, got {max_active}, {num_blocks}")
@@ -72,21 +73,21 @@ def kv_bytes_per_token(model) -> int:
 # ---------------------------------------------------------------------- simulation rules
 
 
-def _static(lengths, batch_size, step_cost):
+def _static(lengths, max_active, step_cost):
     seconds, steps, rows = 0.0, 0, 0
-    for i in range(0, len(lengths), batch_size):
-        batch = lengths[i:i + batch_size]
+    for i in range(0, len(lengths), max_active):
+        batch = lengths[i:i + max_active]
         seconds += max(batch) * step_cost(len(batch))
         steps += max(batch)
         rows += max(batch) * len(batch)
     return seconds, steps, rows / max(steps, 1)
 
 
-def _continuous(lengths, batch_size, step_cost):
+def _continuous(lengths, max_active, step_cost):
     queue, live = list(lengths), []
     seconds, steps, rows = 0.0, 0, 0
     while queue or live:
-        while queue and len(live) < batch_size:
+        while queue and len(live) < max_active:
             live.append(queue.pop(0))
         seconds += step_cost(len(live))
         steps, rows = steps + 1, rows + len(live)
@@ -94,12 +95,12 @@ def _continuous(lengths, batch_size, step_cost):
     return seconds, steps, rows / max(steps, 1)
 
 
-def _cdb(trajectories, batch_size, loop_cost, num_blocks, propagate):
+def _cdb(trajectories, max_active, loop_cost, num_blocks, propagate):
     """Simulate CDB; a live request is [exit loops left to emit, current loop, propagating loops]."""
     queue, live = [list(t) for t in trajectories], []
     seconds, steps, rows_total = 0.0, 0, 0
     while queue or live:
-        while queue and len(live) < batch_size:
+        while queue and len(live) < max_active:
             live.append([queue.pop(0), 0, []])
         rows = len(live) + sum(len(r[2]) for r in live)
         seconds += loop_cost(rows)

@@ -1,6 +1,6 @@
 """The serving targets, read off a benchmark's `bench.csv`: each one's value, whether it is met, what the rows allow.
 
-    python -m rrt.serving.targets outputs/examples/serving/cpu-64-256/b2-r0 [more bench directories]
+    python -m rrt targets outputs/examples/serving/cpu-64-256/b2-r0 [more bench directories]
 
 prints one table over the directories and writes `targets.csv` into each (`rrt.serving.bench`
 writes it itself from now on). The targets (issue "Fig. 8 measured, not simulated"):
@@ -25,7 +25,6 @@ E ≥ 0.9·B·P / (P + 0.1·D): at App. N's 1 : 4 prompt-to-output shapes E ≥ 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -100,17 +99,15 @@ def _delta_seq_rows(df: pd.DataFrame) -> pd.Series:
     return per_row / per_row[df.system == "vanilla_continuous"].iloc[0]
 
 
-def main(argv=None) -> pd.DataFrame:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("dirs", nargs="+", type=Path, help="bench output directories (bench.csv, config.json)")
-    p.add_argument("--no-write", action="store_true", help="print only; do not write DIR/targets.csv")
-    args = p.parse_args(argv)
+def targets_over_dirs(dirs, *, write: bool = True) -> pd.DataFrame:
+    """Return the targets of each bench output directory (its bench.csv) in one table, printed; with `write`,
+    each directory's own targets.csv beside it."""
     tables = []
-    for d in args.dirs:
+    for d in map(Path, dirs):
         if not (d / "bench.csv").exists():
-            raise FileNotFoundError(f"{d}: no bench.csv (a `python -m rrt.serving.bench --out {d}` directory?)")
+            raise FileNotFoundError(f"{d}: no bench.csv (a `python -m rrt bench --out {d}` directory?)")
         table = targets_table(pd.read_csv(d / "bench.csv"))
-        if not args.no_write:
+        if write:
             table.to_csv(d / "targets.csv", index=False)
         config = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
         shape = f"{config.get('prefix_len', '?')}/{config.get('decode_len', '?')}"
@@ -118,7 +115,3 @@ def main(argv=None) -> pd.DataFrame:
     out = pd.concat(tables, ignore_index=True)
     print(out[["run", "shape", *COLUMNS]].to_markdown(index=False, floatfmt=".3g"))
     return out
-
-
-if __name__ == "__main__":
-    main()

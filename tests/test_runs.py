@@ -1,4 +1,4 @@
-"""Carrying out a plan (studies.py): finished runs read back, a crash loses at most the run in flight,
+"""Carrying out a plan (rrt.runs): finished runs read back, a crash loses at most the run in flight,
 and a planned run launched as its own 2-process job."""
 import json
 import os
@@ -11,10 +11,12 @@ import pytest
 import torch
 
 import rrt
-import rrt.train
-from rrt.plans import InitAblation, start
+import rrt.runs
+import rrt.runs.execute
+from rrt.notebook import start
+from rrt.plans import InitAblation
 from rrt.progress import GridProgress
-from rrt.studies import StudyData, data_spec, run_plan, study_data
+from rrt.runs.execute import StudyData, load_data, run_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(repeat_seeds=[], variants=[], model="tiny-llama", scale="smoke", steps=2, global_batch_size=2, batch_size=2, warmup_steps=0, seq_len=16,
@@ -28,17 +30,17 @@ def blocks(n, length=16, seed=0):
 
 @pytest.fixture()
 def counted_train(monkeypatch):
-    """rrt.train.train, recording its calls; `calls.fail_on = n` makes the n-th call raise (a crash mid-grid)."""
+    """rrt.runs.execute.train, recording its calls; `calls.fail_on = n` makes the n-th call raise (a crash mid-grid)."""
     class Calls(list):
         fail_on = None
-    calls, real = Calls(), rrt.train.train
+    calls, real = Calls(), rrt.runs.execute.train
 
     def train(config, **kwargs):
         calls.append(config.out)
         if len(calls) == calls.fail_on:
             raise RuntimeError("killed")
         return real(config, **kwargs)
-    monkeypatch.setattr(rrt.train, "train", train)
+    monkeypatch.setattr(rrt.runs.execute, "train", train)
     return calls
 
 
@@ -70,15 +72,16 @@ def test_a_crash_keeps_every_finished_run_and_the_rerun_trains_only_the_rest(tmp
     assert pd.read_csv(tmp_path / "nb" / "runs.csv").loc[0].equals(saved.loc[0])
 
 
+@pytest.mark.slow
 def test_a_planned_run_launches_as_its_own_two_process_job(tmp_path, counted_train):
-    """`torchrun --nproc_per_node 2 -m rrt.train --config <run>/run.json`: the cluster's unit of work, on CPU."""
+    """`torchrun --nproc_per_node 2 -m rrt.runs <run>/run.json`: the cluster's unit of work, on CPU."""
     study = InitAblation(**{**SMALL, "global_batch_size": 4, "gpus_per_run": 2}, inits=["stepwise"],
                          eval_corpora=["wikitext2/test"], run_dir=str(tmp_path / "nb"), runs_root=str(tmp_path / "runs"))
     start(study)
     run = study.runs()[0]
     assert run.config.num_processes == 2 and run.config.grad_accum == 1
     torchrun = Path(sys.executable).with_name("torchrun")
-    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "rrt.train", "--config",
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "rrt.runs",
                            str(run.dir / "run.json")], capture_output=True, text=True, cwd=ROOT,
                           env=os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -88,7 +91,7 @@ def test_a_planned_run_launches_as_its_own_two_process_job(tmp_path, counted_tra
     assert [r["step"] for r in train] == [1, 2] and train[-1]["tokens"] == 2 * 4 * 16
     # the notebook then collects it (collect mode) without training it again
     original, tok = rrt.load_model("tiny-llama")
-    data = study_data(data_spec(study), tok)
+    data = load_data(study.data_spec(), tok)
     tables = run_plan(study, original=original, tokenizer=tok, data=data, run_dir=tmp_path / "nb")
     assert counted_train == [] and tables["runs"]["run"].tolist() == ["stepwise B=2"]
     assert tables["perplexity"]["corpus"].tolist() == ["wikitext2/test"]
@@ -97,7 +100,7 @@ def test_a_planned_run_launches_as_its_own_two_process_job(tmp_path, counted_tra
 def test_fig8_points_take_the_accuracy_of_what_each_system_serves():
     """Vanilla systems get the vanilla model's accuracy; CDB systems their config's, under their exit and KV
     policy; the LoRA-removed ablation none (it is timed, never evaluated); Δ_V's spread from the repeats."""
-    from rrt.studies import throughput_vs_accuracy
+    from rrt.serving.study import throughput_vs_accuracy
     t = pd.DataFrame({
         "config": ["B=2 r=64"] * 5, "system": ["vanilla_static", "recursive_no_exit", "cdb_oracle", "cdb_max_prob",
                                               "cdb_oracle_no_lora"],
@@ -145,5 +148,5 @@ def test_grid_progress_writes_a_line_per_run_event_and_throttles_steps():
 def test_by_role_keeps_the_rows_of_those_roles_and_tables_without_roles_whole():
     tables = {"runs": pd.DataFrame({"run": ["a", "b", "c"], "role": ["study", "baseline", "variant"]}),
               "curve": pd.DataFrame({"rank": [0, 4]})}
-    picked = rrt.studies.by_role(tables, "study", "baseline")
+    picked = rrt.runs.by_role(tables, "study", "baseline")
     assert picked["runs"]["run"].tolist() == ["a", "b"] and picked["curve"] is tables["curve"]

@@ -1,0 +1,341 @@
+"""Every command line of rrt, one place: `python -m rrt <command>`, plus `python -m rrt.train` (one ad-hoc
+training run) and `python -m rrt.runs <run.json>` (one planned run, a sweep job).
+
+A flag that sets a dataclass field takes its help from that field's comment in the source (`field_help`),
+so `--help` says what `TrainConfig` says, in the same words; the library modules hold no CLI.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import io
+import json
+import os
+import sys
+import textwrap
+import tokenize
+from pathlib import Path
+
+import pandas as pd
+import torch
+from accelerate import PartialState
+
+from rrt import explore, report, sweep
+from rrt.checkpoint import load
+from rrt.data import PACKED_CACHE, SOURCES, load_packed, train_seqs_to_pack
+from rrt.exits import SCORED_POLICIES
+from rrt.models import load_model
+from rrt.notebook import load_params, planned
+from rrt.plans import SCALES, STUDIES
+from rrt.recipes import PAPER_MODELS
+from rrt.recursive import convert
+from rrt.rundir import write_config, write_versions
+from rrt.runs.cost import COST_RULE, format_tokens, plan_table
+from rrt.runs.execute import execute_run, load_data
+from rrt.runs.store import DataSpec
+from rrt.serving.bench import (DTYPES, Workload, calibrated_policies, heldout_text, load_bench_model, run_benchmark,
+                               serving_dtype, summary_table)
+from rrt.serving.engine import KV_POLICIES
+from rrt.serving.targets import targets_table, targets_over_dirs
+from rrt.spec import RecursiveSpec, check_choice
+from rrt.train.loop import train
+from rrt.trainconfig import TrainConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def field_help(cls) -> dict[str, str]:
+    """Return {field: its documentation}: the comment after the field in the class source, with the comment
+    lines that continue it (indented past the field). papermill reads a parameters cell's comments the same way."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments = {t.start[0]: (t.start[1], t.string.lstrip("#").strip())
+                for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    lines = source.splitlines()
+    out = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            line = node.end_lineno
+            text = [comments[line][1]] if line in comments else []
+            while text and line + 1 in comments and not lines[line][:comments[line + 1][0]].strip() \
+                    and comments[line + 1][0] > node.col_offset:
+                line += 1
+                text.append(comments[line][1])
+            out[node.target.id] = " ".join(text)
+    return out
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, skip=()) -> None:
+    """Add one --field-name flag per field of dataclass `cls`, typed from its annotation, its help from its comment."""
+    docs = field_help(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type).replace(" | None", "")
+        default = None if f.default is dataclasses.MISSING else f.default
+        kwargs = {"dest": f.name, "required": f.default is dataclasses.MISSING,
+                  "help": f"{docs.get(f.name) or f.name} (default: {default})"}
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, **kwargs)
+        elif kind.startswith("tuple[float"):
+            parser.add_argument(flag, type=float, nargs=2, default=default, **kwargs)
+        elif kind == "tuple":
+            parser.add_argument(flag, nargs="+", default=default, **kwargs)
+        else:
+            convert_value = {"int": int, "float": float, "str": str}[kind]
+            typ = (lambda v, c=convert_value: None if v.lower() == "none" else c(v)) if "None" in str(f.type) \
+                else convert_value
+            parser.add_argument(flag, type=typ, default=default, **kwargs)
+
+
+def dataclass_from_args(cls, args: argparse.Namespace, **overrides):
+    """Return `cls` built from the parsed flags of `add_dataclass_arguments`, with overrides."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values.update(overrides)
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+# ---------------------------------------------------------------- python -m rrt.train / rrt.runs
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m rrt.train", description="Train one run: every TrainConfig field is a flag; the data flags pack "
+        "a vendored corpus (or, with --data-source hub, a streamed hub corpus) into --seq-len sequences: training on "
+        "--train-corpus/--train-split, per-loop perplexity on the first of --eval-corpora.")
+    add_dataclass_arguments(parser, TrainConfig)
+    add_dataclass_arguments(parser.add_argument_group("data"), DataSpec, skip=("seq_len",))
+    parser.add_argument("--data-cache", default=None,
+                        help="cache directory for packed sequences (default: none; a hub corpus: ~/.cache/rrt/packed)")
+    return parser
+
+
+def train_main(argv=None):
+    """`python -m rrt.train --model smollm2-135m --num-blocks 2 --kd fkl --steps 100 --out DIR`."""
+    parser = train_parser()
+    args = parser.parse_args(argv)
+    if len(args.eval_corpora) > 1:  # train() scores one held-out set; a plan (rrt.runs) scores several after
+        parser.error(f"--eval-corpora takes one set here, got {args.eval_corpora}")
+    check_choice("data_source", args.data_source, SOURCES)  # before the model loads
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # the CLI (not the library) reads the launcher's env
+    seq_len = args.seq_len or 128
+    max_train_seqs = train_seqs_to_pack(args.max_train_seqs, args.data_source, steps=args.steps,
+                                        batch_size=args.batch_size, grad_accum=args.grad_accum, processes=processes)
+    data = dataclass_from_args(DataSpec, args, seq_len=seq_len, max_train_seqs=max_train_seqs)
+    label = (f"{data.train_corpus}/{data.train_split}[:{data.max_train_seqs}] -> "
+             f"{data.eval_corpora[0]}[:{data.max_eval_seqs}] @ {seq_len}")
+    config = dataclass_from_args(TrainConfig, args, seq_len=seq_len, data=label, num_processes=processes)
+    original, tok = load_model(config.model)
+    cache = args.data_cache or (str(PACKED_CACHE) if data.data_source == "hub" else None)
+    with PartialState(cpu=not torch.cuda.is_available()).local_main_process_first():  # the group `train` joins
+        packed = load_data(data, tok, cache_dir=cache)
+    result = train(config, train_seqs=packed.train, eval_seqs=next(iter(packed.evals.values())) if data.max_eval_seqs
+                   else None, original=original)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"run: {result.run_dir}  last checkpoint: {result.checkpoint}")
+    return result
+
+
+def runs_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m rrt.runs", description="Train and evaluate one planned run as its own job (under "
+        "`accelerate launch --num_processes N` for N GPUs); a finished run is only read back.")
+    parser.add_argument("run_file", metavar="RUN.json", help="<run dir>/run.json, written by `make plan`/`make sweep` "
+                        "or a notebook's first cell (rrt.runs.write_run_files)")
+    return parser
+
+
+def runs_main(argv=None):
+    return execute_run(runs_parser().parse_args(argv).run_file)
+
+
+# ---------------------------------------------------------------- python -m rrt <command>
+
+def plan_main(argv=None):
+    """`make plan NB=01_init_ablation SCALE=paper-gemma-2b`: print the plan; loads no weights."""
+    parser = argparse.ArgumentParser(prog="python -m rrt plan", description=plan_main.__doc__.splitlines()[0])
+    parser.add_argument("notebook", choices=sorted(STUDIES))
+    parser.add_argument("scale", help=f"a params file: {', '.join(SCALES)}, or the path of a YAML file")
+    parser.add_argument("--csv", default=None, help="also write the table here")
+    args = parser.parse_args(argv)
+    try:
+        study = load_params(args.notebook, args.scale)
+    except (ValueError, TypeError) as err:  # a bad plan: its message names the key, no traceback needed
+        parser.exit(2, f"{parser.prog}: bad plan {args.notebook} {args.scale}: {err}\n")
+    recipe = planned(study)
+    if recipe is None:
+        print(f"{args.notebook} trains nothing; its parameters:\n{json.dumps(study.to_dict(), indent=2)}")
+        return None
+    table = plan_table(study.runs())
+    show = table.drop(columns=["config_hash", "batch_size", "grad_accum", "active_params"])
+    with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250):
+        print(show.to_string(index=False, formatters={"tokens": format_tokens, "tokens_per_step": format_tokens,
+                                                       "flops": "{:.2e}".format, "h100_hours": "{:,.1f}".format}))
+    todo = table[~table.trained]
+    store = recipe.store()
+    print(f"\n{len(table)} runs ({len(todo)} to train), {format_tokens(table.tokens.sum())} tokens, "
+          f"{table.flops.sum():.2e} FLOPs, {table.h100_hours.sum():,.0f} H100 hours "
+          f"({todo.h100_hours.sum():,.0f} still to spend); {COST_RULE}.\n"
+          f"run store: {store.relative_to(REPO) if store.is_relative_to(REPO) else store}")
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+    return table
+
+
+def sweep_main(argv=None):
+    """`make sweep`: a notebook's plan as jobs (--notebook, --scale), or papermill over a grid file."""
+    parser = argparse.ArgumentParser(prog="python -m rrt sweep", description=sweep_main.__doc__.splitlines()[0])
+    parser.add_argument("grid", nargs="?", default=None, help="a grid file (papermill over notebook parameters)")
+    parser.add_argument("--notebook", default=None, help="a plan: the notebook (with --scale)")
+    parser.add_argument("--scale", default=None, help="a plan: the params file of the notebook (with --notebook)")
+    parser.add_argument("--backend", choices=("local", "slurm"), default="local",
+                        help="run the jobs here in turn, or write sbatch scripts and submit.sh")
+    parser.add_argument("--task", type=int, default=None, help="run only this index (SLURM array task)")
+    args = parser.parse_args(argv)
+    if (args.grid is None) == (args.notebook is None) or (args.notebook is None) != (args.scale is None):
+        parser.error("give a grid file, or --notebook and --scale (a plan)")
+    if args.notebook:
+        if args.backend == "slurm":
+            print(f"wrote {sweep.write_plan_jobs(args.notebook, args.scale)}; submit with bash")
+        else:
+            sweep.run_plan_locally(args.notebook, args.scale)
+    elif args.task is not None:
+        notebook, run_dir, params = sweep.plan(args.grid, REPO / "outputs")[args.task]
+        if not (run_dir / sweep.DONE).exists():
+            sweep.execute(notebook, run_dir, params)
+    elif args.backend == "slurm":
+        print(f"wrote {sweep.write_slurm(args.grid)}; submit it with sbatch")
+    else:
+        sweep.run_local(args.grid)
+
+
+def report_main(argv=None):
+    """`make report`: render every executed notebook under a root to HTML, with an index page."""
+    parser = argparse.ArgumentParser(prog="python -m rrt report", description=report_main.__doc__.splitlines()[0])
+    parser.add_argument("root", nargs="?", default="outputs", help="the folder searched for executed notebooks")
+    parser.add_argument("--screenshots", metavar="DIR", help="also write full-page PNGs of every page into DIR")
+    args = parser.parse_args(argv)
+    root = Path(args.root)
+    print(f"wrote {report.write_index(root)}")
+    for shot in report.screenshots(root, Path(args.screenshots)) if args.screenshots else ():
+        print(f"wrote {shot}")
+
+
+def init_perplexity_main(argv=None):
+    """Perplexity right after conversion (no training), per init × LoRA rank × norm tying (02's curve)."""
+    parser = argparse.ArgumentParser(prog="python -m rrt init-perplexity",
+                                     description=init_perplexity_main.__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", help="rrt.load_model source")
+    parser.add_argument("--corpus", default="wikitext2", help="held-out corpus")
+    parser.add_argument("--split", default="test", help="its split")
+    parser.add_argument("--num-blocks", type=int, default=2, help="B of the conversions")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence")
+    parser.add_argument("--max-seqs", type=int, default=16, help="packed sequences scored")
+    parser.add_argument("--out", default=None, help="CSV path for the table")
+    args = parser.parse_args(argv)
+    model, tok = load_model(args.model)
+    seqs = load_packed(args.corpus, args.split, tokenizer=tok, seq_len=args.seq_len, max_seqs=args.max_seqs)
+    df = explore.init_perplexity(model, seqs, num_blocks=args.num_blocks)
+    print(df.to_markdown(index=False, floatfmt=".4g"))
+    if args.out:
+        df.to_csv(args.out, index=False)
+    return df
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rrt bench",
+                                description="Serving benchmark: measured throughput of every system and its bound")
+    p.add_argument("--model", default="smollm2-135m",
+                   help=f"rrt.load_model source or one of {', '.join(PAPER_MODELS)} (its shape, random weights)")
+    p.add_argument("--checkpoint", default=None, help="an rrt.save directory: the recursive model to serve")
+    p.add_argument("--num-blocks", type=int, default=2, help="without --checkpoint: convert (Stepwise) to B loops")
+    p.add_argument("--lora-rank", type=int, default=0, help="without --checkpoint: per-loop LoRA rank")
+    p.add_argument("--corpus", default="wikitext2", help="held-out documents the requests are cut from")
+    p.add_argument("--split", default="test", help="its split")
+    p.add_argument("--num-requests", type=int, default=16, help="requests in the offline queue")
+    p.add_argument("--prefix-len", type=int, default=32, help="prompt tokens per request (App. N: 64 or 512)")
+    p.add_argument("--decode-len", type=int, default=96, help="most output tokens per request (App. N: 256 or 2048)")
+    p.add_argument("--seed", type=int, default=0, help="which documents")
+    p.add_argument("--max-active", type=int, default=8, help="live requests (KV slots) for every system")
+    p.add_argument("--token-budget", type=int, default=64, help="engine rows per step")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up; median, min, max")
+    p.add_argument("--kv-policies", nargs="+", default=["propagate", "copy_kv"], choices=KV_POLICIES,
+                   help="what exited tokens leave in deeper depths")
+    p.add_argument("--exit-policies", nargs="*", default=[], choices=SCORED_POLICIES,
+                   help="confidence exits to serve too, each calibrated on --calibration-corpus")
+    p.add_argument("--target-agreement", type=float, default=0.9,
+                   help="calibration: exits agree with the last loop on this share of held-out tokens")
+    p.add_argument("--calibration-corpus", default="tinystories/test", help="held-out text the thresholds fit on")
+    p.add_argument("--arrival-rate", type=float, default=None, help="requests/s of a Poisson latency run")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to serve")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="auto: bf16 on a GPU or a CPU with bf16 matmuls (AVX512-BF16/AMX), else float32")
+    p.add_argument("--no-hf-generate", action="store_true", help="skip the HF generate baseline")
+    p.add_argument("--out", default="outputs/serving_bench", help="directory for the CSVs, config and report.md")
+    return p
+
+
+def bench_main(argv=None):
+    """Run the benchmark; write bench.csv, step_costs.csv, paper_sim.csv, latency.csv, targets.csv, report.md,
+    config.json."""
+    args = bench_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dtype = serving_dtype(args.device, args.dtype)
+    model, tok = load_bench_model(args.model, device=args.device, dtype=dtype)
+    if args.checkpoint:
+        if args.lora_rank:
+            raise ValueError("--checkpoint serves the checkpoint's own LoRA: drop --lora-rank")
+        rec = load(args.checkpoint, dtype=dtype, device=args.device)
+    else:
+        rec = convert(model, RecursiveSpec(num_blocks=args.num_blocks, lora_rank=args.lora_rank))
+    workload = Workload(corpus=args.corpus, split=args.split, num_requests=args.num_requests,
+                        prefix_len=args.prefix_len, decode_len=args.decode_len, seed=args.seed)
+    text = heldout_text(tok, args.calibration_corpus, vocab_size=model.config.vocab_size) if args.exit_policies else []
+    policies, calibration = calibrated_policies(rec, text, args.exit_policies, target_agreement=args.target_agreement)
+    result = run_benchmark(model, tok, rec, workload=workload, max_active=args.max_active,
+                           token_budget=args.token_budget, repeats=args.repeats, kv_policies=tuple(args.kv_policies),
+                           exit_policies=policies, hf_generate=not args.no_hf_generate,
+                           arrival_rate=args.arrival_rate, progress=True)
+    result.settings["calibration"] = calibration
+    out = Path(args.out)
+    write_config(out, {**vars(args), **result.settings})
+    write_versions(out)
+    for name, df in result.tables().items():
+        df.to_csv(out / f"{name}.csv", index=False)
+    targets = targets_table(result.systems)
+    targets.to_csv(out / "targets.csv", index=False)
+    command = " ".join(argv if argv is not None else sys.argv[2:])
+    text = "\n\n".join([f"`python -m rrt bench {command}` on {result.settings['device']}; "
+                        f"mean loops per token E = {result.mean_loops:.3f}", summary_table(result),
+                        result.step_costs.to_markdown(index=False, floatfmt=".4g"),
+                        "Targets (`rrt.serving.targets`):", targets.to_markdown(index=False, floatfmt=".3g")]) + "\n"
+    (out / "report.md").write_text(text)
+    print(text)
+    return result
+
+
+def targets_main(argv=None):
+    """The throughput targets read off bench output directories (bench.csv), one table over them."""
+    p = argparse.ArgumentParser(prog="python -m rrt targets", description=targets_main.__doc__.splitlines()[0])
+    p.add_argument("dirs", nargs="+", type=Path, help="bench output directories (bench.csv, config.json)")
+    p.add_argument("--no-write", action="store_true", help="print only; do not write DIR/targets.csv")
+    args = p.parse_args(argv)
+    return targets_over_dirs(args.dirs, write=not args.no_write)
+
+
+COMMANDS = {"plan": plan_main, "sweep": sweep_main, "report": report_main, "bench": bench_main,
+            "targets": targets_main, "init-perplexity": init_perplexity_main}
+
+
+def main(argv=None):
+    """`python -m rrt <command> [flags]`: one of COMMANDS (`python -m rrt <command> --help` for its flags)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        names = "\n".join(f"  {name:16} {(fn.__doc__ or '').splitlines()[0]}" for name, fn in COMMANDS.items())
+        print(f"usage: python -m rrt <command> [flags]\n\ncommands:\n{names}\n\nalso: python -m rrt.train "
+              f"(one ad-hoc training run), python -m rrt.runs RUN.json (one planned run)")
+        return 0 if argv[:1] in (["--help"], ["-h"]) else 2
+    COMMANDS[argv[0]](argv[1:])  # each returns its table or result for callers in Python, not an exit status
+    return 0

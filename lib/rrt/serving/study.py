@@ -1,0 +1,150 @@
+"""Notebook 05's study carried out (§3.8, Fig. 8, Tables 16–19, App. N): the served models (from the run
+store, through rrt.runs), each benchmarked against every system, scored as served, and the tables read off."""
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pandas as pd
+import torch
+
+from rrt.checkpoint import load
+from rrt.evaluation import few_shot
+from rrt.progress import GridProgress, nested_bars_off
+from rrt.recursive import convert
+from rrt.runs.execute import load_data, train_runs
+from rrt.serving.bench import Workload, calibrated_policies, config_name, heldout_text, run_benchmark
+from rrt.serving.scoring import served_few_shot, served_perplexity
+from rrt.serving.targets import targets_table
+from rrt.spec import RecursiveSpec, num_loops
+
+
+def served_models(study, original, tokenizer) -> dict:
+    """Return {config name: recursive model} the study serves: its checkpoint, dummy-weight conversions
+    (a `recipes.PAPER_MODELS` scale name), or 04's early-exit runs from the run store, trained there when missing."""
+    if study.checkpoint:
+        rec = load(study.checkpoint, dtype=original.dtype, device=original.device)
+        return {config_name(rec): rec}
+    if not study.trains():
+        return {f"B={b} r={r}": convert(original, RecursiveSpec(num_blocks=b, lora_rank=r))
+                for b in study.num_blocks for r in study.lora_ranks}
+    served = study.served()
+    runs = [run for pair in served.values() for run in pair]
+    if not all(run.trained() for run in runs):
+        train_runs(runs, original=original, data=load_data(study.training().data_spec(), tokenizer),
+                   desc="served runs")
+        torch.set_num_threads(study.threads)  # training may have changed it
+    return {f"B={b} r={r}": load(str(post.final_checkpoint), dtype=original.dtype, device=original.device).eval()
+            for (b, r), (_, post) in served.items()}
+
+
+@nested_bars_off()  # the served models' bar is the one shown
+def throughput_study(study, original, tokenizer) -> dict[str, pd.DataFrame]:
+    """Serve every model of the study through the CDB engine and its baselines (Fig. 8, Tables 16–19, App. N).
+
+    Per served model: confidence thresholds calibrated on held-out text (`calibration`), the
+    benchmark (`throughput`: every system, ratios, real / bound; `step_costs`: Table 16/18's time per
+    call per row count; `paper_sim`; `latency`: Poisson arrivals), the held-out perplexity of each
+    exit × KV policy as served (`quality`), and few-shot accuracy as served (`accuracy`). `deltas`
+    is Tables 17/19: Δ_V (vs vanilla static) and Δ_Seq (vs vanilla continuous) per system; `targets`
+    the serving targets per served model (`rrt.serving.targets`).
+    """
+    corpus, _, split = study.corpus.partition("/")
+    workload = Workload(corpus=corpus, split=split, source=study.data_source, num_requests=study.num_requests,
+                        prefix_len=study.prefix_len, decode_len=study.decode_len, seed=study.seed)
+    cap = int(study.memory_cap_gb * 2**30) or None
+    scored = bool(study.tasks) and tokenizer is not None  # dummy-weight models have no tokenizer
+    heldout = heldout_text(tokenizer, study.calibration_corpus, vocab_size=original.config.vocab_size,
+                           source=study.data_source, seed=study.seed)
+    tables = {k: [] for k in ("throughput", "step_costs", "paper_sim", "latency", "calibration", "quality", "accuracy")}
+    if scored:
+        acc = few_shot(original, tokenizer, tasks=list(study.tasks), limit=study.task_limit, model_name="vanilla")
+        tables["accuracy"].append(acc.assign(config="vanilla", exit_policy="none", kv_policy="-", mean_exit_loop=0.0))
+    models = served_models(study, original, tokenizer)
+    grid = GridProgress(len(models), desc="served models")
+    for config, rec in models.items():
+        grid.start(config)
+        grid.note("benchmark")
+        b = num_loops(rec)
+        tag = {"config": config, "num_blocks": b}
+        policies, calibration = calibrated_policies(rec, heldout, study.exit_policies,
+                                                    target_agreement=study.target_agreement)
+        tables["calibration"] += [{**tag, **row, "corpus": study.calibration_corpus} for row in calibration]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = run_benchmark(original, tokenizer, rec, workload=workload, max_active=study.max_active,
+                                   token_budget=study.token_budget, repeats=study.repeats,
+                                   kv_policies=tuple(study.kv_policies), exit_policies=policies,
+                                   arrival_rate=study.arrival_rate or None, memory_cap_bytes=cap)
+        for name, df in result.tables().items():
+            key = "throughput" if name == "bench" else name
+            if key == "throughput":  # what the numbers ran on
+                df = df.assign(device=result.settings["device"], dtype=result.settings["dtype"])
+            tables[key].append(df.assign(**tag, mean_loops_replayed=result.mean_loops))
+        exits = {"none": "none", "oracle": "oracle", **policies}
+        for (name, policy), kv in itertools.product(exits.items(), study.kv_policies):
+            if name == "none" and kv != study.kv_policies[0]:
+                continue  # nothing exits early: every KV policy serves the same scores
+            kv_label = kv if name != "none" else "-"
+            grid.note(f"scoring exit {name}, kv {kv_label}")
+            ppl = served_perplexity(rec, heldout, exit_policy=policy, kv_policy=kv, max_active=study.max_active)
+            tables["quality"].append({**tag, "exit_policy": name, "kv_policy": kv_label, "corpus": study.calibration_corpus,
+                                      **ppl})
+            if scored:
+                acc = served_few_shot(rec, tokenizer, tasks=list(study.tasks), limit=study.task_limit,
+                                      exit_policy=policy, kv_policy=kv, max_active=study.max_active,
+                                      token_budget=study.token_budget, model_name=config)
+                tables["accuracy"].append(acc.assign(config=config, exit_policy=name, kv_policy=kv_label))
+        grid.done()
+    grid.close()
+    out = {k: pd.concat(v, ignore_index=True) if v and isinstance(v[0], pd.DataFrame) else pd.DataFrame(v)
+           for k, v in tables.items()}
+    out["deltas"] = deltas(out["throughput"])
+    out["targets"] = targets(out["throughput"])
+    out["max_batch"] = max_batch(out["step_costs"]) if len(out["step_costs"]) else pd.DataFrame()
+    return out
+
+
+def deltas(throughput: pd.DataFrame) -> pd.DataFrame:
+    """Tables 17/19: per served model and system, tokens/s and Δ_V / Δ_Seq (× vanilla static / continuous)."""
+    cols = ["config", "system", "exit_policy", "kv_policy", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max",
+            "delta_v", "delta_seq", "delta_seq_bound", "delta_seq_rows", "ratio_vs_hf_generate", "real_over_bound",
+            "mean_loops_per_token"]
+    return throughput[[c for c in cols if c in throughput]].copy()
+
+
+def targets(throughput: pd.DataFrame) -> pd.DataFrame:
+    """Per served model, the serving targets read off its benchmark rows (`rrt.serving.targets`)."""
+    out = pd.concat([targets_table(rows).assign(config=config)
+                     for config, rows in throughput.groupby("config", sort=False)], ignore_index=True)
+    return out[["config", *(c for c in out.columns if c != "config")]]
+
+
+def max_batch(step_costs: pd.DataFrame) -> pd.DataFrame:
+    """Per model: the largest measured row count within the memory cap (Tables 16/18's max batch)."""
+    fits = step_costs[step_costs["fits"]]
+    return fits.groupby(["config", "model"])["rows"].max().rename("max_rows_within_cap").reset_index()
+
+
+def throughput_vs_accuracy(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Fig. 8's points: per served model, system, exit and KV policy, Δ_V (min–max over repeats) and accuracy ± stderr."""
+    t = tables["throughput"].copy()
+    base = t["tokens_per_s"] / t["delta_v"]
+    t["delta_v_min"], t["delta_v_max"] = t["tokens_per_s_min"] / base, t["tokens_per_s_max"] / base
+    acc = tables["accuracy"]
+    if len(acc):
+        by = acc.groupby(["config", "exit_policy", "kv_policy"])
+        avg = by.agg(avg_accuracy=("value", "mean"),
+                     accuracy_stderr=("stderr", lambda s: (s.pow(2).sum() ** 0.5) / len(s))).reset_index()
+        # the vanilla rows and the no-exit rows are scored without exits
+        t["acc_config"] = t["config"].where(~t["system"].str.startswith(("vanilla", "hf_")), "vanilla")
+        t["acc_exit"] = t["exit_policy"].replace({"oracle (own output)": "oracle"})
+        t["acc_kv"] = t["kv_policy"].where(t["acc_exit"] != "none", "-")
+        t = t.merge(avg, how="left", left_on=["acc_config", "acc_exit", "acc_kv"],
+                    right_on=["config", "exit_policy", "kv_policy"], suffixes=("", "_acc"))
+        t = t.drop(columns=[c for c in t if c.endswith("_acc") or c.startswith("acc_")])
+        # the LoRA-removed model is timed, never evaluated: its accuracy is not the served model's
+        t.loc[t["system"].str.endswith("_no_lora"), ["avg_accuracy", "accuracy_stderr"]] = float("nan")
+    cols = ["config", "system", "exit_policy", "kv_policy", "tokens_per_s", "delta_v", "delta_v_min", "delta_v_max",
+            "avg_accuracy", "accuracy_stderr"]
+    return t[[c for c in cols if c in t]]
