@@ -76,7 +76,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, skip=()) ->
         kind = str(f.type).replace(" | None", "")
         default = None if f.default is dataclasses.MISSING else f.default
         kwargs = {"dest": f.name, "required": f.default is dataclasses.MISSING,
-                  "help": f"{docs.get(f.name) or f.name} (default: {default})"}
+                  "help": f"{docs.get(f.name) or f.name} " + ("(required)" if f.default is dataclasses.MISSING
+                                                               else f"(default: {default})")}
         if kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, **kwargs)
         elif kind.startswith("tuple[float"):
@@ -152,12 +153,17 @@ def runs_main(argv=None):
 
 # ---------------------------------------------------------------- python -m rrt <command>
 
-def plan_main(argv=None):
-    """`make plan NB=01_init_ablation SCALE=paper-gemma-2b`: print the plan; loads no weights."""
-    parser = argparse.ArgumentParser(prog="python -m rrt plan", description=plan_main.__doc__.splitlines()[0])
-    parser.add_argument("notebook", choices=sorted(STUDIES))
+def plan_parser() -> argparse.ArgumentParser:
+    parser = _parser("plan", "Print a notebook's plan: every run, its tokens and H100 hours; loads no weights.")
+    parser.add_argument("notebook", choices=sorted(STUDIES), help="the notebook whose study is planned")
     parser.add_argument("scale", help=f"a params file: {', '.join(SCALES)}, or the path of a YAML file")
     parser.add_argument("--csv", default=None, help="also write the table here")
+    return parser
+
+
+def plan_main(argv=None):
+    """`make plan NB=01_init_ablation SCALE=paper-gemma-2b`: print the plan; loads no weights."""
+    parser = plan_parser()
     args = parser.parse_args(argv)
     try:
         study = load_params(args.notebook, args.scale)
@@ -183,15 +189,20 @@ def plan_main(argv=None):
     return table
 
 
-def sweep_main(argv=None):
-    """`make sweep`: a notebook's plan as jobs (--notebook, --scale), or papermill over a grid file."""
-    parser = argparse.ArgumentParser(prog="python -m rrt sweep", description=sweep_main.__doc__.splitlines()[0])
+def sweep_parser() -> argparse.ArgumentParser:
+    parser = _parser("sweep", "A notebook's plan as jobs (--notebook, --scale), or papermill over a grid file.")
     parser.add_argument("grid", nargs="?", default=None, help="a grid file (papermill over notebook parameters)")
     parser.add_argument("--notebook", default=None, help="a plan: the notebook (with --scale)")
     parser.add_argument("--scale", default=None, help="a plan: the params file of the notebook (with --notebook)")
     parser.add_argument("--backend", choices=("local", "slurm"), default="local",
                         help="run the jobs here in turn, or write sbatch scripts and submit.sh")
     parser.add_argument("--task", type=int, default=None, help="run only this index (SLURM array task)")
+    return parser
+
+
+def sweep_main(argv=None):
+    """`make sweep`: a notebook's plan as jobs (--notebook, --scale), or papermill over a grid file."""
+    parser = sweep_parser()
     args = parser.parse_args(argv)
     if (args.grid is None) == (args.notebook is None) or (args.notebook is None) != (args.scale is None):
         parser.error("give a grid file, or --notebook and --scale (a plan)")
@@ -210,22 +221,25 @@ def sweep_main(argv=None):
         sweep.run_local(args.grid)
 
 
-def report_main(argv=None):
-    """`make report`: render every executed notebook under a root to HTML, with an index page."""
-    parser = argparse.ArgumentParser(prog="python -m rrt report", description=report_main.__doc__.splitlines()[0])
+def report_parser() -> argparse.ArgumentParser:
+    parser = _parser("report", "Render every executed notebook under a root to HTML, with an index page.")
     parser.add_argument("root", nargs="?", default="outputs", help="the folder searched for executed notebooks")
     parser.add_argument("--screenshots", metavar="DIR", help="also write full-page PNGs of every page into DIR")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def report_main(argv=None):
+    """`make report`: render every executed notebook under a root to HTML, with an index page."""
+    args = report_parser().parse_args(argv)
     root = Path(args.root)
     print(f"wrote {report.write_index(root)}")
     for shot in report.screenshots(root, Path(args.screenshots)) if args.screenshots else ():
         print(f"wrote {shot}")
 
 
-def init_perplexity_main(argv=None):
-    """Perplexity right after conversion (no training), per init × LoRA rank × norm tying (02's curve)."""
-    parser = argparse.ArgumentParser(prog="python -m rrt init-perplexity",
-                                     description=init_perplexity_main.__doc__.splitlines()[0])
+def init_perplexity_parser() -> argparse.ArgumentParser:
+    parser = _parser("init-perplexity", "Perplexity right after conversion (no training), per init × LoRA rank × "
+                                        "norm tying (02's curve).")
     parser.add_argument("--model", default="smollm2-135m", help="rrt.load_model source")
     parser.add_argument("--corpus", default="wikitext2", help="held-out corpus")
     parser.add_argument("--split", default="test", help="its split")
@@ -233,7 +247,12 @@ def init_perplexity_main(argv=None):
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence")
     parser.add_argument("--max-seqs", type=int, default=16, help="packed sequences scored")
     parser.add_argument("--out", default=None, help="CSV path for the table")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def init_perplexity_main(argv=None):
+    """Perplexity right after conversion (no training), per init × LoRA rank × norm tying (02's curve)."""
+    args = init_perplexity_parser().parse_args(argv)
     model, tok = load_model(args.model)
     seqs = load_packed(args.corpus, args.split, tokenizer=tok, seq_len=args.seq_len, max_seqs=args.max_seqs)
     df = explore.init_perplexity(model, seqs, num_blocks=args.num_blocks)
@@ -244,8 +263,7 @@ def init_perplexity_main(argv=None):
 
 
 def bench_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rrt bench",
-                                description="Serving benchmark: measured throughput of every system and its bound")
+    p = _parser("bench", "Serving benchmark: measured throughput of every system and its bound.")
     p.add_argument("--model", default="smollm2-135m",
                    help=f"rrt.load_model source or one of {', '.join(PAPER_MODELS)} (its shape, random weights)")
     p.add_argument("--checkpoint", default=None, help="an rrt.save directory: the recursive model to serve")
@@ -316,17 +334,31 @@ def bench_main(argv=None):
     return result
 
 
-def targets_main(argv=None):
-    """The throughput targets read off bench output directories (bench.csv), one table over them."""
-    p = argparse.ArgumentParser(prog="python -m rrt targets", description=targets_main.__doc__.splitlines()[0])
+def targets_parser() -> argparse.ArgumentParser:
+    p = _parser("targets", "The throughput targets read off bench output directories (bench.csv), one table.")
     p.add_argument("dirs", nargs="+", type=Path, help="bench output directories (bench.csv, config.json)")
     p.add_argument("--no-write", action="store_true", help="print only; do not write DIR/targets.csv")
-    args = p.parse_args(argv)
+    return p
+
+
+def targets_main(argv=None):
+    """The throughput targets read off bench output directories (bench.csv), one table over them."""
+    args = targets_parser().parse_args(argv)
     return targets_over_dirs(args.dirs, write=not args.no_write)
 
 
 COMMANDS = {"plan": plan_main, "sweep": sweep_main, "report": report_main, "bench": bench_main,
             "targets": targets_main, "init-perplexity": init_perplexity_main}
+# every parser, for `--help` and its test (each flag has a one-line description)
+PARSERS = {"rrt.train": train_parser, "rrt.runs": runs_parser, "plan": plan_parser, "sweep": sweep_parser,
+           "report": report_parser, "bench": bench_parser, "targets": targets_parser,
+           "init-perplexity": init_perplexity_parser}
+
+
+def _parser(command: str, description: str) -> argparse.ArgumentParser:
+    """A `python -m rrt <command>` parser whose --help prints each flag's default after its description."""
+    return argparse.ArgumentParser(prog=f"python -m rrt {command}", description=description,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def main(argv=None):
