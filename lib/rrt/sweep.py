@@ -26,7 +26,6 @@ import json
 import subprocess
 from pathlib import Path
 
-import papermill
 import yaml
 
 from rrt.notebook import load_params, planned
@@ -64,6 +63,8 @@ def plan(grid_file, out_root: Path) -> list[tuple[str, Path, dict]]:
 
 def execute(notebook: str, run_dir: Path, params: dict) -> None:
     """Run one notebook with papermill into run_dir; mark it DONE when it finished without error."""
+    import papermill  # lazy: 1.8 s of imports (nbformat's jsonschema) that every other command line would pay
+
     run_dir.mkdir(parents=True, exist_ok=True)
     papermill.execute_notebook(str(REPO / "notebooks" / f"{notebook}.ipynb"), str(run_dir / f"{notebook}.ipynb"),
                                parameters={**params, "run_dir": str(run_dir)}, progress_bar=True, cwd=str(REPO))
