@@ -123,7 +123,6 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu"
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-
     path = _checked(path)
     config = AutoConfig.from_pretrained(path)
     state = load_file(path / WEIGHTS)

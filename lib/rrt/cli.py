@@ -48,7 +48,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 def field_help(cls) -> dict[str, str]:
     """Return {field: its documentation}: the comment after the field in the class source, with the comment
-    lines that continue it (indented past the field). papermill reads a parameters cell's comments the same way."""
+    lines that continue it (indented past the field). papermill reads a parameters cell's comments the same way.
+
+    Why not transformers' HfArgumentParser: it takes help from `field(metadata={"help": ...})`, which would turn
+    each one-line field of TrainConfig and the studies into three and say it twice (comment and metadata).
+    """
     source = textwrap.dedent(inspect.getsource(cls))
     comments = {t.start[0]: (t.start[1], t.string.lstrip("#").strip())
                 for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
