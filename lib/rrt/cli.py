@@ -43,7 +43,7 @@ from rrt.spec import RecursiveSpec, check_choice
 from rrt.train.loop import train
 from rrt.trainconfig import TrainConfig
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = sweep.REPO
 
 
 def field_help(cls) -> dict[str, str]:

@@ -465,9 +465,13 @@ class Throughput(Study):
         return not self.checkpoint and self.model not in PAPER_MODELS
 
     def training(self) -> "EarlyExit":
-        """04's study at this scale (its params file), for this model, store and seed: the served models' recipe."""
-        return EarlyExit(**{**read_params("04_early_exit", self.scale), "model": self.model, "seed": self.seed,
-                            "runs_root": self.runs_root, "num_blocks": list(self.num_blocks)})
+        """04's study at this scale (its params file), for this model, store and seed: the served models' recipe
+        (read and validated once: the plan, notebook.start and the served models all ask for it)."""
+        if "_training" not in self.__dict__:
+            object.__setattr__(self, "_training", EarlyExit(**{
+                **read_params("04_early_exit", self.scale), "model": self.model, "seed": self.seed,
+                "runs_root": self.runs_root, "num_blocks": list(self.num_blocks)}))
+        return self._training
 
     def _plan(self) -> list[Run]:
         """The uptrained and early-exit runs of every served (B, r), dependencies first; [] when nothing trains."""

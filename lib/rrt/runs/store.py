@@ -31,7 +31,7 @@ class DataSpec:
     max_eval_seqs: int = 32           # sequences per held-out set
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return _json_ready(self)
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class EvalSpec:
     per_loop: bool                    # every loop exit (static exiting, §3.7), not the last only
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return _json_ready(self)
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,11 @@ def label_of(run: str) -> str:
 def tag_is_true(value) -> bool:
     """A boolean tag read back from a table (True, "True", 1, "1.0" after a CSV round trip)."""
     return str(value).lower() in ("true", "1", "1.0")
+
+
+def _json_ready(spec) -> dict:
+    """A spec's fields as JSON values (tuples as lists), as run.json holds them."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(spec).items()}
 
 
 def _slug(name: str) -> str:
