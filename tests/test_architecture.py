@@ -24,7 +24,7 @@ FLOORS = [
      "rrt.serving.reference", "rrt.serving.baselines", "rrt.serving.workload", "rrt.serving.simulate",
      "rrt.serving.scoring", "rrt.serving.bounds", "rrt.serving.targets", "rrt.serving.bench"},
     {"rrt.runs", "rrt.runs.store", "rrt.runs.cost", "rrt.runs.execute"},  # 7: the run layer
-    {"rrt.plans"},                                                       # 8: the studies
+    {"rrt.study", "rrt.plans"},                                          # 8: the studies
     # 9: what a notebook calls around them: parameters, serving study, views, tables, figures, jobs
     {"rrt.notebook", "rrt.serving.study", "rrt.explore", "rrt.tables", "rrt.plots", "rrt.plots_base",
      "rrt.plots_serving", "rrt.report", "rrt.sweep"},

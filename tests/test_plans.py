@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from rrt.notebook import from_dict, load_params, resolve
-from rrt.plans import Distillation, EarlyExit, Explore, InitAblation, RelaxationSweep, SCALES, STUDIES
+from rrt.plans import Distillation, EarlyExit, Explore, InitAblation, RelaxationSweep, STUDIES
+from rrt.study import SCALES
 from rrt.runs.cost import plan_table
 
 ROOT = Path(__file__).resolve().parents[1]

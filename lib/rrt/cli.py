@@ -28,7 +28,8 @@ from rrt.data import PACKED_CACHE, SOURCES, load_packed, train_seqs_to_pack
 from rrt.exits import SCORED_POLICIES
 from rrt.models import load_model
 from rrt.notebook import load_params, planned
-from rrt.plans import SCALES, STUDIES
+from rrt.plans import STUDIES
+from rrt.study import SCALES
 from rrt.recipes import PAPER_MODELS
 from rrt.recursive import convert
 from rrt.rundir import write_config, write_versions

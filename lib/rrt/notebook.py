@@ -13,7 +13,8 @@ import types
 from pathlib import Path
 
 from rrt.params import read_params
-from rrt.plans import OUTPUTS, STUDIES, Study, Throughput, TrainingStudy
+from rrt.plans import STUDIES, Throughput
+from rrt.study import OUTPUTS, Study, TrainingStudy
 from rrt.rundir import write_config, write_versions
 from rrt.runs.cost import plan_table
 from rrt.runs.store import write_run_files

@@ -10,164 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from pathlib import Path
 
 from rrt.evaluation import TASKS
 from rrt.exits import POLICIES, SCORED_POLICIES
 from rrt.losses import KD_KINDS
-from rrt.models import model_config
 from rrt.params import read_params
 from rrt.recipes import PAPER_MODELS, TABLE13
-from rrt.runs.store import DataSpec, EvalSpec, Run, make_run
+from rrt.runs.store import Run
 from rrt.serving.engine import KV_POLICIES
-from rrt.spec import INITS, check_at_least, check_choice, check_items, check_num_blocks, check_types
+from rrt.spec import INITS, check_at_least, check_choice, check_items
+from rrt.study import Study, TrainingStudy
 
 # Fig. 11 (App. I), InitAblation.variants: each variant's (init, norm_init)
 INIT_VARIANTS = {"stepwise_start": ("stepwise_start", None), "norm_choice": ("average", "choice"),
                  "norm_zero": ("average", "zero")}
-SCALES = ("smoke", "cpu", *PAPER_MODELS)
-OUTPUTS = Path(__file__).resolve().parents[2] / "outputs"
-
-
-# ---------------------------------------------------------------- the fields every study shares
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Study:
-    """What every notebook shares: which model, where to write, the seed."""
-    scale: str = "cpu"                # smoke | cpu | paper-gemma-2b | paper-tinyllama-1.1b | paper-pythia-1b
-    model: str = "smollm2-135m"       # rrt.load_model source: what is converted
-    run_dir: str = ""                 # tables and figures of this notebook; empty: outputs/<notebook>/<scale>-<time>
-    seed: int = 0                     # data order, random init, LoRA A matrices
-
-    notebook: typing.ClassVar[str] = ""
-    per_loop: typing.ClassVar[bool] = False  # evaluate every loop exit (static exiting, §3.7), not the last only
-
-    def __post_init__(self):
-        check_types(self)
-        for f in dataclasses.fields(self):  # YAML gives lists; a frozen study holds tuples
-            if isinstance(getattr(self, f.name), list):
-                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
-        check_choice("scale", self.scale, SCALES)
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise naming the bad field; subclasses add their own rules."""
-
-    def runs(self) -> list[Run]:
-        """Return the plan: every training run, dependencies before the runs that read them (computed once)."""
-        if "_runs" not in self.__dict__:  # frozen: the cache is set past the dataclass's __setattr__
-            object.__setattr__(self, "_runs", tuple(self._plan()))
-        return list(self._runs)
-
-    def _plan(self) -> list[Run]:
-        """Build the plan (`runs` caches it); subclasses that train define it."""
-        return []
-
-    def to_dict(self) -> dict:
-        return {"notebook": self.notebook, **{f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-                                              for f in dataclasses.fields(self)}}
-
-    def check_num_blocks(self, key: str, values) -> None:
-        """Raise unless every B in `values` divides the model's layer count (a paper-* name: its shape's)."""
-        layers = model_config(PAPER_MODELS[self.model].model if self.model in PAPER_MODELS else self.model
-                              ).num_hidden_layers
-        for b in values:
-            try:
-                check_num_blocks(layers, b)
-            except ValueError as err:
-                raise ValueError(f"{key}: {err} ({self.model} has {layers} layers)") from None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TrainingStudy(Study):
-    """The fields of a study that uptrains models (App. G), in TrainConfig's names."""
-    runs_root: str = ""               # run store shared by every notebook; empty: outputs/runs
-    train_corpus: str = "wikitext2"   # uptraining corpus (clusters: "slimpajama")
-    train_split: str = "validation"   # WikiText-2's train split is not vendored: uptrain on validation
-    data_source: str = "embedded"     # embedded (vendored, offline) | hub (streamed by name)
-    eval_corpora: tuple[str, ...] = ("wikitext2/test", "tinystories/test")  # held-out perplexity sets
-    seq_len: int = 128                # tokens per packed training sequence (App. G: 2048)
-    max_train_seqs: int | None = None  # packed training sequences (None: all; a hub corpus needs a number)
-    max_eval_seqs: int = 16           # sequences per held-out set
-    steps: int = 60                   # optimiser steps per run
-    global_batch_size: int = 4        # sequences per optimiser step over all processes (App. G: ~2M tokens)
-    batch_size: int = 4               # sequences per micro-batch per process (grad_accum is derived)
-    gpus_per_run: int = 1             # processes (GPUs) each run is launched with
-    lr: float = 2e-4                  # AdamW peak learning rate (App. G)
-    warmup_steps: int = 6             # linear warmup steps, then cosine decay (App. G: 200; 800 for 60B)
-    tasks: tuple[str, ...] = ("arc_easy", "piqa")  # few-shot tasks (clusters: all seven)
-    task_limit: int | None = 20       # examples per task (None: the full split)
-
-    def validate(self):
-        check_choice("data_source", self.data_source, ("embedded", "hub"))
-        check_items("tasks", self.tasks, tuple(TASKS))
-        for name in ("seq_len", "max_eval_seqs", "steps", "global_batch_size", "batch_size", "gpus_per_run"):
-            check_at_least(name, getattr(self, name), 2 if name == "seq_len" else 1)
-        for name in ("max_train_seqs", "task_limit"):
-            if getattr(self, name) is not None:
-                check_at_least(name, getattr(self, name), 1)
-        if self.global_batch_size % (self.batch_size * self.gpus_per_run):
-            raise ValueError(f"global_batch_size={self.global_batch_size} is not a multiple of batch_size × "
-                             f"gpus_per_run = {self.batch_size} × {self.gpus_per_run}; grad_accum must be whole")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.warmup_steps > self.steps:
-            raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
-        runs = self.runs()  # every run's TrainConfig validates itself (and names its field) here
-        reads = max((r.config.data_offset + r.samples for r in runs), default=0)
-        if self.data_source == "hub" and (self.max_train_seqs or 0) < reads:
-            # A run's sample order is a permutation of the packed set: every notebook of a scale must pack the
-            # same set for a shared run (01's uptrained model in 04) to be the same run, and none may wrap around.
-            raise ValueError(f"max_train_seqs={self.max_train_seqs}: a hub corpus needs an explicit number of packed "
-                             f"sequences, at least the {reads} this plan reads (the same in every notebook of a scale)")
-
-    def store(self) -> Path:
-        return Path(self.runs_root or OUTPUTS / "runs").resolve()
-
-    def data_spec(self) -> DataSpec:
-        """What to pack: corpora, length, and how many training sequences (a hub corpus: max_train_seqs, which
-        validation checks covers the furthest-reading run; never all of SlimPajama)."""
-        return DataSpec(train_corpus=self.train_corpus, train_split=self.train_split, data_source=self.data_source,
-                        seq_len=self.seq_len, max_train_seqs=self.max_train_seqs, eval_corpora=self.eval_corpora,
-                        max_eval_seqs=self.max_eval_seqs)
-
-    def eval_spec(self) -> EvalSpec:
-        """What a finished run is evaluated on (its results file is keyed by this)."""
-        return EvalSpec(eval_corpora=self.eval_corpora, max_eval_seqs=self.max_eval_seqs, seq_len=self.seq_len,
-                        data_source=self.data_source, tasks=self.tasks, task_limit=self.task_limit,
-                        per_loop=self.per_loop)
-
-    def run(self, name: str, role: str = "study", *, steps: int | None = None, warmup_steps: int | None = None,
-            seed: int | None = None, tags: dict | None = None, needs: tuple = (), **fields) -> Run:
-        """Return one run of this study's recipe (TrainConfig fields override it)."""
-        steps = steps or self.steps
-        seed = self.seed if seed is None else seed
-        config = dict(model=self.model, steps=steps,
-                      warmup_steps=self.warmup_steps if warmup_steps is None else warmup_steps,
-                      batch_size=self.batch_size, num_processes=self.gpus_per_run,
-                      grad_accum=self.global_batch_size // (self.batch_size * self.gpus_per_run),
-                      lr=self.lr, seq_len=self.seq_len, seed=seed, save_every=max(1, min(steps, 1000)),
-                      data=f"{self.data_source}:{self.train_corpus}/{self.train_split}@{self.seq_len}"
-                           + (f"[:{self.max_train_seqs}]" if self.max_train_seqs else ""), **fields)
-        return make_run(self.store(), name=name, role=role, tags={**(tags or {}), "seed": seed}, needs=needs, **config)
-
-    def full_size(self) -> Run:
-        """The full-size model uptrained with the same recipe (CE): Fig. 4/5's reference and App. L's teacher."""
-        return self.run("full-size", "baseline", num_blocks=1, baseline="full", tags={"baseline": "full"})
-
-    def reduced_size(self, b: int) -> Run:
-        """The reduced-size model (L/B layers, trained from scratch with the same recipe): Fig. 4/5's other reference."""
-        return self.run(f"reduced-size B={b}", "baseline", num_blocks=b, baseline="reduced",
-                        tags={"baseline": "reduced", "num_blocks": b})
-
-    def teacher_of(self, teacher: str) -> tuple[str | None, tuple]:
-        """Return (TrainConfig.teacher, the runs it needs) for a study's `teacher` field."""
-        if teacher == "full-size":
-            run = self.full_size()
-            return str(run.final_checkpoint), (run.name,)
-        return (None, ()) if teacher == "pretrained" else (teacher, ())
 
 
 # ---------------------------------------------------------------- one class per notebook

@@ -23,6 +23,9 @@ BASELINES = ("full", "reduced")
 TRAINABLE = ("all", "base", "lora", "head_lora")
 PRECISIONS = ("auto", "fp32", "bf16")
 TEACHER_DTYPES = ("float32", "bfloat16")
+SHARDINGS = ("none", "fsdp")
+# Fields that change how a run executes, not what it computes (up to float rounding): not in `hash`.
+EXECUTION_FIELDS = ("loss_chunk_tokens", "sharding")
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,11 @@ class TrainConfig:
                                           # starts past the uptraining's (Table 13, "Data: New")
     clip: float = 1.0                     # max global grad norm; 0 disables
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, more time)
+    # execution only (never the run's identity: left out of `hash`, so a run keeps its key and directory)
+    loss_chunk_tokens: int = 0            # losses over this many tokens' logits at a time, recomputed in backward
+                                          # (0: the whole micro-batch's logits at once)
+    sharding: str = "none"                # none (DDP: every rank holds all optimizer state) | fsdp (FSDP2
+                                          # fully_shard: parameters, gradients and optimizer state split over ranks)
     precision: str = "auto"               # auto: bf16 autocast on GPU and on CPUs with bf16 matmuls, else fp32
     # bookkeeping
     seq_len: int | None = None            # tokens per training sequence (if set, the data must have it)
@@ -89,6 +97,7 @@ class TrainConfig:
         check_choice("trainable", self.trainable, TRAINABLE)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("teacher_dtype", self.teacher_dtype, TEACHER_DTYPES)
+        check_choice("sharding", self.sharding, SHARDINGS)
         self.spec()  # RecursiveSpec validates num_blocks, init, norm_init, lora_rank, lora_init, head_lora_rank
         loop_weights(2, self.exit_scheme, self.exit_coefficient)  # coefficient in [0, 1]; None for weighted
         if self.teacher is not None and self.kd is None:
@@ -103,7 +112,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "num_processes", "save_every", "keep_checkpoints",
                      "eval_batch_size"):
             check_int(name, getattr(self, name), 1)
-        for name in ("warmup_steps", "eval_every", "head_lora_rank", "seed", "data_offset"):
+        for name in ("warmup_steps", "eval_every", "head_lora_rank", "seed", "data_offset", "loss_chunk_tokens"):
             check_int(name, getattr(self, name), 0)
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
@@ -130,8 +139,9 @@ class TrainConfig:
             raise ValueError("head_lora_rank > 0 with trainable='base' leaves the head LoRA frozen at zero")
 
     def hash(self) -> str:
-        """Return a 12-hex digest of every field but `out`: the identity of a run (same hash, same run)."""
-        fields = {k: v for k, v in self.to_dict().items() if k != "out"}
+        """Return a 12-hex digest of every field but `out` and the EXECUTION_FIELDS: the identity of a run (same
+        hash, same run)."""
+        fields = {k: v for k, v in self.to_dict().items() if k != "out" and k not in EXECUTION_FIELDS}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
     def spec(self) -> RecursiveSpec:
