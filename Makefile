@@ -13,7 +13,7 @@ LAB_ARGS ?= --no-browser --ip=127.0.0.1 --port=8888
 CHECK_NB_SCALE = test -f notebooks/$(NB).ipynb || { echo "unknown NB=$(NB); valid: $(NOTEBOOKS)" >&2; exit 2; }; \
 	test -f params/$(NB)/$(SCALE).yaml || { echo "unknown SCALE=$(SCALE) for $(NB); valid: $$(cd params/$(NB) && ls *.yaml | sed 's/\.yaml$$//' | tr '\n' ' ')" >&2; exit 2; }
 
-.PHONY: help setup test test-fast demo smoke plan run sweep report screenshots lab strip
+.PHONY: help setup test test-fast demo smoke plan pack run sweep sweep-status report screenshots lab strip gpu-check
 
 help:  ## list every target with one line each
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -39,6 +39,10 @@ plan: setup  ## print a notebook's runs, tokens and H100 hours, no weights loade
 	@$(CHECK_NB_SCALE)
 	$(OFFLINE) $(PY) -m rrt plan $(NB) $(SCALE)
 
+pack: setup  ## tokenize a plan's corpora into shards before training (a hub corpus needs it): make pack NB=.. SCALE=.. [WORKERS=8] [OUT=DIR]
+	@$(CHECK_NB_SCALE)
+	$(PY) -m rrt pack $(NB) $(SCALE) --workers $(or $(WORKERS),1) $(if $(OUT),--out $(OUT),)
+
 RUN_DIR = $(CURDIR)/outputs/$(NB)/$(SCALE)-$(STAMP)
 run: setup  ## run one notebook: make run NB=01_init_ablation SCALE=cpu [P="steps=20 lr=1e-4"] (outputs/<NB>/<SCALE>-<time>/)
 	@$(CHECK_NB_SCALE)
@@ -52,14 +56,21 @@ demo: setup  ## the main job: every notebook at cpu scale on the embedded SmolLM
 smoke: setup  ## every notebook at smoke scale (tiny random model; seconds each)
 	set -e; for nb in $(NOTEBOOKS); do $(MAKE) --no-print-directory run NB=$$nb SCALE=smoke STAMP=$(STAMP); done
 
-sweep: setup  ## a plan as jobs: make sweep NB=.. SCALE=.. [BACKEND=slurm]; a grid: make sweep GRID=params/grids/NAME.yaml
+sweep: setup  ## a plan as jobs: make sweep NB=.. SCALE=.. [BACKEND=slurm] [SLURM="--env 'conda activate rrt' --max-time 48:00:00"]; a grid: GRID=params/grids/NAME.yaml
 ifdef GRID
 	$(OFFLINE) $(PY) -m rrt sweep $(GRID) --backend $(or $(BACKEND),local)
 else
 	@$(CHECK_NB_SCALE)
-	$(PY) -m rrt sweep --notebook $(NB) --scale $(SCALE) --backend $(or $(BACKEND),local)
+	$(PY) -m rrt sweep --notebook $(NB) --scale $(SCALE) --backend $(or $(BACKEND),local) $(if $(filter slurm,$(BACKEND)),$(SLURM))
 	$(if $(filter slurm,$(BACKEND)),,$(MAKE) --no-print-directory run NB=$(NB) SCALE=$(SCALE))
 endif
+
+sweep-status: setup  ## each run of a swept plan: done / running / interrupted at step N / failed / not started, its log: make sweep-status NB=.. SCALE=..
+	@$(CHECK_NB_SCALE)
+	@$(OFFLINE) $(PY) -m rrt sweep-status $(NB) $(SCALE)
+
+gpu-check: setup  ## one GPU, offline, minutes: 3 paper-gemma-2b training steps (peak memory vs estimate, tokens/s, MFU), then the serving benchmark [OUT=DIR]; default outputs/gpu-check/<gpu>-<time>/
+	$(OFFLINE) $(PY) -m rrt gpu-check $(if $(OUT),--out $(OUT))
 
 report: setup outputs/.widgets/embed-amd.js  ## render every executed notebook under outputs/ to HTML, with an index page
 	$(PY) -m rrt report outputs

@@ -13,7 +13,7 @@ FLOORS = [
     # 0: the spec, and what needs nothing of rrt
     {"rrt.spec", "rrt.devices", "rrt.losses", "rrt.rundir", "rrt.progress", "rrt.recipes", "rrt.params",
      "rrt.tasks", "rrt.tasks.utils"},
-    {"rrt.families", "rrt.data"},                                        # 1: per-family facts, corpora
+    {"rrt.families", "rrt.data", "rrt.shards"},                          # 1: per-family facts, corpora, shards
     {"rrt.relax"},                                                       # 2: per-loop LoRA
     {"rrt.recursive"},                                                   # 3: conversion
     {"rrt.checkpoint"},                                                  # 4: save / load
@@ -23,11 +23,11 @@ FLOORS = [
      "rrt.serving.packed", "rrt.serving.rows", "rrt.serving.requests", "rrt.serving.engine",
      "rrt.serving.reference", "rrt.serving.baselines", "rrt.serving.workload", "rrt.serving.simulate",
      "rrt.serving.scoring", "rrt.serving.bounds", "rrt.serving.targets", "rrt.serving.bench"},
-    {"rrt.runs", "rrt.runs.store", "rrt.runs.cost", "rrt.runs.execute"},  # 7: the run layer
+    {"rrt.runs", "rrt.runs.store", "rrt.runs.cost", "rrt.runs.memory", "rrt.runs.execute"},  # 7: the run layer
     {"rrt.study", "rrt.plans"},                                          # 8: the studies
     # 9: what a notebook calls around them: parameters, serving study, views, tables, figures, jobs
     {"rrt.notebook", "rrt.serving.study", "rrt.explore", "rrt.tables", "rrt.plots", "rrt.plots_base",
-     "rrt.plots_serving", "rrt.report", "rrt.sweep"},
+     "rrt.plots_serving", "rrt.report", "rrt.sweep", "rrt.gpucheck"},
     # 10: the command lines and the public package
     {"rrt.cli", "rrt.__main__", "rrt.train.__main__", "rrt.runs.__main__", "rrt"},
 ]

@@ -250,3 +250,25 @@ def test_paper_configs_match_table_16(name, non_embedding):
     assert name in PAPER_MODELS
     model, tok = load_bench_model(name, device="meta")  # shapes only: no memory, no time
     assert tok is None and rrt.count_parameters(model)["non_embedding"] == non_embedding
+
+
+def test_a_timed_round_keeps_the_engines_numbers_not_the_engine(tiny_served):
+    """Each system's engine (its KV pool, packed weights) is gone when the next system runs: on CUDA its peak is its own."""
+    import gc
+    import weakref
+
+    from rrt.serving.bench import _time_engine
+
+    _, _, rec, samples = tiny_served
+    made = []
+
+    def make():
+        made.append(Engine(rec, max_active=2, max_seq_len=16, profile=True))
+        return made[-1]
+
+    result = _time_engine(make, lambda: requests_from(samples))
+    alive = weakref.ref(made.pop())
+    gc.collect()
+    assert alive() is None  # nothing in the round's result holds the engine
+    assert result["stats"]["tokens"] == sum(len(s.continuation) for s in samples)
+    assert result["kv_pool"] > 0 and result["num_shared"] == 2

@@ -89,18 +89,20 @@ def test_cached_packing_is_written_to_disk_and_read_memory_mapped(char_tok, tmp_
     assert not list(tmp_path.glob("*.partial"))
 
 
-def test_a_hub_corpus_is_packed_to_the_studys_fixed_count_that_covers_every_run(monkeypatch, tmp_path):
+def test_a_hub_corpus_is_packed_to_the_studys_fixed_count_that_covers_every_run(monkeypatch, tmp_path, char_tok):
     """Never all of SlimPajama; the same set for every notebook of a scale, so a shared run is the same run."""
     import rrt.runs.execute
     from rrt.plans import Distillation, EarlyExit
+    from rrt.shards import PackSet, packed_path
     calls = []
     monkeypatch.setattr(rrt.runs.execute, "load_packed", lambda name, split, **kw: calls.append((name, split, kw)))
+    monkeypatch.setattr(rrt.runs.execute, "PackedShards", lambda path: calls.append(path))  # `make pack` wrote them
     hub = dict(model="tiny-llama", seq_len=2048, data_source="hub", train_corpus="slimpajama", train_split="train",
                eval_corpora=["pg19/test"], max_eval_seqs=4, steps=100, global_batch_size=16, batch_size=8)
     study = Distillation(**hub, long_steps=300, max_train_seqs=300 * 16)
-    rrt.runs.execute.load_data(study.data_spec(), tokenizer=None, cache_dir=tmp_path)
-    assert [(c[0], c[1], c[2]["max_seqs"], c[2]["source"]) for c in calls] == [
-        ("slimpajama", "train", 300 * 16, "hub"), ("pg19", "test", 4, "hub")]
+    rrt.runs.execute.load_data(study.data_spec(), tokenizer=char_tok, cache_dir=tmp_path)
+    assert calls == [packed_path(PackSet("slimpajama", "train", "hub", 2048, 300 * 16), char_tok),
+                     packed_path(PackSet("pg19", "test", "hub", 2048, 4), char_tok)]
     with pytest.raises(ValueError, match=r"a hub corpus needs an explicit number of packed sequences, at least the 4800"):
         Distillation(**hub, long_steps=300)
     # post-training on new tokens reads past the uptraining's: the count must cover both

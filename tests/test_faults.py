@@ -11,8 +11,10 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -118,12 +120,14 @@ def arm(point, nth):
                 os.truncate(path, os.path.getsize(path) // 2)
                 die()
         rrt.checkpoint.save_file = save_file
-    elif point == "rank_state":  # killed while rank0.pt is half written
+    elif point == "rank_state":  # killed while rank0.pt is half written (torch.save gets a hashing file object)
         real = torch.save
         def save(obj, path, *a, **k):
             real(obj, path, *a, **k)
-            if due(str(path).endswith("rank0.pt")):
-                os.truncate(path, os.path.getsize(path) // 2)
+            name = str(getattr(path, "name", path))
+            if due(name.endswith("rank0.pt")):
+                path.flush()
+                os.truncate(name, os.path.getsize(name) // 2)
                 die()
         torch.save = save
     elif point == "manifest":  # the temp dir complete, killed before its rename
@@ -229,10 +233,11 @@ def test_full_disk_during_a_checkpoint_save_fails_naming_it_and_loses_nothing(tm
             raise enospc(path)
         return real_save_file(tensors, path, *a, **k)
 
-    def save(obj, path, *a, **k):
-        if target == "optimiser state" and "step-00000004" in str(path) and str(path).endswith("rank0.pt"):
-            Path(path).write_bytes(b"\0" * 100)
-            raise enospc(path)
+    def save(obj, path, *a, **k):  # rank files are written through a hashing file object with the file's name
+        name = str(getattr(path, "name", path))
+        if target == "optimiser state" and "step-00000004" in name and name.endswith("rank0.pt"):
+            path.write(b"\0" * 100)
+            raise enospc(name)
         return real_save(obj, path, *a, **k)
 
     monkeypatch.setattr(rrt.checkpoint, "save_file", save_file)
@@ -504,3 +509,130 @@ def test_non_finite_metrics_are_written_as_null_with_a_flag(tmp_path):
     metrics.write({"kind": "eval", "step": 3, "ppl/loop_0": float("inf"), "ppl/loop_1": 2.5})
     assert records(tmp_path) == [{"kind": "eval", "step": 3, "ppl/loop_0": None, "ppl/loop_1": 2.5,
                                   "nonfinite": ["ppl/loop_0"]}]
+
+
+# ---- the run lock without flock: an O_EXCL file with a heartbeat --------------------------------------
+
+def write_lock(run_dir: Path, holder: str, age_s: float) -> Path:
+    """Leave a lock file naming `holder`, its heartbeat `age_s` seconds old."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / "run.lock"
+    lock.write_text(holder)
+    now = time.time()
+    os.utime(lock, (now - age_s, now - age_s))
+    return lock
+
+
+def acquire_warnings(lock: RunLock) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lock.acquire()
+    return [str(w.message) for w in caught]
+
+
+def test_a_live_holder_on_another_host_is_refused_and_a_silent_one_reclaimed(tmp_path):
+    write_lock(tmp_path / "run", "pid 4242 on node-elsewhere", age_s=60)
+    with pytest.raises(RuntimeError, match=r"in use by another writer \(pid 4242 on node-elsewhere, heartbeat 60 s "
+                                           r"ago; lock file .*run.lock\)"):
+        RunLock(tmp_path / "run", stale_after_s=600).acquire()
+    assert (tmp_path / "run" / "run.lock").read_text() == "pid 4242 on node-elsewhere"  # left as it was
+
+    write_lock(tmp_path / "run", "pid 4242 on node-elsewhere", age_s=700)
+    lock = RunLock(tmp_path / "run", stale_after_s=600)
+    messages = acquire_warnings(lock)
+    try:
+        assert any("reclaimed the lock of pid 4242 on node-elsewhere, whose heartbeat is 700 s old" in m
+                   for m in messages), messages
+        assert (tmp_path / "run" / "run.lock").read_text() == f"pid {os.getpid()} on {socket.gethostname()}"
+    finally:
+        lock.release()
+    assert not (tmp_path / "run" / "run.lock").exists()
+
+
+def test_a_dead_holder_on_this_host_is_reclaimed_at_once(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: its pid names no process
+    write_lock(tmp_path / "run", f"pid {gone.pid} on {socket.gethostname()}", age_s=0)
+    lock = RunLock(tmp_path / "run")
+    messages = acquire_warnings(lock)
+    lock.release()
+    assert any(f"reclaimed the lock of pid {gone.pid} on " in m and "no longer running" in m for m in messages), messages
+
+
+def test_the_holder_refreshes_its_heartbeat(tmp_path):
+    lock = RunLock(tmp_path / "run", heartbeat_s=0.05, stale_after_s=600)
+    lock.acquire()
+    try:
+        path = tmp_path / "run" / "run.lock"
+        old = time.time() - 1000
+        os.utime(path, (old, old))
+        for _ in range(2000):  # the heartbeat thread moves the time forward within a few beats
+            if path.stat().st_mtime > old + 500:
+                break
+            time.sleep(0.01)
+        assert path.stat().st_mtime > old + 500
+    finally:
+        lock.release()
+
+
+# ---- preemption: SIGTERM/SIGUSR1 checkpoint the step just done, stop with Interrupted (exit 75), resume exactly
+
+def test_sigusr1_checkpoints_the_step_it_stopped_after_and_the_rerun_repeats_the_run(tmp_path, llama, reference,
+                                                                                      monkeypatch):
+    real_step, before = rtrain._optimiser_step, signal.getsignal(signal.SIGUSR1)
+
+    def signalled(run, blocks, config, step, **kw):
+        parts = real_step(run, blocks, config, step, **kw)
+        if step == 3:  # between two checkpoints (save_every 2): one is written at 3 anyway
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return parts
+
+    monkeypatch.setattr(rtrain, "_optimiser_step", signalled)
+    config = config_in(tmp_path, "run")
+    with pytest.raises(rrt.train.Interrupted, match=r"stopped by a signal after step 3") as stopped:
+        train(config, train_seqs=TRAIN, eval_seqs=EVAL, original=llama)
+    assert signal.getsignal(signal.SIGUSR1) == before  # the handler is train's only while it runs
+    assert stopped.value.step == 3 and stopped.value.checkpoint == Path(config.out) / "checkpoints" / "step-00000003"
+    assert latest_checkpoint(config.out) == stopped.value.checkpoint
+    assert (stopped.value.checkpoint / "rank0.pt").exists()  # with optimizer state, to resume from
+    assert [r["step"] for r in records(config.out) if r["kind"] == "train"] == [1, 2, 3]
+    monkeypatch.undo()
+    result, _ = resume(config, llama)
+    assert_repeats(result, reference)
+
+
+CLI_RUN = ["-m", "rrt.train", "--model", "tiny-llama", "--num-blocks", "2", "--lora-rank", "4", "--steps", "150",
+           "--batch-size", "2", "--seq-len", "16", "--max-train-seqs", "64", "--max-eval-seqs", "2",
+           "--save-every", "1000", "--precision", "fp32"]
+
+
+@pytest.mark.slow
+def test_sigterm_exits_75_with_a_checkpoint_at_its_step_and_the_rerun_equals_an_uninterrupted_run(tmp_path):
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cache = ["--data-cache", str(tmp_path / "cache")]
+    whole = subprocess.run([sys.executable, *CLI_RUN, *cache, "--out", str(tmp_path / "whole")], capture_output=True,
+                           text=True, env=env)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    out, log = tmp_path / "stopped", (tmp_path / "log").open("w")
+    job = subprocess.Popen([sys.executable, *CLI_RUN, *cache, "--out", str(out)], stdout=log, stderr=log, env=env)
+    try:
+        for _ in range(60_000):  # until a few steps are recorded (the wait is bounded; no timing is asserted)
+            metrics = out / "metrics.jsonl"
+            if metrics.exists() and metrics.read_text().count('"kind": "train"') >= 3 or job.poll() is not None:
+                break
+            time.sleep(0.01)
+        job.send_signal(signal.SIGTERM)
+        assert job.wait(timeout=600) == 75, (tmp_path / "log").read_text()[-3000:]
+    finally:
+        job.kill()
+    trained = [r["step"] for r in records(out) if r["kind"] == "train"]
+    assert 3 <= trained[-1] < 150 and trained == list(range(1, trained[-1] + 1))
+    assert latest_checkpoint(out) == out / "checkpoints" / f"step-{trained[-1]:08d}"  # the step it stopped after
+    assert f"stopped by a signal after step {trained[-1]}" in (tmp_path / "log").read_text()
+
+    again = subprocess.run([sys.executable, *CLI_RUN, *cache, "--out", str(out)], capture_output=True, text=True,
+                           env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert train_losses(records(out)) == train_losses(records(tmp_path / "whole"))  # exactly
+    assert [r["step"] for r in records(out) if r["kind"] == "train"] == list(range(1, 151))

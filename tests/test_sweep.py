@@ -1,9 +1,22 @@
-"""Sweeps: grid expansion, skipping complete runs, the SLURM array script."""
+"""Sweeps: grid expansion, skipping complete runs, the SLURM array script; a plan's jobs, their trap, their status."""
+import dataclasses
+import math
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from rrt import sweep
+from rrt import cli, sweep
+from rrt.notebook import load_params
+from rrt.rundir import write_json
+from rrt.runs.cost import plan_table
+from rrt.runs.execute import _results_path, run_plan
+from rrt.data import load_corpus, load_packed
+from rrt.serving.bench import Workload, heldout_text
+from rrt.serving.study import PackedWorkload, packed_stream, repack, served_models
 
 GRID = Path(__file__).resolve().parents[1] / "params" / "grids" / "explore-smoke.yaml"
 
@@ -58,21 +71,179 @@ def test_report_links_every_executed_notebook_and_its_figures(tmp_path):
 
 
 def test_a_plan_becomes_one_array_task_per_run_in_waves_then_a_collect_job(tmp_path):
-    """04 at paper scale: the uptrained model and co-training first; the post-training rows wait for it."""
+    """04 at paper scale: packing first; the uptrained model and co-training; the post-training rows wait for it."""
     submit = sweep.write_plan_jobs("04_early_exit", "paper-gemma-2b", tmp_path, runs_root=str(tmp_path / "runs"))
     root = submit.parent
     wave0, wave1 = (root / "wave0.sbatch").read_text(), (root / "wave1.sbatch").read_text()
-    assert "#SBATCH --array=0-1" in wave0 and "#SBATCH --array=0-9" in wave1  # 2 + 10 runs of Table 13
+    assert "#SBATCH --array=0-1\n" in wave0 and "#SBATCH --array=0-9\n" in wave1  # 2 + 10 runs of Table 13
     for script in (wave0, wave1):
-        assert "#SBATCH --gres=gpu:8" in script
-        assert script.count("accelerate launch --config_file params/accelerate/ddp.yaml --num_processes 8 "
-                            "-m rrt.runs ") == script.count(") .venv/")
+        assert "#SBATCH --gres=gpu:8\n" in script and "#SBATCH --cpus-per-task=64\n" in script
+        assert script.count("cmd=(accelerate launch --config_file params/accelerate/ddp.yaml --num_processes 8 "
+                            "-m rrt.runs ") == script.count("launcher=1;")
     text = submit.read_text()
     assert "w1=$(sbatch --parsable --dependency=afterok:$w0 " in text
-    assert "sbatch --dependency=afterany:$w0:$w1 " in text and "collect.sbatch" in text
+    assert "collect=$(sbatch --parsable --dependency=afterany:$w0:$w1 " in text
     collect = (root / "collect.sbatch").read_text()
-    assert "--gres" not in collect and "make run NB=04_early_exit SCALE=paper-gemma-2b" in collect
+    assert "--gres" not in collect and "python -m rrt.runs" not in collect and "make run" not in collect
+    assert "-p read_only True" in collect and "sweep-status 04_early_exit paper-gemma-2b --check" in collect
     assert len(list((tmp_path / "runs").glob("*/run.json"))) == 12
+
+
+@pytest.mark.parametrize("notebook,waves", [("03_distillation", 2), ("05_throughput", 2)])
+def test_paper_sbatch_files_survive_the_time_limit_and_a_failure(tmp_path, notebook, waves):
+    """Every training job asks for time, requeues, is warned ahead of its limit and traps the warning; the packing
+    wave comes first; a job that waits on another is cancelled when that one fails; only packing is online."""
+    submit = sweep.write_plan_jobs(notebook, "paper-gemma-2b", tmp_path, runs_root=str(tmp_path / "runs"))
+    root = submit.parent
+    submitted = [line.split()[-1].rstrip(")") for line in submit.read_text().splitlines() if "sbatch --parsable" in line]
+    names = [Path(p).name for p in submitted]
+    assert names == ["pack.sbatch", "fetch.sbatch", *(f"wave{i}.sbatch" for i in range(waves)), "collect.sbatch"]
+    assert submit.read_text().count('echo "') == len(names) + 1  # each job id printed, then the status command
+    pack = (root / "pack.sbatch").read_text()
+    assert f"python -m rrt pack {notebook} paper-gemma-2b --workers \"$SLURM_CPUS_PER_TASK\" --part " \
+           f"\"$SLURM_ARRAY_TASK_ID/8\"" in pack
+    assert "--gres" not in pack and "HF_HUB_OFFLINE" not in pack and "--kill-on-invalid-dep" not in pack
+    assert "hf download google/gemma-2b" in (root / "fetch.sbatch").read_text()
+    for name in names[1:]:
+        assert "#SBATCH --kill-on-invalid-dep=yes\n" in (root / name).read_text()
+    for name in names:
+        script = (root / name).read_text()
+        assert f"source {sweep.REPO}/.venv/bin/activate\n" in script and "#SBATCH --time=" in script
+        assert ("export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1" in script) == (name not in names[:2])
+    for i in range(waves):
+        wave = (root / f"wave{i}.sbatch").read_text()
+        assert "#SBATCH --time=1-00:00:00\n" in wave  # 7153 steps on 8 GPUs: days, so the 24 h cap; requeue goes on
+        assert "#SBATCH --requeue\n" in wave and "#SBATCH --signal=B:USR1@900\n" in wave
+        assert "trap 'warned=1; forward' USR1" in wave and 'pkill -USR1 -P "$pid"' in wave
+        assert 'scontrol requeue "$SLURM_JOB_ID"' in wave
+    collect = (root / "collect.sbatch").read_text()
+    assert ("#SBATCH --gres=gpu:1\n" in collect) == (notebook == "05_throughput")  # 05's notebook serves on a GPU
+
+
+def test_05_served_models_are_ordinary_runs_of_the_sweep(tmp_path):
+    """05's plan is 04's early-exit recipe per (B, r): its uptrained runs, then the post-trained ones that read them."""
+    study = load_params("05_throughput", "paper-gemma-2b", runs_root=str(tmp_path / "runs"))
+    first, second = sweep.waves(study.runs())
+    assert [r.config.lora_rank for r in first] == [0, 64, 128, 256, 512] == [r.config.lora_rank for r in second]
+    assert all(r.config.objective == "early_exit" and r.needs for r in second)
+    assert {r.dir for pair in study.served().values() for r in pair} == {r.dir for r in study.runs()}
+
+
+def test_slurm_parameters_are_checked():
+    with pytest.raises(ValueError, match=r"max_time='24h' is not a SLURM time \[D-\]HH:MM:SS"):
+        sweep.Slurm(max_time="24h")
+    with pytest.raises(ValueError, match="grace_seconds=7200 must be shorter than max_time=01:00:00"):
+        sweep.Slurm(max_time="01:00:00", grace_seconds=7200)
+
+
+def test_the_local_backend_runs_the_same_commands_packing_first(tmp_path):
+    ran = []
+    commands = sweep.run_plan_locally("03_distillation", "paper-gemma-2b", shell=ran.append,
+                                      runs_root=str(tmp_path / "runs"))
+    assert ran == commands and ran[0] == ".venv/bin/python -m rrt pack 03_distillation paper-gemma-2b"
+    assert len(ran) == 1 + 13 and all("-m rrt.runs " in c for c in ran[1:])
+
+
+def test_a_read_only_study_names_the_missing_runs_and_trains_nothing(tmp_path):
+    """The collect job's notebook: a run not done stops run_plan (and 05's served models) before any compute."""
+    study = load_params("03_distillation", "smoke", runs_root=str(tmp_path), read_only=True)
+    with pytest.raises(RuntimeError, match=r"read_only: 4 of 4 runs are not evaluated.*'full-size' \(not trained"):
+        run_plan(study, original=None, tokenizer=None, data=None, run_dir=tmp_path / "nb")
+    served = load_params("05_throughput", "smoke", runs_root=str(tmp_path), read_only=True)
+    with pytest.raises(RuntimeError, match=r"read_only: 2 of 2 runs are not trained.*'stepwise B=2 r=4' \(not trained"):
+        served_models(served, original=None, tokenizer=None)
+    assert not list(tmp_path.rglob("checkpoints")) and not (tmp_path / "nb").exists()
+
+
+def _fabricate(tmp_path):
+    """01 at smoke scale, swept, with its seven runs left in six states by hand."""
+    sweep.write_plan_jobs("01_init_ablation", "smoke", tmp_path, runs_root=str(tmp_path / "runs"))
+    root = sweep.sweep_root("01_init_ablation", "smoke", tmp_path)
+    study = load_params("01_init_ablation", "smoke", runs_root=str(tmp_path / "runs"))
+    runs = {r.name: r for r in study.runs()}
+
+    def checkpoint(run, step):
+        (run.dir / "checkpoints" / f"step-{step:08d}").mkdir(parents=True)
+        (run.dir / "checkpoints" / f"step-{step:08d}" / "model.safetensors").write_bytes(b"")
+    for name in ("full-size", "stepwise B=2"):  # done; trained, not evaluated
+        checkpoint(runs[name], runs[name].config.steps)
+    write_json(_results_path(runs["full-size"], study.eval_spec()), {"summary": {}})
+    (runs["random B=2"].dir / "run.lock").write_text("pid 4242 on node7")  # running
+    checkpoint(runs["stepwise B=2 seed=1"], 1)  # interrupted at step 1 (requeued: its job said 75)
+    (root / "exit").mkdir()
+    (root / "exit" / runs["stepwise B=2 seed=1"].dir.name).write_text("75\n")
+    (root / "exit" / runs["reduced-size B=2"].dir.name).write_text("1\n")  # failed
+    log = root / f"slurm-w0-77_{list(runs).index('reduced-size B=2')}.out"
+    log.write_text("Traceback ...\n")
+    return root, log
+
+
+def test_sweep_status_reports_each_state(tmp_path):
+    root, log = _fabricate(tmp_path)
+    rows = {r["run"]: r for r in sweep.plan_status("01_init_ablation", "smoke", tmp_path)}
+    steps = load_params("01_init_ablation", "smoke").steps
+    assert {name: (r["state"], r["step"]) for name, r in rows.items()} == {
+        "full-size": ("done", steps), "stepwise B=2": ("trained-not-evaluated", steps),
+        "random B=2": ("running (lock held: pid 4242 on node7)", None),
+        "stepwise B=2 seed=1": ("interrupted at step 1", 1), "reduced-size B=2": ("failed (exit 1)", None),
+        "stepwise_start B=2": ("not started", None), "average B=2 norm=zero": ("not started", None)}
+    assert rows["reduced-size B=2"]["log"] == str(log) and rows["stepwise_start B=2"]["log"] == "-"
+
+
+def test_sweep_status_check_fails_naming_the_runs_not_done(tmp_path, capsys):
+    _, log = _fabricate(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["sweep-status", "01_init_ablation", "smoke", "--out-root", str(tmp_path), "--check"])
+    assert exit_.value.code == 1
+    out, err = capsys.readouterr()
+    assert "1 of 7 runs done" in out and "interrupted at step 1" in out
+    assert "reduced-size B=2" in err and str(log) in err and "full-size," not in err
+
+
+FAKE_WORKER = """#!/bin/bash
+# a training process: on SIGUSR1 it ends its step, writes a checkpoint and exits 75
+trap 'echo USR1 >> "$FAKE_LOG"; echo checkpoint >> "$FAKE_LOG"; exit 75' USR1
+echo started >> "$FAKE_LOG"
+for _ in $(seq 600); do sleep 0.05; done  # never left behind for long, even when the test fails
+exit 3
+"""
+# torch's elastic agent: its workers are its children; SIGUSR1 has no handler there and kills it
+FAKE_LAUNCHER = """#!/bin/bash
+"$FAKE_BIN/python" & child=$!
+wait $child
+exit 1
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scale", ["smoke", "paper-gemma-2b"])
+def test_the_wave_trap_forwards_the_warning_and_requeues(tmp_path, scale):
+    """The generated wave script run by bash on a fake training command: SLURM's USR1 reaches the training process
+    (under a launcher: its worker, not the launcher) and the job requeues itself with scontrol."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for name, text in {"python": FAKE_WORKER, "accelerate": FAKE_LAUNCHER,
+                       "scontrol": '#!/bin/bash\necho "$@" >> "$FAKE_LOG.scontrol"\n'}.items():
+        (bin_ / name).write_text(text)
+        (bin_ / name).chmod(0o755)
+    slurm = sweep.Slurm(env=f'export PATH="{bin_}:$PATH"')
+    sweep.write_plan_jobs("03_distillation", scale, tmp_path, slurm=slurm, runs_root=str(tmp_path / "runs"))
+    script = sweep.sweep_root("03_distillation", scale, tmp_path) / "wave0.sbatch"
+    assert ("launcher=1" in script.read_text()) == (scale != "smoke")
+    log = tmp_path / "fake.log"
+    env = {**os.environ, "FAKE_LOG": str(log), "FAKE_BIN": str(bin_), "SLURM_ARRAY_TASK_ID": "0",
+           "SLURM_JOB_ID": "4242"}
+    job = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not (log.exists() and "started" in log.read_text()):
+        assert job.poll() is None and time.monotonic() < deadline, job.stdout.read()
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)
+    out = job.communicate(timeout=60)[0]
+    assert job.returncode == 0, out
+    assert log.read_text().splitlines() == ["started", "USR1", "checkpoint"]
+    assert Path(f"{log}.scontrol").read_text() == "requeue 4242\n"
+    assert "requeueing job 4242" in out
 
 
 def test_plan_waves_put_every_run_after_what_it_reads():
@@ -81,3 +252,50 @@ def test_plan_waves_put_every_run_after_what_it_reads():
     first, second = sweep.waves(runs)
     assert [r.name for r in first if r.name == "full-size"] == ["full-size"]
     assert all(r.config.kd for r in second) and all(not r.needs for r in first)
+
+
+@pytest.mark.parametrize("tok_name", ["char_tok", "bos_tok"])
+def test_05_reads_its_hub_text_from_packed_sets_as_packing_would_give_it(tok_name, request):
+    """Offline 05: calibration text re-cut from a packed set equals packing the corpus at 128 itself, and each
+    request is the start of one whole document of that corpus."""
+    tok = request.getfixturevalue(tok_name)
+    packed = load_packed("wikitext2", "test", tokenizer=tok, seq_len=512)  # every document
+    stream = packed_stream(packed, tok)
+    assert repack(stream, tok) == heldout_text(tok, "wikitext2/test", vocab_size=99)
+    workload = PackedWorkload(stream, tok, corpus="wikitext2", split="test", num_requests=5, prefix_len=12,
+                              decode_len=7, seed=3)
+    samples = workload.samples(tok, 99)
+    docs = tok(list(load_corpus("wikitext2", "test")["text"]), add_special_tokens=False)["input_ids"]
+    head = [tok.bos_token_id] if tok_name == "bos_tok" else []
+    assert len({s.source for s in samples}) == 5 and all(len(s.prompt) == 12 for s in samples)
+    for s in samples:
+        text = s.prompt[len(head):] + s.continuation
+        assert s.prompt[:len(head)] == head and len(s.continuation) == 7
+        assert sum(doc[:len(text)] == text for doc in docs) >= 1
+    assert dataclasses.asdict(workload) == dataclasses.asdict(Workload(
+        corpus="wikitext2", split="test", num_requests=5, prefix_len=12, decode_len=7, seed=3))  # settings stay small
+
+
+def test_the_sweep_parameters_reach_every_job(tmp_path):
+    """--env, --partition and --max-time as written; --time is the plan's hours × the factor + setup, rounded up."""
+    slurm = sweep.Slurm(env="conda activate rrt", partition="gpu", max_time="2-00:00:00", time_factor=2.0,
+                        setup_minutes=30)
+    submit = sweep.write_plan_jobs("03_distillation", "paper-gemma-2b", tmp_path, slurm=slurm,
+                                   runs_root=str(tmp_path / "runs"))
+    for script in submit.parent.glob("*.sbatch"):
+        text = script.read_text()
+        assert "\nconda activate rrt\n" in text and ".venv" not in text and "#SBATCH --partition=gpu\n" in text
+    assert "#SBATCH --time=2-00:00:00\n" in (submit.parent / "wave0.sbatch").read_text()  # capped
+    sweep.write_plan_jobs("03_distillation", "smoke", tmp_path, slurm=slurm, runs_root=str(tmp_path / "runs"))
+    study = load_params("03_distillation", "smoke", runs_root=str(tmp_path / "runs"))
+    table = plan_table(study.runs())
+    wave0 = [r.dir.name for r in sweep.waves(study.runs())[0]]
+    minutes = math.ceil(table[table.run_dir.isin(wave0)].h100_hours.max() * 60 * 2.0 + 30)
+    assert f"#SBATCH --time=0-00:{minutes:02d}:00\n" in (sweep.sweep_root("03_distillation", "smoke", tmp_path)
+                                                          / "wave0.sbatch").read_text()
+
+
+def test_05_on_hub_data_reads_only_what_make_pack_packs():
+    with pytest.raises(ValueError, match=r"corpus='wikitext2/test' with data_source='hub' is read from the held-out "
+                                         r"sets .*\['slimpajama/test', 'redpajama/test', 'pg19/test'\]"):
+        load_params("05_throughput", "paper-gemma-2b", corpus="wikitext2/test")

@@ -270,22 +270,17 @@ def test_cli_flags_build_the_config(tmp_path):
         dataclass_from_args(TrainConfig, parser.parse_args(["--out", "x", "--kd", "kl2"]))
 
 
-def test_cli_packs_a_hub_corpus_only_as_far_as_the_run_reads(tmp_path, monkeypatch):
-    """--data-source hub with no --max-train-seqs: steps × batch × accumulation × processes
-    sequences, cached on disk; nothing is fetched (load_packed and training are replaced)."""
+def test_cli_never_packs_a_hub_corpus_it_names_make_pack(tmp_path, monkeypatch):
+    """--data-source hub reads only what `make pack` wrote: with no shards it stops naming it, and trains nothing."""
     import rrt.cli
-    import rrt.runs.execute
-    calls = []
-    monkeypatch.setattr(rrt.runs.execute, "load_packed", lambda name, split, **kw: calls.append((name, kw)) or TRAIN)
-    monkeypatch.setattr(rrt.cli, "load_model", lambda source: (None, None))
-    monkeypatch.setattr(rrt.cli, "train", lambda config, **kw: rtrain.RunResult(Path(config.out), None, [], None))
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    rrt.cli.train_main(["--out", str(tmp_path / "run"), "--model", "tiny-llama", "--steps", "10", "--batch-size", "8",
-                        "--grad-accum", "2", "--seq-len", "17", "--data-source", "hub", "--train-corpus", "slimpajama",
-                        "--eval-corpora", "slimpajama/test"])
-    (train_name, train_kw), (_, eval_kw) = calls
-    assert train_name == "slimpajama" and train_kw["source"] == "hub" and train_kw["max_seqs"] == 10 * 8 * 2 * 4
-    assert train_kw["cache_dir"] and eval_kw["max_seqs"] == 32
+    from rrt.models import tiny_tokenizer
+    monkeypatch.setattr(rrt.cli, "load_model", lambda source: (None, tiny_tokenizer()))
+    monkeypatch.setattr(rrt.cli, "train", lambda config, **kw: pytest.fail("trained without data"))
+    with pytest.raises((FileNotFoundError, ValueError, RuntimeError), match="make pack"):
+        rrt.cli.train_main(["--out", str(tmp_path / "run"), "--model", "tiny-llama", "--steps", "10",
+                            "--batch-size", "8", "--grad-accum", "2", "--seq-len", "17", "--data-source", "hub",
+                            "--train-corpus", "slimpajama", "--eval-corpora", "slimpajama/test",
+                            "--packed-dir", str(tmp_path / "packed")])
 
 
 def test_cli_refuses_a_bad_data_source_and_several_eval_sets_before_loading(monkeypatch):

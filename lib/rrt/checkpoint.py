@@ -25,12 +25,15 @@ class CheckpointError(ValueError):
     """A checkpoint directory that fails its manifest (missing, torn, truncated or altered files)."""
 
 
-def save(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
-    """Write config (with the recursion spec) + each unique tensor once to `path`; return it."""
+def save(model: nn.Module, path: str | Path, tokenizer=None, *, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write config (with the recursion spec) + each unique tensor once to `path`; return it.
+
+    tensors: the unique tensors to write instead of the model's own (a sharded model's, gathered whole).
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(path)
-    save_file(unique_state_dict(model), path / WEIGHTS)
+    save_file(unique_state_dict(model) if tensors is None else tensors, path / WEIGHTS)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
@@ -93,6 +96,32 @@ def verify_manifest(path: str | Path) -> dict:
         if _sha256(file) != want["sha256"]:
             raise CheckpointError(f"{file}: sha256 differs from {path / MANIFEST} (the file was altered)")
     return manifest
+
+
+def save_hashed(obj, file: str | Path) -> dict:
+    """torch.save `obj` to `file`, hashing the bytes as they are written; return its `file_digest` (no read-back:
+    a rank's optimizer state can be tens of GB on a shared filesystem)."""
+    with open(file, "wb") as f:
+        writer = _HashingWriter(f, str(file))
+        torch.save(obj, writer)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": writer.size, "sha256": writer.sha256.hexdigest()}
+
+
+class _HashingWriter:
+    """A write-only file object that hashes what passes through it (torch.save needs only write and flush)."""
+
+    def __init__(self, file, name: str):
+        self.file, self.name, self.sha256, self.size = file, name, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += memoryview(data).nbytes
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def file_digest(file: str | Path) -> dict:

@@ -21,12 +21,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 from accelerate import PartialState
+from transformers import AutoTokenizer
 
-from rrt import explore, report, sweep
+from rrt import explore, gpucheck, report, sweep
 from rrt.checkpoint import load
-from rrt.data import PACKED_CACHE, SOURCES, load_packed, train_seqs_to_pack
+from rrt.data import SOURCES, load_packed, train_seqs_to_pack
+from rrt.devices import resolve_device
 from rrt.exits import SCORED_POLICIES
-from rrt.models import load_model
+from rrt.models import EMBEDDED, TINY, _gguf_path, load_model, model_config, tiny_tokenizer
 from rrt.notebook import load_params, planned
 from rrt.plans import STUDIES
 from rrt.study import SCALES
@@ -34,12 +36,14 @@ from rrt.recipes import PAPER_MODELS
 from rrt.recursive import convert
 from rrt.rundir import write_config, write_versions
 from rrt.runs.cost import COST_RULE, format_tokens, plan_table
+from rrt.runs.memory import HEADROOM, MEMORY_RULE
 from rrt.runs.execute import execute_run, load_data
 from rrt.runs.store import DataSpec
 from rrt.serving.bench import (DTYPES, Workload, calibrated_policies, heldout_text, load_bench_model, run_benchmark,
                                serving_dtype, summary_table)
 from rrt.serving.engine import KV_POLICIES
 from rrt.serving.targets import targets_table, targets_over_dirs
+from rrt.shards import DOCS_PER_SHARD, PACKED_DIR, estimate_text, pack_spec, parse_part
 from rrt.spec import RecursiveSpec, check_choice
 from rrt.train.loop import train
 from rrt.trainconfig import TrainConfig
@@ -113,7 +117,8 @@ def train_parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(parser, TrainConfig)
     add_dataclass_arguments(parser.add_argument_group("data"), DataSpec, skip=("seq_len",))
     parser.add_argument("--data-cache", default=None,
-                        help="cache directory for packed sequences (default: none; a hub corpus: ~/.cache/rrt/packed)")
+                        help="cache directory for an embedded corpus' packed sequences (default: none); a hub "
+                             "corpus is read from the shards `make pack` wrote (--packed-dir)")
     return parser
 
 
@@ -133,7 +138,7 @@ def train_main(argv=None):
              f"{data.eval_corpora[0]}[:{data.max_eval_seqs}] @ {seq_len}")
     config = dataclass_from_args(TrainConfig, args, seq_len=seq_len, data=label, num_processes=processes)
     original, tok = load_model(config.model)
-    cache = args.data_cache or (str(PACKED_CACHE) if data.data_source == "hub" else None)
+    cache = args.data_cache
     with PartialState(cpu=not torch.cuda.is_available()).local_main_process_first():  # the group `train` joins
         packed = load_data(data, tok, cache_dir=cache)
     result = train(config, train_seqs=packed.train, eval_seqs=next(iter(packed.evals.values())) if data.max_eval_seqs
@@ -179,16 +184,21 @@ def plan_main(argv=None):
         print(f"{args.notebook} trains nothing; its parameters:\n{json.dumps(study.to_dict(), indent=2)}")
         return None
     table = plan_table(study.runs())
-    show = table.drop(columns=["config_hash", "batch_size", "grad_accum", "active_params"])
+    show = table.drop(columns=["config_hash", "active_params"])
+    gb = {k: "{:.1f}".format for k in show if k.endswith("_gb")}
     with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250):
         print(show.to_string(index=False, formatters={"tokens": format_tokens, "tokens_per_step": format_tokens,
-                                                       "flops": "{:.2e}".format, "h100_hours": "{:,.1f}".format}))
+                                                       "flops": "{:.2e}".format, "h100_hours": "{:,.1f}".format, **gb}))
     todo = table[~table.trained]
     store = recipe.store()
     print(f"\n{len(table)} runs ({len(todo)} to train), {format_tokens(table.tokens.sum())} tokens, "
           f"{table.flops.sum():.2e} FLOPs, {table.h100_hours.sum():,.0f} H100 hours "
           f"({todo.h100_hours.sum():,.0f} still to spend); {COST_RULE}.\n"
-          f"run store: {store.relative_to(REPO) if store.is_relative_to(REPO) else store}")
+          f"memory per GPU: {table.memory_gb.max():.1f} GB at most ({MEMORY_RULE}"
+          + (f"; sized to fit {HEADROOM:.0%} of gpu_memory_gb={recipe.gpu_memory_gb:g}" if recipe.gpu_memory_gb else "")
+          + f"); checkpoints {table.checkpoint_gb.sum():,.0f} GB on disk, one per run.\n"
+          f"run store: {store.relative_to(REPO) if store.is_relative_to(REPO) else store}\n"
+          + estimate_text(recipe.data_spec(), model_config(recipe.model).vocab_size))
     if args.csv:
         table.to_csv(args.csv, index=False)
     return table
@@ -202,6 +212,10 @@ def sweep_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=("local", "slurm"), default="local",
                         help="run the jobs here in turn, or write sbatch scripts and submit.sh")
     parser.add_argument("--task", type=int, default=None, help="run only this index (SLURM array task)")
+    group = parser.add_argument_group("slurm (a plan with --backend slurm)")
+    add_dataclass_arguments(group, sweep.Slurm)
+    for action in group._group_actions:  # this parser's formatter prints each default already
+        action.help = action.help.rsplit(" (default:", 1)[0]
     return parser
 
 
@@ -213,7 +227,8 @@ def sweep_main(argv=None):
         parser.error("give a grid file, or --notebook and --scale (a plan)")
     if args.notebook:
         if args.backend == "slurm":
-            print(f"wrote {sweep.write_plan_jobs(args.notebook, args.scale)}; submit with bash")
+            slurm = dataclass_from_args(sweep.Slurm, args)
+            print(f"wrote {sweep.write_plan_jobs(args.notebook, args.scale, slurm=slurm)}; submit with bash")
         else:
             sweep.run_plan_locally(args.notebook, args.scale)
     elif args.task is not None:
@@ -224,6 +239,73 @@ def sweep_main(argv=None):
         print(f"wrote {sweep.write_slurm(args.grid)}; submit it with sbatch")
     else:
         sweep.run_local(args.grid)
+
+
+def sweep_status_parser() -> argparse.ArgumentParser:
+    parser = _parser("sweep-status", "Each run of a plan: its state, newest checkpoint step and job log.")
+    parser.add_argument("notebook", choices=sorted(STUDIES), help="the notebook whose plan is reported")
+    parser.add_argument("scale", help=f"a params file: {', '.join(SCALES)}, or the path of a YAML file")
+    parser.add_argument("--out-root", type=Path, default=REPO / "outputs",
+                        help="where `make sweep` wrote sweeps/<notebook>-<scale>/ (its logs and jobs.json)")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 unless every run is done, naming the others and their logs (the collect job)")
+    return parser
+
+
+def sweep_status_main(argv=None):
+    """`make sweep-status`: each run of a plan: done, running, interrupted, failed or not started, and its log."""
+    args = sweep_status_parser().parse_args(argv)
+    table = pd.DataFrame(sweep.plan_status(args.notebook, args.scale, args.out_root))
+    show = table.assign(step=table["step"].map(lambda s: "-" if pd.isna(s) else str(int(s))))
+    with pd.option_context("display.max_rows", None, "display.max_colwidth", None, "display.width", 250):
+        print(show.drop(columns=["run_dir"]).to_string(index=False))
+    missing = table[table["state"] != "done"]
+    print(f"\n{len(table) - len(missing)} of {len(table)} runs done")
+    if args.check and len(missing):
+        print(f"not done, so the notebook is not rendered (nothing is trained here): "
+              f"{', '.join(missing['run'])}; logs: {', '.join(missing['log'])}", file=sys.stderr)
+        sys.exit(1)
+    return table
+
+
+def pack_parser() -> argparse.ArgumentParser:
+    parser = _parser("pack", "Tokenize a plan's training and held-out corpora into shard files, before training "
+                             "(a hub corpus is read only from them); resumable, the same bytes for any --workers.")
+    parser.add_argument("notebook", choices=sorted(STUDIES), help="the notebook whose plan's data is packed")
+    parser.add_argument("scale", help=f"a params file: {', '.join(SCALES)}, or the path of a YAML file")
+    parser.add_argument("--workers", type=int, default=1, help="processes tokenizing shards at once")
+    parser.add_argument("--out", default=None, help="root of the packed sets (default: the plan's packed_dir, "
+                                                    f"else {PACKED_DIR.relative_to(REPO)})")
+    parser.add_argument("--part", default=(0, 1), type=parse_part, help="K/N: only shards u with u mod N = K (task "
+                        "K of an N-task SLURM array); the last part to finish writes index.json")
+    parser.add_argument("--docs-per-shard", type=int, default=DOCS_PER_SHARD,
+                        help="documents per shard of an embedded corpus (a hub corpus: one shard per file)")
+    return parser
+
+
+def pack_main(argv=None):
+    """`make pack NB=.. SCALE=..`: tokenize a plan's corpora into shard files (training reads them)."""
+    parser = pack_parser()
+    args = parser.parse_args(argv)
+    try:
+        study = load_params(args.notebook, args.scale)
+    except (ValueError, TypeError) as err:
+        parser.exit(2, f"{parser.prog}: bad plan {args.notebook} {args.scale}: {err}\n")
+    if (recipe := planned(study)) is None:
+        print(f"{args.notebook} trains nothing: nothing to pack")
+        return None
+    return pack_spec(recipe.data_spec(), pack_tokenizer(recipe.model), root=args.out, workers=args.workers,
+                     part=args.part, docs_per_shard=args.docs_per_shard)
+
+
+def pack_tokenizer(source: str):
+    """Return model `source`'s tokenizer without its weights: tiny, embedded (the GGUF's metadata), hub or dir."""
+    if source in TINY:
+        return tiny_tokenizer()
+    if source in EMBEDDED:
+        gguf = _gguf_path(source)
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return AutoTokenizer.from_pretrained(source)
 
 
 def report_parser() -> argparse.ArgumentParser:
@@ -251,6 +333,8 @@ def init_perplexity_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-blocks", type=int, default=2, help="B of the conversions")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence")
     parser.add_argument("--max-seqs", type=int, default=16, help="packed sequences scored")
+    parser.add_argument("--device", default="auto", help="where the conversions are scored: auto (CUDA when torch "
+                                                         "sees a GPU) | cpu | cuda")
     parser.add_argument("--out", default=None, help="CSV path for the table")
     return parser
 
@@ -258,7 +342,7 @@ def init_perplexity_parser() -> argparse.ArgumentParser:
 def init_perplexity_main(argv=None):
     """Perplexity right after conversion (no training), per init × LoRA rank × norm tying (02's curve)."""
     args = init_perplexity_parser().parse_args(argv)
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, device=resolve_device(args.device))
     seqs = load_packed(args.corpus, args.split, tokenizer=tok, seq_len=args.seq_len, max_seqs=args.max_seqs)
     df = explore.init_perplexity(model, seqs, num_blocks=args.num_blocks)
     print(df.to_markdown(index=False, floatfmt=".4g"))
@@ -292,7 +376,7 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-corpus", default="tinystories/test", help="held-out text the thresholds fit on")
     p.add_argument("--arrival-rate", type=float, default=None, help="requests/s of a Poisson latency run")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to serve")
+    p.add_argument("--device", default="auto", help="where to serve: auto (CUDA when torch sees a GPU) | cpu | cuda")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="auto: bf16 on a GPU or a CPU with bf16 matmuls (AVX512-BF16/AMX), else float32")
     p.add_argument("--no-hf-generate", action="store_true", help="skip the HF generate baseline")
@@ -305,12 +389,13 @@ def bench_main(argv=None):
     config.json."""
     args = bench_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    dtype = serving_dtype(args.device, args.dtype)
-    model, tok = load_bench_model(args.model, device=args.device, dtype=dtype)
+    device = resolve_device(args.device)
+    dtype = serving_dtype(device, args.dtype)
+    model, tok = load_bench_model(args.model, device=device, dtype=dtype)
     if args.checkpoint:
         if args.lora_rank:
             raise ValueError("--checkpoint serves the checkpoint's own LoRA: drop --lora-rank")
-        rec = load(args.checkpoint, dtype=dtype, device=args.device)
+        rec = load(args.checkpoint, dtype=dtype, device=device)
     else:
         rec = convert(model, RecursiveSpec(num_blocks=args.num_blocks, lora_rank=args.lora_rank))
     workload = Workload(corpus=args.corpus, split=args.split, num_requests=args.num_requests,
@@ -339,6 +424,35 @@ def bench_main(argv=None):
     return result
 
 
+def gpu_check_parser() -> argparse.ArgumentParser:
+    p = _parser("gpu-check", "On one GPU, offline: 3 training steps of 04's paper-gemma-2b recipe (KD + early exit) "
+                             "on a Gemma-2B-shaped model with random weights, peak memory against the memory model, "
+                             "tokens/s and MFU; then the serving benchmark on the SmolLM2-135M and Gemma-2B shapes.")
+    p.add_argument("--out", default=None, help="directory for the CSVs and config.json (default: "
+                                               "outputs/gpu-check/<device name>-<time>)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="the same code on the CPU with tiny models and a tiny batch (seconds; what the tests run)")
+    return p
+
+
+def gpu_check_main(argv=None):
+    """GPU check: does a paper-scale run fit and how fast it trains and serves (needs CUDA unless --dry-run)."""
+    parser = gpu_check_parser()
+    args = parser.parse_args(argv)
+    if not args.dry_run:
+        try:
+            resolve_device("cuda")
+        except RuntimeError as err:  # no GPU: say what to check, before anything is written; no traceback
+            parser.exit(1, f"{parser.prog}: needs a GPU (or --dry-run): {err}\n")
+    result = gpucheck.run_gpu_check(out=args.out, dry_run=args.dry_run)
+    with pd.option_context("display.width", 250, "display.max_columns", None):
+        print(result.train.T.to_string(header=False))
+        print(result.systems[["shape", "num_blocks", "lora_rank", "system", "kv_policy", "tokens_per_s", "delta_seq",
+                              "real_over_bound", "peak_memory_bytes"]].to_string(index=False))
+    print(f"wrote {result.out}")
+    return result
+
+
 def targets_parser() -> argparse.ArgumentParser:
     p = _parser("targets", "The throughput targets read off bench output directories (bench.csv), one table.")
     p.add_argument("dirs", nargs="+", type=Path, help="bench output directories (bench.csv, config.json)")
@@ -352,12 +466,16 @@ def targets_main(argv=None):
     return targets_over_dirs(args.dirs, write=not args.no_write)
 
 
-COMMANDS = {"plan": plan_main, "sweep": sweep_main, "report": report_main, "bench": bench_main,
-            "targets": targets_main, "init-perplexity": init_perplexity_main}
+COMMANDS = {"plan": plan_main, "sweep": sweep_main, "sweep-status": sweep_status_main,
+            "report": report_main, "bench": bench_main,
+            "targets": targets_main, "init-perplexity": init_perplexity_main, "gpu-check": gpu_check_main,
+            "pack": pack_main}
 # every parser, for `--help` and its test (each flag has a one-line description)
 PARSERS = {"rrt.train": train_parser, "rrt.runs": runs_parser, "plan": plan_parser, "sweep": sweep_parser,
+           "sweep-status": sweep_status_parser,
            "report": report_parser, "bench": bench_parser, "targets": targets_parser,
-           "init-perplexity": init_perplexity_parser}
+           "init-perplexity": init_perplexity_parser, "gpu-check": gpu_check_parser,
+           "pack": pack_parser}
 
 
 def _parser(command: str, description: str) -> argparse.ArgumentParser:

@@ -3,6 +3,8 @@
 Two sources give the same `datasets` objects with a `text` column, one document a row:
 "embedded" reads the real text vendored in the repository's `data/text` (offline, CPU scale);
 "hub" streams the paper's corpora by name (SlimPajama, RedPajama, PG19; cluster scale, §3).
+At cluster scale packing is its own step before training (`rrt.shards`, `make pack`): the same sequences,
+written once as resumable shard files that every training job reads memory-mapped.
 """
 import hashlib
 import json

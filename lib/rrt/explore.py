@@ -119,6 +119,9 @@ def init_perplexity(model, sequences, *, num_blocks=2, inits=("stepwise", "avera
 
     SVD init (eq. 4) makes rank interpolate between the recursive model (r=0) and, with per-depth
     norms, the original (full rank): the paper's "perplexity at initialisation" view (Fig. 16).
+    Everything runs where `model` is (the conversions and their SVDs too): the notebook loads it on its `device`,
+    since on the CPU a paper-scale curve (Gemma 2B: one full-rank SVD conversion per init × tying, ~40
+    full-vocabulary passes over the held-out set) takes hours.
     """
     full = max(min(w.shape) for w in model.parameters() if w.ndim == 2)
     rows = [{"model": "original", "init": "-", "lora_rank": "-", "untie_norms": "-",

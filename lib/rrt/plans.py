@@ -269,6 +269,7 @@ class Throughput(Study):
     notebook: typing.ClassVar[str] = "05_throughput"
     checkpoint: str = ""              # an rrt.save directory to serve alone; empty: 04's early-exit models (below)
     runs_root: str = ""               # run store shared by every notebook; empty: outputs/runs
+    read_only: bool = False           # read finished runs only: a run not done stops here, named (the sweep's collect job)
     num_blocks: tuple[int, ...] = (2,)  # B of the served models
     lora_ranks: tuple[int, ...] = (0,)  # per-loop LoRA ranks of the served models; r > 0 also runs its LoRA removed
     corpus: str = "wikitext2/test"    # held-out documents the requests are cut from (App. N: SlimPajama, RedPajama, PG19)
@@ -315,6 +316,18 @@ class Throughput(Study):
                 raise ValueError(f"num_blocks {list(self.num_blocks)}: early exit needs B >= 2")
             if self.trains():
                 self.runs()  # 04's params at this scale must load, and every run validates
+        self._check_packed()
+
+    def _check_packed(self):
+        """A hub corpus is read from the packed held-out sets of the served models' recipe (`make pack`), offline."""
+        if self.data_source != "hub" or self.model in PAPER_MODELS:  # dummy weights: random ids, no text
+            return
+        packed = self.training().eval_corpora if self.trains() else ()
+        for key in ("corpus", "calibration_corpus"):
+            if getattr(self, key) not in packed:
+                raise ValueError(f"{key}={getattr(self, key)!r} with data_source='hub' is read from the held-out sets "
+                                 f"`make pack NB=05_throughput` writes, 04's eval_corpora at this scale: "
+                                 f"{list(packed) or 'none (a checkpoint trains nothing: nothing is packed)'}")
 
     def trains(self) -> bool:
         """Whether the served models come from the run store (not a checkpoint, not dummy weights)."""

@@ -8,6 +8,8 @@ yields each shared tensor once and gradients from every depth accumulate into it
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -169,7 +171,16 @@ def loop_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     The last entry equals model(input_ids).logits (DESIGN invariant 7).
     """
     states = loop_hidden_states(model, input_ids, attention_mask, **kwargs)
-    return [head_logits(model, h, loop_idx=b) for b, h in enumerate(states)]
+    return [head(h) for head, h in zip(loop_heads(model), states)]
+
+
+def loop_heads(model: nn.Module) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """Return each loop exit's head, loop 1 first: loop b's output [..., hidden] -> logits [..., vocab]
+    (`head_logits` at loop_idx b: final norm, LM head, head LoRA at intermediate loops, softcap).
+
+    Per token, so a chunk of tokens gives those tokens' logits (losses.chunked_*); `loop_logits` applies them.
+    """
+    return [functools.partial(head_logits, model, loop_idx=b) for b in range(num_loops(model))]
 
 
 def loop_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -5,12 +5,10 @@
 write them through this module, so every run directory reads the same. Files are replaced
 atomically (temp file, fsync, rename) and metrics appended one fsynced line at a time, so a kill or
 a full disk leaves at most a torn last line, which `Metrics` truncates on resume; `RunLock` keeps a
-second writer out of a directory.
+second writer out of a directory (an O_EXCL lock file with a heartbeat, not flock: shared filesystems).
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import importlib.metadata
 import json
 import math
@@ -18,6 +16,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -172,49 +172,104 @@ def _json_line(record: dict) -> str:
 
 
 class RunLock:
-    """An exclusive lock on a run directory (run_dir/run.lock holding the writer's pid and host).
+    """An exclusive lock on a run directory: run_dir/run.lock, created with O_CREAT|O_EXCL, holding the writer's
+    pid and host; its modification time is a heartbeat the holder refreshes every `heartbeat_s` seconds.
 
-    `acquire` refuses while another live process holds it, naming that pid. The lock is an flock on
-    the file, which the kernel drops when its holder dies, so the lock of a killed (dead) pid is
-    reclaimed by the next writer, with a warning.
+    Not `flock`: many Lustre and NFS mounts do not honour it (or honour it per node only). `acquire` refuses
+    while another live writer holds the lock, naming it. A lock is stale, and reclaimed with a warning, when
+    its holder's pid is gone on this host, or its heartbeat is older than `stale_after_s` (a holder on
+    another host, or one whose host died): the heartbeat runs in a daemon thread, so a long checkpoint write
+    or evaluation never lets it go stale while the writer lives.
     """
 
-    def __init__(self, run_dir: str | Path):
-        self.path, self.fd = Path(run_dir) / LOCK, None
+    def __init__(self, run_dir: str | Path, *, heartbeat_s: float = 30.0, stale_after_s: float = 600.0):
+        if not 0 < heartbeat_s < stale_after_s:
+            raise ValueError(f"need 0 < heartbeat_s < stale_after_s; got {heartbeat_s}, {stale_after_s}")
+        self.path, self.heartbeat_s, self.stale_after_s = Path(run_dir) / LOCK, heartbeat_s, stale_after_s
+        self.owner, self._stop = None, None
 
     def acquire(self) -> None:
         """Take the lock (creating the run directory); raise RuntimeError naming the holder if it is held."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        while self.fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        owner = f"pid {os.getpid()} on {socket.gethostname()}"
+        while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                os.close(fd)
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                raise RuntimeError(f"{self.path.parent} is in use by another writer ({self._holder()}; lock file "
-                                   f"{self.path}): wait for it to finish, or use another run directory") from None
-            if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
-                self.fd = fd  # else a releasing holder unlinked the file between our open and flock: retry
-            else:
-                os.close(fd)
-        stale = os.read(self.fd, 4096).decode(errors="replace").strip()
-        if stale:
-            warnings.warn(f"{self.path}: reclaimed the lock of {stale}, which is no longer running")
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        os.fsync(self.fd)
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                break
+            except FileExistsError:
+                self._reclaim_if_stale()  # raises if the holder is live; else the file is gone: try again
+        try:
+            os.write(fd, owner.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.owner, self._stop = owner, threading.Event()
+        threading.Thread(target=self._beat, args=(self._stop,), daemon=True, name="rrt-run-lock").start()
 
     def release(self) -> None:
-        """Drop the lock and its file (a no-op if not held)."""
-        if self.fd is not None:
-            self.path.unlink(missing_ok=True)  # before unlocking: no one can lock a file that is going away
-            os.close(self.fd)
-            self.fd = None
+        """Stop the heartbeat and remove the lock file if it is still ours (a no-op if not held)."""
+        if self.owner is None:
+            return
+        self._stop.set()
+        if self._holder()[0] == self.owner:
+            self.path.unlink(missing_ok=True)
+        self.owner = None
 
-    def _holder(self) -> str:
+    def _beat(self, stop: threading.Event) -> None:
+        while not stop.wait(self.heartbeat_s):
+            if self._holder()[0] != self.owner:
+                warnings.warn(f"{self.path} no longer names this writer ({self.owner}): it was reclaimed as stale")
+                return
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass  # a transient error on a network mount: the next beat retries
+
+    def _reclaim_if_stale(self) -> None:
+        """Remove the lock file if its holder is dead or silent; else raise naming the holder."""
+        holder, age, inode = self._holder()
+        if inode is None:
+            return  # released between our open and this read
+        host, pid = _host_and_pid(holder)
+        dead = host == socket.gethostname() and pid is not None and not _alive(pid)
+        if not dead and age <= self.stale_after_s:
+            raise RuntimeError(f"{self.path.parent} is in use by another writer ({holder or 'pid unknown'}, heartbeat "
+                               f"{age:.0f} s ago; lock file {self.path}): wait for it to finish, or use another run "
+                               f"directory")
+        # two writers reclaiming one stale lock at once: the inode check keeps the later one from removing the
+        # earlier one's fresh lock, except within the microseconds between this stat and the unlink
         try:
-            return self.path.read_text().strip() or "pid unknown"
-        except OSError:
-            return "pid unknown"
+            if os.stat(self.path).st_ino != inode:
+                return
+            self.path.unlink()
+        except FileNotFoundError:
+            return
+        why = "which is no longer running" if dead else f"whose heartbeat is {age:.0f} s old"
+        warnings.warn(f"{self.path}: reclaimed the lock of {holder or 'pid unknown'}, {why}")
+
+    def _holder(self) -> tuple[str | None, float, int | None]:
+        """Return (the lock file's text, its heartbeat's age in seconds, its inode); (None, 0, None) if absent."""
+        try:
+            with open(self.path, "rb") as f:
+                stat = os.fstat(f.fileno())
+                return f.read(4096).decode(errors="replace").strip(), time.time() - stat.st_mtime, stat.st_ino
+        except FileNotFoundError:
+            return None, 0.0, None
+
+
+def _host_and_pid(holder: str | None) -> tuple[str | None, int | None]:
+    """Parse "pid N on HOST"; (None, None) for anything else (a torn or foreign file)."""
+    words = (holder or "").split()
+    if len(words) == 4 and words[0] == "pid" and words[1].isdigit() and words[2] == "on":
+        return words[3], int(words[1])
+    return None, None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True

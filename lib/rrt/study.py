@@ -8,10 +8,15 @@ import dataclasses
 import typing
 from pathlib import Path
 
+import torch
+
+from rrt.devices import resolve_device
 from rrt.evaluation import TASKS
 from rrt.models import model_config
 from rrt.recipes import PAPER_MODELS
+from rrt.runs.memory import fit_memory
 from rrt.runs.store import DataSpec, EvalSpec, Run, make_run
+from rrt.trainconfig import TrainConfig
 from rrt.spec import check_at_least, check_choice, check_items, check_num_blocks, check_types
 
 SCALES = ("smoke", "cpu", *PAPER_MODELS)
@@ -27,6 +32,8 @@ class Study:
     model: str = "smollm2-135m"       # rrt.load_model source: what is converted
     run_dir: str = ""                 # tables and figures of this notebook; empty: outputs/<notebook>/<scale>-<time>
     seed: int = 0                     # data order, random init, LoRA A matrices
+    device: str = "auto"              # where models load, evaluate and serve: auto (CUDA when torch sees a GPU) |
+                                      # cpu | cuda; training follows accelerate (CUDA when present) whatever this says
 
     notebook: typing.ClassVar[str] = ""
     per_loop: typing.ClassVar[bool] = False  # evaluate every loop exit (static exiting, §3.7), not the last only
@@ -39,10 +46,15 @@ class Study:
         check_choice("scale", self.scale, SCALES)
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        self.torch_device()  # an unknown name, or "cuda" where torch sees no GPU, stops here
         self.validate()
 
     def validate(self) -> None:
         """Raise naming the bad field; subclasses add their own rules."""
+
+    def torch_device(self) -> torch.device:
+        """The torch device `device` names ("auto": CUDA when torch sees a GPU, else the CPU)."""
+        return resolve_device(self.device)
 
     def runs(self) -> list[Run]:
         """Return the plan: every training run, dependencies before the runs that read them (computed once)."""
@@ -73,6 +85,7 @@ class Study:
 class TrainingStudy(Study):
     """The fields of a study that uptrains models (App. G), in TrainConfig's names."""
     runs_root: str = ""               # run store shared by every notebook; empty: outputs/runs
+    read_only: bool = False           # read finished runs only: a run not done stops here, named (the sweep's collect job)
     train_corpus: str = "wikitext2"   # uptraining corpus (clusters: "slimpajama")
     train_split: str = "validation"   # WikiText-2's train split is not vendored: uptrain on validation
     data_source: str = "embedded"     # embedded (vendored, offline) | hub (streamed by name)
@@ -84,6 +97,8 @@ class TrainingStudy(Study):
     global_batch_size: int = 4        # sequences per optimiser step over all processes (App. G: ~2M tokens)
     batch_size: int = 4               # sequences per micro-batch per process (grad_accum is derived)
     gpus_per_run: int = 1             # processes (GPUs) each run is launched with
+    gpu_memory_gb: float = 0          # memory per GPU: >0 sizes each run to fit 90% of it (micro-batch, checkpointing,
+                                      # loss chunks, bf16 teacher, FSDP; rrt.runs.memory); 0: batch_size as given
     lr: float = 2e-4                  # AdamW peak learning rate (App. G)
     warmup_steps: int = 6             # linear warmup steps, then cosine decay (App. G: 200; 800 for 60B)
     tasks: tuple[str, ...] = ("arc_easy", "piqa")  # few-shot tasks (clusters: all seven)
@@ -102,6 +117,8 @@ class TrainingStudy(Study):
                              f"gpus_per_run = {self.batch_size} × {self.gpus_per_run}; grad_accum must be whole")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.gpu_memory_gb < 0:
+            raise ValueError(f"gpu_memory_gb must be >= 0 (0: no memory planning), got {self.gpu_memory_gb}")
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
         runs = self.runs()  # every run's TrainConfig validates itself (and names its field) here
@@ -140,6 +157,8 @@ class TrainingStudy(Study):
                       lr=self.lr, seq_len=self.seq_len, seed=seed, save_every=max(1, min(steps, 1000)),
                       data=f"{self.data_source}:{self.train_corpus}/{self.train_split}@{self.seq_len}"
                            + (f"[:{self.max_train_seqs}]" if self.max_train_seqs else ""), **fields)
+        if self.gpu_memory_gb:  # batch split, checkpointing and teacher dtype enter the run's hash; the rest not
+            config.update(fit_memory(TrainConfig(out="", **config), gpu_memory_gb=self.gpu_memory_gb, name=name))
         return make_run(self.store(), name=name, role=role, tags={**(tags or {}), "seed": seed}, needs=needs, **config)
 
     def full_size(self) -> Run:

@@ -1,12 +1,23 @@
 """`make sweep`: a notebook's plan as cluster jobs, or papermill over a grid of notebook parameters.
 
 **A plan** (`make sweep NB=03_distillation SCALE=paper-gemma-2b [BACKEND=slurm]`): every run of the
-study's plan (`rrt.plans`) is its own job, `accelerate launch --num_processes <gpus_per_run> -m
-rrt.runs <run dir>/run.json`, launched in waves (a run that reads another's checkpoint,
-03's KD teacher or 04's uptrained model, waits for it); then the notebook runs in collect mode: it
-reads the finished run directories and trains in-process only what is missing. `--backend slurm`
-writes one sbatch array per wave (one task per run, the GPUs the plan asks for), a CPU collect job
-depending on all of them, and submit.sh chaining them; the local backend runs the same commands in turn.
+study's plan (`rrt.plans`; 05's served models are the same kind of runs) is its own job, `python -m rrt.runs
+<run dir>/run.json` (`accelerate launch --num_processes <gpus_per_run>` for several GPUs), launched in waves (a
+run that reads another's checkpoint, 03's KD teacher or 04's uptrained model, waits for it). A plan on hub data
+starts with the packing wave (`python -m rrt pack`, CPU only, the one job that reaches the hub: it also fetches
+the models' weights); every later job runs offline. Last, the collect job reads the run store only: it names the
+runs that are not done (`plan_status`) and fails, or renders the notebook with `read_only` set (05's needs a GPU).
+
+`--backend slurm` writes into outputs/sweeps/<notebook>-<scale>/ one sbatch file per wave (an array, one task per
+run) with --time from the plan's hours (capped: a longer run continues after a requeue), --requeue, and
+--signal=B:USR1 ahead of the limit, which the job's bash trap forwards to the training processes; they
+checkpoint and exit 75 and the job requeues itself (`scontrol requeue`), as submitit's Checkpointable does.
+submit.sh chains the jobs (afterok; --kill-on-invalid-dep=yes, so a failure cancels what waits on it instead of
+leaving it pending forever) and prints each job id; `make sweep-status` reports each run. The local backend runs
+the same commands in turn. Why plain sbatch files rather than submitit: they are text a reviewer reads and a
+cluster user edits (partition, account, modules) and commits; nothing of ours runs on the login node after
+`bash submit.sh`; and our jobs are `accelerate launch` process groups, whereas submitit pickles one Python
+callable and handles the signal in that one process, which under a launcher is the wrong one (see TRAP).
 
 **A grid** (`make sweep GRID=params/grids/NAME.yaml [BACKEND=slurm]`): a grid file names a notebook, the params file it starts from and lists of values to combine:
 
@@ -17,22 +28,32 @@ depending on all of them, and submit.sh chaining them; the local backend runs th
 Each combination is one run in outputs/sweeps/<grid>/<key=value,...>/; a run whose DONE marker
 exists is skipped, so re-running a sweep finishes what is missing. `--backend slurm` writes an
 array-job script (one papermill run per task, each calling `python -m rrt sweep --task`) instead.
-Its command line is rrt.cli's `sweep`.
+Its command line is rrt.cli's `sweep` and `sweep-status`.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import math
+import re
+import shlex
 import subprocess
+import time
 from pathlib import Path
 
 import yaml
 
 from rrt.notebook import load_params, planned
+from rrt.rundir import LOCK, RunLock, read_json, write_json
+from rrt.runs.cost import plan_table
+from rrt.runs.execute import read_results
 from rrt.runs.store import RUN_FILE, write_run_files
 
 REPO = Path(__file__).resolve().parents[2]
 DONE = "DONE"
+MANIFEST = "jobs.json"  # in a plan's sweep directory: the overrides it was written with, each run's wave and task
+RESUMABLE = 75  # a training process's exit status when it checkpointed on a signal and resumes when run again
 
 
 def expand(grid_file: str | Path) -> tuple[str, list[dict]]:
@@ -104,87 +125,307 @@ cd {REPO}
 
 # ---------------------------------------------------------------- a study's plan as jobs
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Slurm:
+    """What the plan's jobs ask SLURM for (`python -m rrt sweep --backend slurm`: one flag per field)."""
+    env: str = ""                 # shell line that activates the environment in every job, e.g. "conda activate rrt"; empty: source <repo>/.venv/bin/activate
+    max_time: str = "24:00:00"    # longest --time asked for ([D-]HH:MM:SS); a longer run checkpoints at the limit and continues after its requeue
+    time_factor: float = 1.5      # --time = the wave's longest run (its H100 hours / its GPUs, `make plan`) × this + setup_minutes
+    setup_minutes: int = 60       # per training job beyond the planned hours: loading the model and data, the final evaluation
+    grace_seconds: int = 900      # --signal=B:USR1@this: SLURM's warning before the time limit, to end a step and write a checkpoint
+    cpus_per_gpu: int = 8         # --cpus-per-task of a training job, per GPU
+    mem_gb_per_gpu: int = 64      # --mem of a training job, per GPU (host memory: the weights load on the CPU first)
+    pack_parts: int = 8           # array tasks of the packing wave (`python -m rrt pack --part K/N`)
+    pack_cpus: int = 16           # --cpus-per-task of a packing task, its --workers
+    partition: str = ""           # --partition of every job (empty: the cluster's default)
+
+    def __post_init__(self):
+        _seconds("max_time", self.max_time)
+        for name in ("time_factor", "setup_minutes", "grace_seconds", "cpus_per_gpu", "mem_gb_per_gpu", "pack_parts",
+                     "pack_cpus"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.grace_seconds >= _seconds("max_time", self.max_time):
+            raise ValueError(f"grace_seconds={self.grace_seconds} must be shorter than max_time={self.max_time}")
+
+    def activate(self) -> str:
+        return self.env or f"source {REPO}/.venv/bin/activate"
+
+    def header(self, name: str, log: Path, *, cpus: int, mem_gb: int, seconds: float, gpus: int = 0,
+               array: int = 0, dependent: bool = False) -> str:
+        """The #SBATCH lines of one job."""
+        lines = [f"--job-name={name}", f"--output={log}", "--open-mode=append", "--nodes=1", "--ntasks=1",
+                 f"--cpus-per-task={cpus}", f"--mem={mem_gb}G",
+                 f"--time={_slurm_time(min(seconds, _seconds('max_time', self.max_time)))}"]
+        lines += [f"--array=0-{array - 1}"] if array else []
+        lines += [f"--gres=gpu:{gpus}"] if gpus else []
+        lines += [f"--partition={self.partition}"] if self.partition else []
+        lines += ["--kill-on-invalid-dep=yes"] if dependent else []  # SLURM cancels it when what it waits on fails
+        return "\n".join(f"#SBATCH {line}" for line in lines)
+
+
 def waves(runs) -> list[list]:
     """Return the runs in waves: each run after every run whose checkpoint it reads (`Run.needs`)."""
     depth: dict[str, int] = {}
     for run in runs:  # a plan lists dependencies first
-        depth[run.name] = 1 + max((depth[n] for n in run.needs), default=-1)
+        depth[run.name] = 1 + max((depth[n] for n in run.needs if n in depth), default=-1)
     return [[r for r in runs if depth[r.name] == d] for d in range(max(depth.values(), default=-1) + 1)]
 
 
-def _launch_command(run) -> str:
-    """Return the shell command that trains and evaluates one run as its own job."""
-    run_file = run.dir / RUN_FILE
-    if run.config.num_processes == 1:
-        return f".venv/bin/python -m rrt.runs {run_file}"
-    return (f".venv/bin/accelerate launch --config_file params/accelerate/ddp.yaml "
-            f"--num_processes {run.config.num_processes} -m rrt.runs {run_file}")
-
-
-def write_plan_jobs(notebook: str, scale: str, out_root: Path = REPO / "outputs", **overrides) -> Path:
-    """Write the plan's run files, one sbatch array per wave, the collect job and submit.sh; return submit.sh."""
-    study, runs = _plan_runs(notebook, scale, overrides)
-    root = out_root / "sweeps" / f"{notebook}-{scale}"
+def write_plan_jobs(notebook: str, scale: str, out_root: Path = REPO / "outputs", slurm: Slurm | None = None,
+                    **overrides) -> Path:
+    """Write the plan's run files, its sbatch files (packing, one array per wave, the collect job) and submit.sh,
+    which submits them chained; return submit.sh."""
+    slurm = slurm or Slurm()
+    study, recipe, runs = _plan_runs(notebook, scale, overrides)
+    root = sweep_root(notebook, scale, out_root)
     root.mkdir(parents=True, exist_ok=True)
+    jobs = []  # (shell variable, sbatch file, dependency kind)
+    if recipe.data_source == "hub":
+        jobs += [("pack", _write_pack(root, notebook, scale, slurm, study, runs), None),
+                 ("fetch", _write_fetch(root, notebook, scale, slurm, study, runs), "afterok")]
+    manifest = {}
+    table = plan_table(study.runs())  # the whole plan: a later wave's rows name the runs they read
+    hours = dict(zip(table["run_dir"], table["h100_hours"]))
+    for i, wave in enumerate(waves(runs)):
+        jobs.append((f"w{i}", _write_wave(root, i, wave, notebook, scale, slurm, hours), "afterok"))
+        manifest.update({r.dir.name: {"run": r.name, "wave": i, "task": k} for k, r in enumerate(wave)})
+    jobs.append(("collect", _write_collect(root, study, notebook, scale, slurm, overrides), "afterany"))
+    write_json(root / MANIFEST, {"notebook": notebook, "scale": scale, "overrides": overrides, "runs": manifest})
     lines = ["#!/bin/bash", f"# Generated by `make sweep NB={notebook} SCALE={scale} BACKEND=slurm`: bash {root}/submit.sh",
              "set -euo pipefail", f"cd {REPO}"]
-    after = []
-    for i, wave in enumerate(waves(runs)):
-        gpus = max(r.config.num_processes for r in wave)
-        script = root / f"wave{i}.sbatch"
-        commands = "\n".join(f"  {k}) {_launch_command(r)} ;;  # {r.name}" for k, r in enumerate(wave))
-        script.write_text(f"""#!/bin/bash
-#SBATCH --job-name=rrt-{notebook}-{scale}-w{i}
-#SBATCH --array=0-{len(wave) - 1}
-#SBATCH --nodes=1
-#SBATCH --gres=gpu:{gpus}
-#SBATCH --output={root}/slurm-w{i}-%A_%a.out
-# one task per run of wave {i} of the plan (`make plan NB={notebook} SCALE={scale}`)
-set -euo pipefail
-cd {REPO}
-case "$SLURM_ARRAY_TASK_ID" in
-{commands}
-esac
-""")
-        dependency = f"--dependency=afterok:{':'.join(after)} " if after else ""
-        lines.append(f"w{i}=$(sbatch --parsable {dependency}{script})")
-        after.append(f"$w{i}")
-    collect = root / "collect.sbatch"
-    collect.write_text(f"""#!/bin/bash
-#SBATCH --job-name=rrt-{notebook}-{scale}-collect
-#SBATCH --output={root}/slurm-collect-%j.out
-# CPU only: renders the notebook from the finished run directories (trains in-process only what is missing)
-set -euo pipefail
-cd {REPO}
-make run NB={notebook} SCALE={scale}
-""")
-    dependency = f"--dependency=afterany:{':'.join(after)} " if after else ""
-    lines.append(f"sbatch {dependency}{collect}")
+    done = []
+    for var, script, kind in jobs:
+        # afterok chains the training waves (a failure cancels what follows: --kill-on-invalid-dep); the collect job
+        # waits for every one of them to end, however it ended, and reports
+        after = {"afterok": done[-1:], "afterany": [v for v in done if v.startswith("w")] or done[-1:]}.get(kind, [])
+        dependency = f"--dependency={kind}:{':'.join('$' + v for v in after)} " if after else ""
+        lines += [f"{var}=$(sbatch --parsable {dependency}{script})", f"{var}=${{{var}%%;*}}",  # "id;cluster" on federations
+                  f'echo "{var}: job $' + var + f' ({script.name})"']
+        done.append(var)
+    lines.append(f'echo "status: make sweep-status NB={notebook} SCALE={scale}"')
     submit = root / "submit.sh"
     submit.write_text("\n".join(lines) + "\n")
     return submit
 
 
 def run_plan_locally(notebook: str, scale: str, shell=None, **overrides) -> list[str]:
-    """Run every missing run of the plan as its own job, in waves, on this machine; return the commands run.
-
-    The notebook itself (`make run`) then collects: it reads back every finished run."""
-    _, runs = _plan_runs(notebook, scale, overrides)
+    """Run every missing run of the plan as its own job, in waves, on this machine (packing first); return the
+    commands run. The notebook itself (`make run`) then collects: it reads back every finished run."""
+    _, recipe, runs = _plan_runs(notebook, scale, overrides)
     shell = shell or (lambda cmd: subprocess.run(cmd, shell=True, check=True, cwd=REPO))
-    done = []
-    for wave in waves(runs):
-        for run in wave:
-            print(f"run {run.name!r}: {_launch_command(run)}")
-            shell(_launch_command(run))
-            done.append(_launch_command(run))
-    return done
+    commands = [f".venv/bin/python -m rrt pack {notebook} {scale}"] if recipe.data_source == "hub" else []
+    commands += [".venv/bin/" + _launch_command(run) for wave in waves(runs) for run in wave]
+    for command in commands:
+        print(f"run: {command}")
+        shell(command)
+    return commands
+
+
+def sweep_root(notebook: str, scale: str, out_root: Path = REPO / "outputs") -> Path:
+    """The directory of a plan's sbatch files, job logs and job exit statuses."""
+    return Path(out_root) / "sweeps" / f"{notebook}-{scale}"
+
+
+def plan_status(notebook: str, scale: str, out_root: Path = REPO / "outputs", **overrides) -> list[dict]:
+    """Return one row per run of the plan: run, state, newest checkpoint step, log, run_dir.
+
+    state: done | running (lock held: <holder>) | failed (exit N) | trained-not-evaluated |
+    interrupted at step N | not started. The overrides `make sweep` wrote the plan with (its jobs.json) apply."""
+    root = sweep_root(notebook, scale, out_root)
+    manifest = read_json(root / MANIFEST) or {"overrides": {}, "runs": {}}
+    study = load_params(notebook, scale, **{**manifest["overrides"], **overrides})
+    recipe = planned(study)
+    if recipe is None:
+        raise ValueError(f"{notebook} trains nothing: there is no plan to report on")
+    rows = []
+    for run in study.runs():
+        job = manifest["runs"].get(run.dir.name)
+        logs = sorted(root.glob(f"slurm-w{job['wave']}-*_{job['task']}.out"), key=lambda p: p.stat().st_mtime) \
+            if job else []
+        step = _newest_step(run.dir)
+        rows.append({"run": run.name, "state": _state(run, recipe.eval_spec(), root / "exit" / run.dir.name, step),
+                     "step": step, "log": str(logs[-1]) if logs else "-", "run_dir": str(run.dir)})
+    return rows
+
+
+def _state(run, evaluation, exit_file: Path, step: int | None) -> str:
+    lock = run.dir / LOCK
+    # a live writer refreshes its lock's time (RunLock's heartbeat); a killed job's lock goes stale and means nothing
+    if lock.exists() and time.time() - lock.stat().st_mtime <= RunLock(run.dir).stale_after_s:
+        holder = lock.read_text(errors="replace").strip() or "holder unknown"
+        return f"running (lock held: {holder})"
+    if read_results(run, evaluation) is not None:
+        return "done"
+    status = int(exit_file.read_text()) if exit_file.exists() else None
+    if status not in (None, 0, RESUMABLE):
+        return f"failed (exit {status})"
+    if run.trained():
+        return "trained-not-evaluated"
+    return f"interrupted at step {step}" if step else "not started"
+
+
+def _newest_step(run_dir: Path) -> int | None:
+    """The step of the newest checkpoint directory (names only: verifying a 10 GB checkpoint is resume's job)."""
+    steps = [int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit()]
+    return max(steps, default=None)
 
 
 def _plan_runs(notebook: str, scale: str, overrides: dict):
-    """Return (the study, its runs not yet trained), after writing every run's run.json."""
+    """Return (the study, the recipe its runs follow, its runs not done), after writing every run.json.
+
+    Not done: without results for this recipe's evaluation. A run another notebook trained (01's Stepwise model in
+    04) is then a job too, which only evaluates it: the collect job reads results and computes none."""
     study = load_params(notebook, scale, **overrides)
     recipe = planned(study)
     if recipe is None:
         raise ValueError(f"{notebook} trains nothing: run it with `make run NB={notebook} SCALE={scale}`")
     write_run_files(study.runs(), recipe.data_spec(), recipe.eval_spec())
-    return study, [r for r in study.runs() if not r.trained()]
+    return study, recipe, [r for r in study.runs() if read_results(r, recipe.eval_spec()) is None]
+
+
+def _launch_command(run) -> str:
+    """Return the shell command that trains and evaluates one run as its own job (PATH: the job's environment)."""
+    run_file = run.dir / RUN_FILE
+    if run.config.num_processes == 1:
+        return f"python -m rrt.runs {run_file}"
+    return (f"accelerate launch --config_file params/accelerate/ddp.yaml "
+            f"--num_processes {run.config.num_processes} -m rrt.runs {run_file}")
+
+
+def _preamble(slurm: Slurm, *, offline: bool = True) -> str:
+    return "\n".join([f"cd {REPO}", slurm.activate()] + (
+        ["export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1  # the packing wave fetched what the jobs read: none reaches "
+         "the hub"] if offline else []))
+
+
+def _write_pack(root, notebook, scale, slurm, study, runs) -> Path:
+    script = root / "pack.sbatch"
+    header = slurm.header(f"rrt-{notebook}-{scale}-pack", root / "slurm-pack-%A_%a.out", cpus=slurm.pack_cpus,
+                          mem_gb=4 * slurm.pack_cpus, seconds=_seconds("max_time", slurm.max_time),
+                          array=slurm.pack_parts)
+    script.write_text(f"""#!/bin/bash
+{header}
+#SBATCH --requeue
+# The packing wave: tokenizes the plan's hub corpora into shards under outputs/packed/ (`make pack`), CPU only.
+# Each task packs its share of the shards; a finished shard is never redone, so a requeued task resumes.
+set -euo pipefail
+{_preamble(slurm, offline=False)}
+python -m rrt pack {notebook} {scale} --workers "$SLURM_CPUS_PER_TASK" --part "$SLURM_ARRAY_TASK_ID/{slurm.pack_parts}"
+""")
+    return script
+
+
+def _write_fetch(root, notebook, scale, slurm, study, runs) -> Path:
+    """The packing wave's last job: the packed set's index (every shard is there by now), and the models' weights
+    in the HF cache, so that every later job runs offline."""
+    models = sorted({study.model, *(r.config.model for r in runs)})
+    hub = [m for m in models if "/" in m and not Path(m).exists()]
+    script = root / "fetch.sbatch"
+    header = slurm.header(f"rrt-{notebook}-{scale}-fetch", root / "slurm-fetch-%j.out", cpus=slurm.pack_cpus,
+                          mem_gb=4 * slurm.pack_cpus, seconds=_seconds("max_time", slurm.max_time), dependent=True)
+    downloads = "\n".join(f'hf download {m} --include "*.json" "*.safetensors" "tokenizer*"' for m in hub)
+    script.write_text(f"""#!/bin/bash
+{header}
+# After every packing task: the same command without --part finds each shard done and writes the index.
+set -euo pipefail
+{_preamble(slurm, offline=False)}
+python -m rrt pack {notebook} {scale} --workers "$SLURM_CPUS_PER_TASK"
+{downloads}
+""")
+    return script
+
+
+def _write_wave(root, i, wave, notebook, scale, slurm, h100_hours) -> Path:
+    gpus = max(r.config.num_processes for r in wave)
+    hours = max(h100_hours[r.dir.name] / r.config.num_processes for r in wave)
+    seconds = hours * 3600 * slurm.time_factor + slurm.setup_minutes * 60
+    cases = "\n".join(f"  {k}) run_dir={r.dir}; launcher={int(r.config.num_processes > 1)}; "
+                      f"cmd=({_launch_command(r)}) ;;  # {r.name}" for k, r in enumerate(wave))
+    script = root / f"wave{i}.sbatch"
+    header = slurm.header(f"rrt-{notebook}-{scale}-w{i}", root / f"slurm-w{i}-%A_%a.out", cpus=slurm.cpus_per_gpu * gpus,
+                          mem_gb=slurm.mem_gb_per_gpu * gpus, seconds=seconds, gpus=gpus, array=len(wave),
+                          dependent=True)
+    script.write_text(f"""#!/bin/bash
+{header}
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@{slurm.grace_seconds}
+# Wave {i} of the plan (`make plan NB={notebook} SCALE={scale}`), one array task per run.
+# --time: the wave's longest run ({hours:.1f} h on its GPUs) × {slurm.time_factor} + {slurm.setup_minutes} min, at most
+# {slurm.max_time}; a run still training at the limit checkpoints on SLURM's warning and is requeued, resuming there.
+set -uo pipefail  # not -e: the run's exit status decides below between requeue and failure
+{_preamble(slurm)}
+case "$SLURM_ARRAY_TASK_ID" in
+{cases}
+  *) echo "wave {i} has no array task $SLURM_ARRAY_TASK_ID" >&2; exit 2 ;;
+esac
+{TRAP.replace('{exit_dir}', str(root / 'exit'))}""")
+    return script
+
+
+def _write_collect(root, study, notebook, scale, slurm, overrides) -> Path:
+    """The last job: reads the run store only (`read_only`): names what is missing and fails, or renders the
+    notebook. 05's notebook serves the models, so it gets one GPU; the others read tables on a CPU."""
+    gpus = 1 if notebook == "05_throughput" else 0
+    params = f" -y {shlex.quote(json.dumps(overrides))}" if overrides else ""
+    script = root / "collect.sbatch"
+    header = slurm.header(f"rrt-{notebook}-{scale}-collect", root / "slurm-collect-%j.out", cpus=slurm.cpus_per_gpu,
+                          mem_gb=slurm.mem_gb_per_gpu, seconds=_seconds("max_time", slurm.max_time), gpus=gpus,
+                          dependent=True)
+    script.write_text(f"""#!/bin/bash
+{header}
+# Trains nothing: lists the runs that are not done with their logs and exits 1, or renders the notebook from the
+# finished run directories (read_only: the notebook stops, naming a run, rather than train it).
+set -euo pipefail
+{_preamble(slurm)}
+python -m rrt sweep-status {notebook} {scale} --check --out-root {root.parents[1]}
+run_dir={root.parents[1]}/{notebook}/{scale}-$(date +%Y%m%d-%H%M%S)
+mkdir -p "$run_dir"
+python -m papermill notebooks/{notebook}.ipynb "$run_dir/{notebook}.ipynb" -f params/{notebook}/{scale}.yaml{params} \\
+  -p read_only True -p run_dir "$run_dir" --log-output --no-progress-bar
+""")
+    return script
+
+
+def _seconds(name: str, text: str) -> int:
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d\d):(\d\d)", text)
+    if not match:
+        raise ValueError(f"{name}={text!r} is not a SLURM time [D-]HH:MM:SS, e.g. 24:00:00 or 2-00:00:00")
+    days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def _slurm_time(seconds: float) -> str:
+    minutes = math.ceil(seconds / 60)
+    return f"{minutes // 1440}-{minutes % 1440 // 60:02d}:{minutes % 60:02d}:00"
+
+
+# The training job's end: the run in the background, SLURM's warning forwarded, requeued when it checkpointed.
+TRAP = r"""exit_file=""" + "{exit_dir}" + r"""/$(basename "$run_dir")
+mkdir -p "$(dirname "$exit_file")"
+rm -f "$exit_file"
+warned=0
+forward() {
+  # SLURM's warning (--signal=B:USR1) reaches this shell only. Under accelerate launch it goes to the workers,
+  # the launcher's children, not to the launcher: torch's elastic agent has no handler for SIGUSR1 (it would die
+  # and orphan its workers), and on SIGTERM it kills the workers 30 s later, too soon to write a checkpoint.
+  # Each training process ends its optimiser step, writes a checkpoint and exits 75.
+  if (( launcher )); then pkill -USR1 -P "$pid"; else kill -USR1 "$pid"; fi
+}
+trap 'warned=1; forward' USR1
+trap forward TERM  # scancel or preemption: checkpoint if there is time, never requeue here (SLURM decides)
+"${cmd[@]}" &  # in the background: bash runs a trap only when the command it waits on returns, and `wait` returns
+pid=$!
+while wait "$pid"; status=$?; kill -0 "$pid" 2>/dev/null; do :; done  # a trap interrupts wait: wait again
+echo "$status" > "$exit_file"
+# After the warning the run exits 75: it wrote a checkpoint and resumes exactly when run again. Under accelerate
+# launch a worker's 75 reaches this shell as the launcher's 1 (torch elastic reports any failed worker so): after
+# the warning, any failure is taken for the interrupted run it almost surely is; the rerun resumes or fails anew.
+# Without the warning (scancel, preemption) nothing is requeued here: a cancelled job stays cancelled.
+if (( warned && status != 0 )); then
+  echo "requeueing job $SLURM_JOB_ID: $run_dir resumes from its newest checkpoint"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+exit "$status"
+"""

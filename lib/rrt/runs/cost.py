@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from rrt.models import model_config
 from rrt.recursive import convert, count_parameters
+from rrt.runs.memory import GB, estimate_memory
 from rrt.runs.store import Run
 from rrt.spec import RecursiveSpec
 from rrt.trainconfig import TrainConfig
@@ -27,12 +28,15 @@ COST_RULE = (f"FLOPs = 6·N·T (+2·N_teacher·T with KD, +6·V·d·T per interm
 
 
 def plan_table(runs: list[Run]) -> pd.DataFrame:
-    """Return the plan as a table: what each run trains, on what, for how long, and what it costs (COST_RULE)."""
+    """Return the plan as a table: what each run trains, on what, for how long, what it costs (COST_RULE), and its
+    memory per GPU by component with the execution choices that size it (rrt.runs.memory), and its checkpoint's
+    size on disk (weights + optimizer state, all shards)."""
     by_name = {r.name: r for r in runs}
     rows = []
     for r in runs:
         c = r.config
         flops, active = train_flops(c)
+        memory = estimate_memory(c)
         starts = (f"{by_name[r.needs[0]].name} ({by_name[r.needs[0]].dir.name})" if c.init_from and r.needs
                   else c.init_from or ("random init" if c.baseline == "reduced" else f"convert {c.model}"))
         teacher = "-" if c.kd is None else (
@@ -48,6 +52,12 @@ def plan_table(runs: list[Run]) -> pd.DataFrame:
             "steps": c.steps, "warmup_steps": c.warmup_steps, "tokens_per_step": r.tokens_per_step,
             "batch_size": c.batch_size, "grad_accum": c.grad_accum, "gpus": c.num_processes,
             "active_params": active, "flops": flops, "h100_hours": flops / (H100_FLOPS * MFU) / 3600,
+            "checkpointing": c.gradient_checkpointing, "loss_chunk_tokens": c.loss_chunk_tokens,
+            "teacher_dtype": c.teacher_dtype if c.kd else "-", "sharding": c.sharding,
+            "memory_gb": memory.gb,
+            "model_state_gb": (memory.parameters + memory.working_copy + memory.gradients + memory.optimizer) / GB,
+            "teacher_gb": memory.teacher / GB, "activations_gb": memory.activations / GB,
+            "logits_gb": memory.logits / GB, "checkpoint_gb": memory.checkpoint / GB,
             "trained": r.trained(), "run_dir": r.dir.name, "config_hash": r.key})
     return pd.DataFrame(rows)
 

@@ -26,7 +26,9 @@ from rrt.models import load_model
 from rrt.progress import GridProgress, nested_bars_off
 from rrt.recursive import count_parameters
 from rrt.rundir import read_json, versions, write_json
+from rrt.runs.memory import check_fits
 from rrt.runs.store import DataSpec, EvalSpec, Run, read_run_file
+from rrt.shards import PackedShards, pack_sets, packed_path
 from rrt.spec import num_loops
 from rrt.train.loop import train
 
@@ -41,7 +43,14 @@ class StudyData:
 
 
 def load_data(spec: DataSpec, tokenizer, cache_dir=PACKED_CACHE) -> StudyData:
-    """Return the packed training and held-out sequences of a `DataSpec`, cached and memory-mapped."""
+    """Return the packed training and held-out sequences of a `DataSpec`, cached and memory-mapped.
+
+    A hub corpus is read from the shards `make pack` wrote (under spec.packed_dir, default outputs/packed;
+    missing ones are an error naming the command, never packed here); an embedded one is packed in-process.
+    """
+    if spec.data_source == "hub":
+        sets = [PackedShards(packed_path(s, tokenizer, root=spec.packed_dir or None)) for s in pack_sets(spec)]
+        return StudyData(train=sets[0], evals=dict(zip(spec.eval_corpora, sets[1:])))
     common = dict(tokenizer=tokenizer, seq_len=spec.seq_len, source=spec.data_source, cache_dir=cache_dir)
     train_seqs = load_packed(spec.train_corpus, spec.train_split, max_seqs=spec.max_train_seqs, **common)
     evals = {}
@@ -60,6 +69,8 @@ def run_plan(study, *, original, tokenizer, data: StudyData, run_dir: Path) -> d
     evaluation = study.eval_spec()
     rows = {k: [] for k in TABLES}
     runs = study.runs()
+    if study.read_only:  # the sweep's collect job: the runs were jobs; training one here would be a second copy
+        check_done(runs, lambda run: read_results(run, evaluation) is not None, study.notebook, "evaluated")
     grid = GridProgress(len(runs), desc="runs")
     with nested_bars_off():
         for run in runs:
@@ -80,6 +91,18 @@ def run_plan(study, *, original, tokenizer, data: StudyData, run_dir: Path) -> d
             save_tables(run_dir, study, **_frames(rows))
     grid.close()
     return _frames(rows)
+
+
+def check_done(runs: list[Run], done, notebook: str, what: str) -> None:
+    """Raise naming every run for which `done(run)` is false (a read-only study trains nothing)."""
+    missing = [run for run in runs if not done(run)]
+    if missing:
+        names = "; ".join(f"{run.name!r} ({'trained, not evaluated' if run.trained() else 'not trained'}: "
+                          f"{run.dir / 'run.json'})" for run in missing)
+        raise RuntimeError(f"read_only: {len(missing)} of {len(runs)} runs are not {what}, and a read-only study "
+                           f"trains nothing: {names}. Run each as a job (`python -m rrt.runs <run.json>`, "
+                           f"`make sweep NB={notebook} SCALE=..`; `make sweep-status` shows their logs), or run the "
+                           f"notebook with read_only=False")
 
 
 def train_runs(runs: list[Run], *, original, data: StudyData, desc: str = "runs") -> list[Path]:
@@ -124,6 +147,7 @@ def execute_run(path: str | Path):
     the data while the others wait; the main process evaluates and writes the run's results file.
     """
     run, data, evaluation = read_run_file(path)
+    check_memory(run)
     original, tokenizer = load_model(run.config.model)
     with PartialState(cpu=not torch.cuda.is_available()).local_main_process_first():
         packed = load_data(data, tokenizer)
@@ -146,7 +170,17 @@ def _train(run: Run, *, original, data: StudyData, grid=None):
     if missing:
         raise ValueError(f"run {run.name!r} reads {missing} (the final checkpoint of {list(run.needs)}), which is "
                          f"not there yet: train the plan in order (its runs are listed dependencies first)")
+    check_memory(run)
     return train(run.config, train_seqs=data.train, original=original, progress=grid.step if grid else None)
+
+
+def check_memory(run: Run) -> None:
+    """Refuse, before any weights load, a run whose memory estimate exceeds the GPU it would train on (on CUDA; a
+    plan with gpu_memory_gb already sized every run to 90% of that number, rrt.runs.memory.fit_memory)."""
+    if torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        check_fits(run.config, name=run.name, limit_bytes=torch.cuda.get_device_properties(device).total_memory,
+                   where=f"cuda:{device} ({torch.cuda.get_device_name(device)})")
 
 
 def _results_path(run: Run, evaluation: EvalSpec) -> Path:

@@ -29,9 +29,13 @@ class DataSpec:
     max_train_seqs: int | None = None  # packed training sequences (None: all; a hub corpus: what the run reads)
     eval_corpora: tuple = ("wikitext2/test",)  # held-out perplexity sets, "corpus/split"
     max_eval_seqs: int = 32           # sequences per held-out set
+    packed_dir: str = ""              # where `make pack` wrote a hub corpus' shards ("": outputs/packed)
 
     def to_dict(self) -> dict:
-        return _json_ready(self)
+        out = _json_ready(self)
+        if not self.packed_dir:  # run.json files from before the field read the same
+            del out["packed_dir"]
+        return out
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,17 @@ layer call cost the same per row. Every prompt token runs every loop, so it stay
 about B·(P + D) / (B·P + E·D) for P prompt and D output tokens under a copy policy, and about 1
 under `propagate` (exited tokens run their remaining loops wherever a later token reads them).
 Each system runs once as warm-up, then `repeats` rounds, round-robin so load drift hits all
-alike; median with min and max.
+alike; median with min and max. On CUDA every timed phase is bracketed by `torch.cuda.synchronize` (kernels
+run asynchronously: an unsynchronised clock times the launches), and each system's peak memory is its own:
+the previous system's engine is freed (its KV pool and packed weights) and the peak statistics reset just
+before each of its rounds; `peak_memory_bytes` is its weights plus the most its round allocated above what
+was resident (the other systems' models), the largest over its rounds. On the CPU it is the arithmetic
+of weights, packed copies and KV pool.
 """
 from __future__ import annotations
 
 import copy
+import gc
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -176,8 +182,9 @@ def run_benchmark(model, tokenizer, recursive, *, workload: Workload = Workload(
                                                       + workload.decode_len // 2, max_active=max_active, seq_len=seq,
                                                       memory_cap_bytes=memory_cap_bytes))
         for i, s in enumerate(systems):
-            _reset_peak(s.model)
+            resident = _release_and_reset(s.model)
             result = _time_hf(s.model, requests, max_active) if s.make is None else _time_engine(s.make, requests)
+            result["peak"] = _peak(s.model, resident)
             if round_:
                 runs[i].append(result)
     costs = {k: median_costs(v) for k, v in measured.items()}
@@ -189,7 +196,7 @@ def run_benchmark(model, tokenizer, recursive, *, workload: Workload = Workload(
         else:
             recorded = None if s.exit_policy in ("none", "oracle", "oracle (own output)") else median["exit_loops"]
             bound = _dry_bound(s, requests, costs[id(s.model)], recorded)
-        rows.append(_row(s, median, [r["seconds"] for r in runs[i]], bound))
+        rows.append(_row(s, median, runs[i], bound))
     systems_df = pd.DataFrame(rows)
     for column, (base, rate) in BASELINES.items():
         if base in set(systems_df["system"]):
@@ -211,7 +218,7 @@ def run_benchmark(model, tokenizer, recursive, *, workload: Workload = Workload(
 
 
 def _dry_bound(s: _System, requests, costs, recorded) -> float:
-    engine = s.make()
+    engine = s.make()  # read for its settings only; freed on return
     dry = DryRunEngine(engine.model, token_budget=engine.token_budget, max_active=engine.max_active,
                        max_seq_len=engine.max_seq_len, kv_policy=engine.kv_policy,
                        static=isinstance(engine, StaticBatchEngine),
@@ -224,41 +231,54 @@ def _dry_bound(s: _System, requests, costs, recorded) -> float:
 
 
 def _time_engine(make, requests) -> dict:
-    """Serve the requests once on a fresh engine; return seconds, latencies, stats and its profile."""
+    """Serve the requests once on a fresh engine; return seconds, latencies, its stats and profile, and the sizes
+    `_row` reads (not the engine: its KV pool and packed weights must not outlive the round)."""
     e = make()
-    start = time.perf_counter()
-    e.run(requests())
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "engine": e, "exit_loops": dict(e.exit_loops), "latency": list(e.latency().values())}
+    reqs = requests()
+    start = _clock(e.model.device)
+    e.run(reqs)
+    seconds = _clock(e.model.device) - start
+    kv_pool = 0 if e.kv.keys is None else 2 * e.kv.keys.numel() * e.kv.keys.element_size()
+    return {"seconds": seconds, "stats": e.stats, "profile": e.profile, "exit_loops": dict(e.exit_loops),
+            "latency": list(e.latency().values()), "kv_pool": kv_pool, "num_shared": e.num_shared,
+            "packed": e.packed_bytes}
 
 
 def _time_hf(model, requests, max_active) -> dict:
     reqs = requests()
-    start = time.perf_counter()
+    start = _clock(model.device)
     latency = hf_static_generate(model, reqs, max_active=max_active)
-    return {"seconds": time.perf_counter() - start, "tokens": sum(r.max_new_tokens for r in reqs),
+    return {"seconds": _clock(model.device) - start, "tokens": sum(r.max_new_tokens for r in reqs),
             "latency": list(latency.values()), "seq": max(len(r.prompt) + r.max_new_tokens for r in reqs),
             "max_active": max_active}
 
 
-def _row(s: _System, run: dict, seconds: list[float], bound: float) -> dict:
+def _clock(device) -> float:
+    """perf_counter() once the device has finished the work queued so far."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _row(s: _System, run: dict, runs: list[dict], bound: float) -> dict:
     """One system's row: throughput (median, min, max over repeats), bound, profile, exits, memory."""
     lat = torch.tensor(run["latency"], dtype=torch.float64)
-    e = run.get("engine")
-    tokens = run["tokens"] if e is None else e.stats["tokens"]
+    engine = "stats" in run
+    tokens = run["stats"]["tokens"] if engine else run["tokens"]
+    seconds = [r["seconds"] for r in runs]
     row = {"system": s.name, "model": _model_name(s.model), "exit_policy": s.exit_policy, "kv_policy": s.kv_policy,
            "tokens": tokens, "seconds": run["seconds"], "repeats": len(seconds),
            "tokens_per_s": tokens / run["seconds"], "tokens_per_s_min": tokens / max(seconds),
            "tokens_per_s_max": tokens / min(seconds), "ms_per_token": 1e3 * run["seconds"] / tokens,
            "bound_s": bound, "bound_tokens_per_s": tokens / bound, "real_over_bound": bound / run["seconds"],
            "latency_p50_s": lat.quantile(0.5).item(), "latency_p99_s": lat.quantile(0.99).item()}
-    if e is not None:
-        s_ = e.stats
-        p = e.profile
+    if engine:
+        s_ = run["stats"]
+        p = run["profile"]
         exits = s_["exits_per_loop"]
-        kv_pool = 0 if e.kv.keys is None else 2 * e.kv.keys.numel() * e.kv.keys.element_size()
-        layer_rows = s_["items"] * e.num_shared  # rows × layer calls of the block
-        packed = e.packed_bytes
+        kv_pool = run["kv_pool"]
+        layer_rows = s_["items"] * run["num_shared"]  # rows × layer calls of the block
+        packed = run["packed"]
         row.update({"steps": s_["steps"], "mean_rows_per_step": s_["items"] / max(s_["steps"], 1),
                     "exits_per_loop": " ".join(map(str, exits)),
                     "mean_loops_per_token": sum((b + 1) * n for b, n in enumerate(exits)) / max(sum(exits), 1),
@@ -268,7 +288,7 @@ def _row(s: _System, run: dict, seconds: list[float], bound: float) -> dict:
                     "head_s": p.head_s, "score_waste": p.score_waste})
     else:
         kv_pool, packed = run["max_active"] * run["seq"] * kv_bytes_per_token(s.model), 0
-    peak = (torch.cuda.max_memory_allocated(s.model.device) if s.model.device.type == "cuda"
+    peak = (max(r["peak"] for r in runs) if s.model.device.type == "cuda"
             else weight_bytes(s.model) + packed + kv_pool)
     row.update({"weight_bytes": weight_bytes(s.model), "packed_bytes": packed,
                 "kv_bytes_per_token": kv_bytes_per_token(s.model), "peak_memory_bytes": peak})
@@ -300,10 +320,24 @@ def _own_oracle(rec, samples, seq) -> OracleExit:
     return OracleExit({r.request_id: full[i].tolist() for i, r in enumerate(reqs)})
 
 
-def _reset_peak(model):
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
-        torch.cuda.reset_peak_memory_stats(model.device)
+def _release_and_reset(model) -> int:
+    """Free what the previous system left (its engine's KV pool and packed weights: collected, and on CUDA handed
+    back by the caching allocator), reset the peak statistics; return the bytes still allocated (0 on the CPU)."""
+    gc.collect()
+    if model.device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(model.device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(model.device)
+    return torch.cuda.memory_allocated(model.device)
+
+
+def _peak(model, resident: int) -> int:
+    """On CUDA, the system alone: its weights plus the most its round allocated above what was resident; else 0
+    (`_row` uses the CPU's arithmetic)."""
+    if model.device.type != "cuda":
+        return 0
+    return weight_bytes(model) + torch.cuda.max_memory_allocated(model.device) - resident
 
 
 def config_name(model) -> str:
@@ -344,10 +378,16 @@ def load_bench_model(name: str, *, device: str = "cpu", dtype: torch.dtype = tor
     or `rrt.load_model`'s."""
     if name not in PAPER_MODELS:
         return load_model(name, dtype=dtype, device=device)
-    config = model_config(PAPER_MODELS[name].model)
+    return dummy_model(name, device=device, dtype=dtype), None
+
+
+def dummy_model(name: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Return a model of `name`'s shape with random weights, built on `device` (timing and memory only, nothing
+    downloaded): a `paper-*` scale or any `rrt.models.model_config` source (an embedded or tiny name)."""
+    config = model_config(PAPER_MODELS[name].model if name in PAPER_MODELS else name)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    return model.eval(), None
+    return model.eval()
 
 
 SUMMARY_COLUMNS = ["system", "model", "exit_policy", "kv_policy", "tokens_per_s", "tokens_per_s_min",

@@ -1,10 +1,19 @@
 """Notebook 05's study carried out (§3.8, Fig. 8, Tables 16–19, App. N): the served models (from the run
-store, through rrt.runs), each benchmarked against every system, scored as served, and the tables read off."""
+store, through rrt.runs), each benchmarked against every system, scored as served, and the tables read off.
+
+At cluster scale (`data_source: hub`) the requests and the calibration text come from the packed held-out sets
+that `make pack` wrote for the served models' recipe (04's `eval_corpora`), never from the hub: 05's job runs
+offline. The calibration sequences are exactly what packing the streamed corpus would give (the same token
+stream, cut at 128); the requests are whole documents of that stream, shuffled by the seed, where the embedded
+path shuffles the corpus's documents (`rrt.serving.workload.corpus_samples`).
+"""
 from __future__ import annotations
 
 import itertools
+import random
 import warnings
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -12,8 +21,10 @@ from rrt.checkpoint import load
 from rrt.evaluation import few_shot
 from rrt.progress import GridProgress, nested_bars_off
 from rrt.recursive import convert
-from rrt.runs.execute import load_data, train_runs
+from rrt.data import packed_bos
+from rrt.runs.execute import check_done, load_data, train_runs
 from rrt.serving.bench import Workload, calibrated_policies, config_name, heldout_text, run_benchmark
+from rrt.serving.workload import Sample
 from rrt.serving.scoring import served_few_shot, served_perplexity
 from rrt.serving.targets import targets_table
 from rrt.spec import RecursiveSpec, num_loops
@@ -31,6 +42,8 @@ def served_models(study, original, tokenizer) -> dict:
     served = study.served()
     runs = [run for pair in served.values() for run in pair]
     if not all(run.trained() for run in runs):
+        if study.read_only:  # the sweep's notebook job: its waves trained these runs
+            check_done(runs, lambda run: run.trained(), study.notebook, "trained")
         train_runs(runs, original=original, data=load_data(study.training().data_spec(), tokenizer),
                    desc="served runs")
         torch.set_num_threads(study.threads)  # training may have changed it
@@ -50,12 +63,18 @@ def throughput_study(study, original, tokenizer) -> dict[str, pd.DataFrame]:
     the serving targets per served model (`rrt.serving.targets`).
     """
     corpus, _, split = study.corpus.partition("/")
-    workload = Workload(corpus=corpus, split=split, source=study.data_source, num_requests=study.num_requests,
-                        prefix_len=study.prefix_len, decode_len=study.decode_len, seed=study.seed)
+    fields = dict(corpus=corpus, split=split, source=study.data_source, num_requests=study.num_requests,
+                  prefix_len=study.prefix_len, decode_len=study.decode_len, seed=study.seed)
     cap = int(study.memory_cap_gb * 2**30) or None
     scored = bool(study.tasks) and tokenizer is not None  # dummy-weight models have no tokenizer
-    heldout = heldout_text(tokenizer, study.calibration_corpus, vocab_size=original.config.vocab_size,
-                           source=study.data_source, seed=study.seed)
+    if study.data_source == "hub" and tokenizer is not None:
+        evals = load_data(study.training().data_spec(), tokenizer).evals  # make pack's shards
+        workload = PackedWorkload(packed_stream(evals[study.corpus], tokenizer), tokenizer, **fields)
+        heldout = repack(packed_stream(evals[study.calibration_corpus], tokenizer), tokenizer)
+    else:
+        workload = Workload(**fields)
+        heldout = heldout_text(tokenizer, study.calibration_corpus, vocab_size=original.config.vocab_size,
+                               source=study.data_source, seed=study.seed)
     tables = {k: [] for k in ("throughput", "step_costs", "paper_sim", "latency", "calibration", "quality", "accuracy")}
     if scored:
         acc = few_shot(original, tokenizer, tasks=list(study.tasks), limit=study.task_limit, model_name="vanilla")
@@ -103,6 +122,49 @@ def throughput_study(study, original, tokenizer) -> dict[str, pd.DataFrame]:
     out["targets"] = targets(out["throughput"])
     out["max_batch"] = max_batch(out["step_costs"]) if len(out["step_costs"]) else pd.DataFrame()
     return out
+
+
+class PackedWorkload(Workload):
+    """App. N's queue cut from the documents of a packed held-out set: `num_requests` distinct documents, shuffled
+    by the seed, each long enough for a prompt and one continuation token (as `corpus_samples` cuts them).
+
+    Not a dataclass of its own: the benchmark's settings (`asdict(workload)`) keep Workload's fields only."""
+
+    def __init__(self, stream: np.ndarray, tokenizer, **fields):
+        super().__init__(**fields)
+        object.__setattr__(self, "stream", stream)  # Workload is frozen
+        object.__setattr__(self, "eos", tokenizer.eos_token_id)
+
+    def samples(self, tokenizer, vocab_size: int) -> list[Sample]:
+        bos = packed_bos(tokenizer)
+        head = [] if bos is None else [bos]
+        body = self.prefix_len - len(head)
+        ends = np.flatnonzero(self.stream == self.eos)  # documents are joined by EOS; the tail after the last is cut
+        docs = [self.stream[a:b] for a, b in zip(np.concatenate([[0], ends[:-1] + 1]), ends)]
+        order = list(range(len(docs)))
+        random.Random(self.seed).shuffle(order)
+        picked = [k for k in order if len(docs[k]) > body][:self.num_requests]
+        if len(picked) < self.num_requests:
+            raise ValueError(f"{self.corpus}/{self.split} (packed): only {len(picked)} of {len(docs)} documents have "
+                             f"more than {body} tokens; need num_requests={self.num_requests}")
+        return [Sample(head + docs[k][:body].tolist(), docs[k][body:body + self.decode_len].tolist(),
+                       f"{self.corpus}/{self.split}[packed document {k}]") for k in picked]
+
+
+def packed_stream(seqs, tokenizer) -> np.ndarray:
+    """The token stream a packed set was cut from: every sequence without its BOS, in order (`rrt.data.pack`)."""
+    skip = 0 if packed_bos(tokenizer) is None else 1
+    rows = (seqs[i] for i in range(len(seqs)))
+    return np.concatenate([np.asarray(r["input_ids"] if isinstance(r, dict) else r)[skip:] for r in rows])
+
+
+def repack(stream: np.ndarray, tokenizer, *, seqs: int = 16, seq_len: int = 128) -> list[list[int]]:
+    """`heldout_text`'s sequences from a packed stream: what `load_packed(seq_len=128, max_seqs=16)` gives."""
+    bos = packed_bos(tokenizer)
+    body = seq_len - (bos is not None)
+    if len(stream) < seqs * body:
+        raise ValueError(f"the packed held-out set has {len(stream)} tokens; calibration needs {seqs} × {body}")
+    return [([] if bos is None else [bos]) + stream[i * body:(i + 1) * body].tolist() for i in range(seqs)]
 
 
 def deltas(throughput: pd.DataFrame) -> pd.DataFrame:

@@ -3,10 +3,22 @@
 One loop for every regime in `TrainConfig`: AdamW + cosine schedule with warmup, gradient
 accumulation and clipping, bf16 autocast on GPU and on CPUs with bf16 matmuls (else fp32), an online
 teacher (the original model, frozen), per-loop perplexity on held-out sequences, metrics in
-`metrics.jsonl`, and atomic checkpoints that resume the same trajectory (resume.py). It runs under
-`accelerate launch` (DDP or DeepSpeed ZeRO-2, params/accelerate/): layers share nn.Parameters across
-depths, so per-layer FSDP wrapping is never used. Data position = the step: step s reads a fixed slice
-of a seeded per-epoch permutation.
+`metrics.jsonl`, and atomic checkpoints that resume the same trajectory (resume.py). Data position = the
+step: step s reads a fixed slice of a seeded per-epoch permutation.
+
+It runs under `accelerate launch` or `torchrun` (params/accelerate/). `sharding="none"`: DDP, every process
+holds the whole optimizer state. `sharding="fsdp"`: FSDP2 `fully_shard` applied here, once, at the root
+(`_Exits`, the student's one forward), so parameters, gradients and AdamW state are split over the
+processes; bf16 runs gather parameters in bf16 and reduce gradients in fp32 (MixedPrecisionPolicy). One
+root unit, not accelerate's FSDP plugin: the plugin wraps every decoder layer as its own unit, but a shared
+layer's nn.Parameters sit at several depths, and torch refuses a parameter seen by two FSDP units (and
+per-layer units would gather one shared block B times a step); one unit keeps the tying as it is. (Not
+DeepSpeed ZeRO-2 either: accelerate's DeepSpeed path needs a DataLoader to size its micro-batch, steps and
+clips inside its own engine, after the point where this loop refuses a non-finite gradient.)
+
+SIGTERM or SIGUSR1 (a cluster's notice before a time limit or preemption) stops the run after the current
+optimiser step with a checkpoint of that step, raising `Interrupted`; the commands exit with
+EXIT_INTERRUPTED (75, EX_TEMPFAIL), and the same command resumes.
 
 Nothing written goes silently wrong: a non-finite loss or gradient stops the step before the
 optimiser moves; one writer holds a run directory at a time (`RunLock`); a run resumes only on the
@@ -18,6 +30,8 @@ import functools
 import hashlib
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,18 +42,23 @@ from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from rrt.checkpoint import TRAINING_STATE, load_into
+from rrt.checkpoint import TRAINING_STATE, load, load_into
 from rrt.devices import native_bf16
 from rrt.evaluation import per_loop_perplexity
-from rrt.losses import early_exit_loss, shift_for_next_token, uptrain_loss
+from rrt.losses import (chunked_early_exit_loss, chunked_uptrain_loss, early_exit_loss, shift_for_next_token,
+                        uptrain_loss)
 from rrt.models import load_model
-from rrt.recursive import loop_logits
+from rrt.recursive import loop_heads, loop_hidden_states, loop_logits
 from rrt.rundir import CONFIG, Metrics, RunLock, write_config, write_json, write_versions
 from rrt.train.build import build_student, build_teacher
-from rrt.train.resume import SEQS, check_run_dir, load_training_state, prune, save_checkpoint
+from rrt.train.resume import (SEQS, check_layout, check_run_dir, checkpoint_group, load_training_state, prune,
+                              save_checkpoint)
 from rrt.trainconfig import TrainConfig
 
 
@@ -48,7 +67,20 @@ class RunResult:
     run_dir: Path
     checkpoint: Path          # the last checkpoint (rrt.load reads it)
     metrics: list[dict]       # every record of metrics.jsonl
-    model: nn.Module          # the trained model (unwrapped, on the training device)
+    model: nn.Module          # the trained model (unwrapped, on the training device; whole, also under fsdp)
+
+
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: the commands' status after `Interrupted` (a sweep's job requeues on it)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Interrupted(RuntimeError):
+    """A stop signal arrived: training stopped after `step`, whose checkpoint (with optimizer state) resumes it."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"stopped by a signal after step {step}; checkpoint {checkpoint}; run the same command "
+                         f"again to resume")
+        self.step, self.checkpoint = step, checkpoint
 
 
 def train(config: TrainConfig, *, train_seqs, eval_seqs=None, original: nn.Module | None = None,
@@ -71,18 +103,24 @@ def train(config: TrainConfig, *, train_seqs, eval_seqs=None, original: nn.Modul
         raise ValueError(f"config.num_processes={config.num_processes} but {state.num_processes} processes were "
                          f"launched: tokens per step (batch_size × grad_accum × num_processes × seq_len) would not "
                          f"be the planned ones; launch with --num_processes {config.num_processes} or re-plan")
+    if config.sharding == "fsdp" and state.num_processes == 1:
+        raise ValueError("sharding='fsdp' splits parameters and optimizer state over processes, and this is one "
+                         "process: use sharding='none', or launch more processes")
     lock = RunLock(config.out)  # the processes of one launch are one writer: its main process holds the lock
     _on_main(state, lock.acquire)
     try:
-        return _train(config, seqs, eval_seqs, original, state, progress)
+        with _StopSignals() as stop:
+            return _train(config, seqs, eval_seqs, original, state, progress, stop)
     finally:
         lock.release()  # a no-op off the main process
 
 
-def _train(config: TrainConfig, seqs: _Sequences, eval_seqs, original, state, progress) -> RunResult:
+def _train(config: TrainConfig, seqs: _Sequences, eval_seqs, original, state, progress, stop) -> RunResult:
     """`train` once the run directory is held: resume or start, step, checkpoint, evaluate."""
     run_dir = Path(config.out)
     latest = _on_main(state, lambda: check_run_dir(run_dir, config, seqs))
+    if latest is not None:
+        _on_main(state, lambda: check_layout(latest, config, state.num_processes))
     run = _setup(config, original, latest)
     acc = run.acc
     metrics = Metrics(run_dir, writer=acc.is_main_process, keep_until=run.start)
@@ -116,12 +154,19 @@ def _train(config: TrainConfig, seqs: _Sequences, eval_seqs, original, state, pr
                 progress(record)
             if config.eval_every and step % config.eval_every == 0 and step != config.steps:
                 evaluate(step)
-            if step % config.save_every == 0 or step == config.steps:
+            saved = step % config.save_every == 0 or step == config.steps
+            if saved:
                 checkpoint = save_checkpoint(run_dir, step, run, config, last_good=checkpoint)
+            if step < config.steps and _any_process(acc, stop.requested):
+                if not saved:
+                    checkpoint = save_checkpoint(run_dir, step, run, config, last_good=checkpoint)
+                raise Interrupted(step, checkpoint)
     # a run killed between its last checkpoint and this record (or on a resume) lacks it: write it now
     if not _on_main(acc, lambda: any(r["kind"] == "eval" and r["step"] == config.steps for r in metrics.read())):
         evaluate(config.steps)
-    return RunResult(run_dir=run_dir, checkpoint=checkpoint, metrics=metrics.read(), model=run.student)
+    # under fsdp the student's parameters are shards: hand back the whole model, as its last checkpoint holds it
+    model = load(checkpoint, device=acc.device) if config.sharding == "fsdp" else run.student
+    return RunResult(run_dir=run_dir, checkpoint=checkpoint, metrics=metrics.read(), model=model)
 
 
 @dataclass
@@ -130,11 +175,13 @@ class _Run:
     acc: object               # accelerate.Accelerator
     student: nn.Module        # the model being trained (unwrapped)
     teacher: nn.Module | None
-    exits: nn.Module          # _Exits(student), as prepared by accelerate (DDP/DeepSpeed wrap this)
+    exits: nn.Module          # _Exits(student): wrapped in DDP by accelerate, or itself the FSDP2 root unit
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
     scheduler: object
     start: int                # the last step already done (0: a fresh run)
+    group: object = None      # checkpoints' collectives (resume.checkpoint_group); None for one process
+    sharded: bool = False     # sharding="fsdp": exits is an FSDPModule, parameters are DTensor shards
 
 
 def _setup(config: TrainConfig, original: nn.Module | None, latest: Path | None) -> _Run:
@@ -153,23 +200,33 @@ def _setup(config: TrainConfig, original: nn.Module | None, latest: Path | None)
     teacher = build_teacher(config, original, acc.device)
     if config.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    params = [p for p in student.parameters() if p.requires_grad]
+    start = 0
+    if latest is not None:  # model first (before DDP broadcasts it or FSDP shards it), optimiser after prepare
+        start = load_into(student, latest)
+        if start is None:
+            raise ValueError(f"checkpoint {latest} holds no {TRAINING_STATE}: not written by train()")
+    exits = _Exits(student, every_loop=config.objective == "early_exit").to(acc.device)
+    sharded = config.sharding == "fsdp"
+    if sharded:  # every process built the same student (same seed, same source): each keeps its shard of it
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed == "bf16"
+                  else MixedPrecisionPolicy())
+        fully_shard(exits, mesh=init_device_mesh(acc.device.type, (acc.num_processes,)), mp_policy=policy)
+    params = [p for p in student.parameters() if p.requires_grad]  # under fsdp: the DTensor shards
     # fused AdamW (one kernel over every parameter; CPU and CUDA): the same update rule as torch's default, which on
     # CPU is a Python loop over tensors, 6× slower here (0.06 vs 0.35 s a step for SmolLM2-135M's 135M parameters)
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16) for p in params)
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
                                   fused=fused or None)
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
-    start = 0
-    if latest is not None:  # model first (before DDP broadcasts it), optimiser after prepare
-        start = load_into(student, latest)
-        if start is None:
-            raise ValueError(f"checkpoint {latest} holds no {TRAINING_STATE}: not written by train()")
-    exits = _Exits(student, every_loop=config.objective == "early_exit").to(acc.device)
-    exits, optimizer = acc.prepare(exits, optimizer)  # the scheduler is stepped by us, once per step
+    if sharded:  # accelerate would wrap an FSDP unit in DDP: it prepares the optimiser alone
+        optimizer = acc.prepare(optimizer)
+    else:
+        exits, optimizer = acc.prepare(exits, optimizer)  # the scheduler is stepped by us, once per step
+    run = _Run(acc, student, teacher, exits, params, optimizer, scheduler, start,
+               group=checkpoint_group(acc.num_processes), sharded=sharded)
     if latest is not None and start < config.steps:  # a finished run has nothing left to resume
-        load_training_state(latest, optimizer, scheduler, acc.process_index)
-    return _Run(acc, student, teacher, exits, params, optimizer, scheduler, start)
+        load_training_state(latest, run, config)
+    return run
 
 
 def _optimiser_step(run: _Run, seqs: _Sequences, config: TrainConfig, step: int, last_good: Path | None) -> dict:
@@ -183,15 +240,18 @@ def _optimiser_step(run: _Run, seqs: _Sequences, config: TrainConfig, step: int,
     sums: dict[str, float] = {}
     for micro in range(config.grad_accum):
         x = _micro_batch(seqs, config, step, micro, acc).to(acc.device)
+        if run.sharded:  # reduce-scatter once, after the last micro-batch (accelerate's no_sync knows DDP only)
+            run.exits.set_requires_gradient_sync(micro == config.grad_accum - 1)
         with acc.accumulate(run.exits):
             loss, parts = _loss(run.exits, run.teacher, x, config, acc)
             acc.backward(loss)
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + float(v) / config.grad_accum
     sums = dict(zip(sums, acc.reduce(torch.tensor(list(sums.values()), device=acc.device), "mean").tolist()))
-    # max_norm inf scales by exactly 1.0: the norm without clipping (None under DeepSpeed, which keeps it)
+    # max_norm inf scales by exactly 1.0: the norm without clipping. Under fsdp the gradients are DTensor shards:
+    # accelerate's clip (torch's clip_grad_norm_) sums their squares over processes, so the norm is the global one
     grad_norm = acc.clip_grad_norm_(run.params, config.clip if config.clip > 0 else math.inf)
-    grad_norm = None if grad_norm is None else float(grad_norm)
+    grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
     bad = {k: v for k, v in (("loss", sums["loss"]), ("grad_norm", grad_norm))
            if v is not None and not math.isfinite(v)}
     if bad:
@@ -205,7 +265,13 @@ def _optimiser_step(run: _Run, seqs: _Sequences, config: TrainConfig, step: int,
 
 
 def _evaluate(run: _Run, eval_seqs, config: TrainConfig, metrics: Metrics, step: int) -> None:
-    """Write per-loop perplexity on eval_seqs at `step` (main process; the others wait)."""
+    """Write per-loop perplexity on eval_seqs at `step` (main process; the others wait).
+
+    Under fsdp every process first gathers the parameters whole (`unshard`, in the training parameter dtype:
+    bf16 runs evaluate bf16 weights), so the main process evaluates alone; they go back to shards after.
+    """
+    if eval_seqs is not None and run.sharded:
+        run.exits.unshard()
     if eval_seqs is not None and run.acc.is_main_process:
         run.student.eval()
         with run.acc.autocast():
@@ -214,6 +280,8 @@ def _evaluate(run: _Run, eval_seqs, config: TrainConfig, metrics: Metrics, step:
         metrics.write({"kind": "eval", "step": step,
                        **{f"ppl/loop_{r.loop_idx}": float(r.perplexity) for r in df.itertuples()}})
     run.acc.wait_for_everyone()
+    if eval_seqs is not None and run.sharded:
+        run.exits.reshard()
 
 
 class _Exits(nn.Module):
@@ -223,14 +291,40 @@ class _Exits(nn.Module):
         super().__init__()
         self.model, self.every_loop = model, every_loop
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, hidden: bool = False):
+        """Return each exit's logits [batch, seq, vocab]; with hidden, each exit's (hidden states [batch, seq,
+        hidden], head) instead, for losses that apply the head a chunk of tokens at a time."""
+        if hidden:
+            exits = list(zip(loop_hidden_states(self.model, input_ids), loop_heads(self.model)))
+            return exits if self.every_loop else exits[-1:]
         if self.every_loop:
             return loop_logits(self.model, input_ids)
         return [self.model(input_ids=input_ids, use_cache=False).logits]
 
 
 def _loss(exits, teacher, x, config: TrainConfig, acc):
-    """Return (loss, detached parts) for one micro-batch x [batch, seq] (uptrain_loss or early_exit_loss)."""
+    """Return (loss, detached parts) for one micro-batch x [batch, seq] (uptrain_loss or early_exit_loss; with
+    config.loss_chunk_tokens, their chunked forms: only hidden states and one chunk's logits per exit are held)."""
+    if config.loss_chunk_tokens:
+        labels = x[:, 1:]
+        # autocast covers the heads too: they run inside the loss (and again in backward, per chunk)
+        with acc.autocast():
+            exit_pairs = exits(x, hidden=True)            # B × (hidden [batch, seq, hidden], head)
+            hidden = [h[:, :-1] for h, _ in exit_pairs]   # B × [batch, seq-1, hidden]: t predicts x[t+1]
+            heads = [head for _, head in exit_pairs]
+            teacher_hidden = teacher_head = None
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_hidden = loop_hidden_states(teacher, x)[-1][:, :-1]
+                teacher_head = loop_heads(teacher)[-1]  # its forward's head; the loss runs it under no_grad
+            common = dict(teacher_hidden=teacher_hidden, teacher_head=teacher_head, kd_weight=config.kd_weight,
+                          temperature=config.temperature, chunk_tokens=config.loss_chunk_tokens)
+            if config.objective == "uptrain":
+                return chunked_uptrain_loss(hidden[-1], heads[-1], labels, kind=config.kd or "fkl", **common)
+            return chunked_early_exit_loss(hidden, heads, labels, scheme=config.exit_scheme,
+                                           coefficient=config.exit_coefficient, self_distill=config.self_distill,
+                                           self_distill_kind=config.self_distill_kind, kd_kind=config.kd or "fkl",
+                                           **common)
     with acc.autocast():
         logits = exits(x)                                       # B × [batch, seq, vocab]
         teacher_logits = None
@@ -305,6 +399,33 @@ def _on_main(state, fn):
     if out[1] is not None:
         raise out[1]
     return out[0]
+
+
+def _any_process(acc, flag: bool) -> bool:
+    """Return whether `flag` is set on any process (one tiny all-reduce; none for one process)."""
+    if acc.num_processes == 1:
+        return flag
+    return bool(acc.reduce(torch.tensor([float(flag)], device=acc.device), "sum").item())
+
+
+class _StopSignals:
+    """While entered, SIGTERM and SIGUSR1 set `requested` instead of killing the process; the previous handlers
+    come back on exit. Python installs handlers in the main thread only: elsewhere nothing is installed."""
+
+    def __init__(self):
+        self.requested, self.previous = False, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        self.requested = True
 
 
 def _seed_everything(seed: int) -> None:

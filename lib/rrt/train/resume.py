@@ -10,19 +10,23 @@ import os
 import random
 import shutil
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import gather_object
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
 
-from rrt.checkpoint import (TRAINING_STATE, CheckpointError, file_digest, fsync_path, read_manifest, save,
+from rrt.checkpoint import (TRAINING_STATE, CheckpointError, fsync_path, read_manifest, save, save_hashed,
                             unique_state_dict, verify_manifest, write_manifest)
 from rrt.rundir import CONFIG, METRICS, read_config, read_json
 from rrt.trainconfig import TrainConfig
 
 SEQS = "train_seqs.json"  # the training sequences' fingerprint (`loop._Sequences.fingerprint`)
 LEGACY_SEQS = "train_blocks.json"  # its name in run directories written before 2026-12-04
+CHECKPOINT_TIMEOUT = timedelta(hours=2)  # a checkpoint's collectives (checkpoint_group): the slowest writer's time
 
 
 def check_run_dir(run_dir: Path, config: TrainConfig, seqs) -> Path | None:
@@ -96,42 +100,105 @@ def save_checkpoint(run_dir: Path, step: int, run, config: TrainConfig, last_goo
     """Write checkpoints/step-N atomically: into a temp dir, its manifest last, then one rename (a crash
     or a full disk leaves the last one); refuse non-finite weights before writing anything.
 
+    The model is written once, by the main process (gathered whole from its shards under fsdp; each shared
+    tensor once). `rank{r}.pt` holds process r's RNG states and, under fsdp, its own shard of the optimizer
+    state; under DDP the state is the same on every process and only rank0.pt holds it. Each process hashes
+    its file as it writes it, and every collective here runs on `run.group` (a long timeout), so no
+    process waits on checkpoint I/O inside the training collectives' (NCCL's) 10-minute timeout.
     The last checkpoint of a run holds the model and step only: optimiser moments (twice the model's size) and
     RNG states could only serve more steps, and a longer run is another config, refused here.
     """
     acc, root = run.acc, run_dir / "checkpoints"
     final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
-    bad = [k for k, t in unique_state_dict(run.student).items() if not torch.isfinite(t).all()]
-    if bad:  # the same weights on every process: all raise
+    weights, bad = _full_weights(run.student, keep=acc.is_main_process)
+    if bad:  # the same full weights on every process: all raise
         raise FloatingPointError(f"non-finite weights after step {step} ({len(bad)} tensors, e.g. {bad[:3]}): "
                                  f"{final} not written; last good checkpoint: {last_good}")
     last = step == config.steps
+
+    def fail(e: OSError):
+        return OSError(e.errno, f"writing checkpoint {final} failed at {e.filename or tmp}: {e.strerror or e}; "
+                                f"removed the partial copy; last good checkpoint: {last_good}")
+
+    written = {}
     try:
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-            save(run.student, tmp)  # compact: each shared tensor once, the spec in config.json
-            torch.save({"step": step, "scheduler": run.scheduler.state_dict()}, tmp / TRAINING_STATE)
-        acc.wait_for_everyone()
-        digests = []
-        if not last:  # every process writes its optimiser state (ZeRO shards it) and RNG states, and hashes it
-            mine = tmp / f"rank{acc.process_index}.pt"
-            torch.save({"optimizer": run.optimizer.state_dict(), "rng": _rng_state()}, mine)
-            digests = gather_object([(mine.name, file_digest(mine))])
+            tmp.mkdir(parents=True)
+        _all_gather(None, run.group)  # the temp dir exists before any process writes into it
         if acc.is_main_process:
-            write_manifest(tmp, dict(digests), step=step, config_hash=config.hash())
+            save(run.student, tmp, tensors=weights)  # compact: each shared tensor once, the spec in config.json
+            torch.save({"step": step, "scheduler": run.scheduler.state_dict(), "world_size": acc.num_processes,
+                        "sharding": config.sharding}, tmp / TRAINING_STATE)
+        if not last:
+            state = {"rng": _rng_state()}
+            if config.sharding == "fsdp" or acc.is_main_process:
+                state["optimizer"] = _local_optimizer_state(run.optimizer)
+            mine = tmp / f"rank{acc.process_index}.pt"
+            written[mine.name] = save_hashed(state, mine)
+    except OSError as e:
+        written = fail(e)
+    outcomes = _all_gather(written, run.group)  # a failed write on any process reaches every process
+    error = next((o for o in outcomes if isinstance(o, OSError)), None)
+    if error is None and acc.is_main_process:
+        try:
+            write_manifest(tmp, {k: v for o in outcomes for k, v in o.items()}, step=step, config_hash=config.hash())
             if final.exists():  # a stale one of this config (resume fell back past it)
                 shutil.rmtree(final)
             os.replace(tmp, final)
             fsync_path(root)
-    except OSError as e:
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(e.errno, f"writing checkpoint {final} failed at {e.filename or tmp}: {e.strerror or e}; "
-                               f"removed the partial copy; last good checkpoint: {last_good}") from e
+        except OSError as e:
+            error = fail(e)
     if acc.is_main_process:
-        prune(root, config, step)
-    acc.wait_for_everyone()
+        if error is None:
+            prune(root, config, step)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    error = _all_gather(error, run.group)[0]  # the main process's view holds every failure: all raise it
+    if error is not None:
+        raise error
     return final
+
+
+def checkpoint_group(num_processes: int):
+    """Return a gloo group over every process whose collectives wait up to CHECKPOINT_TIMEOUT (None for one process).
+
+    A checkpoint's processes wait for the slowest writer (the main process writes the model too); on a busy
+    shared filesystem that can pass the 10 minutes NCCL allows a collective, which would kill the run.
+    """
+    return dist.new_group(backend="gloo", timeout=CHECKPOINT_TIMEOUT) if num_processes > 1 else None
+
+
+def _all_gather(obj, group) -> list:
+    """Return every process's `obj` (just [obj] for one process)."""
+    if group is None:
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def _full_weights(model: nn.Module, keep: bool) -> tuple[dict[str, torch.Tensor] | None, list[str]]:
+    """Return (the unique tensors whole, on the CPU where sharded; None unless `keep`) and the names of the
+    non-finite ones. A sharded tensor is gathered by every process in the same order (DTensor.full_tensor)."""
+    out, bad = {}, []
+    for key, tensor in unique_state_dict(model).items():
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
+            tensor = tensor.cpu() if keep else tensor
+        if not torch.isfinite(tensor).all():
+            bad.append(key)
+        if keep:
+            out[key] = tensor
+    return (out if keep else None), bad
+
+
+def _local_optimizer_state(optimizer) -> dict:
+    """Return the optimizer's state dict with each sharded tensor (DTensor) as this process's own shard."""
+    state = optimizer.state_dict()
+    state["state"] = {i: {k: v.to_local() if isinstance(v, DTensor) else v for k, v in per_param.items()}
+                      for i, per_param in state["state"].items()}
+    return state
 
 
 def prune(root: Path, config: TrainConfig, step: int) -> None:
@@ -143,12 +210,44 @@ def prune(root: Path, config: TrainConfig, step: int) -> None:
         shutil.rmtree(old)
 
 
-def load_training_state(checkpoint: Path, optimizer, scheduler, rank: int) -> None:
+def check_layout(checkpoint: Path, config: TrainConfig, num_processes: int) -> None:
+    """Refuse a checkpoint whose optimizer state is laid out for another sharding or (under fsdp) another number
+    of processes: each rank's file holds its own shard."""
+    written = torch.load(checkpoint / TRAINING_STATE, weights_only=False)
+    sharding, world = written.get("sharding", "none"), written.get("world_size")
+    if sharding != config.sharding:
+        raise ValueError(f"{checkpoint} was written with sharding={sharding!r}, this run has "
+                         f"sharding={config.sharding!r}: its optimizer state is laid out per process; resume "
+                         f"with sharding={sharding!r}")
+    if sharding == "fsdp" and world != num_processes:
+        raise ValueError(f"{checkpoint} holds optimizer state sharded over {world} processes; this launch has "
+                         f"{num_processes}: resume with {world} processes")
+
+
+def load_training_state(checkpoint: Path, run, config: TrainConfig) -> None:
+    """Load the scheduler, this process's RNG states and its optimizer state (its shard under fsdp)."""
+    rank = run.acc.process_index
     shared = torch.load(checkpoint / TRAINING_STATE, weights_only=False)
     mine = torch.load(checkpoint / f"rank{rank}.pt", weights_only=False)
-    scheduler.load_state_dict(shared["scheduler"])
-    optimizer.load_state_dict(mine["optimizer"])
+    owner = mine if config.sharding == "fsdp" or rank == 0 else torch.load(checkpoint / "rank0.pt",
+                                                                           weights_only=False)
+    run.scheduler.load_state_dict(shared["scheduler"])
+    run.optimizer.load_state_dict(_sharded_like(owner["optimizer"], run.optimizer))
     _set_rng_state(mine["rng"])
+
+
+def _sharded_like(state: dict, optimizer) -> dict:
+    """Return `state` with each shard (as `_local_optimizer_state` wrote it) made a DTensor laid out as its
+    parameter is; unchanged where parameters are whole."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    out = {}
+    for i, per_param in state["state"].items():
+        p = params[i]
+        out[i] = {k: DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, run_check=False,
+                                        shape=p.shape, stride=p.stride())
+                  if isinstance(p, DTensor) and torch.is_tensor(v) and v.dim() > 0 else v
+                  for k, v in per_param.items()}
+    return {**state, "state": out}
 
 
 def _rng_state() -> dict:

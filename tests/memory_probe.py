@@ -1,0 +1,37 @@
+"""Train one TrainConfig 2 steps on random tokens in this process; print its peak memory as JSON (test_memory.py).
+
+argv[1]: JSON of TrainConfig fields plus "shape" (the model's HF config fields, model_type among them), saved as
+config.json in the TrainConfig's `model` directory so that rrt.runs.memory reads the same shape. The peak is
+ru_maxrss (the kernel's high-water mark of resident memory) minus the resident memory once the original model is
+built, the point where train() starts: the process's libraries and the original (a GPU run keeps it on the CPU)
+are not the run's. Run with MALLOC_MMAP_THRESHOLD_ fixed so that glibc maps every large block and returns it to the
+kernel when freed; resident memory then follows the live tensors.
+"""
+import json
+import resource
+import sys
+
+import torch
+import transformers
+
+from rrt.train import train
+from rrt.trainconfig import TrainConfig
+
+
+def resident() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    fields = json.loads(sys.argv[1])
+    shape = fields.pop("shape")
+    config = transformers.AutoConfig.for_model(shape.pop("model_type"), **shape)
+    config.save_pretrained(fields["model"])
+    torch.manual_seed(0)
+    original = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    seqs = torch.randint(0, config.vocab_size, (64, fields["seq_len"]))
+    before = resident()
+    train(TrainConfig(**fields), train_seqs=seqs, original=original, progress=lambda record: None)
+    print(json.dumps({"before": before, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
