@@ -84,7 +84,7 @@ def head_logits(model: nn.Module, hidden: torch.Tensor, loop_idx: int | torch.Te
     loop_idx: an int, or a LongTensor of per-row loops shaped like hidden's leading dims [batch, seq];
     None means the model's own head (its forward's, the last loop's), refused if it has a head LoRA.
     Every op is per token, so with an int loop_idx any leading dims work: a chunk of tokens [n, hidden]
-    gives exactly those tokens' logits (the chunked losses rely on it, `recursive.loop_heads`).
+    gives those tokens' logits, equal up to float rounding (the chunked losses rely on it, `recursive.loop_heads`).
     """
     hidden = model.get_submodule(family_of(model).final_norm)(hidden)
     logits = model.get_output_embeddings()(hidden)
