@@ -49,8 +49,20 @@ def test_unknown_names_list_the_known_ones():
     # hub names are checked before anything is fetched
     with pytest.raises(ValueError, match="known: .*'pg19'.*'slimpajama'"):
         data.load_corpus("c4", "test", source="hub")
-    with pytest.raises(ValueError, match="known: \\['test'\\]"):
+    with pytest.raises(ValueError, match="known: \\['sample'\\]"):
         data.load_corpus("redpajama", "train", source="hub")
+
+
+def test_redpajama_is_named_for_the_sample_of_its_train_split_and_its_old_name_still_reads(monkeypatch):
+    loaded = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda **kwargs: loaded.append(kwargs) or
+                        datasets.Dataset.from_dict({"text": ["a"], "meta": ["m"]}))
+    assert data.corpora("hub")["redpajama"] == ["sample"]
+    data.load_corpus("redpajama", "sample", source="hub")
+    with pytest.warns(UserWarning, match="redpajama/test is now redpajama/sample"):
+        data.load_corpus("redpajama", "test", source="hub")  # run files written before the rename
+    assert loaded[0] == loaded[1] and loaded[0]["split"] == "train"
+    assert loaded[0]["data_files"] == "hf://datasets/togethercomputer/RedPajama-Data-1T-Sample/*.jsonl"
 
 
 def test_pack_joins_documents_with_eos_into_exact_sequences(char_tok):
@@ -99,15 +111,16 @@ def test_a_hub_corpus_is_packed_to_the_studys_fixed_count_that_covers_every_run(
     monkeypatch.setattr(rrt.runs.execute, "PackedShards", lambda path: calls.append(path))  # `make pack` wrote them
     hub = dict(model="tiny-llama", seq_len=2048, data_source="hub", train_corpus="slimpajama", train_split="train",
                eval_corpora=["pg19/test"], max_eval_seqs=4, steps=100, global_batch_size=16, batch_size=8)
-    study = Distillation(**hub, long_steps=300, max_train_seqs=300 * 16)
+    # Table 12's 75B full-size model reads post_steps past long_steps (App. M: new tokens): the count covers both
+    study = Distillation(**hub, long_steps=300, post_steps=15, max_train_seqs=315 * 16)
     rrt.runs.execute.load_data(study.data_spec(), tokenizer=char_tok, cache_dir=tmp_path)
-    assert calls == [packed_path(PackSet("slimpajama", "train", "hub", 2048, 300 * 16), char_tok),
+    assert calls == [packed_path(PackSet("slimpajama", "train", "hub", 2048, 315 * 16), char_tok),
                      packed_path(PackSet("pg19", "test", "hub", 2048, 4), char_tok)]
-    with pytest.raises(ValueError, match=r"a hub corpus needs an explicit number of packed sequences, at least the 4800"):
-        Distillation(**hub, long_steps=300)
+    with pytest.raises(ValueError, match=r"a hub corpus needs an explicit number of packed sequences, at least the 5040"):
+        Distillation(**hub, long_steps=300, post_steps=15, max_train_seqs=300 * 16)
     # post-training on new tokens reads past the uptraining's: the count must cover both
     with pytest.raises(ValueError, match="at least the 3200 this plan reads"):
-        EarlyExit(**hub, uptrain_steps=100, max_train_seqs=1600)
+        EarlyExit(**hub, uptrain_steps=100, max_train_seqs=3199)
     # the vendored corpora are small: None means all of them
     calls.clear()
     study = Distillation(**{**hub, "data_source": "embedded", "train_corpus": "wikitext2", "train_split": "validation",

@@ -2,6 +2,7 @@
 import json
 import math
 import socket
+from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
@@ -169,7 +170,7 @@ def test_per_loop_perplexity_last_loop_is_ordinary_perplexity(tiny, recursive, t
         evaluation.perplexity(recursive, tiny_seqs, loop_idx=2)
 
 
-def test_every_offline_task_runs_through_lm_eval_without_network(tiny, no_network):
+def test_every_embedded_task_runs_through_lm_eval_without_network(tiny, no_network):
     model, tok = tiny
     with pytest.raises(AssertionError, match="network connection attempted"):  # the guard is armed
         socket.create_connection(("huggingface.co", 443))
@@ -178,7 +179,7 @@ def test_every_offline_task_runs_through_lm_eval_without_network(tiny, no_networ
     assert df.columns.tolist() == ["model", "task", "loop_idx", "metric", "value", "stderr", "n", "num_fewshot",
                                    "source"]
     assert df["metric"].tolist() == ["acc", "acc_norm", "acc_norm", "acc", "acc_norm", "acc_norm", "acc_norm"]
-    assert (df["n"] == 2).all() and (df["num_fewshot"] == 0).all() and (df["source"] == "offline").all()
+    assert (df["n"] == 2).all() and (df["num_fewshot"] == 0).all() and (df["source"] == "embedded").all()
     assert df["value"].between(0, 1).all() and df["stderr"].notna().all()
 
 
@@ -203,35 +204,91 @@ def test_loop_model_sees_that_loops_logits(tiny, recursive):
     assert not torch.equal(exits[0], exits[1])
 
 
+def test_hub_source_runs_lm_evals_built_in_tasks_and_embedded_hellaswag_says_where_it_differs(tiny, monkeypatch):
+    import lm_eval
+    import lm_eval.tasks
+
+    calls = []
+
+    def simple_evaluate(*, tasks, task_manager, **kwargs):  # what lm-eval is asked to run, not run
+        calls.append((tasks, task_manager))
+        return {"results": {t: {"acc,none": 0.5, "acc_norm,none": 0.5} for t in tasks},
+                "n-samples": {t: {"effective": 1} for t in tasks}, "n-shot": {t: 0 for t in tasks}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda **kwargs: kwargs)  # the arguments it was built with
+    rows = evaluation.few_shot_rows(None, tasks=["hellaswag", "piqa"], limit=1, source="hub", num_fewshot=None,
+                                    seed=0, model_name="m")
+    assert calls[0] == (["hellaswag", "piqa"], {}) and [r["source"] for r in rows] == ["hub", "hub"]
+    with pytest.warns(UserWarning, match="hellaswag \\(source='embedded'\\) may score differently .*activity_label"):
+        evaluation.few_shot_rows(None, tasks=["hellaswag", "piqa"], limit=1, source="embedded", num_fewshot=None,
+                                 seed=0, model_name="m")
+    assert calls[1] == (["rrt_hellaswag", "rrt_piqa"],
+                        {"include_path": str(evaluation.TASKS_DIR), "include_defaults": False})
+
+
 def test_unknown_task_or_source_lists_the_known_ones(tiny):
     with pytest.raises(ValueError, match="known: \\['lambada_openai', 'hellaswag', .*'openbookqa'\\]"):
         evaluation.few_shot(*tiny, tasks=["mmlu"])
-    with pytest.raises(ValueError, match="known: \\['offline', 'hub'\\]"):
+    with pytest.raises(ValueError, match="known: \\['embedded', 'hub'\\]"):
         evaluation.few_shot(*tiny, tasks=["piqa"], source="web")
+    with pytest.raises(ValueError, match="unknown tasks \\['mmlu'\\]"):  # before lm-eval indexes or fetches
+        evaluation.download_tasks(["piqa", "mmlu"])
 
 
-# --- the offline YAMLs render the prompts of lm-eval's own task definitions ---
-OFFICIAL = {"lambada_openai": "lambada/lambada_openai.yaml", "piqa": "piqa/piqa.yaml",
-            "winogrande": "winogrande/default.yaml", "arc_easy": "arc/arc_easy.yaml",
+# --- the embedded tasks build the requests of lm-eval's own built-in tasks over the same files ---
+BUILT_IN = {"lambada_openai": "lambada/lambada_openai.yaml", "hellaswag": "hellaswag/hellaswag.yaml",
+            "piqa": "piqa/piqa.yaml", "winogrande": "winogrande/default.yaml", "arc_easy": "arc/arc_easy.yaml",
             "arc_challenge": "arc/arc_challenge.yaml", "openbookqa": "openbookqa/openbookqa.yaml"}
+# The only changes the built-in definitions need to read the vendored files, beyond where the data is
+# (evaluation.EMBEDDED_DIFFERENCES says what they cost): HellaSwag's rows lack activity_label, ctx_a and
+# ctx_b, which lm-eval's process_docs reads, and no train split is vendored to draw few-shot examples from.
+KNOWN_DIFFERENCES = {"hellaswag": {"process_docs": task_utils.hellaswag_process_docs, "training_split": None}}
+# What else decides a task's scores: the request types, the metrics and how few-shot contexts are joined
+SCORED = ("output_type", "metric_list", "target_delimiter", "fewshot_delimiter", "training_split",
+          "validation_split", "test_split", "fewshot_split", "num_fewshot")
 
 
-def rendered(config, n=5):
-    task = ConfigurableTask(config=config)
-    docs = list(task.eval_docs)[:n]
-    return [(task.doc_to_text(d), task.doc_to_target(d),
-             task.doc_to_choice(d) if task.OUTPUT_TYPE == "multiple_choice" else None) for d in docs]
-
-
-@pytest.mark.parametrize("task", sorted(OFFICIAL))
-def test_offline_prompts_match_lm_eval_definitions(task, no_network):
+def built_in_task(task):
+    """lm-eval's built-in task definition (the YAML its TaskManager indexes), reading the vendored files."""
     import lm_eval.tasks
 
-    official = load_yaml(f"{lm_eval.tasks.__path__[0]}/{OFFICIAL[task]}")
-    # the official definition, reading the vendored docs (already in the hub layout) instead of the hub
-    official["custom_dataset"] = lambda **_: task_utils.load_vendored(task)
-    ours = load_yaml(evaluation.TASKS_DIR / f"rrt_{task}.yaml")
-    assert rendered(ours) == rendered(official)
+    config = load_yaml(Path(lm_eval.tasks.__path__[0]) / BUILT_IN[task])
+    files = {path.name.removesuffix(".jsonl.gz"): str(path)
+             for path in sorted((task_utils.TASK_DATA_DIR / task).glob("*.jsonl.gz"))}
+    config.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": files},
+                  **KNOWN_DIFFERENCES.get(task, {}))
+    return ConfigurableTask(config={k: v for k, v in config.items() if k != "tag"})
+
+
+def requests(task, *, num_fewshot, limit, seed=1234):
+    """Every request lm-eval would send for `task`, built as simple_evaluate builds them (few_shot's seed)."""
+    task.set_config(key="num_fewshot", value=num_fewshot)
+    task.set_fewshot_seed(seed=seed)
+    task.build_all_requests(limit=limit)
+    return [(r.doc_id, r.idx, r.request_type, r.arguments) for r in task.instances]
+
+
+# zero-shot (as the paper ran them) over the first documents of the evaluated split, or all (slow: about a minute)
+@pytest.mark.parametrize("zero_shot_docs", [300, pytest.param(None, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("task", list(evaluation.TASKS))
+def test_embedded_tasks_build_the_requests_of_lm_evals_built_in_tasks(task, zero_shot_docs, no_network):
+    import lm_eval.tasks
+
+    manager = lm_eval.tasks.TaskManager(include_path=str(evaluation.TASKS_DIR), include_defaults=False)
+    with evaluation.quiet_lm_eval():
+        ours = manager.load(f"rrt_{task}")["tasks"][f"rrt_{task}"]
+        theirs = built_in_task(task)
+        # zero-shot, then 5-shot contexts drawn at the same seed for the first 40 documents
+        for num_fewshot, limit in ((0, zero_shot_docs), (5, 40)):
+            ours_requests, their_requests = (requests(t, num_fewshot=num_fewshot, limit=limit) for t in (ours, theirs))
+            assert ours_requests and ours_requests == their_requests, (task, num_fewshot)
+    assert [ours.config.to_dict().get(k) for k in SCORED] == [theirs.config.to_dict().get(k) for k in SCORED]
+    # the list of differences is current: each one is a real difference from the built-in definition
+    built_in = load_yaml(Path(lm_eval.tasks.__path__[0]) / BUILT_IN[task], resolve_func=False)
+    ours_yaml = load_yaml(evaluation.TASKS_DIR / f"rrt_{task}.yaml", resolve_func=False)
+    assert all(str(built_in.get(k)) != str(ours_yaml.get(k)) for k in KNOWN_DIFFERENCES.get(task, {}))
+    assert set(KNOWN_DIFFERENCES) == set(evaluation.EMBEDDED_DIFFERENCES)
 
 
 def test_hellaswag_prompt_matches_lm_eval_on_a_hand_built_hub_doc(no_network):

@@ -83,6 +83,24 @@ def test_lora_adds_parameters_and_trainable_choices_size_the_optimizer():
     assert lora_only.parameters == relaxed.parameters and lora_only.optimizer < relaxed.optimizer / 10
 
 
+def test_module_ranks_size_the_parameters_as_the_converted_model_counts():
+    """Table 8's per-module ranks: the estimate's fp32 parameters are the converted model's, counted once."""
+    import torch
+    import transformers
+
+    import rrt
+    from rrt.models import model_config
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(model_config(GEMMA))
+    for ranks in [(128, 64, 128, 128), (0, 0, 0, 256)]:
+        rec = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, lora_rank=max(ranks), module_ranks=ranks,
+                                                   lora_init="zero"))
+        estimate = estimate_memory(config(num_blocks=2, lora_rank=max(ranks), module_ranks=ranks, trainable="lora"))
+        assert estimate.parameters == 4 * rrt.count_parameters(rec)["total"]
+        assert estimate.optimizer == 8 * rrt.count_parameters(rec)["lora"]
+
+
 def test_savers_shrink_their_component_exactly():
     base = config(num_blocks=2, kd="fkl")
     full = estimate_memory(base)

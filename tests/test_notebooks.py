@@ -15,7 +15,7 @@ EXPECTED = {  # results (CSV + JSON unless named with a suffix) and figures (PNG
     "01_init_ablation": (TABLES, ["fig5a_loss_curves", "perplexity", "fig5b_accuracy", "fig11_init_variants"]),
     "02_relaxation_rank_sweep": (TABLES + ["init_perplexity"],
                                  ["init_perplexity_vs_rank", "fig6_accuracy", "fig7a_rank", "fig4_size_vs_quality"]),
-    "03_distillation": (TABLES, ["loss_curves", "fig7b_accuracy"]),
+    "03_distillation": (TABLES, ["loss_curves", "fig7b_accuracy", "fig17_final_models"]),
     "04_early_exit": (TABLES, ["table13_per_loop_accuracy", "per_loop_perplexity"]),
     "05_throughput": (["throughput", "step_costs", "paper_sim", "latency", "calibration", "quality", "accuracy",
                        "deltas", "targets", "max_batch", "throughput_vs_accuracy"],

@@ -102,7 +102,7 @@ def test_make_plan_works_for_every_notebook_and_scale_without_weights(monkeypatc
             table = main([name, scale])
             out = capsys.readouterr().out
             if isinstance(load_params(name, scale), (InitAblation, RelaxationSweep, Distillation, EarlyExit)):
-                assert len(table) and "H100 hours" in out and table.flops.gt(0).all()
+                assert len(table) and "H100 hours" in out and table.flops.gt(0).eq(table.role != "pretrained").all()
                 assert {"run", "init", "num_blocks", "lora_rank", "objective", "exit_coefficient", "kd", "teacher",
                         "data", "tokens", "steps", "warmup_steps", "tokens_per_step", "flops",
                         "h100_hours"} <= set(table.columns)
@@ -135,7 +135,8 @@ def test_a_bad_plan_file_fails_in_make_plan_naming_the_key(tmp_path, change, nam
 def test_runs_share_the_run_store_by_config_hash(tmp_path):
     """01's full-size run is 03's teacher, 01's Stepwise run is 04's starting point: one directory each."""
     common = dict(model="tiny-llama", runs_root=str(tmp_path))
-    init, distil, exits = InitAblation(**common), Distillation(**common), EarlyExit(**common)
+    init, distil = InitAblation(**common), Distillation(**common, final_num_blocks=[2])
+    exits = EarlyExit(**common, scale="smoke")  # 03's smoke params: its final models at B=2 (4 layers)
     full = {r.name: r for r in init.runs()}["full-size"]
     kd_runs = [r for r in distil.runs() if r.config.kd]
     assert kd_runs and all(r.config.teacher == str(full.final_checkpoint) and r.needs == ("full-size",) for r in kd_runs)
@@ -143,7 +144,11 @@ def test_runs_share_the_run_store_by_config_hash(tmp_path):
     stepwise = {r.name: r for r in init.runs()}["stepwise B=2"]
     up = exits.runs()[0]
     assert up.role == "uptrained" and up.dir == stepwise.dir
-    assert all(r.config.init_from == str(up.final_checkpoint) for r in exits.runs() if "post" in r.name)
+    assert all(r.config.init_from == str(up.final_checkpoint) for r in exits.runs() if r.name.startswith("B=2 post"))
+    # 03's final models are 04's starting points (the params of one scale: 04 reads 03's)
+    finals = {r.name: r for r in load_params("03_distillation", "smoke", runs_root=str(tmp_path)).runs()}
+    ups = [r for r in load_params("04_early_exit", "smoke", runs_root=str(tmp_path)).runs() if r.tags.get("final")]
+    assert ups and all(finals[r.name].dir == r.dir for r in ups if r.role in ("uptrained", "baseline"))
     table = plan_table(distil.runs())
     assert table.set_index("run").loc["stepwise B=2 fkl", "teacher"].startswith("full-size (tiny-llama-")
 
@@ -161,7 +166,7 @@ def test_tokens_per_run_hold_for_any_process_count():
 
 
 def test_new_data_post_training_starts_past_the_uptraining():
-    study = EarlyExit(model="tiny-llama")
+    study = EarlyExit(model="tiny-llama", scale="smoke")
     runs = {r.name: r for r in study.runs()}
     up, new = runs["stepwise B=2"], runs["B=2 post aggressive 0.1 new-data"]
     assert new.config.data_offset == up.samples and runs["B=2 post aggressive 0.1"].config.data_offset == 0
@@ -174,23 +179,24 @@ def test_from_dict_keeps_every_field_typed():
     assert [r.name for r in study.runs()] == ["average B=2 r=0", "average B=2 r=8 svd", "average B=2 r=8 zero"]
 
 
-def test_05_serves_04s_early_exit_model_and_trains_its_relaxed_twin():
-    """05's B=2, r=0 model is 04's aggressive 0.1 + self-distillation run (the same run directory);
-    its r > 0 models follow the same recipe with LoRA, from an uptrained model with that LoRA."""
+def test_05_serves_04s_app_m_runs():
+    """05's (B, r) model is 04's App. M pair (the same run directories): 03's final model (Stepwise at r = 0,
+    Average relaxed at r > 0), post-trained with aggressive exit_coefficient + self-distillation on new tokens."""
     from rrt.notebook import load_params
     for scale in ("smoke", "cpu", "paper-gemma-2b"):
-        served = load_params("05_throughput", scale).served()
-        ee = load_params("05_throughput", scale).training()
-        post = {r.name: r for r in ee.runs()}
+        study = load_params("05_throughput", scale)
+        ee = study.training()
+        four = {r.name: r for r in load_params("04_early_exit", scale).runs()}
         c = ee.exit_coefficient
-        for (b, r), (up, run) in served.items():
+        assert study.runs()[0].name == "full-size"  # the KD teacher of the uptrained models, first
+        for (b, r), (up, run) in study.served().items():
             assert run.config.init_from == str(up.final_checkpoint) and run.needs == (up.name,)
             assert (run.config.lora_rank, up.config.lora_rank, run.config.num_blocks) == (r, r, b)
-            assert run.config.objective == "early_exit" and run.config.self_distill
+            assert run.config.objective == "early_exit" and run.config.data_offset == up.samples
             assert (run.config.exit_scheme, run.config.exit_coefficient) == ("aggressive", c)
-            if r == 0 and b in ee.num_blocks:
-                assert run.dir == post[f"B={b} post aggressive {c} +SD"].dir
-                assert up.dir == ee.uptrained(b).dir
+            assert run.config.self_distill == (not (r and b in ee.no_self_distill_blocks))
+            assert (up.config.init, up.config.kd) == ("average" if r else "stepwise", "fkl")
+            assert four[run.name].dir == run.dir and four[up.name].dir == up.dir
     assert load_params("05_throughput", "cpu", checkpoint="some/dir").runs() == []
     assert load_params("05_throughput", "cpu", model="paper-gemma-2b").runs() == []  # dummy weights: no training
 
@@ -253,7 +259,8 @@ def test_every_plan_is_the_runs_it_was_under_the_same_config_hashes(tmp_path):
     """Run stores written before the run layer (rrt.runs) stay readable: every plan of every notebook and scale
     has the same runs, in the same order, in the same <model>-<config hash> directories, and is evaluated and fed
     as before (the results file of a run is keyed by its evaluation). tests/data/plan_keys.json was written by
-    the plans at fa1d171."""
+    the plans at fa1d171, and rewritten where a plan changed on purpose (issue 28: Table 8 and 12's runs, App. M's,
+    05's served models, the 75B packed set; the cpu and smoke runs of 01-04 kept their directories)."""
     from rrt.notebook import planned
     expected = json.loads((ROOT / "tests" / "data" / "plan_keys.json").read_text())
     assert {k.split("/")[1] for k in expected} >= {"cpu", *SCALES[2:]}

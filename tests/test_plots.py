@@ -27,12 +27,13 @@ NEEDS = {"loss_curves": {"label", "seed", "tokens"}, "accuracy": {"label", "seed
          "task_accuracy": {"label", "seed", "task", "accuracy", "stderr", "chance"},
          "perplexity": {"label", "seed", "corpus", "perplexity"},
          "size_vs_quality": {"label", "seed", "non_embedding", "perplexity"},
+         "final_models": {"label", "seed", "variant", "non_embedding", "avg_accuracy", "stderr", "chance", "pareto"},
          "rank_accuracy": {"label", "init", "lora_rank", "lora_init", "avg_accuracy", "stderr"},
          "init_perplexity": {"init", "lora_rank", "untie_norms", "perplexity", "reference"},
          "init_variants": {"label", "seed", "variant", "tokens", "loss"},
          "throughput": {"label", "system", "kv_policy", "delta_v", "avg_accuracy", "accuracy_stderr"},
          "step_costs": {"model", "rows", "ms_per_token"}, "real_over_bound": {"label", "system", "real_over_bound"}}
-STRING_TAGS = {"plot", "label", "run", "role", "init", "lora_init", "kd", "exit_scheme", "training", "trainable", "data",
+STRING_TAGS = {"plot", "label", "run", "role", "baseline", "init", "lora_init", "kd", "exit_scheme", "training", "trainable", "data",
                "config", "system", "exit_policy", "kv_policy", "model", "corpus", "task", "variant"}
 
 
@@ -90,6 +91,27 @@ def variant_curves():
     return curves_table([r[0] for r in runs]).merge(tags, on="run")
 
 
+# Fig. 17's final models: (run, role, init, B, rank, non-embedding size, accuracy); the last run is not final.
+FINAL = [("full-size 60B", "pretrained", None, None, None, 40_000, 0.7),  # TinyLlama's: the original checkpoint
+         ("full-size 75B", "baseline", None, None, None, 40_000, 0.65),
+         ("reduced-size B=2", "baseline", None, 2, None, 20_000, 0.3),
+         ("stepwise B=3", "study", "stepwise", 3, 0, 14_000, 0.4),
+         ("stepwise B=2", "study", "stepwise", 2, 0, 20_000, 0.5),
+         ("average B=2 r=64", "study", "average", 2, 64, 24_000, 0.55),
+         ("average B=2 r=128", "study", "average", 2, 128, 28_000, 0.52),
+         ("stepwise B=2 ce", "study", "stepwise", 2, 0, 20_000, 0.9)]
+
+
+def final_tables(final=FINAL):
+    runs = pd.DataFrame([{"run": r, "seed": 0, "role": role, "baseline": r.split(" ")[0].removesuffix("-size")
+                          if role != "study" else None, "init": init, "num_blocks": b, "lora_rank": rank,
+                          "non_embedding": n, "final": True if r != "stepwise B=2 ce" else None}
+                         for r, role, init, b, rank, n, _ in final])
+    acc = pd.DataFrame([{"run": r, "seed": 0, "task": t, "loop_idx": None, "value": a, "stderr": 0.05, "n": 20}
+                        for r, *_, a in final for t in TASKS])
+    return runs, acc
+
+
 def serving_tables():
     points = pd.DataFrame([{"config": c, "system": s, "exit_policy": e, "kv_policy": "propagate",
                             "tokens_per_s": 100.0, "delta_v": d, "delta_v_min": d - 0.05, "delta_v_max": d + 0.05,
@@ -116,6 +138,7 @@ def every_plot():
             plots.perplexity(ppl, study=STUDY, colours=colours),
             plots.perplexity(perplexity_table(loops=(0, 1)), study=STUDY, colours=colours, per_loop=True),
             plots.size_vs_quality(runs_table(), acc, ppl, study=STUDY, colours=colours),
+            plots.final_models(*final_tables(), study=STUDY),
             plots.rank_accuracy(rank_table(), study=STUDY),
             plots.init_perplexity(init_curve(), study=STUDY),
             plots.init_variants(variant_curves(), study=STUDY),
@@ -148,7 +171,8 @@ def bar_colours(fig):
     lambda: plots.size_vs_quality(runs_table(), accuracy_table(), perplexity_table(), study=STUDY),
     lambda: plots.rank_accuracy(rank_table(), study=STUDY),
     lambda: plots.throughput(serving_tables()[0], study=STUDY, chance=0.5),
-], ids=["accuracy", "per_loop", "task_accuracy", "size_vs_quality", "rank_accuracy", "throughput"])
+    lambda: plots.final_models(*final_tables(), study=STUDY),
+], ids=["accuracy", "per_loop", "task_accuracy", "size_vs_quality", "rank_accuracy", "throughput", "final_models"])
 def test_accuracy_figures_have_error_bars_and_a_chance_line(make):
     plot = make()
     assert plot.figure is not None
@@ -211,6 +235,27 @@ def test_too_few_points_give_the_table(make, tmp_path):
     plots.save(plot, tmp_path, "x")
     assert (tmp_path / "figures" / "x.png").stat().st_size > 0
     assert pd.read_csv(tmp_path / "figures" / "x.csv")["plot"].iloc[0] == plot.kind
+
+
+def test_final_models_pareto_frontier_and_only_final_runs():
+    plot = plots.final_models(*final_tables(), study=STUDY)
+    t = plot.table.set_index("label")
+    assert "stepwise B=2 ce" not in t.index and len(t) == 7  # not a final model
+    front = {"stepwise B=3", "stepwise B=2", "average B=2 r=64", "full-size 60B"}  # the rest: smaller and better exists
+    assert set(t.index[t["pareto"]]) == front
+    dotted = [ln for ln in plot.figure.axes[0].get_lines() if ln.get_label() == "Pareto frontier"]
+    assert len(dotted) == 1 and dotted[0].get_linestyle() == ":"
+    assert list(dotted[0].get_xdata()) == [14_000, 20_000, 24_000, 40_000]
+    assert t.loc["average B=2 r=64", "variant"] == "B=2" and t.loc["full-size 75B", "variant"] == "full-size 75B"
+    assert t["chance"].iloc[0] == pytest.approx(chance_level(TASKS))
+    texts = [x.get_text() for x in plot.figure.axes[0].texts]
+    assert sorted(texts) == ["r=0", "r=0", "r=128", "r=64"]
+
+
+@pytest.mark.parametrize("final", [FINAL[-1:], FINAL[:2]], ids=["none_final", "one_size"])
+def test_final_models_without_a_size_axis_give_the_table(final):
+    plot = plots.final_models(*final_tables(final), study=STUDY)
+    assert plot.figure is None and plot.note and plot.kind == "final_models"
 
 
 def test_vanilla_is_drawn_once_whatever_the_configs():

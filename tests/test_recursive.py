@@ -1,4 +1,7 @@
 """Recursive conversion: DESIGN.md invariants 1, 2, 6, 7, 8 for every tiny family, and the inits."""
+import copy
+import math
+
 import pytest
 import torch
 
@@ -166,16 +169,46 @@ def test_norm_init_with_stepwise_averages_group_norms(tiny):
             assert torch.equal(p, _layer_params(model, 3)[name])
 
 
-def test_random_init_is_fresh_and_seeded(tiny, tiny_ids):
+def _pretrained_like(model):
+    """A copy of `model` with every tensor moved off its initial value (the tiny models keep HF's identity final norm)."""
+    copied = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in copied.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return copied
+
+
+def test_random_init_uses_no_pretrained_tensor(tiny, tiny_ids):
+    """Table 5's Random: embeddings, norms, LM head and layers all the model's own fresh init, seeded."""
     _, model, _ = tiny
-    a = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, init="random", seed=1))
-    b = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, init="random", seed=1))
-    c = rrt.convert(model, rrt.RecursiveSpec(num_blocks=2, init="random", seed=2))
+    original = _pretrained_like(model)
+    a = rrt.convert(original, rrt.RecursiveSpec(num_blocks=2, init="random", seed=1))
+    b = rrt.convert(original, rrt.RecursiveSpec(num_blocks=2, init="random", seed=1))
+    c = rrt.convert(original, rrt.RecursiveSpec(num_blocks=2, init="random", seed=2))
     assert torch.equal(a(tiny_ids).logits, b(tiny_ids).logits)
     assert not torch.equal(a(tiny_ids).logits, c(tiny_ids).logits)
-    for name, p in _layer_params(a, 0).items():
-        if p.ndim == 2:
-            assert not torch.equal(p, _layer_params(model, 0)[name])
+    pretrained = original.state_dict()
+    shared = [n for n, p in a.state_dict().items() if torch.equal(p, pretrained[n])]
+    assert not shared, shared
+    assert_tied(a, 2)
+    tied = a.get_output_embeddings().weight is a.get_input_embeddings().weight
+    assert tied == bool(model.config.tie_word_embeddings)
+    vocab = model.config.vocab_size
+    loss = a(tiny_ids, labels=tiny_ids).loss.item()  # fresh weights: near-uniform next-token distribution
+    assert abs(loss - math.log(vocab)) < 0.05, (loss, math.log(vocab))
+
+
+def test_random_init_keeps_the_depth_sharing_and_zeroes_norms_on_request(tiny):
+    _, model, _ = tiny
+    rec = rrt.convert(model, rrt.RecursiveSpec(num_blocks=3, init="random", norm_init="zero", seed=4))
+    layer0 = decoder_layers(rec)[0]
+    for name, p in _layer_params(rec, 0).items():
+        if rrt.recursive._is_norm_param(layer0, name):
+            assert not p.any(), name
+        elif p.ndim == 2:  # fresh linear weights (their biases start at zero)
+            assert p.any(), name
+    assert_tied(rec, 3)
 
 
 # --------------------------------------------------------------------------- invariants 6, 7
@@ -225,12 +258,33 @@ def test_bad_num_blocks_names_divisors(tiny):
     (dict(norm_init="mean"), "average, choice, zero"),
     (dict(lora_init="pissa"), "svd, zero"),
     (dict(lora_rank=-1), "must be an int >= 0"),
-    (dict(lora_rank={"ffn": 8}), "q, kv, o, mlp"),
+    (dict(lora_rank={"q": 8}), "module_ranks=\\(q, kv, o, mlp\\)"),
+    (dict(lora_rank=8, module_ranks=(8, 8, 8)), "4 ints \\(q, kv, o, mlp\\)"),
+    (dict(lora_rank=8, module_ranks=(8, 8, -1, 8)), "module_ranks 'o' must be an int >= 0"),
+    (dict(lora_rank=8, module_ranks=(4, 4, 4, 4)), r"lora_rank=8 must equal max\(module_ranks\)=4"),
     (dict(num_blocks=0), "positive int"),
+    (dict(init="random", lora_rank=4), "init='random' uses no pretrained weight"),  # SVD reads the original
+    (dict(init="random", norm_init="average"), "init='random' uses no pretrained weight"),
 ])
 def test_bad_spec_fails_before_compute(kwargs, match):
     with pytest.raises(ValueError, match=match):
         rrt.RecursiveSpec(**kwargs)
+
+
+def test_module_ranks_pass_from_train_config_through_save_and_load(tiny, tiny_ids, tmp_path):
+    from rrt.trainconfig import TrainConfig
+
+    _, model, tok = tiny
+    config = TrainConfig(out="", num_blocks=2, lora_rank=3, module_ranks=[2, 3, 0, 1])  # a list, as JSON gives
+    assert config.module_ranks == (2, 3, 0, 1) and TrainConfig.from_dict(config.to_dict()) == config
+    assert config.spec().ranks == {"q": 2, "kv": 3, "o": 0, "mlp": 1}
+    with pytest.raises(ValueError, match=r"lora_rank=2 must equal max\(module_ranks\)=3"):
+        TrainConfig(out="", lora_rank=2, module_ranks=(2, 3, 0, 1))
+    rec = rrt.convert(model, config.spec())
+    rrt.save(rec, tmp_path / "ckpt", tokenizer=tok)
+    loaded = rrt.load(tmp_path / "ckpt")
+    assert rrt.spec_of(loaded) == config.spec()
+    assert torch.equal(loaded(tiny_ids).logits, rec(tiny_ids).logits)
 
 
 def test_converting_twice_is_refused(tiny):

@@ -150,3 +150,28 @@ def test_by_role_keeps_the_rows_of_those_roles_and_tables_without_roles_whole():
               "curve": pd.DataFrame({"rank": [0, 4]})}
     picked = rrt.runs.by_role(tables, "study", "baseline")
     assert picked["runs"]["run"].tolist() == ["a", "b"] and picked["curve"] is tables["curve"]
+
+
+def test_a_pretrained_run_is_the_original_evaluated_and_never_trained(tmp_path, counted_train):
+    """Table 12's TinyLlama full-size: the original checkpoint as a run (role "pretrained"): done before any training,
+    no tokens, no hours, and its results are the original's own evaluation."""
+    from rrt.evaluation import perplexity
+    from rrt.plans import Distillation
+    from rrt.runs.cost import plan_table
+    from rrt.runs.execute import execute, read_results
+    study = Distillation(model="tiny-llama", scale="smoke", final_num_blocks=[2], final_lora_ranks=[0],
+                         final_full_size="pretrained", kd_ablation=False, runs_root=str(tmp_path / "runs"), steps=2,
+                         global_batch_size=2, batch_size=2, warmup_steps=0, seq_len=16, long_steps=2,
+                         long_warmup_steps=0, tasks=[], max_eval_seqs=2)
+    [run] = [r for r in study.runs() if r.role == "pretrained"]
+    assert run.trained() and run.tokens == 0 and run.samples == 0 and run.needs == ()
+    assert run.tags == {"baseline": "full", "pretrained": True, "final": True, "seed": 0}
+    assert plan_table([run]).h100_hours.item() == 0 and run.key not in {r.key for r in study.runs() if r is not run}
+    original, tok = rrt.load_model("tiny-llama")
+    data = StudyData(train=blocks(16), evals={"synthetic": blocks(2, seed=1)})
+    results = execute(run, original=original, tokenizer=tok, data=data, evaluation=study.eval_spec())
+    assert counted_train == [] and results["curves"] == [] and results["summary"]["checkpoint"] == "-"
+    assert results["perplexity"] == [{"corpus": "synthetic", "loop_idx": None,
+                                      "perplexity": perplexity(original, data.evals["synthetic"])}]
+    assert read_results(run, study.eval_spec()) == results
+

@@ -69,7 +69,8 @@ def test_oracle_with_propagated_kv_equals_each_positions_oracle_loop(relaxed, pa
         assert s.exit_loops == loops
         expected = torch.stack([_token_logprobs(exits[b][0], c, x)[k] for k, b in enumerate(loops)])
         torch.testing.assert_close(torch.tensor(s.logprobs), expected, rtol=1e-4, atol=1e-4)
-    assert sum(b < 2 for s in served for b in s.exit_loops) > 10  # the oracle did exit early
+    early = sum(b < 2 for s in served for b in s.exit_loops)
+    assert 5 <= early < sum(len(x) for _, x in pairs)  # the oracle exits early at some positions, not at all
     # an OracleExit object keyed by pair index is the same policy
     same = serve_forced(model, pairs, exit_policy=OracleExit(dict(enumerate(trajectories))), max_active=2,
                         token_budget=3)

@@ -1,5 +1,6 @@
 """Sweeps: grid expansion, skipping complete runs, the SLURM array script; a plan's jobs, their trap, their status."""
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -71,25 +72,30 @@ def test_report_links_every_executed_notebook_and_its_figures(tmp_path):
 
 
 def test_a_plan_becomes_one_array_task_per_run_in_waves_then_a_collect_job(tmp_path):
-    """04 at paper scale: packing first; the uptrained model and co-training; the post-training rows wait for it."""
+    """04 at paper scale: packing first; the uptrained models, co-training and 03's teachers; the post-training rows
+    and App. M's final models (60B + KD) wait for them; App. M's post-training waits for those."""
     submit = sweep.write_plan_jobs("04_early_exit", "paper-gemma-2b", tmp_path, runs_root=str(tmp_path / "runs"))
     root = submit.parent
-    wave0, wave1 = (root / "wave0.sbatch").read_text(), (root / "wave1.sbatch").read_text()
-    assert "#SBATCH --array=0-1\n" in wave0 and "#SBATCH --array=0-9\n" in wave1  # 2 + 10 runs of Table 13
-    for script in (wave0, wave1):
+    waves = [(root / f"wave{i}.sbatch").read_text() for i in range(3)]
+    assert not (root / "wave3.sbatch").exists()
+    # Table 13's 2 + 10 rows; App. M: the full-size 60B (+15B), the 10 final models of Table 12 and their 18 runs
+    for wave, size in zip(waves, (4, 21, 18)):
+        assert f"#SBATCH --array=0-{size - 1}\n" in wave
+    for script in waves:
         assert "#SBATCH --gres=gpu:8\n" in script and "#SBATCH --cpus-per-task=64\n" in script
         assert script.count("cmd=(accelerate launch --config_file params/accelerate/ddp.yaml --num_processes 8 "
                             "-m rrt.runs ") == script.count("launcher=1;")
     text = submit.read_text()
     assert "w1=$(sbatch --parsable --dependency=afterok:$w0 " in text
-    assert "collect=$(sbatch --parsable --dependency=afterany:$w0:$w1 " in text
+    assert "w2=$(sbatch --parsable --dependency=afterok:$w1 " in text
+    assert "collect=$(sbatch --parsable --dependency=afterany:$w0:$w1:$w2 " in text
     collect = (root / "collect.sbatch").read_text()
     assert "--gres" not in collect and "python -m rrt.runs" not in collect and "make run" not in collect
     assert "-p read_only True" in collect and "sweep-status 04_early_exit paper-gemma-2b --check" in collect
-    assert len(list((tmp_path / "runs").glob("*/run.json"))) == 12
+    assert len(list((tmp_path / "runs").glob("*/run.json"))) == 4 + 21 + 18
 
 
-@pytest.mark.parametrize("notebook,waves", [("03_distillation", 2), ("05_throughput", 2)])
+@pytest.mark.parametrize("notebook,waves", [("03_distillation", 2), ("05_throughput", 3)])
 def test_paper_sbatch_files_survive_the_time_limit_and_a_failure(tmp_path, notebook, waves):
     """Every training job asks for time, requeues, is warned ahead of its limit and traps the warning; the packing
     wave comes first; a job that waits on another is cancelled when that one fails; only packing is online."""
@@ -104,6 +110,8 @@ def test_paper_sbatch_files_survive_the_time_limit_and_a_failure(tmp_path, noteb
            f"\"$SLURM_ARRAY_TASK_ID/8\"" in pack
     assert "--gres" not in pack and "HF_HUB_OFFLINE" not in pack and "--kill-on-invalid-dep" not in pack
     assert "hf download google/gemma-2b" in (root / "fetch.sbatch").read_text()
+    tasks = load_params(notebook, "paper-gemma-2b").tasks  # lm-eval's built-in tasks, cached for the offline jobs
+    assert f"download_tasks({json.dumps(list(tasks))})'\n" in (root / "fetch.sbatch").read_text() and tasks
     for name in names[1:]:
         assert "#SBATCH --kill-on-invalid-dep=yes\n" in (root / name).read_text()
     for name in names:
@@ -121,12 +129,15 @@ def test_paper_sbatch_files_survive_the_time_limit_and_a_failure(tmp_path, noteb
 
 
 def test_05_served_models_are_ordinary_runs_of_the_sweep(tmp_path):
-    """05's plan is 04's early-exit recipe per (B, r): its uptrained runs, then the post-trained ones that read them."""
+    """05's plan is 04's App. M runs per (B, r): the KD teacher, Table 12's final models, then the early-exit runs
+    that post-train them."""
     study = load_params("05_throughput", "paper-gemma-2b", runs_root=str(tmp_path / "runs"))
-    first, second = sweep.waves(study.runs())
-    assert [r.config.lora_rank for r in first] == [0, 64, 128, 256, 512] == [r.config.lora_rank for r in second]
-    assert all(r.config.objective == "early_exit" and r.needs for r in second)
-    assert {r.dir for pair in study.served().values() for r in pair} == {r.dir for r in study.runs()}
+    teacher, second, third = sweep.waves(study.runs())
+    assert [r.name for r in teacher] == ["full-size"]
+    assert [r.config.lora_rank for r in second] == [0, 64, 128, 256, 512] * 2 == [r.config.lora_rank for r in third]
+    assert all(r.config.kd == "fkl" and r.needs == ("full-size",) for r in second)
+    assert all(r.config.objective == "early_exit" and r.needs for r in third)
+    assert {r.dir for pair in study.served().values() for r in pair} | {teacher[0].dir} == {r.dir for r in study.runs()}
 
 
 def test_slurm_parameters_are_checked():
@@ -141,16 +152,16 @@ def test_the_local_backend_runs_the_same_commands_packing_first(tmp_path):
     commands = sweep.run_plan_locally("03_distillation", "paper-gemma-2b", shell=ran.append,
                                       runs_root=str(tmp_path / "runs"))
     assert ran == commands and ran[0] == ".venv/bin/python -m rrt pack 03_distillation paper-gemma-2b"
-    assert len(ran) == 1 + 13 and all("-m rrt.runs " in c for c in ran[1:])
+    assert len(ran) == 1 + 25 and all("-m rrt.runs " in c for c in ran[1:])  # Table 11's 15 runs, Table 12's 10
 
 
 def test_a_read_only_study_names_the_missing_runs_and_trains_nothing(tmp_path):
     """The collect job's notebook: a run not done stops run_plan (and 05's served models) before any compute."""
     study = load_params("03_distillation", "smoke", runs_root=str(tmp_path), read_only=True)
-    with pytest.raises(RuntimeError, match=r"read_only: 4 of 4 runs are not evaluated.*'full-size' \(not trained"):
+    with pytest.raises(RuntimeError, match=r"read_only: 8 of 8 runs are not evaluated.*'full-size' \(not trained"):
         run_plan(study, original=None, tokenizer=None, data=None, run_dir=tmp_path / "nb")
     served = load_params("05_throughput", "smoke", runs_root=str(tmp_path), read_only=True)
-    with pytest.raises(RuntimeError, match=r"read_only: 2 of 2 runs are not trained.*'stepwise B=2 r=4' \(not trained"):
+    with pytest.raises(RuntimeError, match=r"read_only: 2 of 2 runs are not trained.*'average B=2 r=4 fkl 3 steps' \(not trained"):
         served_models(served, original=None, tokenizer=None)
     assert not list(tmp_path.rglob("checkpoints")) and not (tmp_path / "nb").exists()
 
@@ -251,7 +262,8 @@ def test_plan_waves_put_every_run_after_what_it_reads():
     runs = Distillation(model="tiny-llama").runs()
     first, second = sweep.waves(runs)
     assert [r.name for r in first if r.name == "full-size"] == ["full-size"]
-    assert all(r.config.kd for r in second) and all(not r.needs for r in first)
+    assert all(not r.needs for r in first) and all(set(r.needs) <= {f.name for f in first} for r in second)
+    assert {r.name for r in second if not r.config.kd} == {"full-size 90+15 steps"}  # the 75B, from the 60B
 
 
 @pytest.mark.parametrize("tok_name", ["char_tok", "bos_tok"])
@@ -297,5 +309,5 @@ def test_the_sweep_parameters_reach_every_job(tmp_path):
 
 def test_05_on_hub_data_reads_only_what_make_pack_packs():
     with pytest.raises(ValueError, match=r"corpus='wikitext2/test' with data_source='hub' is read from the held-out "
-                                         r"sets .*\['slimpajama/test', 'redpajama/test', 'pg19/test'\]"):
+                                         r"sets .*\['slimpajama/test', 'redpajama/sample', 'pg19/test'\]"):
         load_params("05_throughput", "paper-gemma-2b", corpus="wikitext2/test")

@@ -140,6 +140,15 @@ def test_table11_kd_and_longer_uptraining():
     assert t.loc["stepwise B=2 ce 20 steps", "paper Δ acc vs shortest (pts)"] == pytest.approx(1.7)  # 60B +1.7
 
 
+def test_table11_and_13_leave_the_final_models_to_tables_12_and_14():
+    t11 = T.table11(final_models_study())
+    assert list(t11["model"]) == ["full-size", "stepwise B=2 ce", "stepwise B=2 fkl", "stepwise B=2 ce 20 steps",
+                                  "average B=2 r=64 ce"]
+    assert t11.set_index("model").loc["stepwise B=2 ce 20 steps", "Δ acc vs shortest (pts)"] == pytest.approx(6.0)
+    t13 = T.table13(early_exit_final_study())
+    assert list(t13["model"].unique()) == ["B=2 post weighted"]
+
+
 def test_table11_without_ce_reference():
     t = T.table11(study(kd_run("fkl", 10, 0.55)))
     assert len(t) == 1 and t["Δ acc vs CE (pts)"].isna().all() and t["paper Δ acc vs CE (pts)"].isna().all()
@@ -185,6 +194,113 @@ def test_table1_uptrained_vs_recipes():
     assert (sd["paper acc loop 1 (%)"], sd["paper acc last loop (%)"]) == (48.0, 52.6)
     assert sd["paper Δ last loop vs uptrained (pts)"] == pytest.approx(0.9)
     assert t.loc["B=3 post weighted", "acc last loop (%)"] == pytest.approx(40.0)  # loop 3
+
+
+# ---------------------------------------------------------------- Tables 12, 14 and 15 (the final models)
+
+def final_run(name, acc, role="study", **tags):
+    return run(name, role, acc=acc, final=True, **tags)
+
+
+def final_models_study():
+    """03's tables: the 15B teacher, Table 11's runs (CE and FKL at 10 steps, CE at 20) and Table 12's final runs."""
+    return study(FULL, final_run("full-size 40 steps", 0.62, "baseline", baseline="full", uptrain_steps=40),
+                 final_run("full-size 50 steps", 0.61, "baseline", baseline="full", uptrain_steps=50),
+                 final_run("reduced-size B=2 fkl 40 steps", 0.35, "baseline", baseline="reduced", num_blocks=2,
+                           kd="fkl", uptrain_steps=40),
+                 recursive("stepwise B=2 ce", "stepwise", (0.4, 0.6), lora_rank=0, kd="ce", uptrain_steps=10),
+                 recursive("stepwise B=2 fkl", "stepwise", 0.55, lora_rank=0, kd="fkl", uptrain_steps=10),
+                 recursive("stepwise B=2 ce 20 steps", "stepwise", 0.56, lora_rank=0, kd="ce", uptrain_steps=20),
+                 recursive("average B=2 r=64 ce", "average", 0.45, lora_rank=64, kd="ce", uptrain_steps=10),
+                 *[final_run(f"{init} B={b} r={r} fkl 40 steps", a, init=init, num_blocks=b, lora_rank=r, kd="fkl",
+                             uptrain_steps=40)
+                   for init, b, r, a in (("stepwise", 2, 0, 0.58), ("average", 2, 64, 0.52), ("average", 3, 64, 0.4))])
+
+
+def test_table12_final_models_beside_their_15b_counterparts():
+    t = T.table12(final_models_study()).set_index("model")
+    assert list(t.index) == ["full-size", "full-size 40 steps", "full-size 50 steps", "reduced-size B=2 fkl 40 steps",
+                             "stepwise B=2 ce", "average B=2 r=64 ce", "stepwise B=2 r=0 fkl 40 steps",
+                             "average B=2 r=64 fkl 40 steps", "average B=3 r=64 fkl 40 steps"]  # no KD / longer 15B
+    d = t["Δ acc vs 15B (pts)"]
+    assert d["stepwise B=2 r=0 fkl 40 steps"] == pytest.approx(8.0)  # 58 vs CE's mean over tasks, (40 + 60) / 2
+    assert d["average B=2 r=64 fkl 40 steps"] == pytest.approx(7.0)
+    assert d.drop(["stepwise B=2 r=0 fkl 40 steps", "average B=2 r=64 fkl 40 steps"]).isna().all()  # B=3: no 15B
+    assert t.loc["stepwise B=2 ce", ["acc arc_easy (%)", "acc piqa (%)", ACC]].tolist() == pytest.approx([40, 60, 50])
+    assert t.loc["stepwise B=2 ce", "ppl tinystories/test"] == pytest.approx(20.0)
+    assert t.loc["full-size 40 steps", "non-emb params (M)"] == pytest.approx(53.102016)
+    assert t["paper avg acc (%)"].tolist() == [60.1, 58.6, 57.3, 44.9, 51.7, 52.1, 54.9, 55.8, 53.3]
+    paper = t["paper Δ acc vs 15B (pts)"]
+    assert paper["stepwise B=2 r=0 fkl 40 steps"] == pytest.approx(3.2)  # Table 12's Δ
+    assert paper["average B=2 r=64 fkl 40 steps"] == pytest.approx(3.7)
+    assert paper.isna().sum() == 7
+
+
+def test_table12_original_checkpoint_as_full_size():
+    """TinyLlama's full-size reference is the original checkpoint: a baseline first, not a 60B row of the paper's."""
+    t = T.table12(study(kd_run("ce", 10, 0.5),
+                        final_run("stepwise B=2 fkl 40 steps", 0.6, init="stepwise", num_blocks=2, lora_rank=0,
+                                  kd="fkl", uptrain_steps=40),
+                        final_run("full-size (pretrained)", 0.7, "pretrained", baseline="full", pretrained=True)))
+    assert list(t["model"]) == ["full-size (pretrained)", "stepwise B=2 ce", "stepwise B=2 fkl 40 steps"]
+    assert [c for c in t if c.startswith("acc ")] == ["acc arc_easy (%)", "acc piqa (%)"]
+    assert t["Δ acc vs 15B (pts)"].tolist()[2] == pytest.approx(10.0)
+    assert pd.isna(t["paper avg acc (%)"].iloc[0]) and t["paper avg acc (%)"].tolist()[1:] == [51.7, 54.9]
+
+
+def test_table12_without_final_runs_keeps_the_15b_rows():
+    t = T.table12(study(FULL, kd_run("ce", 10, 0.5), kd_run("fkl", 10, 0.55)))
+    assert list(t["model"]) == ["full-size", "stepwise B=2 ce"] and t["Δ acc vs 15B (pts)"].isna().all()
+
+
+def early_exit_final_study():
+    """04's tables at App. M: the full-size references, the final models before and after post-training, per loop."""
+    post = dict(training="post", exit_scheme="aggressive", data="new")
+    return study(final_run("full-size 40 steps", {0: 0.62}, "baseline", baseline="full", uptrain_steps=40),
+                 final_run("full-size 50 steps", {0: 0.60}, "baseline", baseline="full", uptrain_steps=50),
+                 final_run("stepwise B=2", {0: 0.3, 1: 0.55}, "uptrained", init="stepwise", num_blocks=2, lora_rank=0,
+                           kd="fkl", uptrain_steps=40),
+                 final_run("average B=2 r=64", {0: 0.2, 1: 0.5}, "uptrained", init="average", num_blocks=2,
+                           lora_rank=64, kd="fkl", uptrain_steps=40),
+                 final_run("stepwise B=2 post", {0: 0.45, 1: 0.53}, init="stepwise", num_blocks=2, lora_rank=0,
+                           exit_coefficient=0.1, self_distill=True, **post),
+                 final_run("average B=2 r=64 post 0.1", {0: 0.35, 1: 0.47}, init="average", num_blocks=2, lora_rank=64,
+                           exit_coefficient=0.1, self_distill=True, **post),
+                 final_run("average B=2 r=64 post 0.3", {0: (0.3, 0.5), 1: 0.46}, init="average", num_blocks=2,
+                           lora_rank=64, exit_coefficient=0.3, self_distill=True, **post),
+                 final_run("stepwise B=3 post", {0: 0.3, 1: 0.4, 2: 0.5}, init="stepwise", num_blocks=3, lora_rank=0,
+                           exit_coefficient=0.1, self_distill=True, **post),
+                 exit_run("B=2 post weighted", {0: 0.45, 1: 0.45}, scheme="weighted", coef="-"))  # Table 13: not final
+
+
+def test_table14_loops_deltas_vs_before_post_training_and_the_75b_reference():
+    t = T.table14(early_exit_final_study())
+    assert t["model"].unique().tolist() == ["full-size 40 steps", "full-size 50 steps", "stepwise B=2",
+                                            "average B=2 r=64", "stepwise B=2 post", "average B=2 r=64 post 0.1",
+                                            "average B=2 r=64 post 0.3", "stepwise B=3 post"]
+    assert len(t) == 1 + 1 + 2 * 5 + 3 and t["loop"].tolist()[-3:] == ["loop 1", "loop 2", "loop 3"]
+    at = t.set_index(["model", "loop"])
+    d = at["Δ last loop vs before (pts)"].dropna()
+    assert d.to_dict() == pytest.approx({("stepwise B=2 post", "loop 2"): -2.0,
+                                         ("average B=2 r=64 post 0.1", "loop 2"): -3.0,
+                                         ("average B=2 r=64 post 0.3", "loop 2"): -4.0})  # B=3: no run before
+    assert at["Δ 75B vs 60B (pts)"].dropna().to_dict() == pytest.approx({("full-size 50 steps", "loop 1"): -2.0})
+    assert at.loc[("average B=2 r=64 post 0.3", "loop 1"), ["acc arc_easy (%)", "acc piqa (%)", ACC]].tolist() == \
+        pytest.approx([30.0, 50.0, 40.0])
+    paper = at["paper avg acc (%)"]
+    assert paper[("full-size 40 steps", "loop 1")] == 58.6 and paper[("full-size 50 steps", "loop 1")] == 57.3
+    assert pd.isna(paper[("stepwise B=2", "loop 1")]) and paper[("stepwise B=2", "loop 2")] == 54.9
+    assert paper["stepwise B=2 post"].tolist() == [48.8, 54.0]
+    assert paper["average B=2 r=64 post 0.3"].tolist() == [43.3, 53.1]
+    assert paper["stepwise B=3 post"].tolist() == [43.5, 49.0, 51.9]
+    assert at.loc[("stepwise B=2 post", "loop 2"), "paper Δ last loop vs before (pts)"] == pytest.approx(-0.9)
+    assert at.loc[("average B=2 r=64 post 0.3", "loop 2"), "paper Δ last loop vs before (pts)"] == pytest.approx(-2.7)
+    assert at.loc[("full-size 50 steps", "loop 1"), "paper Δ 75B vs 60B (pts)"] == pytest.approx(-1.3)
+
+
+def test_table14_without_final_runs_is_empty():
+    t = T.table14(early_exit_study())
+    assert t.empty and "Δ last loop vs before (pts)" in t
 
 
 # ---------------------------------------------------------------- Tables 17 and 16

@@ -32,10 +32,11 @@ from rrt.models import EMBEDDED, TINY, _gguf_path, load_model, model_config, tin
 from rrt.notebook import load_params, planned
 from rrt.plans import STUDIES
 from rrt.study import SCALES
+from rrt.suite import owners, suite_text
 from rrt.recipes import PAPER_MODELS
 from rrt.recursive import convert
 from rrt.rundir import write_config, write_versions
-from rrt.runs.cost import COST_RULE, format_tokens, plan_table
+from rrt.runs.cost import COST_RULE, format_tokens, plan_table, totals_text
 from rrt.runs.memory import HEADROOM, MEMORY_RULE
 from rrt.runs.execute import execute_run, load_data
 from rrt.runs.store import DataSpec
@@ -91,6 +92,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, skip=()) ->
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, **kwargs)
         elif kind.startswith("tuple[float"):
             parser.add_argument(flag, type=float, nargs=2, default=default, **kwargs)
+        elif kind.startswith("tuple[int"):  # module_ranks: --module-ranks Q KV O MLP
+            parser.add_argument(flag, type=int, nargs=kind.count("int"), default=default, **kwargs)
         elif kind == "tuple":
             parser.add_argument(flag, nargs="+", default=default, **kwargs)
         else:
@@ -165,7 +168,8 @@ def runs_main(argv=None):
 
 def plan_parser() -> argparse.ArgumentParser:
     parser = _parser("plan", "Print a notebook's plan: every run, its tokens and H100 hours; loads no weights.")
-    parser.add_argument("notebook", choices=sorted(STUDIES), help="the notebook whose study is planned")
+    parser.add_argument("notebook", choices=[*sorted(STUDIES), "all"], help="the notebook whose study is planned "
+                        "(all: each notebook's own runs and hours, and the suite's, every run counted once)")
     parser.add_argument("scale", help=f"a params file: {', '.join(SCALES)}, or the path of a YAML file")
     parser.add_argument("--csv", default=None, help="also write the table here")
     return parser
@@ -175,6 +179,8 @@ def plan_main(argv=None):
     """`make plan NB=01_init_ablation SCALE=paper-gemma-2b`: print the plan; loads no weights."""
     parser = plan_parser()
     args = parser.parse_args(argv)
+    if args.notebook == "all":  # every notebook's own runs and hours, then the suite's, each run counted once
+        return print(suite_text(args.scale))
     try:
         study = load_params(args.notebook, args.scale)
     except (ValueError, TypeError) as err:  # a bad plan: its message names the key, no traceback needed
@@ -183,17 +189,14 @@ def plan_main(argv=None):
     if recipe is None:
         print(f"{args.notebook} trains nothing; its parameters:\n{json.dumps(study.to_dict(), indent=2)}")
         return None
-    table = plan_table(study.runs())
+    table = plan_table(study.runs(), owners=owners(args.scale) if args.scale in SCALES else None)
     show = table.drop(columns=["config_hash", "active_params"])
     gb = {k: "{:.1f}".format for k in show if k.endswith("_gb")}
     with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250):
         print(show.to_string(index=False, formatters={"tokens": format_tokens, "tokens_per_step": format_tokens,
                                                        "flops": "{:.2e}".format, "h100_hours": "{:,.1f}".format, **gb}))
-    todo = table[~table.trained]
     store = recipe.store()
-    print(f"\n{len(table)} runs ({len(todo)} to train), {format_tokens(table.tokens.sum())} tokens, "
-          f"{table.flops.sum():.2e} FLOPs, {table.h100_hours.sum():,.0f} H100 hours "
-          f"({todo.h100_hours.sum():,.0f} still to spend); {COST_RULE}.\n"
+    print(f"\n{totals_text(table, args.notebook)}; {COST_RULE}.\n"
           f"memory per GPU: {table.memory_gb.max():.1f} GB at most ({MEMORY_RULE}"
           + (f"; sized to fit {HEADROOM:.0%} of gpu_memory_gb={recipe.gpu_memory_gb:g}" if recipe.gpu_memory_gb else "")
           + f"); checkpoints {table.checkpoint_gb.sum():,.0f} GB on disk, one per run.\n"

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import datasets
@@ -35,16 +36,19 @@ EMBEDDED = {
 HUB = {
     "slimpajama": {"args": {"path": "cerebras/SlimPajama-627B"},
                    "splits": {"train": "train", "validation": "validation", "test": "test"}},
-    # The 1B-token sample ships a loading script (unsupported by datasets >= 4): read its JSON
-    # lines directly. It has one split and we never train on it, so all of it is held out.
+    # RedPajama publishes no test split: the paper's "RedPajama test" is not public. We score its 1B-token
+    # sample, whose one split is a sample of the 1T train split (named "sample" here for that); we never
+    # train on it. It ships a loading script (unsupported by datasets >= 4): read its JSON lines directly.
     "redpajama": {"args": {"path": "json", "data_files":
                            "hf://datasets/togethercomputer/RedPajama-Data-1T-Sample/*.jsonl"},
-                  "splits": {"test": "train"}},
+                  "splits": {"sample": "train"}},
     # deepmind/pg19 is script-based too; emozilla/pg19 is its Parquet copy with the same splits.
     "pg19": {"args": {"path": "emozilla/pg19"},
              "splits": {"train": "train", "validation": "validation", "test": "test"}},
 }
 SOURCES = ("embedded", "hub")
+# Former names, still read (run files written before a rename run as they did): (name, old split) -> split.
+RENAMED_SPLITS = {("redpajama", "test"): "sample"}
 
 
 def load_corpus(name, split, *, source="embedded", streaming=None, cache_dir=None):
@@ -56,6 +60,9 @@ def load_corpus(name, split, *, source="embedded", streaming=None, cache_dir=Non
     if name not in table:
         raise ValueError(f"unknown {source} corpus {name!r}; known: {sorted(table)}")
     splits = table[name]["splits"]
+    if split not in splits and (name, split) in RENAMED_SPLITS:
+        warnings.warn(f"{name}/{split} is now {name}/{RENAMED_SPLITS[name, split]}: reading that", stacklevel=2)
+        split = RENAMED_SPLITS[name, split]
     if split not in splits:
         raise ValueError(f"corpus {name!r} ({source}) has no split {split!r}; known: {sorted(splits)}")
     if source == "hub":

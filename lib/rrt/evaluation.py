@@ -19,15 +19,21 @@ import torch
 import torch.nn.functional as F
 
 from rrt import rundir
+from rrt.data import SOURCES
 from rrt.recursive import loop_logits
 from rrt.spec import num_loops
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 # The paper's seven tasks (§3.1) with its metric: length-normalised accuracy except LAMBADA and
-# WinoGrande. Keys are lm-eval's own task names (source="hub"); the offline YAMLs add "rrt_".
+# WinoGrande. Keys are lm-eval's own task names (source="hub"); the embedded YAMLs add "rrt_".
 TASKS = {"lambada_openai": "acc", "hellaswag": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
          "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
-TASK_SOURCES = ("offline", "hub")
+# Where an embedded task's requests may differ from lm-eval's built-in task on hub data: every other task's
+# are identical (tests/test_evaluation.py builds both over the vendored files).
+EMBEDDED_DIFFERENCES = {
+    "hellaswag": "the vendored rows lack activity_label, ctx_a and ctx_b, so the prompts are rebuilt from `query` "
+                 "by a heuristic that cannot restore every case (data/README.md), and there is no train split, so "
+                 "few-shot examples come from validation (lm-eval: train)"}
 # Accuracy of a uniform guess: 1 / choices (LAMBADA is open-vocabulary: 0).
 CHANCE = {"lambada_openai": 0.0, "hellaswag": 0.25, "piqa": 0.5, "winogrande": 0.5, "arc_easy": 0.25,
           "arc_challenge": 0.25, "openbookqa": 0.25}
@@ -142,14 +148,16 @@ def _windows(ids, stride, bos_token_id=None):
     return out
 
 
-def few_shot(model, tokenizer, *, tasks=tuple(TASKS), limit=None, loop_idx=None, source="offline",
+def few_shot(model, tokenizer, *, tasks=tuple(TASKS), limit=None, loop_idx=None, source="embedded",
              num_fewshot=None, batch_size=8, model_name="model", seed=1234):
     """Returns a DataFrame, one row per task: (model, task, loop_idx, metric, value, stderr, n, num_fewshot, source).
 
-    Runs lm-eval's HFLM on the in-memory model. source="offline" uses the task YAMLs in
-    rrt/tasks over the vendored benchmarks (no network); "hub" uses lm-eval's own task
-    definitions. num_fewshot=None keeps each task's default (zero-shot for all seven). With
-    loop_idx, lm-eval sees loop loop_idx's logits for every token (static exiting, §3.7).
+    Runs lm-eval's HFLM on the in-memory model. source (`rrt.data.SOURCES`, a study's data_source):
+    "embedded" uses the task YAMLs in rrt/tasks over the vendored benchmarks (no network; warns where
+    they may differ from lm-eval's: EMBEDDED_DIFFERENCES); "hub" uses lm-eval's built-in tasks on their
+    hub datasets, as the paper ran them (§3.1; offline once `download_tasks` has cached them).
+    num_fewshot=None keeps each task's default (zero-shot for all seven). With loop_idx, lm-eval
+    sees loop loop_idx's logits for every token (static exiting, §3.7).
     """
     if loop_idx is not None and not -num_loops(model) <= loop_idx < num_loops(model):
         raise ValueError(f"loop_idx={loop_idx} out of range for a model with {num_loops(model)} loops")
@@ -171,9 +179,13 @@ def few_shot_rows(lm, *, tasks, limit, source, num_fewshot, seed, model_name, lo
     from lm_eval.tasks import TaskManager
 
     _check_task_args(tasks=tasks, source=source, limit=limit)
-    prefix = "rrt_" if source == "offline" else ""
+    if source == "embedded":
+        for task in set(tasks) & set(EMBEDDED_DIFFERENCES):
+            warnings.warn(f"{task} (source='embedded') may score differently from lm-eval's {task}: "
+                          f"{EMBEDDED_DIFFERENCES[task]}; source='hub' runs lm-eval's own task", stacklevel=2)
+    prefix = "rrt_" if source == "embedded" else ""
     # include_defaults=False: indexing lm-eval's thousands of built-in YAMLs costs seconds per call
-    manager = (TaskManager(include_path=str(TASKS_DIR), include_defaults=False) if source == "offline"
+    manager = (TaskManager(include_path=str(TASKS_DIR), include_defaults=False) if source == "embedded"
                else TaskManager())
     with quiet_lm_eval():
         out = lm_eval.simple_evaluate(model=lm, tasks=[prefix + t for t in tasks], task_manager=manager,
@@ -187,6 +199,15 @@ def few_shot_rows(lm, *, tasks, limit, source, num_fewshot, seed, model_name, lo
                      "n": out["n-samples"][prefix + task]["effective"],
                      "num_fewshot": out["n-shot"][prefix + task], "source": source})
     return rows
+
+
+def download_tasks(tasks=tuple(TASKS)):
+    """Loads lm-eval's built-in `tasks` once, so that their hub datasets are in the HF cache for offline jobs."""
+    from lm_eval.tasks import TaskManager
+
+    _check_task_args(tasks=tasks, source="hub", limit=None)
+    with quiet_lm_eval():
+        TaskManager().load(list(tasks))  # building a task downloads its dataset
 
 
 @contextlib.contextmanager
@@ -220,8 +241,8 @@ def _check_task_args(*, tasks, source, limit):
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; known: {list(TASKS)}")
-    if source not in TASK_SOURCES:
-        raise ValueError(f"unknown task source {source!r}; known: {list(TASK_SOURCES)}")
+    if source not in SOURCES:
+        raise ValueError(f"unknown task source {source!r}; known: {list(SOURCES)}")
     if limit is not None and not (_is_positive_int(limit) or isinstance(limit, float) and 0 < limit < 1):
         raise ValueError(f"limit must be None, an int >= 1 (documents per task) or a float in (0, 1) "
                          f"(lm-eval's fraction of each task), got {limit!r}")

@@ -18,8 +18,8 @@ from rrt.plots_base import (MIN_LINE_POINTS, METRIC_COLUMNS, TAG_COLUMNS, Plot, 
 from rrt.plots_serving import energy_heatmap, real_over_bound, step_costs, throughput
 
 __all__ = ["Plot", "save", "palette", "label_of", "title", "TAG_COLUMNS", "METRIC_COLUMNS", "loss_curves",
-           "accuracy", "task_accuracy", "perplexity", "size_vs_quality", "rank_accuracy", "init_perplexity", "init_variants",
-           "throughput", "step_costs", "real_over_bound", "energy_heatmap"]
+           "accuracy", "task_accuracy", "perplexity", "size_vs_quality", "final_models", "rank_accuracy",
+           "init_perplexity", "init_variants", "throughput", "step_costs", "real_over_bound", "energy_heatmap"]
 
 LOSS_LABELS = {"loss": "training loss (nats/token, smoothed)",
                "loss/ce": "CE part of the loss (nats/token)"}  # the KD term left out; smoothed like the total
@@ -204,6 +204,51 @@ def size_vs_quality(runs: pd.DataFrame, acc: pd.DataFrame, ppl: pd.DataFrame, *,
     return Plot("size_vs_quality", table, fig)
 
 
+def final_models(runs: pd.DataFrame, acc: pd.DataFrame, *, study,
+                 what: str = "Few-shot accuracy vs size, the final models (Fig. 17)") -> Plot:
+    """Fig. 17: average few-shot accuracy (± stderr, chance dashed) of the final models (tag `final`: 60B tokens + KD;
+    full-size 60B / 75B or the original checkpoint) against non-embedding parameters (LoRA included): one line per B
+    through its recursive (r=0) and relaxed models in order of size, the full- and reduced-size references as grey
+    points, and the Pareto frontier (no smaller model as accurate) dotted."""
+    d = _labelled(runs)
+    d = d[_tag(d, "final").map(tag_is_true)]
+    keys = ["label", "seed", "role", "baseline", "init", "num_blocks", "lora_rank", "non_embedding"]
+    table = d.reindex(columns=keys).merge(_accuracy_rows(acc), on=["label", "seed"]) if not acc.empty else d.iloc[:0]
+    if table.empty:
+        return table_only("final_models", d.reindex(columns=keys), "no evaluated final (60B + KD) models in this plan")
+    baseline = table["baseline"].notna()  # full-size (uptrained or the original checkpoint), reduced-size
+    table["variant"] = np.where(baseline, table["label"], "B=" + _tag(table, "num_blocks").astype(str).str.replace(
+        r"\.0$", "", regex=True))
+    table["chance"] = _chance(acc["task"].unique())
+    means = table.groupby("label", sort=False).agg(x=("non_embedding", "first"), y=("avg_accuracy", "mean"))
+    on_front = _pareto(means)
+    table["pareto"] = table["label"].map(on_front)
+    if table["non_embedding"].nunique() < 2:
+        return table_only("final_models", table, "every final model has the same size: no size axis")
+    fig, axes = figure(6.6, 3.8)
+    ax = axes[0][0]
+    colours = palette(table["variant"])
+    markers = iter("sD^vP*X" * len(table))  # one per reference: the full-size runs share a colour
+    for variant, rows in table.groupby("variant", sort=False):
+        per = rows.groupby("label", sort=False).agg(x=("non_embedding", "first"), y=("avg_accuracy", "mean"),
+                                                    se=("stderr", lambda s: np.sqrt((s ** 2).mean() / len(s))),
+                                                    rank=("lora_rank", "first")).sort_values("x")
+        is_base = variant in set(table.loc[baseline, "variant"])
+        ax.errorbar(per["x"], per["y"], yerr=per["se"], fmt=next(markers) if is_base else "-o", ms=6, capsize=3,
+                    color=colours[variant], label=variant if is_base else f"recursive / relaxed, {variant}")
+        for x, y, rank in zip(per["x"], per["y"], per["rank"]):
+            if not is_base and not np.isnan(rank):
+                ax.annotate(f"r={rank:g}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    front = means[means.index.map(on_front)].sort_values("x")
+    ax.plot(front["x"], front["y"], ":", color="black", lw=1.2, label="Pareto frontier")
+    ax.axhline(table["chance"].iloc[0], color="black", ls="--", lw=1, label="chance")
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(human))
+    ax.set(xlabel="non-embedding parameters (LoRA included)", ylabel="average few-shot accuracy")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(title(study, what + " ± stderr", where=_tasks(acc)), fontsize=9)
+    return Plot("final_models", table, fig)
+
+
 def rank_accuracy(acc: pd.DataFrame, *, study, what: str = "Accuracy vs LoRA rank (Fig. 7a, 16)") -> Plot:
     """Fig. 7a / 16: average accuracy (± stderr, chance dashed) against LoRA rank, one line per init ×
     LoRA init (× norm tying); rank 0 (the recursive model) starts every line of its init.
@@ -271,6 +316,16 @@ def _final_exit(d: pd.DataFrame) -> pd.DataFrame:
     if d["loop"].isna().any() or d.empty:
         return d[d["loop"].isna()]
     return d[d["loop"] == d["loop"].max()]
+
+
+def _tag(d: pd.DataFrame, name: str) -> pd.Series:
+    return d[name] if name in d else pd.Series(np.nan, index=d.index, dtype=object)
+
+
+def _pareto(points: pd.DataFrame) -> dict:
+    """{label: on the frontier}: no model of at most its size (x) is at least as accurate (y) and better in one."""
+    return {label: not ((points["x"] <= x) & (points["y"] >= y) & ((points["x"] < x) | (points["y"] > y))).any()
+            for label, x, y in zip(points.index, points["x"], points["y"])}
 
 
 def _chance(tasks) -> float:

@@ -27,7 +27,8 @@ BASELINE_COLOURS = {"full-size": "#333333", "reduced-size": "#999999"}
 # The vocabulary of figure source tables: tags say which run/variant a row is, metrics are measured.
 TAG_COLUMNS = ("plot", "label", "run", "seed", "role", "init", "num_blocks", "lora_rank", "lora_init", "untie_norms",
                "kd", "exit_scheme", "exit_coefficient", "self_distill", "training", "trainable", "data", "config",
-               "system", "exit_policy", "kv_policy", "model", "corpus", "task", "loop", "variant", "rows", "step")
+               "system", "exit_policy", "kv_policy", "model", "corpus", "task", "loop", "variant", "rows", "step",
+               "baseline", "pareto")
 METRIC_COLUMNS = ("tokens", "loss", "loss/ce", "perplexity", "avg_accuracy", "accuracy", "stderr", "chance",
                   "non_embedding", "delta_v", "delta_v_min", "delta_v_max", "accuracy_stderr", "tokens_per_s",
                   "ms_per_token", "real_over_bound", "reference")

@@ -39,8 +39,20 @@ EARLY_EXIT_TOKENS = 15e9  # App. M: post-training on 15B tokens
 TABLE9_RANKS = (64, 128, 256, 512)  # relaxed models, SVD init; the zero-init control at 512
 TABLE9_ZERO_INIT_RANKS = (512,)
 TABLE9_INITS = ("stepwise", "average", "lower")
+TABLE8_INIT = "average"  # Table 8: Average + SVD LoRA, B=2, per-module ranks (q, kv, o, mlp) on Gemma
+# Table 8's rows whose ranks differ by module (its uniform 256 and 128 rows are Table 9's Average runs)
+TABLE8_MODULE_RANKS = ((128, 256, 128, 256), (256, 128, 256, 256), (256, 256, 256, 128), (128, 128, 128, 256),
+                       (64, 128, 64, 128), (128, 64, 128, 128), (128, 128, 128, 64), (64, 64, 64, 128))
 TABLE11_KDS = (None, "fkl", "rkl", "jsd", "tvd")  # None: CE only
 TABLE11_RELAXED = ("average", 256)  # Table 11's relaxed rows: Average, rank 256
+TABLE12_KD = "fkl"  # Table 12's final models: 60B tokens + forward KL from the full-size model (App. L)
+TABLE12_RANKS = (0, 64, 128, 256, 512)  # 0: Stepwise, the recursive model; r > 0: Average + SVD LoRA of rank r
+# Table 12 / Fig. 17's full-size reference: "the pretrained model itself for TinyLlama, but for other models, it
+# is further uptrained on 60 billion tokens" (Tables 14-15: and 15B more, 75B)
+TABLE12_FULL_SIZE = {"paper-gemma-2b": "uptrained", "paper-tinyllama-1.1b": "pretrained", "paper-pythia-1b": "uptrained"}
+TABLE14_COEFFICIENTS = {"recursive": (0.1,), "relaxed": (0.1, 0.3)}  # App. M: aggressive CE + self-distillation
+TABLE14_NO_SELF_DISTILL = {"paper-gemma-2b": (3,)}  # B whose relaxed models ran without it (Table 14: out of memory)
+ABLATIONS_GEMMA_ONLY = ("paper-gemma-2b",)  # Table 11's KD grid and Table 13's early-exit rows: Gemma only
 TABLE13_HEAD_LORA_RANK = 128
 # Table 13, one row each: (training, loss, coefficient, KD = self-distillation from the detached last
 # loop, frozen uptrained weights + LM-head LoRA, data: "ovlp" = the uptraining's tokens, "new" = others)

@@ -27,11 +27,13 @@ def convert(model: nn.Module, spec: RecursiveSpec) -> nn.Module:
         raise ValueError("model is already recursive (config.rrt is set); convert the original model")
     num_layers = len(decoder_layers(model))
     check_num_blocks(num_layers, spec.num_blocks)
-    rec = copy.deepcopy(model)
-    _init_shared_layers(rec, model, spec)
+    # init="random" (Table 5: no pretrained weights) starts from a fresh model: the shared layers are its own
+    rec = _fresh_model(model, spec.seed) if spec.init == "random" else copy.deepcopy(model)
+    source = rec if spec.init == "random" else model
+    _init_shared_layers(rec, source, spec)
     tie_layers(rec, spec)
     if spec.untie_norms:
-        _untie_values(rec, model)
+        _untie_values(rec, source)
     rec.config.rrt = spec.to_dict()
     if any(spec.ranks.values()):
         relax(rec, model, spec)
@@ -77,16 +79,13 @@ def _init_shared_layers(rec: nn.Module, original: nn.Module, spec: RecursiveSpec
     picks = {"stepwise": stepwise_indices(len(src), k), "stepwise_start": stepwise_start_indices(len(src), k),
              "lower": list(range(k)),
              "average": list(range(k)), "random": list(range(k))}[spec.init]
-    fresh = _fresh_layers(rec, k, spec.seed) if spec.init == "random" else None
     norm_init = spec.norm_init or ("average" if spec.init == "average" else None)
     with torch.no_grad():
         for j, group in enumerate(groups):
             src_params = [dict(src[i].named_parameters()) for i in group]
             for name, p in dst[j].named_parameters():
                 norm = _is_norm_param(dst[j], name)
-                if spec.init == "random":
-                    value = dict(fresh[j].named_parameters())[name]
-                elif spec.init == "average" and not norm:
+                if spec.init == "average" and not norm:
                     value = torch.stack([sp[name].float() for sp in src_params]).mean(0)
                 else:
                     value = dict(src[picks[j]].named_parameters())[name]
@@ -105,22 +104,24 @@ def _norm_value(norm_init: str, group_values: list[torch.Tensor], picked: torch.
     return torch.zeros_like(picked)
 
 
-def _fresh_layers(model: nn.Module, k: int, seed: int) -> list[nn.Module]:
-    """Return k freshly initialised decoder layers (init="random": the paper's baseline)."""
-    layers = decoder_layers(model)
-    std = model.config.initializer_range
-    out = []
+def _fresh_model(model: nn.Module, seed: int) -> nn.Module:
+    """Return a model of `model`'s class and config with no pretrained tensor (init="random", Table 5): every
+    weight (embeddings, norms, LM head, layers) from the model's own `_init_weights`, seeded, tied embeddings tied.
+
+    Drawn in fp32 on the CPU, so the seed fixes it on any device, then cast to `model`'s dtype and device
+    (on the meta device for a meta model: shapes only).
+    """
+    p = next(model.parameters())
+    config = copy.deepcopy(model.config)
+    if p.device.type == "meta":
+        with torch.device("meta"):
+            return type(model)._from_config(config, dtype=p.dtype).train(model.training)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for j in range(k):
-            layer = type(layers[j])(model.config, layer_idx=j)  # norms get their family's identity init
-            for module in layer.modules():
-                if isinstance(module, nn.Linear):  # HF's _init_weights for linears: N(0, std), zero bias
-                    nn.init.normal_(module.weight, std=std)
-                    if module.bias is not None:
-                        nn.init.zeros_(module.bias)
-            out.append(layer)
-    return out
+        fresh = type(model)._from_config(config, dtype=torch.float32)  # post_init: _init_weights, tie_weights
+    fresh = fresh.to(device=p.device, dtype=p.dtype).train(model.training)
+    fresh.config.dtype = model.config.dtype
+    return fresh
 
 
 def tie_layers(model: nn.Module, spec: RecursiveSpec) -> None:

@@ -17,7 +17,6 @@ shared base weight held by every depth's wrapper. A 30-line module keeps both ex
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from typing import Callable, Sequence
 
@@ -207,18 +206,29 @@ def add_lora_modules(model: nn.Module, spec) -> dict[tuple[int, str], LoopLoRALi
 def _init_lora(lora: LoopLoRALinear | FusedLoopLoRALinear, target: torch.Tensor | None) -> None:
     """SVD init (eq. 4–5) towards `target` Wℓ: each LoRA of the wrapper gets B = UᵣΣᵣ, A = Vᵣᵀ of its
     own rows of Wℓ − W′ (all rows, or a fused part's); standard init where None or those rows of Wℓ = W′.
-
-    The standard init (App. E) is PEFT's: A Kaiming-uniform, B zero, so the delta starts at 0.
     """
     residual = None if target is None else target.double() - lora.base_layer.weight.double()  # float64
     for part in lora.loras():
         _init_one(part, None if residual is None else part.own_rows(residual))
 
 
+@torch.no_grad()
+def standard_init(lora_a: nn.Parameter, lora_b: nn.Parameter, generator: torch.Generator | None = None) -> None:
+    """LoRA's standard zero init (App. J: "random Gaussian for matrix A and zero for B"), so B·A starts at 0.
+
+    A ~ N(0, 1/r²): PEFT's `init_lora_weights="gaussian"` (peft/tuners/lora/layer.py, reset_lora_parameters:
+    `nn.init.normal_(lora_A, std=1 / r)`), not its default Kaiming-uniform. Drawn on the CPU in fp32, so a
+    generator (or the global seed) fixes it on any device and dtype.
+    """
+    a = torch.empty(lora_a.shape)
+    nn.init.normal_(a, std=1 / lora_a.shape[0], generator=generator)
+    lora_a.copy_(a)
+    lora_b.zero_()
+
+
 def _init_one(lora: LoRA, residual: torch.Tensor | None) -> None:
     if residual is None or not residual.any():
-        nn.init.kaiming_uniform_(lora.lora_A, a=math.sqrt(5))
-        lora.lora_B.zero_()
+        standard_init(lora.lora_A, lora.lora_B)
         return
     u, s, vh = torch.linalg.svd(residual, full_matrices=False)
     r = lora.lora_A.shape[0]
@@ -303,7 +313,7 @@ class HeadLoRA(nn.Module):
 
 
 def add_head_lora(model: nn.Module, rank: int, seed: int = 0) -> HeadLoRA:
-    """Give a recursive model a head LoRA for its intermediate exits (A Kaiming, seeded; B zero); return it.
+    """Give a recursive model a head LoRA for its intermediate exits (standard init, seeded); return it.
 
     Its rank is recorded in the model's spec (config.rrt `head_lora_rank`), so rrt.save / rrt.load
     rebuild it. The model must have num_blocks >= 2 (RecursiveSpec refuses otherwise).
@@ -315,10 +325,7 @@ def add_head_lora(model: nn.Module, rank: int, seed: int = 0) -> HeadLoRA:
     if rank > min(head.weight.shape):
         raise ValueError(f"head_lora_rank={rank} exceeds the LM head's min dimension {min(head.weight.shape)}")
     lora = HeadLoRA(head, rank)
-    a = torch.empty(lora.lora_A.shape)  # drawn on the CPU, so the seed fixes it on any device
-    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        lora.lora_A.copy_(a)  # PEFT's init (B zero): the delta starts at 0
+    standard_init(lora.lora_A, lora.lora_B, torch.Generator().manual_seed(seed))  # the delta starts at 0
     model.head_lora = lora
     model.config.rrt = spec.to_dict()
     return lora

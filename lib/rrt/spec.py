@@ -93,8 +93,11 @@ class RecursiveSpec:
     # "stepwise"/"lower"/"stepwise_start", fresh for "random". "choice" takes the group's first layer (its picked
     # layer under stepwise).
     norm_init: str | None = None
-    lora_rank: int | dict = 0      # per-depth LoRA rank (§2.3); a dict sets it per group q|kv|o|mlp
-    lora_init: str = "svd"         # svd (eq. 4-5) | zero (A random, B zero)
+    lora_rank: int = 0             # per-depth LoRA rank (§2.3); max(module_ranks) when those are set
+    # Per-module ranks (Table 8) in RANK_GROUPS order (q, kv, o, mlp); None: lora_rank for all. 0 leaves that
+    # module unrelaxed. GPT-NeoX's fused query_key_value takes a LoRA per part: q the q rank, k and v the kv rank.
+    module_ranks: tuple[int, int, int, int] | None = None
+    lora_init: str = "svd"         # svd (eq. 4-5) | zero (A Gaussian, B zero: App. J, relax.standard_init)
     untie_norms: bool = False      # per-depth copies of norm weights and biases (see relax.py)
     # A LoRA on the LM head for the intermediate loop exits only (Table 13's frozen-model rows: the
     # last loop keeps the model's own head, Δ +0.0); needs num_blocks >= 2. See relax.HeadLoRA.
@@ -115,12 +118,26 @@ class RecursiveSpec:
         if self.head_lora_rank and self.num_blocks < 2:
             raise ValueError(f"head_lora_rank={self.head_lora_rank} needs num_blocks >= 2: the head LoRA acts on "
                              f"intermediate loop exits only, and num_blocks={self.num_blocks} has none")
-        object.__setattr__(self, "ranks", _resolve_ranks(self.lora_rank))
+        if isinstance(self.lora_rank, dict):
+            raise ValueError(f"lora_rank={self.lora_rank!r}: set per-module ranks with module_ranks=(q, kv, o, mlp) "
+                             f"and lora_rank=max of them")
+        check_int("lora_rank", self.lora_rank, 0)
+        if self.init == "random" and (self.norm_init in ("average", "choice") or (self.lora_rank and
+                                                                                  self.lora_init == "svd")):
+            raise ValueError(f"init='random' uses no pretrained weight (Table 5), but norm_init={self.norm_init!r}, "
+                             f"lora_rank={self.lora_rank}, lora_init={self.lora_init!r} would read the original's: use "
+                             f"norm_init None or 'zero', and lora_init='zero' with a LoRA")
+        if self.module_ranks is not None:
+            object.__setattr__(self, "module_ranks", _check_module_ranks(self.module_ranks, self.lora_rank))
+        ranks = self.module_ranks if self.module_ranks is not None else (self.lora_rank,) * len(RANK_GROUPS)
+        object.__setattr__(self, "ranks", dict(zip(RANK_GROUPS, ranks)))
 
     def to_dict(self) -> dict:
         """Return the spec as JSON-ready values (stored in model.config.rrt)."""
         d = asdict(self)
         d.pop("ranks")
+        if self.module_ranks is not None:
+            d["module_ranks"] = list(self.module_ranks)
         return d
 
 
@@ -159,15 +176,14 @@ def check_num_blocks(num_layers: int, num_blocks: int) -> None:
                          f"valid values: {', '.join(map(str, valid))}")
 
 
-def _resolve_ranks(lora_rank) -> dict:
-    """Return {group: rank} for an int rank or a per-group dict (missing groups get 0)."""
-    if isinstance(lora_rank, dict):
-        unknown = set(lora_rank) - set(RANK_GROUPS)
-        if unknown:
-            raise ValueError(f"unknown lora_rank groups {sorted(unknown)}; valid: {', '.join(RANK_GROUPS)}")
-        ranks = {g: lora_rank.get(g, 0) for g in RANK_GROUPS}
-    else:
-        ranks = {g: lora_rank for g in RANK_GROUPS}
-    for group, r in ranks.items():
-        check_int(f"lora_rank for {group!r}", r, 0)
-    return ranks
+def _check_module_ranks(module_ranks, lora_rank: int) -> tuple[int, ...]:
+    """Return module_ranks as a tuple of 4 ints >= 0 whose max is lora_rank, or raise naming the bad value."""
+    if not isinstance(module_ranks, (tuple, list)) or len(module_ranks) != len(RANK_GROUPS):
+        raise ValueError(f"module_ranks must be {len(RANK_GROUPS)} ints ({', '.join(RANK_GROUPS)}), "
+                         f"got {module_ranks!r}")
+    for group, r in zip(RANK_GROUPS, module_ranks):
+        check_int(f"module_ranks {group!r}", r, 0)
+    if lora_rank != max(module_ranks):
+        raise ValueError(f"lora_rank={lora_rank} must equal max(module_ranks)={max(module_ranks)} when module_ranks "
+                         f"is set (module_ranks={tuple(module_ranks)})")
+    return tuple(module_ranks)

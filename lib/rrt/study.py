@@ -15,7 +15,7 @@ from rrt.evaluation import TASKS
 from rrt.models import model_config
 from rrt.recipes import PAPER_MODELS
 from rrt.runs.memory import fit_memory
-from rrt.runs.store import DataSpec, EvalSpec, Run, make_run
+from rrt.runs.store import PRETRAINED, DataSpec, EvalSpec, Run, make_run
 from rrt.trainconfig import TrainConfig
 from rrt.spec import check_at_least, check_choice, check_items, check_num_blocks, check_types
 
@@ -161,9 +161,19 @@ class TrainingStudy(Study):
             config.update(fit_memory(TrainConfig(out="", **config), gpu_memory_gb=self.gpu_memory_gb, name=name))
         return make_run(self.store(), name=name, role=role, tags={**(tags or {}), "seed": seed}, needs=needs, **config)
 
-    def full_size(self) -> Run:
-        """The full-size model uptrained with the same recipe (CE): Fig. 4/5's reference and App. L's teacher."""
-        return self.run("full-size", "baseline", num_blocks=1, baseline="full", tags={"baseline": "full"})
+    def full_size(self, steps: int | None = None, warmup_steps: int | None = None, tags: dict | None = None) -> Run:
+        """The full-size model uptrained with the same recipe (CE): Fig. 4/5's reference and App. L's teacher;
+        `steps`: uptrained longer instead (Table 12's 60B reference)."""
+        return self.run("full-size" + (f" {steps} steps" if steps else ""), "baseline", num_blocks=1, baseline="full",
+                        steps=steps, warmup_steps=warmup_steps, tags={"baseline": "full", **(tags or {})})
+
+    def pretrained(self, tags: dict | None = None) -> Run:
+        """The original checkpoint itself as a run: evaluated with the plan's evaluation, never trained (role
+        "pretrained": Table 12's full-size TinyLlama). Its config trains nothing (steps=1 is TrainConfig's floor)
+        and reads no data, so its key differs from every trained run's."""
+        return make_run(self.store(), name="full-size (pretrained)", role=PRETRAINED, needs=(),
+                        tags={"baseline": "full", "pretrained": True, **(tags or {}), "seed": self.seed},
+                        model=self.model, baseline="full", num_blocks=1, steps=1, seq_len=self.seq_len, seed=self.seed)
 
     def reduced_size(self, b: int) -> Run:
         """The reduced-size model (L/B layers, trained from scratch with the same recipe): Fig. 4/5's other reference."""

@@ -325,6 +325,8 @@ def _write_fetch(root, notebook, scale, slurm, study, runs) -> Path:
     header = slurm.header(f"rrt-{notebook}-{scale}-fetch", root / "slurm-fetch-%j.out", cpus=slurm.pack_cpus,
                           mem_gb=4 * slurm.pack_cpus, seconds=_seconds("max_time", slurm.max_time), dependent=True)
     downloads = "\n".join(f'hf download {m} --include "*.json" "*.safetensors" "tokenizer*"' for m in hub)
+    if getattr(study, "data_source", "") == "hub" and study.tasks:  # lm-eval's built-in tasks: their hub datasets
+        downloads += f"\npython -c 'from rrt.evaluation import download_tasks; download_tasks({json.dumps(study.tasks)})'"
     script.write_text(f"""#!/bin/bash
 {header}
 # After every packing task: the same command without --part finds each shard done and writes the index.

@@ -1,10 +1,10 @@
 """The paper's tables as DataFrames: our numbers, the paper's Δ columns, and the paper's own numbers beside them.
 
 Each `tableN` takes what a notebook already has (`rrt.runs.run_plan`'s tables; 05's `deltas` or
-`step_costs`) and returns one tidy DataFrame: one row per model (per model and loop for Table 13),
+`step_costs`) and returns one tidy DataFrame: one row per model (per model and loop for Tables 13, 14),
 its tags, numeric metric columns, Δ columns, and `paper …` columns (NaN where the paper has no such
-row, or the row is not Gemma's B=2). Units follow the paper: accuracy in % (mean over the few-shot
-tasks we ran: the paper's "Avg", as `rrt.runs.average_accuracy`), Δ in percentage points
+row, or the row is not Gemma's B=2; Tables 12 and 14 quote B=3 too). Units follow the paper: accuracy in
+% (mean over the few-shot tasks we ran: the paper's "Avg", as `rrt.runs.average_accuracy`), Δ in percentage points
 ("pts"), throughput ratios as ×. A model run at several seeds (01: "stepwise B=2 seed=1" beside
 "stepwise B=2") is one row: the mean over seeds, with the spread as its own column. A reference row
 this scale lacks (no full-size run, no random init) leaves its Δ column NaN. `style` renders any of them.
@@ -50,6 +50,31 @@ PAPER = {
                 ("post", "standard", None, True, "head_lora", "ovlp"): (35.3, 51.7),
                 ("co", "aggressive", 0.1, False, "all", "ovlp"): (49.2, 50.2),
                 ("post", "aggressive", 0.1, False, "all", "new"): (46.9, 52.3)},
+    # Tables 12 and 14 (full text; Gemma 2B, FKL): avg acc (%) of the final models, keyed (init or baseline, B,
+    # LoRA rank, stage). Stages: "15B" (CE, Tables 5 / 9), "60B" / "75B" (uptrained, + KD for the recursive and
+    # reduced-size models), "post <coef>" (App. M: aggressive CE + self-distillation on 15B new tokens; "no SD":
+    # the B=3 relaxed rows the paper ran without it). Each 60B row = its 15B row + the Δ Table 12 prints; B=3
+    # Average r=256 and full-size 75B from Table 14.
+    "table12": {("full", 1, 0, "15B"): 60.1, ("reduced", 2, 0, "15B"): 38.2, ("reduced", 3, 0, "15B"): 37.4,
+                ("stepwise", 2, 0, "15B"): 51.7, ("stepwise", 3, 0, "15B"): 47.8, ("average", 2, 64, "15B"): 52.1,
+                ("average", 2, 128, "15B"): 52.5, ("average", 2, 256, "15B"): 54.2, ("average", 2, 512, "15B"): 55.5,
+                ("full", 1, 0, "60B"): 58.6, ("full", 1, 0, "75B"): 57.3, ("reduced", 2, 0, "60B"): 44.9,
+                ("stepwise", 2, 0, "60B"): 54.9, ("average", 2, 64, "60B"): 55.8, ("average", 2, 128, "60B"): 56.6,
+                ("average", 2, 256, "60B"): 57.0, ("average", 2, 512, "60B"): 58.4, ("stepwise", 3, 0, "60B"): 53.3,
+                ("average", 3, 64, "60B"): 53.3, ("average", 3, 128, "60B"): 54.1, ("average", 3, 256, "60B"): 56.1,
+                ("average", 3, 512, "60B"): 57.7},
+    # Table 14, post-trained rows: {loop (1-based) or "last": avg acc}. Each last loop = the 60B row + the Δ
+    # printed. Left out where our text copy of the table is garbled: B=2 r=256 at 0.1's loop 1, every B=3 relaxed row.
+    "table14": {("stepwise", 2, 0, "post 0.1"): {1: 48.8, "last": 54.0},
+                ("average", 2, 64, "post 0.1"): {1: 40.8, "last": 54.0},
+                ("average", 2, 128, "post 0.1"): {1: 40.2, "last": 54.6},
+                ("average", 2, 256, "post 0.1"): {"last": 55.2},
+                ("average", 2, 512, "post 0.1"): {1: 41.7, "last": 56.2},
+                ("average", 2, 64, "post 0.3"): {1: 43.3, "last": 53.1},
+                ("average", 2, 128, "post 0.3"): {1: 43.4, "last": 53.6},
+                ("average", 2, 256, "post 0.3"): {1: 43.2, "last": 54.6},
+                ("average", 2, 512, "post 0.3"): {1: 44.0, "last": 55.2},
+                ("stepwise", 3, 0, "post 0.1"): {1: 43.5, 2: 49.0, "last": 51.9}},
     # Table 16 (A100, prefix 512, decode 2048): Transformer-block ms per token, (loops, LoRA rank) → {batch: ms};
     # PAPER.md gives max batch 43; batch 1: full text.
     "table16": {(1, 0): {1: 21.344, 43: 0.616}, (2, 0): {1: 11.059, 43: 0.265}},
@@ -98,8 +123,8 @@ def table9(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 def table11(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Table 11 (03_distillation): one row per model × KD loss × uptraining length, with Δ accuracy vs CE at the same
     steps (the KD gain) and vs the same loss at the shortest steps (the longer-uptraining gain); the paper's
-    Stepwise B=2 numbers (FKL +1.7, 60B tokens +1.7; RKL/JSD/TVD) on the matching rows."""
-    df = _per_model(tables)
+    Stepwise B=2 numbers (FKL +1.7, 60B tokens +1.7; RKL/JSD/TVD) on the matching rows. Final models: `table12`."""
+    df = _not_final(_per_model(tables))
     steps, study = pd.to_numeric(_col(df, "uptrain_steps")), df["role"].eq("study")
     shortest = study & steps.eq(steps[study].min())
     longer = study & ~shortest
@@ -117,8 +142,9 @@ def table11(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 def table13(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Table 13 (04_early_exit): one row per early-exit run and loop (static exiting at that loop; `loop` is the
     1-based label, `loop_idx` the 0-based index), the uptrained model first, with Δ accuracy vs the uptrained model
-    at the same loop; the paper's B=2 numbers at loop 1 and the last loop (aggressive 0.1 + SD: 48.0, 52.6, +0.9)."""
-    df = _per_model(tables, per_loop=True)
+    at the same loop; the paper's B=2 numbers at loop 1 and the last loop (aggressive 0.1 + SD: 48.0, 52.6, +0.9).
+    App. M's final models: `table14`."""
+    df = _not_final(_per_model(tables, per_loop=True))
     df = df[df["loop_idx"].notna()].astype({"loop_idx": int}).reset_index(drop=True)  # a run with no metrics
     df["loop"] = "loop " + (df["loop_idx"] + 1).astype(str)
     last = df["loop_idx"].eq(df.groupby("model")["loop_idx"].transform("max"))
@@ -152,6 +178,58 @@ def table1(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
         out[f"paper acc {name} (%)"] = rows[PAPER_ACC]
     out["paper Δ last loop vs uptrained (pts)"] = last["paper Δ acc vs uptrained (pts)"]
     return out.reset_index()
+
+
+def table12(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Table 12 (03_distillation): the final models (tag `final`: 60B tokens + FKL; full-size 60B / 75B CE, or the
+    original checkpoint) beside the 15B rows: baselines and the CE recursive models at the shortest steps. Per row:
+    held-out perplexity, each task's accuracy, the average, non-embedding parameters, and Δ = a final recursive
+    model vs its 15B CE counterpart (same init, B, rank; NaN where none ran, as the paper's Gemma B=3 relaxed
+    rows; the paper gives baselines none); the paper's Gemma numbers beside ours."""
+    df = _with_tasks(_per_model(tables), tables["accuracy"])
+    final, steps = _col(df, "final").map(tag_is_true), pd.to_numeric(_col(df, "uptrain_steps"))
+    baseline = _col(df, "baseline").notna()  # full-size (uptrained, or the original: role "pretrained"), reduced-size
+    study = ~baseline & ~final
+    fifteen = study & _col(df, "kd").isin(["ce", NAN]) & steps.eq(steps[study].min())
+    order = 2 * ~baseline + final  # baselines, then recursive models; 15B rows before final ones
+    df = df[final | fifteen | baseline].assign(order=order).sort_values("order", kind="stable")
+    df = df.drop(columns="order").reset_index(drop=True)
+    final = _col(df, "final").map(tag_is_true)
+    df[PAPER_ACC] = [PAPER["table12"].get(k, NAN) for k in _final_keys(df)]
+    recursive = final & _col(df, "init").notna()
+    is_ref = ~final & _col(df, "init").notna()
+    for prefix, col in (("", ACC), ("paper ", PAPER_ACC)):
+        df[f"{prefix}Δ acc vs 15B (pts)"] = _delta(df, col, is_ref, FINAL_MODEL).where(recursive)
+    tags = ["model", "role", "baseline", "init", "num_blocks", "lora_rank", "kd", "uptrain_steps", "final", PARAMS,
+            *_task_columns(df), ACC]
+    return _select(df, tags, "Δ acc vs 15B (pts)")
+
+
+def table14(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Tables 14 / 15 (04_early_exit, App. M): the final models (tag `final`) before and after early-exit
+    post-training, one row per model and loop (static exiting; `loop` 1-based), the full-size references first.
+    Per row: held-out perplexity, each task's accuracy, the average; Δ = the last loop vs the same model before
+    post-training, and the full-size 75B vs 60B (the paper's yardstick for those drops); the paper's Gemma numbers."""
+    df = _with_tasks(_per_model(tables, per_loop=True), tables["accuracy"], per_loop=True)
+    df = df[_col(df, "final").map(tag_is_true) & df["loop_idx"].notna()].astype({"loop_idx": int})
+    df = df.assign(order=_col(df, "baseline").isna()).sort_values("order", kind="stable")
+    df = df.drop(columns="order").reset_index(drop=True)
+    df["loop"] = "loop " + (df["loop_idx"] + 1).astype(str)
+    last = df["loop_idx"].eq(df.groupby("model")["loop_idx"].transform("max"))
+    post = _col(df, "training").eq("post")
+    before = ~post & _col(df, "init").notna() & last
+    keys = _final_keys(df)
+    df[PAPER_ACC] = [PAPER["table14"].get(k, {}).get("last" if is_last else b + 1, NAN) if k[3].startswith("post")
+                     else PAPER["table12"].get(k, NAN) if is_last else NAN
+                     for k, is_last, b in zip(keys, last, df["loop_idx"])]
+    stage = pd.Series([k[3] for k in keys], index=df.index)
+    for prefix, col in (("", ACC), ("paper ", PAPER_ACC)):
+        df[f"{prefix}Δ last loop vs before (pts)"] = _delta(df, col, before, FINAL_MODEL).where(post & last)
+        df[f"{prefix}Δ 75B vs 60B (pts)"] = _delta(df, col, stage.eq("60B") & _col(df, "baseline").eq("full"),
+                                                   ["baseline"]).where(stage.eq("75B"))
+    tags = ["model", "role", "baseline", "init", "num_blocks", "lora_rank", "uptrain_steps", *RECIPE[:4], "data",
+            "loop", "loop_idx", PARAMS, *_task_columns(df), ACC]
+    return _select(df, tags, "Δ last loop vs before (pts)", "Δ 75B vs 60B (pts)")
 
 
 def table17(deltas: pd.DataFrame) -> pd.DataFrame:
@@ -226,6 +304,7 @@ def style(df: pd.DataFrame, caption: str | None = None):
 # ---------------------------------------------------------------- helpers
 
 RECIPE = ["training", "exit_scheme", "exit_coefficient", "self_distill", "trainable", "data"]  # 04's tags
+FINAL_MODEL = ["init", "num_blocks", "lora_rank"]  # what a final model shares with its 15B / pre-post-training self
 
 
 def _per_model(tables: dict, *, per_loop: bool = False) -> pd.DataFrame:
@@ -256,6 +335,54 @@ def _per_model(tables: dict, *, per_loop: bool = False) -> pd.DataFrame:
     out[SPREAD] = by[ACC].std()
     out["seeds"] = by["run"].count()
     return out.reset_index().reindex(columns=list(dict.fromkeys([*df.columns, ACC, SPREAD, "seeds"])))
+
+
+def _with_tasks(df: pd.DataFrame, accuracy: pd.DataFrame, *, per_loop: bool = False) -> pd.DataFrame:
+    """`df` (one row per model, and loop) with "acc <task> (%)": each task's accuracy, mean over seeds."""
+    if accuracy.empty:
+        return df
+    keys = ["model", "loop_idx"] if per_loop and accuracy["loop_idx"].notna().any() else ["model"]
+    acc = accuracy.assign(model=accuracy["run"].map(label_of), column="acc " + accuracy["task"] + " (%)",
+                          value=100 * accuracy["value"])
+    wide = acc.pivot_table(index=keys, columns="column", values="value", sort=False).reset_index()
+    wide.columns.name = None
+    return df.merge(wide.astype({k: df[k].dtype for k in keys[1:]}), on=keys, how="left")
+
+
+def _not_final(df: pd.DataFrame) -> pd.DataFrame:
+    return df[~_col(df, "final").map(tag_is_true)].reset_index(drop=True)
+
+
+def _task_columns(df: pd.DataFrame) -> list[str]:
+    return [c for c in df if c.startswith("acc ") and c.endswith(" (%)")]
+
+
+def _final_keys(df: pd.DataFrame) -> list[tuple]:
+    """Each row's key of PAPER["table12"] / ["table14"]: (init or baseline, B, LoRA rank, stage), stage "15B"
+    (not final), "60B", "75B" (a full-size run uptrained longer than the final recursive models), "pretrained"
+    (the original checkpoint) or "post <coef>" (+ " no SD" without self-distillation)."""
+    final, steps = _col(df, "final").map(tag_is_true), pd.to_numeric(_col(df, "uptrain_steps"))
+    full = _col(df, "baseline").eq("full")
+    own = steps[final & ~full].min()  # the final models' uptraining
+    own = steps[final & full].min() if np.isnan(own) else own
+    keys = []
+    for (_, row), is_final, n in zip(df.iterrows(), final, steps):
+        kind = row.get("baseline") if isinstance(row.get("baseline"), str) else row.get("init")
+        b, rank = _num(row.get("num_blocks")), _num(row.get("lora_rank"))
+        keys.append((kind, 1 if kind == "full" or np.isnan(b) else int(b), 0 if np.isnan(rank) else int(rank),
+                     _stage(row, is_final, longer=kind == "full" and n > own)))
+    return keys
+
+
+def _stage(row, is_final: bool, longer: bool) -> str:
+    if not is_final:
+        return "15B"
+    if tag_is_true(row.get("pretrained")):
+        return "pretrained"
+    if row.get("training") == "post":
+        sd = tag_is_true(row.get("self_distill"))
+        return f"post {_num(row.get('exit_coefficient')):g}" + ("" if sd else " no SD")
+    return "75B" if longer else "60B"
 
 
 def _select(df: pd.DataFrame, tags: list, *deltas: str) -> pd.DataFrame:

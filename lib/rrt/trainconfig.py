@@ -41,6 +41,8 @@ class TrainConfig:
     init: str = "stepwise"                # looped-layer init: stepwise|average|lower|random|stepwise_start
     norm_init: str | None = None          # shared norms: average|choice|zero; None: as the init does (App. I)
     lora_rank: int = 0                    # per-depth LoRA rank (§2.3); 0: the plain recursive model
+    module_ranks: tuple[int, int, int, int] | None = None  # per-module ranks q, kv, o, mlp (Table 8); None:
+                                          # lora_rank for all; when set, lora_rank must equal their max
     lora_init: str = "svd"                # LoRA init: svd (truncated SVD of the residual, eq. 4-5) | zero
     untie_norms: bool = False             # per-depth norm weights (full rank then reproduces the original)
     # objective
@@ -98,7 +100,8 @@ class TrainConfig:
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("teacher_dtype", self.teacher_dtype, TEACHER_DTYPES)
         check_choice("sharding", self.sharding, SHARDINGS)
-        self.spec()  # RecursiveSpec validates num_blocks, init, norm_init, lora_rank, lora_init, head_lora_rank
+        # RecursiveSpec validates num_blocks, init, norm_init, lora_rank, module_ranks, lora_init, head_lora_rank
+        object.__setattr__(self, "module_ranks", self.spec().module_ranks)  # a list becomes a tuple
         loop_weights(2, self.exit_scheme, self.exit_coefficient)  # coefficient in [0, 1]; None for weighted
         if self.teacher is not None and self.kd is None:
             raise ValueError(f"teacher={self.teacher!r} is set but kd is None: set kd (fkl|rkl|jsd|tvd) or drop teacher")
@@ -120,9 +123,10 @@ class TrainConfig:
 
     def _check_regime(self):
         if self.baseline is not None:
-            if self.init_from is not None or self.lora_rank != 0:
-                raise ValueError(f"baseline={self.baseline!r} trains a plain model: init_from must be None "
-                                 f"and lora_rank 0; got {self.init_from!r}, {self.lora_rank!r}")
+            # init_from with "full": the full-size model uptrained further (App. M's 75B = 60B + 15B new tokens)
+            if (self.init_from is not None and self.baseline != "full") or self.lora_rank != 0:
+                raise ValueError(f"baseline={self.baseline!r} trains a plain model: lora_rank 0, and init_from None "
+                                 f"unless 'full' continues one; got {self.init_from!r}, {self.lora_rank!r}")
             if self.baseline == "full" and self.num_blocks != 1:
                 raise ValueError(f"baseline='full' is the unshared L-layer model: set num_blocks=1 "
                                  f"(got {self.num_blocks}); 'reduced' uses num_blocks for its L/B layers")
@@ -141,13 +145,17 @@ class TrainConfig:
     def hash(self) -> str:
         """Return a 12-hex digest of every field but `out` and the EXECUTION_FIELDS: the identity of a run (same
         hash, same run)."""
-        fields = {k: v for k, v in self.to_dict().items() if k != "out" and k not in EXECUTION_FIELDS}
+        fields = {k: v for k, v in self.to_dict().items() if k != "out" and k not in EXECUTION_FIELDS
+                  and not (k == "module_ranks" and v is None)}  # unset: the runs from before the field keep their key
+        if self.init == "random" and self.baseline is None:  # issue 28: Random loads no pretrained tensor (Table 5);
+            fields["init"] = "random, no pretrained tensor"  # a run of the old Random (pretrained embeddings, norms,
+                                                              # head) is another run, never resumed or reused as this
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
     def spec(self) -> RecursiveSpec:
         """Return the RecursiveSpec these fields describe (seeded with `seed`)."""
         return RecursiveSpec(num_blocks=self.num_blocks, init=self.init, norm_init=self.norm_init,
-                             lora_rank=self.lora_rank, lora_init=self.lora_init,
+                             lora_rank=self.lora_rank, module_ranks=self.module_ranks, lora_init=self.lora_init,
                              untie_norms=self.untie_norms, head_lora_rank=self.head_lora_rank, seed=self.seed)
 
     def to_dict(self) -> dict:

@@ -27,7 +27,7 @@ from rrt.progress import GridProgress, nested_bars_off
 from rrt.recursive import count_parameters
 from rrt.rundir import read_json, versions, write_json
 from rrt.runs.memory import check_fits
-from rrt.runs.store import DataSpec, EvalSpec, Run, read_run_file
+from rrt.runs.store import PRETRAINED, DataSpec, EvalSpec, Run, read_run_file
 from rrt.shards import PackedShards, pack_sets, packed_path
 from rrt.spec import num_loops
 from rrt.train.loop import train
@@ -123,16 +123,17 @@ def train_runs(runs: list[Run], *, original, data: StudyData, desc: str = "runs"
 
 def execute(run: Run, *, original, tokenizer, data: StudyData, evaluation: EvalSpec, grid=None) -> dict:
     """Train `run` (resuming whatever it has), evaluate it, write its results file; return the results.
+    A pretrained run trains nothing: `original` itself is evaluated (checkpoint "-", no curves).
     grid: the `GridProgress` that shows this run's steps (None: training draws its own bar)."""
-    result = _train(run, original=original, data=data, grid=grid)
+    result = None if run.role == PRETRAINED else _train(run, original=original, data=data, grid=grid)
     if not PartialState().is_main_process:  # under a multi-process launch, one process evaluates
         return {}
     if grid:
         grid.note("evaluating")
-    model = result.model.eval()
-    results = {"summary": {"checkpoint": str(Path(result.checkpoint).relative_to(run.dir)),  # in the run store
-                           **count_parameters(model)},
-               "curves": [r for r in result.metrics if r["kind"] == "train"],
+    model = (result.model if result else original.to(PartialState().device)).eval()  # as train() moves it
+    results = {"summary": {"checkpoint": str(Path(result.checkpoint).relative_to(run.dir)) if result else "-",
+                           **count_parameters(model)},  # the checkpoint: in the run store
+               "curves": [r for r in result.metrics if r["kind"] == "train"] if result else [],
                "perplexity": _evaluate_perplexity(model, data, per_loop=evaluation.per_loop),
                "accuracy": (_evaluate_accuracy(model, tokenizer, evaluation).to_dict("records")
                             if evaluation.tasks else [])}
@@ -177,7 +178,7 @@ def _train(run: Run, *, original, data: StudyData, grid=None):
 def check_memory(run: Run) -> None:
     """Refuse, before any weights load, a run whose memory estimate exceeds the GPU it would train on (on CUDA; a
     plan with gpu_memory_gb already sized every run to 90% of that number, rrt.runs.memory.fit_memory)."""
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and run.role != PRETRAINED:  # nothing trains: evaluation only
         device = torch.cuda.current_device()
         check_fits(run.config, name=run.name, limit_bytes=torch.cuda.get_device_properties(device).total_memory,
                    where=f"cuda:{device} ({torch.cuda.get_device_name(device)})")
@@ -219,7 +220,8 @@ def _evaluate_accuracy(model, tokenizer, evaluation: EvalSpec) -> pd.DataFrame:
     """Return few-shot accuracy rows on the evaluation's tasks (every loop exit if per_loop)."""
     loops = range(num_loops(model)) if evaluation.per_loop else [None]
     return pd.concat([few_shot(model, tokenizer, tasks=list(evaluation.tasks), limit=evaluation.task_limit,
-                               loop_idx=b, batch_size=8) for b in loops], ignore_index=True)
+                               loop_idx=b, batch_size=8, source=evaluation.data_source) for b in loops],
+                     ignore_index=True)
 
 
 def average_accuracy(acc: pd.DataFrame, by=("run",)) -> pd.DataFrame:

@@ -116,7 +116,7 @@ def estimate_memory(config: TrainConfig, *, device_kind: str = "cuda") -> Memory
         raise ValueError(f"model_type {cfg.model_type!r} has no memory model; valid: {sorted(LAYER_SHAPE)}")
     counts = _counts(config.model, config.num_blocks if config.baseline == "reduced" else 1,
                      config.num_blocks if config.baseline is None else 1,
-                     config.lora_rank if config.baseline is None else 0, config.head_lora_rank)
+                     config.lora_rank if config.baseline is None else 0, config.head_lora_rank, config.module_ranks)
     stored, trains = counts["total"], counts[config.trainable]
     shards = config.num_processes if config.sharding == "fsdp" else 1
     ddp = config.num_processes > 1 and config.sharding == "none"
@@ -196,7 +196,7 @@ def extra_time(config: TrainConfig) -> float:
     cfg = model_config(config.model)
     counts = _counts(config.model, config.num_blocks if config.baseline == "reduced" else 1,
                      config.num_blocks if config.baseline is None else 1,
-                     config.lora_rank if config.baseline is None else 0, config.head_lora_rank)
+                     config.lora_rank if config.baseline is None else 0, config.head_lora_rank, config.module_ranks)
     head = cfg.vocab_size * cfg.hidden_size
     exits = config.num_blocks if config.objective == "early_exit" else 1
     layers = counts["passed"]
@@ -223,6 +223,7 @@ def _activations(config: TrainConfig, cfg, family: str, compute: str, tokens: in
     if config.lora_rank and config.baseline is None:
         (a, b, c), loras = LORA_INPUTS[family]
         recast = 2 * (a * h + b * heads * head_dim + c * inter) if compute == "bf16" else 0
+        # every LoRA's [tokens, rank] output at lora_rank: per-module ranks (Table 8) keep less, bounded by this
         per_layer += recast + loras * (2 if compute == "bf16" else 4) * config.lora_rank
     exits = config.num_blocks if config.objective == "early_exit" else 1
     norms = exits * 10 * h  # each exit's fp32 final norm and its cast for the head
@@ -244,7 +245,8 @@ def _logits(config: TrainConfig, cfg, compute: str, tokens: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _counts(model: str, reduce_by: int, num_blocks: int, lora_rank: int, head_lora_rank: int) -> dict:
+def _counts(model: str, reduce_by: int, num_blocks: int, lora_rank: int, head_lora_rank: int,
+            module_ranks: tuple[int, int, int, int] | None = None) -> dict:
     """Parameters of the model a run trains, stored once however many depths share them: total and what each
     `trainable` choice trains; `depths`, the decoder-layer passes of a forward; `passed`, the non-embedding
     parameters a token passes through (every depth's)."""
@@ -259,6 +261,7 @@ def _counts(model: str, reduce_by: int, num_blocks: int, lora_rank: int, head_lo
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # clamped ranks
             m = convert(m, RecursiveSpec(num_blocks=num_blocks, lora_rank=lora_rank, lora_init="zero",
+                                         module_ranks=module_ranks if lora_rank else None,
                                          head_lora_rank=head_lora_rank))
     counts = count_parameters(m)
     head_lora = sum(p.numel() for n, p in m.named_parameters() if n.startswith("head_lora"))

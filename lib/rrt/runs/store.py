@@ -17,6 +17,7 @@ from rrt.trainconfig import TrainConfig
 
 RUN_FILE = "run.json"
 SEED_SUFFIX = r" seed=\d+$"  # a repeated seed's run is named "<model> seed=<n>" (01's repeat_seeds)
+PRETRAINED = "pretrained"  # a Run's role: the original checkpoint itself, evaluated as is and never trained
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ class EvalSpec:
 class Run:
     """One training run of a plan: its TrainConfig (config.out is its directory in the run store) and tags."""
     name: str                 # unique within the plan, e.g. "stepwise B=2"
-    role: str                 # study | baseline | variant | uptrained (a starting point): how a notebook shows it
+    role: str                 # study | baseline | variant | uptrained (a starting point) | pretrained (the
+                              # original checkpoint, never trained): how a notebook shows it
     config: TrainConfig
     tags: dict = field(default_factory=dict)  # the fields that tell it apart, for tables and plots
     needs: tuple = ()         # names of runs whose final checkpoint it reads (teacher, init_from)
@@ -82,17 +84,17 @@ class Run:
 
     @property
     def samples(self) -> int:
-        """Training sequences this run reads (its data_offset first skipped)."""
+        """Training sequences this run reads (its data_offset first skipped; none for the pretrained checkpoint)."""
         c = self.config
-        return c.steps * c.batch_size * c.grad_accum * c.num_processes
+        return 0 if self.role == PRETRAINED else c.steps * c.batch_size * c.grad_accum * c.num_processes
 
     @property
     def tokens(self) -> int:
-        return self.config.steps * self.tokens_per_step
+        return self.samples * self.config.seq_len
 
     def trained(self) -> bool:
-        """Whether the run is done: its final checkpoint holds its weights."""
-        return (self.final_checkpoint / "model.safetensors").exists()
+        """Whether the run is done: its final checkpoint holds its weights (the pretrained checkpoint: always)."""
+        return self.role == PRETRAINED or (self.final_checkpoint / "model.safetensors").exists()
 
 
 def make_run(store: Path, *, name: str, role: str, tags: dict, needs: tuple = (), **config) -> Run:

@@ -96,7 +96,7 @@ def serve_forced(model, pairs, *, exit_policy="none", kv_policy: str = "propagat
 
 
 def served_few_shot(model, tokenizer, *, tasks=tuple(evaluation.TASKS), limit=None, exit_policy="none",
-                    kv_policy: str = "propagate", max_active: int = 8, token_budget: int = 64, source="offline",
+                    kv_policy: str = "propagate", max_active: int = 8, token_budget: int = 64, source="embedded",
                     num_fewshot=None, model_name="model", seed=1234) -> pd.DataFrame:
     """Returns `rrt.evaluation.few_shot`'s DataFrame scored by the engine, plus exit_policy, kv_policy, mean_exit_loop.
 

@@ -77,7 +77,8 @@ def throughput_study(study, original, tokenizer) -> dict[str, pd.DataFrame]:
                                source=study.data_source, seed=study.seed)
     tables = {k: [] for k in ("throughput", "step_costs", "paper_sim", "latency", "calibration", "quality", "accuracy")}
     if scored:
-        acc = few_shot(original, tokenizer, tasks=list(study.tasks), limit=study.task_limit, model_name="vanilla")
+        acc = few_shot(original, tokenizer, tasks=list(study.tasks), limit=study.task_limit, model_name="vanilla",
+                       source=study.data_source)
         tables["accuracy"].append(acc.assign(config="vanilla", exit_policy="none", kv_policy="-", mean_exit_loop=0.0))
     models = served_models(study, original, tokenizer)
     grid = GridProgress(len(models), desc="served models")
@@ -112,7 +113,7 @@ def throughput_study(study, original, tokenizer) -> dict[str, pd.DataFrame]:
             if scored:
                 acc = served_few_shot(rec, tokenizer, tasks=list(study.tasks), limit=study.task_limit,
                                       exit_policy=policy, kv_policy=kv, max_active=study.max_active,
-                                      token_budget=study.token_budget, model_name=config)
+                                      token_budget=study.token_budget, model_name=config, source=study.data_source)
                 tables["accuracy"].append(acc.assign(config=config, exit_policy=name, kv_policy=kv_label))
         grid.done()
     grid.close()
