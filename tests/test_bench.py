@@ -141,16 +141,30 @@ def test_run_benchmark_rows_ratios_and_bound(tiny_served):
                                                             / continuous["bound_tokens_per_s"]).tolist())
     # layer rows: without exits every position runs all L layers (B loops of K), as on the vanilla model;
     # propagate runs exited tokens' remaining loops (where a later token reads them) on top of what copy_kv runs
+    assert df.loc[df.exit_policy == "none", "kv_policy"].eq("-").all()  # nothing exits: no KV policy applies
+    assert df["max_active"].eq(2).all()  # no memory cap: every model at max_active
     rows = df.set_index(["system", "kv_policy"])
-    vanilla_rows = rows.loc[("vanilla_continuous", "propagate"), "layer_rows"]
+    vanilla_rows = rows.loc[("vanilla_continuous", "-"), "layer_rows"]
     k = len(decoder_layers(rec)) // 3  # layers per loop
-    assert rows.loc[("vanilla_static", "propagate"), "layer_rows"] == vanilla_rows
-    assert rows.loc[("recursive_no_exit", "propagate"), "layer_rows"] == vanilla_rows
+    assert rows.loc[("vanilla_static", "-"), "layer_rows"] == vanilla_rows
+    assert rows.loc[("recursive_no_exit", "-"), "layer_rows"] == vanilla_rows
     propagate, copy_kv = rows.loc["cdb_oracle", "propagate"], rows.loc["cdb_oracle", "copy_kv"]
     assert propagate["layer_rows"] == copy_kv["layer_rows"] + k * propagate["propagation_rows"]
     assert copy_kv["layer_rows"] < propagate["layer_rows"] <= vanilla_rows
     assert copy_kv["delta_seq_rows"] == pytest.approx(vanilla_rows / copy_kv["layer_rows"])
-    assert rows.loc[("recursive_no_exit", "propagate"), "delta_seq_rows"] == 1.0
+    assert rows.loc[("recursive_no_exit", "-"), "delta_seq_rows"] == 1.0
+    # decode rows: every prompt token runs all L layers in every system, so they are the layer rows less L each
+    prompt_tokens, layers = 4 * 6, len(decoder_layers(rec))
+    assert continuous["decode_tokens_per_layer_row"] == pytest.approx(
+        (continuous["tokens"] - 4) / (vanilla_rows - prompt_tokens * layers))
+    assert copy_kv["delta_seq_decode_rows"] == pytest.approx(
+        (vanilla_rows - prompt_tokens * layers) / (copy_kv["layer_rows"] - prompt_tokens * layers))
+    assert copy_kv["delta_seq_decode_rows"] > copy_kv["delta_seq_rows"] > 1  # the prompts dilute what exits save
+    # the paper's Δ_Seq: output tokens after the first over the run's seconds less its prefill seconds
+    assert (df["prefill_seconds"] > 0).all() and (df["prefill_seconds"] < df["seconds"]).all()
+    assert df["decode_tokens_per_s"].tolist() == pytest.approx(
+        ((df["tokens"] - 4) / (df["seconds"] - df["prefill_seconds"])).tolist())
+    assert continuous["delta_seq_decode"] == 1.0
     oracle = df[df.system == "cdb_oracle"].set_index("kv_policy")
     no_lora = df[df.system == "cdb_oracle_no_lora"].set_index("kv_policy")
     assert (oracle["exits_per_loop"] == no_lora["exits_per_loop"]).all()  # same replayed trajectories
@@ -163,21 +177,24 @@ def test_run_benchmark_rows_ratios_and_bound(tiny_served):
 
     # the targets, read off the same table
     t = targets_table(df)
-    assert t.groupby("target").size().to_dict() == {"real_over_bound": 10, "delta_seq_over_b_over_e": 4,
-                                                    "ratio_vs_hf_generate": 4, "lora_cost": 2}
+    assert t.groupby("target").size().to_dict() == {  # real / bound for the 9 engine systems, not HF generate
+        "real_over_bound": 9, "ratio_vs_hf_generate": 4, "delta_seq": 4, "delta_seq_over_row_bound": 4,
+        "delta_seq_decode_over_row_bound": 4, "lora_cost": 2}
     by = t.set_index(["target", "system", "kv_policy"])
     for r in df[df.system.isin(["cdb_oracle", "cdb_oracle_own"])].itertuples():
-        got = by.loc[("delta_seq_over_b_over_e", r.system, r.kv_policy)]
-        assert got["value"] == pytest.approx(r.delta_seq * r.mean_loops_per_token / 3)
-        assert got["at_equal_row_cost"] == pytest.approx(r.delta_seq_rows * r.mean_loops_per_token / 3)
+        got = by.loc[("delta_seq_over_row_bound", r.system, r.kv_policy)]
+        assert got["value"] == pytest.approx(r.delta_seq / r.delta_seq_rows) and got["row_bound"] == r.delta_seq_rows
+        got = by.loc[("delta_seq_decode_over_row_bound", r.system, r.kv_policy)]
+        assert got["value"] == pytest.approx(r.delta_seq_decode / r.delta_seq_decode_rows)
         assert by.loc[("ratio_vs_hf_generate", r.system, r.kv_policy), "value"] == r.ratio_vs_hf_generate
+        assert by.loc[("delta_seq", r.system, r.kv_policy), "value"] == r.delta_seq
     for kv in ("propagate", "copy_kv"):
         cost = by.loc[("lora_cost", "cdb_oracle", kv), "value"]
         assert cost == pytest.approx(1 - oracle.loc[kv, "tokens_per_s"] / no_lora.loc[kv, "tokens_per_s"])
     assert (t["met"] == [TARGETS[n].met(v) for n, v in zip(t["target"], t["value"])]).all()
     # a bench.csv from before delta_seq_rows: the same ratio from steps × mean_rows_per_step and B
     backfilled = targets_table(df.drop(columns=["delta_seq_rows", "layer_rows"]))
-    assert backfilled["at_equal_row_cost"].tolist() == pytest.approx(t["at_equal_row_cost"].tolist(), nan_ok=True)
+    assert backfilled["row_bound"].tolist() == pytest.approx(t["row_bound"].tolist(), nan_ok=True)
 
 
 def test_targets_arithmetic_and_names():
@@ -191,12 +208,12 @@ def test_targets_arithmetic_and_names():
     bench["exit_policy"] = ["none", "oracle", "oracle"]
     t = targets_table(bench).set_index(["target", "system"])
     assert t.loc[("real_over_bound", "cdb_oracle"), "met"] and not t.loc[("real_over_bound", "cdb_oracle_no_lora"), "met"]
-    # Δ_Seq 1.7 against B / E = 3 / 1.5 = 2: 0.85 of it
-    assert t.loc[("delta_seq_over_b_over_e", "cdb_oracle"), "value"] == pytest.approx(0.85)
-    assert not t.loc[("delta_seq_over_b_over_e", "cdb_oracle"), "met"]
     # layer rows: continuous 80 items × L layers for 60 tokens; CDB 120 items × L/3 = 40·L: 2× the tokens
-    # per layer row, which is B / E itself
-    assert t.loc[("delta_seq_over_b_over_e", "cdb_oracle"), "at_equal_row_cost"] == pytest.approx(1.0)
+    # per layer row, its row bound; Δ_Seq 1.7 is 0.85 of it
+    assert t.loc[("delta_seq_over_row_bound", "cdb_oracle"), "row_bound"] == pytest.approx(2.0)
+    assert t.loc[("delta_seq_over_row_bound", "cdb_oracle"), "value"] == pytest.approx(0.85)
+    assert not t.loc[("delta_seq_over_row_bound", "cdb_oracle"), "met"] and t.loc[("delta_seq", "cdb_oracle"), "met"]
+    assert ("delta_seq_decode_over_row_bound", "cdb_oracle") not in t.index  # no decode columns: not read
     assert t.loc[("ratio_vs_hf_generate", "cdb_oracle"), "met"]
     assert t.loc[("lora_cost", "cdb_oracle"), "value"] == 0.125 and t.loc[("lora_cost", "cdb_oracle"), "met"]
     assert TARGETS["lora_cost"].met(0.15) and not TARGETS["lora_cost"].met(0.151)  # at most, inclusive
@@ -219,9 +236,10 @@ def test_cli_writes_tables(tmp_path):
                  "versions.json"]:
         assert (tmp_path / name).exists()
     report = (tmp_path / "report.md").read_text()
-    assert "real_over_bound" in report and "Targets" in report and "delta_seq_over_b_over_e" in report
+    assert "real_over_bound" in report and "Targets" in report and "delta_seq_decode_over_row_bound" in report
     written = pd.read_csv(tmp_path / "targets.csv")
-    assert len(written) == 9 + 4  # real / bound for every system, Δ_Seq for the four oracle rows (no HF, no LoRA)
+    # real / bound for every system; Δ_Seq and its two row-bound fractions for the four oracle rows (no HF, no LoRA)
+    assert len(written) == 9 + 3 * 4
     again = targets_main([str(tmp_path), "--no-write"])
     assert again["value"].tolist() == pytest.approx(written["value"].tolist())
     assert again["met"].tolist() == written["met"].tolist()
@@ -272,3 +290,44 @@ def test_a_timed_round_keeps_the_engines_numbers_not_the_engine(tiny_served):
     assert alive() is None  # nothing in the round's result holds the engine
     assert result["stats"]["tokens"] == sum(len(s.continuation) for s in samples)
     assert result["kv_pool"] > 0 and result["num_shared"] == 2
+
+
+def test_each_model_serves_at_the_largest_batch_within_the_memory_cap(tiny_served):
+    """App. N: weights, the engine's packed copies and the KV of `batch` requests fit the cap; one more does not."""
+    from rrt.serving.bench import batch_within_cap
+    model, tok, rec, _ = tiny_served
+    seq = 40
+    held = weight_bytes(rec) + Engine(rec, max_active=1, max_seq_len=seq).packed_bytes
+    per_request = seq * kv_bytes_per_token(rec)
+    cap = held + 7 * per_request + per_request // 2
+    assert batch_within_cap(rec, cap, seq_len=seq, upper=100) == 7
+    assert batch_within_cap(rec, cap, seq_len=seq, upper=5) == 5 and batch_within_cap(rec, None, seq_len=seq, upper=9) == 9
+    assert batch_within_cap(model, cap, seq_len=seq, upper=100) < 7  # the vanilla model holds more weights
+    with pytest.raises(ValueError, match=r"memory cap .* holds no request of recursive B=3 r=2: weights"):
+        batch_within_cap(rec, held, seq_len=seq, upper=100)
+    # in the benchmark, every system of a model serves at that model's batch
+    cap = weight_bytes(model) + Engine(model, max_active=1, max_seq_len=11).packed_bytes + 2 * 11 * per_request // seq
+    result = run_benchmark(model, tok, rec, workload=Workload(num_requests=4, prefix_len=6, decode_len=5), max_active=4,
+                           token_budget=8, repeats=1, kv_policies=("copy_kv",), hf_generate=False, own_oracle=False,
+                           memory_cap_bytes=cap)
+    batch = result.systems.groupby("model")["max_active"].unique().map(list).to_dict()
+    assert batch["vanilla"] == [2] and result.settings["batch"]["vanilla"] == 2
+    assert batch["recursive B=3 r=2"] == [4]  # a third of the layers' weights: room for all four
+
+
+def test_an_even_number_of_rounds_reports_the_mean_of_the_middle_two():
+    from rrt.serving.bench import _median_run
+    runs = [{"seconds": s, "prefill_seconds": s / 10, "id": i} for i, s in enumerate([4.0, 1.0, 3.0, 2.0])]
+    median = _median_run(runs)
+    assert median["seconds"] == 2.5 and median["prefill_seconds"] == pytest.approx(0.25) and median["id"] == 3
+    assert _median_run(runs[:3])["seconds"] == 3.0
+
+
+def test_corpora_are_averaged_per_setting_and_system():
+    from rrt.serving.study import average_corpora
+    df = pd.DataFrame({"shape": ["64/256"] * 4, "config": ["B=2 r=0"] * 4, "system": ["a", "b", "a", "b"],
+                       "corpus": ["x/test", "x/test", "y/test", "y/test"], "tokens_per_s": [10.0, 20.0, 30.0, 60.0],
+                       "fits": [True, True, False, True], "exits_per_loop": ["1 2", "3 4", "5 6", "7 8"]})
+    out = average_corpora(df, ["shape", "config", "system"])
+    assert out["tokens_per_s"].tolist() == [20.0, 40.0] and out["fits"].tolist() == [False, True]
+    assert out["corpus"].eq("x/test + y/test").all() and "exits_per_loop" not in out

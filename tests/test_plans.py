@@ -25,7 +25,7 @@ def notebook_defaults(name):
 
 
 def as_field(value):
-    return tuple(value) if isinstance(value, list) else value
+    return tuple(as_field(v) for v in value) if isinstance(value, list) else value  # nested lists: tuples of tuples
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -205,8 +205,12 @@ def test_05_refuses_bad_serving_parameters():
     from rrt.notebook import load_params
     with pytest.raises(ValueError, match="kv_policies holds 'skip'; valid: propagate, copy_kv, copy_hidden"):
         load_params("05_throughput", "cpu", kv_policies=["skip"])
-    with pytest.raises(ValueError, match="corpus='wikitext2' must be 'corpus/split'"):
-        load_params("05_throughput", "cpu", corpus="wikitext2")
+    with pytest.raises(ValueError, match="corpora: 'wikitext2' must be 'corpus/split'"):
+        load_params("05_throughput", "cpu", corpora=["wikitext2"])
+    with pytest.raises(ValueError, match=r"shapes holds \[64\]: each is \[prompt tokens, output tokens\]"):
+        load_params("05_throughput", "cpu", shapes=[[64]])
+    with pytest.raises(ValueError, match="must each name at least one"):
+        load_params("05_throughput", "cpu", corpora=[])
     with pytest.raises(ValueError, match="target_agreement=1.5 out of range"):
         load_params("05_throughput", "cpu", target_agreement=1.5)
 

@@ -19,7 +19,7 @@ from rrt.evaluation import CHANCE, chance_level  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = SimpleNamespace(model="tiny-llama", scale="smoke", num_blocks=(2,), train_corpus="wikitext2",
-                        eval_corpora=("wikitext2/test", "tinystories/test"), corpus="wikitext2/test")
+                        eval_corpora=("wikitext2/test", "tinystories/test"), corpora=("wikitext2/test",))
 RUNS = ["full-size", "stepwise B=2", "average B=2", "stepwise B=2 seed=1", "average B=2 seed=1", "reduced-size B=2"]
 TASKS = ["arc_easy", "piqa"]
 # What each figure's source table must hold, by the Plot.kind written in its `plot` column.

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import textwrap
+import time
 import tokenize
 from pathlib import Path
 
@@ -368,6 +369,8 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-len", type=int, default=96, help="most output tokens per request (App. N: 256 or 2048)")
     p.add_argument("--seed", type=int, default=0, help="which documents")
     p.add_argument("--max-active", type=int, default=8, help="live requests (KV slots) for every system")
+    p.add_argument("--memory-cap-gb", type=float, default=0.0,
+                   help="each model at the largest batch within this memory, at most --max-active (App. N: 16)")
     p.add_argument("--token-budget", type=int, default=64, help="engine rows per step")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up; median, min, max")
     p.add_argument("--kv-policies", nargs="+", default=["propagate", "copy_kv"], choices=KV_POLICIES,
@@ -383,7 +386,8 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="auto: bf16 on a GPU or a CPU with bf16 matmuls (AVX512-BF16/AMX), else float32")
     p.add_argument("--no-hf-generate", action="store_true", help="skip the HF generate baseline")
-    p.add_argument("--out", default="outputs/serving_bench", help="directory for the CSVs, config and report.md")
+    p.add_argument("--out", default=None, help="directory for the CSVs, config and report.md (default: a new "
+                                               "outputs/serving_bench/<time>-<pid>, never an earlier run's)")
     return p
 
 
@@ -408,9 +412,10 @@ def bench_main(argv=None):
     result = run_benchmark(model, tok, rec, workload=workload, max_active=args.max_active,
                            token_budget=args.token_budget, repeats=args.repeats, kv_policies=tuple(args.kv_policies),
                            exit_policies=policies, hf_generate=not args.no_hf_generate,
-                           arrival_rate=args.arrival_rate, progress=True)
+                           arrival_rate=args.arrival_rate, memory_cap_bytes=int(args.memory_cap_gb * 2**30) or None,
+                           progress=True)
     result.settings["calibration"] = calibration
-    out = Path(args.out)
+    out = Path(args.out) if args.out else REPO / "outputs" / "serving_bench" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     write_config(out, {**vars(args), **result.settings})
     write_versions(out)
     for name, df in result.tables().items():

@@ -385,13 +385,15 @@ class Throughput(Study):
     read_only: bool = False           # read finished runs only: a run not done stops here, named (the sweep's collect job)
     num_blocks: tuple[int, ...] = (2,)  # B of the served models
     lora_ranks: tuple[int, ...] = (0,)  # per-loop LoRA ranks of the served models; r > 0 also runs its LoRA removed
-    corpus: str = "wikitext2/test"    # held-out documents the requests are cut from (App. N: SlimPajama, RedPajama, PG19)
+    corpora: tuple[str, ...] = ("wikitext2/test",)  # held-out sets the requests are cut from, one benchmark each,
+                                      # averaged (App. N: SlimPajama, RedPajama, PG19)
     data_source: str = "embedded"     # embedded (vendored, offline) | hub (streamed by name)
-    num_requests: int = 8             # requests in the offline queue (all arrive at once, as in App. N)
-    prefix_len: int = 32              # prompt tokens per request (App. N: 64 or 512)
-    decode_len: int = 32              # most output tokens; each request's own length follows its text (App. N: 256/2048)
-    max_active: int = 8               # live requests (KV slots) for every system
-    token_budget: int = 64            # engine rows per step
+    num_requests: int = 32            # requests in the offline queue per set (all arrive at once; App. N: 20K)
+    shapes: tuple[tuple[int, int], ...] = ((64, 256),)  # App. N's settings: (prompt tokens, most output tokens;
+                                      # each request's own length follows its text): 64/256 and 512/2048
+    max_active: int = 32              # most live requests (KV slots) of a model; with memory_cap_gb each model serves
+                                      # at the largest batch within the cap, up to this
+    token_budget: int = 128           # engine rows per step
     repeats: int = 3                  # timed rounds per system after a warm-up (median, min, max)
     threads: int = 1                  # torch CPU threads (1: steadier timings on a shared machine)
     kv_policies: tuple[str, ...] = ("propagate", "copy_kv")  # what exited tokens leave in deeper depths (engine.KV_POLICIES)
@@ -399,7 +401,7 @@ class Throughput(Study):
     target_agreement: float = 0.9     # confidence thresholds: exits agree with the last loop on this share of tokens
     calibration_corpus: str = "tinystories/test"  # held-out text the thresholds are calibrated on
     arrival_rate: float = 2.0         # requests/s of the Poisson latency run (0: none)
-    memory_cap_gb: float = 0.0        # Tables 16/18: largest batch within this memory (0: no cap)
+    memory_cap_gb: float = 16.0       # App. N: each model at the largest batch whose weights and KV fit (0: no cap)
     tasks: tuple[str, ...] = ("piqa",)  # few-shot tasks for the accuracy axis of Fig. 8
     task_limit: int | None = 50       # examples per task (None: the full split)
 
@@ -410,10 +412,15 @@ class Throughput(Study):
         if not self.kv_policies:
             raise ValueError("kv_policies must name at least one of: " + ", ".join(KV_POLICIES))
         check_choice("data_source", self.data_source, ("embedded", "hub"))
-        for key in ("corpus", "calibration_corpus"):
-            if "/" not in getattr(self, key):
-                raise ValueError(f"{key}={getattr(self, key)!r} must be 'corpus/split', e.g. 'wikitext2/test'")
-        for key in ("num_requests", "prefix_len", "decode_len", "max_active", "token_budget", "repeats", "threads"):
+        if not self.corpora or not self.shapes:
+            raise ValueError(f"corpora {list(self.corpora)} and shapes {list(self.shapes)} must each name at least one")
+        for key, value in [("corpora", c) for c in self.corpora] + [("calibration_corpus", self.calibration_corpus)]:
+            if "/" not in value:
+                raise ValueError(f"{key}: {value!r} must be 'corpus/split', e.g. 'wikitext2/test'")
+        for shape in self.shapes:
+            if len(shape) != 2 or min(shape) < 1:
+                raise ValueError(f"shapes holds {list(shape)}: each is [prompt tokens, output tokens], both >= 1")
+        for key in ("num_requests", "max_active", "token_budget", "repeats", "threads"):
             check_at_least(key, getattr(self, key), 1)
         for r in self.lora_ranks:
             check_at_least("lora_ranks", r, 0)
@@ -436,9 +443,9 @@ class Throughput(Study):
         if self.data_source != "hub" or self.model in PAPER_MODELS:  # dummy weights: random ids, no text
             return
         packed = self.training().eval_corpora if self.trains() else ()
-        for key in ("corpus", "calibration_corpus"):
-            if getattr(self, key) not in packed:
-                raise ValueError(f"{key}={getattr(self, key)!r} with data_source='hub' is read from the held-out sets "
+        for key, value in [("corpora", c) for c in self.corpora] + [("calibration_corpus", self.calibration_corpus)]:
+            if value not in packed:
+                raise ValueError(f"{key}: {value!r} with data_source='hub' is read from the held-out sets "
                                  f"`make pack NB=05_throughput` writes, 04's eval_corpora at this scale: "
                                  f"{list(packed) or 'none (a checkpoint trains nothing: nothing is packed)'}")
 

@@ -20,7 +20,7 @@ def throughput(points: pd.DataFrame, *, study, chance: float | None = None,
     vanilla static (x = 1) and chance accuracy."""
     df = _vanilla_once(points.dropna(subset=["avg_accuracy"]), key="system")
     label = np.where(df["system"].isin(VANILLA), df["system"],
-                     df["system"] + " (" + df["config"] + ", " + df["exit_policy"] + ")")
+                     df["system"] + " (" + df["config"] + ", " + df["exit_policy"] + ")") + _shape_label(df)
     table = df.assign(label=label)[["label", "config", "system", "exit_policy", "kv_policy", "delta_v", "delta_v_min",
                                     "delta_v_max", "avg_accuracy", "accuracy_stderr"]].reset_index(drop=True)
     if len(table) < 2:
@@ -39,7 +39,7 @@ def throughput(points: pd.DataFrame, *, study, chance: float | None = None,
     ax.set(xlabel="throughput / vanilla static batching (measured, min–max over repeats)",
            ylabel="few-shot accuracy as served")
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.suptitle(title(study, what + " ± stderr", where=study.corpus), fontsize=9)
+    fig.suptitle(title(study, what + " ± stderr", where=" + ".join(study.corpora)), fontsize=9)
     return Plot("throughput", table, fig)
 
 
@@ -48,7 +48,8 @@ def step_costs(costs: pd.DataFrame, *, study, what: str = "Time per token by bat
     call, one line per model (vanilla once), log–log with plain-number ticks."""
     df = _vanilla_once(costs, key="model")
     loops = df["model"].str.extract(r"B=(\d+)")[0].fillna("1").astype(int)
-    df = df.assign(ms_per_token=1e3 * (df["block_s"] * loops + df["head_s"]) / df["rows"])
+    df = df.assign(ms_per_token=1e3 * (df["block_s"] * loops + df["head_s"]) / df["rows"],
+                   model=df["model"] + _shape_label(df))
     table = df[["model", "rows", "ms_per_token"]].reset_index(drop=True)
     if table["rows"].nunique() < MIN_LINE_POINTS:
         return table_only("step_costs", table, f"fewer than {MIN_LINE_POINTS} batch sizes: no curve")
@@ -61,7 +62,7 @@ def step_costs(costs: pd.DataFrame, *, study, what: str = "Time per token by bat
     log_axis(ax, "x")
     log_axis(ax, "y")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.suptitle(title(study, what, where=study.corpus), fontsize=9)
+    fig.suptitle(title(study, what, where=" + ".join(study.corpora)), fontsize=9)
     return Plot("step_costs", table, fig)
 
 
@@ -69,7 +70,7 @@ def real_over_bound(df: pd.DataFrame, *, study, what: str = "Measured throughput
     """One bar per system and KV policy (vanilla systems once): measured / bound, with the 0.9 target dashed."""
     d = _vanilla_once(df, key="system")
     d = d.assign(label=np.where(d["system"].isin(VANILLA), d["system"], d["system"] + " (" + d["config"] + ")")
-                 + " [KV " + d["kv_policy"] + "]")
+                 + " [KV " + d["kv_policy"] + "]" + _shape_label(d))
     table = d[["label", "config", "system", "kv_policy", "real_over_bound"]].reset_index(drop=True)
     colours = palette(table["system"])
     fig, axes = figure(6.4, 1.0 + 0.28 * len(table))
@@ -85,7 +86,7 @@ def real_over_bound(df: pd.DataFrame, *, study, what: str = "Measured throughput
            xlim=(0, max(1.1, 1.12 * values.max())))
     ax.tick_params(axis="y", labelsize=7)
     ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle(title(study, what, where=study.corpus), fontsize=9)
+    fig.suptitle(title(study, what, where=" + ".join(study.corpora)), fontsize=9)
     return Plot("real_over_bound", table, fig)
 
 
@@ -97,6 +98,13 @@ def energy_heatmap(energy: pd.DataFrame, rank: int):
     sns.heatmap(grid, vmin=0, vmax=1, cmap="viridis", ax=ax, cbar_kws={"label": "energy captured"})
     ax.set(title=f"Residual energy captured at rank {rank} (eq. 4)")
     return fig
+
+
+def _shape_label(df: pd.DataFrame) -> pd.Series | str:
+    """" 64/256" per row where the table holds more than one App. N setting; else nothing."""
+    if "shape" in df and df["shape"].nunique() > 1:
+        return " " + df["shape"].astype(str)
+    return ""
 
 
 def _vanilla_once(df: pd.DataFrame, *, key: str) -> pd.DataFrame:

@@ -40,9 +40,9 @@ class Study:
 
     def __post_init__(self):
         check_types(self)
-        for f in dataclasses.fields(self):  # YAML gives lists; a frozen study holds tuples
+        for f in dataclasses.fields(self):  # YAML gives lists (of lists); a frozen study holds tuples (of tuples)
             if isinstance(getattr(self, f.name), list):
-                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
+                object.__setattr__(self, f.name, _tuples(getattr(self, f.name)))
         check_choice("scale", self.scale, SCALES)
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
@@ -67,8 +67,7 @@ class Study:
         return []
 
     def to_dict(self) -> dict:
-        return {"notebook": self.notebook, **{f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-                                              for f in dataclasses.fields(self)}}
+        return {"notebook": self.notebook, **{f.name: _lists(getattr(self, f.name)) for f in dataclasses.fields(self)}}
 
     def check_num_blocks(self, key: str, values) -> None:
         """Raise unless every B in `values` divides the model's layer count (a paper-* name: its shape's)."""
@@ -186,3 +185,13 @@ class TrainingStudy(Study):
             run = self.full_size()
             return str(run.final_checkpoint), (run.name,)
         return (None, ()) if teacher == "pretrained" else (teacher, ())
+
+
+def _tuples(value):
+    """Lists, nested too, as tuples (a frozen study's fields)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _lists(value):
+    """Tuples, nested too, as lists (JSON and the parameters cell)."""
+    return [_lists(v) for v in value] if isinstance(value, (list, tuple)) else value

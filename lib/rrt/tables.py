@@ -238,7 +238,8 @@ def table17(deltas: pd.DataFrame) -> pd.DataFrame:
     beside the matching systems (its simulation skipped exited tokens' KV compute: nearest our `copy_kv`)."""
     names = {"tokens_per_s": "tokens/s", "tokens_per_s_min": "tokens/s min", "tokens_per_s_max": "tokens/s max",
              "delta_v": "Δ_V (×)", "delta_seq": "Δ_Seq (×)", "delta_seq_bound": "Δ_Seq at the bounds (×)",
-             "delta_seq_rows": "Δ_Seq in layer rows (×)",
+             "delta_seq_rows": "Δ_Seq in layer rows (×)", "delta_seq_decode": "Δ_Seq decode only (×)",
+             "delta_seq_decode_rows": "Δ_Seq decode only in layer rows (×)", "max_active": "batch",
              "mean_loops_per_token": "mean loops/token",
              "real_over_bound": "real / bound"}
     df = deltas.rename(columns=names)
@@ -248,7 +249,7 @@ def table17(deltas: pd.DataFrame) -> pd.DataFrame:
              for s, c in zip(df["system"], df["config"])]
     for i, col in enumerate(("paper tokens/s", "paper Δ_V (×)", "paper Δ_Seq (×)")):
         df[col] = [p[i] for p in paper]
-    cols = ["config", "system", "exit_policy", "kv_policy", *names.values(), "paper tokens/s", "paper Δ_V (×)",
+    cols = ["shape", "config", "system", "exit_policy", "kv_policy", *names.values(), "paper tokens/s", "paper Δ_V (×)",
             "paper Δ_Seq (×)"]
     return df[[c for c in cols if c in df]].reset_index(drop=True)
 
@@ -263,15 +264,16 @@ def table16(step_costs: pd.DataFrame) -> pd.DataFrame:
     df["block ms/token"] = 1000 * df["block_s"] * loops / df["rows"]
     df["head ms/token"] = 1000 * df["head_s"] / df["rows"]
     vanilla = df["model"].eq("vanilla")
-    df["block time × vanilla"] = df["block ms/token"] / _reference(df, "block ms/token", vanilla, ["config", "rows"])
+    df["block time × vanilla"] = df["block ms/token"] / _reference(df, "block ms/token", vanilla,
+                                                                  [k for k in ("shape", "config", "rows") if k in df])
     fits = df["fits"].astype(bool) if "fits" in df else pd.Series(True, index=df.index)
-    top = df["rows"].where(fits).groupby([df["config"], df["model"]]).transform("max")
+    top = df["rows"].where(fits).groupby([df[k] for k in ("shape", "config", "model") if k in df]).transform("max")
     batch = np.where(df["rows"].eq(1), 1, np.where(df["rows"].eq(top), 43, NAN))  # the paper's max batch: 43
     df["paper block ms/token"] = [PAPER["table16"].get(s, {}).get(b, NAN) for s, b in zip(shape, batch)]
     df["paper batch size"] = pd.Series(batch, index=df.index).where(df["paper block ms/token"].notna())
     vanilla_ms = df["paper batch size"].map(PAPER["table16"][(1, 0)])
     df["paper block time × vanilla"] = df["paper block ms/token"] / vanilla_ms
-    cols = ["config", "model", "rows", "fits", "block ms/token", "head ms/token", "block time × vanilla",
+    cols = ["shape", "config", "model", "rows", "fits", "block ms/token", "head ms/token", "block time × vanilla",
             "paper batch size", "paper block ms/token", "paper block time × vanilla"]
     return df[[c for c in cols if c in df]].rename(columns={"rows": "batch size"}).reset_index(drop=True)
 

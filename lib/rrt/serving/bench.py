@@ -21,14 +21,26 @@ The bound of a system: the engine's own scheduler replayed without compute (`Dry
 exits, same steps) with each step costed by this engine's block, KV-fill and LM-head calls
 measured at that row count (`measure_step_costs`); real / bound is the engine's efficiency. The
 paper's simulator (`simulate`, decode-only, one row per live request) on the same trajectories
-with the same measured costs is reported beside it. `delta_seq_rows` is the compute a system
+with the same measured costs is reported beside it.
+
+Δ_Seq is given twice. `delta_seq` (ours) counts the whole run, prompts included. `delta_seq_decode` is the
+paper's (its simulator counts decode steps only): each system's output tokens after the first over its
+seconds minus its prefill seconds, where the prefill seconds are the same engine serving the same prompts for
+one token (timed in every round, beside the full run). Each has its row bound, `delta_seq_rows` and
+`delta_seq_decode_rows`. `delta_seq_rows` is the compute a system
 saves: its tokens per layer row (one row through one layer call of the block; copy_hidden's
 KV-only fill rows not counted) over continuous batching's, which is what Δ_Seq would be if a
 layer call cost the same per row. Every prompt token runs every loop, so it stays under B / E:
 about B·(P + D) / (B·P + E·D) for P prompt and D output tokens under a copy policy, and about 1
 under `propagate` (exited tokens run their remaining loops wherever a later token reads them).
+`delta_seq_decode_rows` is the same ratio over decode rows only: a prompt token runs all
+L layers in every system (B loops of L / B), so the decode layer rows are the layer rows less L per prompt token.
 Each system runs once as warm-up, then `repeats` rounds, round-robin so load drift hits all
-alike; median with min and max. On CUDA every timed phase is bracketed by `torch.cuda.synchronize` (kernels
+alike; the median seconds (the mean of the middle two for an even count) with min and max.
+
+`memory_cap_bytes` (App. N: 16 GB): each model serves at the largest batch whose weights, the engine's packed
+copies and the KV of that many requests of the longest sequence fit, at most `max_active`
+(`batch_within_cap`; the paper: "batch up to OOM", Tables 16 and 18), the same for every system of that model. On CUDA every timed phase is bracketed by `torch.cuda.synchronize` (kernels
 run asynchronously: an unsynchronised clock times the launches), and each system's peak memory is its own:
 the previous system's engine is freed (its KV pool and packed weights) and the peak statistics reset just
 before each of its rounds; `peak_memory_bytes` is its weights plus the most its round allocated above what
@@ -68,7 +80,9 @@ BASELINES = {"ratio_vs_hf_generate": ("hf_generate_static", "tokens_per_s"),
              "delta_v": ("vanilla_static", "tokens_per_s"),
              "delta_seq": ("vanilla_continuous", "tokens_per_s"),
              "delta_seq_bound": ("vanilla_continuous", "bound_tokens_per_s"),
-             "delta_seq_rows": ("vanilla_continuous", "tokens_per_layer_row")}
+             "delta_seq_rows": ("vanilla_continuous", "tokens_per_layer_row"),
+             "delta_seq_decode": ("vanilla_continuous", "decode_tokens_per_s"),
+             "delta_seq_decode_rows": ("vanilla_continuous", "decode_tokens_per_layer_row")}
 
 
 @dataclass(frozen=True)
@@ -117,9 +131,9 @@ class _System:
     name: str
     model: object
     make: object                     # () -> Engine, or None for HF generate
+    max_active: int                  # its model's batch (`batch_within_cap`)
     exit_policy: str = "none"
-    kv_policy: str = "propagate"
-    dry_policy: object = None        # exits the dry run replays (None: the same policy)
+    kv_policy: str = "-"             # what exited tokens leave in deeper depths: "-" where nothing exits
 
 
 def run_benchmark(model, tokenizer, recursive, *, workload: Workload = Workload(), max_active: int = 8,
@@ -132,41 +146,45 @@ def run_benchmark(model, tokenizer, recursive, *, workload: Workload = Workload(
     exit_policies: {name: policy} of extra (e.g. calibrated confidence) exit policies, each run under
     every KV policy. arrival_rate (requests/s): also serve the queue with Poisson arrivals through
     vanilla continuous batching and CDB + oracle (the first KV policy) and report latency.
-    memory_cap_bytes: the step-cost sweep stops where weights + KV of that many rows would exceed it.
+    memory_cap_bytes: each model's batch is the largest within it, at most max_active (`batch_within_cap`); the
+    step-cost sweep marks the row counts whose KV would exceed it.
     """
     for policy in kv_policies:  # before any compute (the engines are built after the trajectories)
         check_choice("kv_policy", policy, KV_POLICIES)
     samples = workload.samples(tokenizer, model.config.vocab_size)
-    trajectories = replay_trajectories(recursive, samples)
     seq = max(len(s.prompt) + len(s.continuation) for s in samples)
-    requests = lambda: requests_from(samples)  # noqa: E731
+    batch = {id(m): batch_within_cap(m, memory_cap_bytes, seq_len=seq, upper=max_active) for m in (model, recursive)}
+    trajectories = replay_trajectories(recursive, samples)
     b = num_loops(recursive)
     text_oracle = OracleExit({i: [b - 1] * (len(s.prompt) - 1) + t for i, (s, t) in enumerate(zip(samples, trajectories))})
+    requests = lambda: requests_from(samples)  # noqa: E731
+    prefill = lambda: requests_from([Sample(x.prompt, x.continuation[:1], x.source) for x in samples])  # noqa: E731
 
-    def engine(cls, m, policy=None, kv="propagate"):
-        return lambda: cls(m, token_budget=token_budget, max_active=max_active, exit_policy=policy,
-                           max_seq_len=seq, kv_policy=kv, profile=True)
+    def system(name, cls, m, policy=None, kv="propagate", exit_policy="none"):
+        def make():
+            return cls(m, token_budget=token_budget, max_active=batch[id(m)], exit_policy=policy, max_seq_len=seq,
+                       kv_policy=kv, profile=True)
+        return _System(name, m, make, batch[id(m)], exit_policy, kv if exit_policy != "none" else "-")
 
-    systems = [_System("vanilla_static", model, engine(StaticBatchEngine, model)),
-               _System("vanilla_continuous", model, engine(Engine, model)),
-               _System("recursive_no_exit", recursive, engine(Engine, recursive))]
+    systems = [system("vanilla_static", StaticBatchEngine, model), system("vanilla_continuous", Engine, model),
+               system("recursive_no_exit", Engine, recursive)]
     if hf_generate:
-        systems.insert(0, _System("hf_generate_static", model, None))
+        systems.insert(0, _System("hf_generate_static", model, None, batch[id(model)]))
     for kv in kv_policies:
-        systems.append(_System("cdb_oracle", recursive, engine(Engine, recursive, text_oracle, kv), "oracle", kv))
+        systems.append(system("cdb_oracle", Engine, recursive, text_oracle, kv, "oracle"))
     if own_oracle:
         own = _own_oracle(recursive, samples, seq)
         for kv in kv_policies:
-            systems.append(_System("cdb_oracle_own", recursive, engine(Engine, recursive, own, kv),
-                                   "oracle (own output)", kv))
+            systems.append(system("cdb_oracle_own", Engine, recursive, own, kv, "oracle (own output)"))
     if lora_ablation and lora_modules(recursive):
         bare = copy.deepcopy(recursive)
         truncate_lora(bare, 0)
+        batch[id(bare)] = batch[id(recursive)]
         for kv in kv_policies:
-            systems.append(_System("cdb_oracle_no_lora", bare, engine(Engine, bare, text_oracle, kv), "oracle", kv))
+            systems.append(system("cdb_oracle_no_lora", Engine, bare, text_oracle, kv, "oracle"))
     for name, policy in (exit_policies or {}).items():
         for kv in kv_policies:
-            systems.append(_System(f"cdb_{name}", recursive, engine(Engine, recursive, policy, kv), name, kv))
+            systems.append(system(f"cdb_{name}", Engine, recursive, policy, kv, name))
 
     models = {id(s.model): s.model for s in systems}
     measured: dict[int, list[pd.DataFrame]] = {k: [] for k in models}
@@ -179,35 +197,42 @@ def run_benchmark(model, tokenizer, recursive, *, workload: Workload = Workload(
         if round_:  # step costs measured in every timed round: drift of the machine hits both sides of real / bound
             for k, m in models.items():
                 measured[k].append(measure_step_costs(m, max_rows=token_budget, context_len=workload.prefix_len
-                                                      + workload.decode_len // 2, max_active=max_active, seq_len=seq,
+                                                      + workload.decode_len // 2, max_active=batch[k], seq_len=seq,
                                                       memory_cap_bytes=memory_cap_bytes))
         for i, s in enumerate(systems):
-            resident = _release_and_reset(s.model)
-            result = _time_hf(s.model, requests, max_active) if s.make is None else _time_engine(s.make, requests)
-            result["peak"] = _peak(s.model, resident)
+            result = {}
+            for part, reqs in (("prefill", prefill), ("", requests)):  # the prompts alone (one token each), then all
+                resident = _release_and_reset(s.model)
+                timed = _time_hf(s.model, reqs, s.max_active) if s.make is None else _time_engine(s.make, reqs)
+                if part:
+                    result["prefill_seconds"] = timed["seconds"]
+                else:
+                    result.update(timed, peak=_peak(s.model, resident))
             if round_:
                 runs[i].append(result)
     costs = {k: median_costs(v) for k, v in measured.items()}
     rows = []
     for i, s in enumerate(systems):
-        median = sorted(runs[i], key=lambda r: r["seconds"])[len(runs[i]) // 2]
+        run = _median_run(runs[i])
         if s.make is None:
-            bound = hf_bound(samples, max_active, costs[id(s.model)])
+            bound = hf_bound(samples, s.max_active, costs[id(s.model)])
         else:
-            recorded = None if s.exit_policy in ("none", "oracle", "oracle (own output)") else median["exit_loops"]
+            recorded = None if s.exit_policy in ("none", "oracle", "oracle (own output)") else run["exit_loops"]
             bound = _dry_bound(s, requests, costs[id(s.model)], recorded)
-        rows.append(_row(s, median, runs[i], bound))
+        rows.append(_row(s, run, runs[i], bound, prompt_tokens=sum(len(x.prompt) for x in samples),
+                         num_requests=len(samples)))
     systems_df = pd.DataFrame(rows)
     for column, (base, rate) in BASELINES.items():
         if base in set(systems_df["system"]):
             ref = systems_df.loc[systems_df["system"] == base, rate].iloc[0]
             systems_df[column] = systems_df[rate] / ref
     step_costs = pd.concat([costs[k].assign(model=_model_name(m)) for k, m in models.items()], ignore_index=True)
-    paper = paper_sim(trajectories, costs[id(model)], costs[id(recursive)], b, max_active)
+    paper = paper_sim(trajectories, costs[id(model)], costs[id(recursive)], b, batch[id(recursive)])
     latency = pd.DataFrame()
     if arrival_rate:
         latency = _poisson(systems, samples, arrival_rate, workload.seed)
     settings = {"workload": asdict(workload), "max_active": max_active, "token_budget": token_budget,
+                "batch": {_model_name(m): batch[id(m)] for m in (model, recursive)},
                 "repeats": repeats, "kv_policies": list(kv_policies), "arrival_rate": arrival_rate,
                 "memory_cap_bytes": memory_cap_bytes, "mean_loops": mean_loops(trajectories),
                 "num_blocks": b, "device": _device_name(model), "dtype": str(model.dtype).removeprefix("torch.")}
@@ -215,6 +240,34 @@ def run_benchmark(model, tokenizer, recursive, *, workload: Workload = Workload(
 
 
 # ---------------------------------------------------------------------- step costs and the bound
+
+
+def batch_within_cap(model, cap_bytes: int | None, *, seq_len: int, upper: int) -> int:
+    """The largest batch (live requests) of `model` whose weights, the engine's packed copies of them and the KV
+    of that many `seq_len`-token requests fit `cap_bytes`, at most `upper`; `upper` without a cap. Raises, naming
+    the sizes, when not even one request fits."""
+    if not cap_bytes:
+        return upper
+    held = weight_bytes(model) + Engine(model, max_active=1, max_seq_len=seq_len).packed_bytes
+    per_request = seq_len * kv_bytes_per_token(model)
+    fits = (cap_bytes - held) // per_request
+    if fits < 1:
+        raise ValueError(f"memory cap {cap_bytes / 2**30:.2f} GiB holds no request of {_model_name(model)}: "
+                         f"weights and packed copies take {held / 2**30:.2f} GiB, one request's KV "
+                         f"{per_request / 2**20:.1f} MiB ({seq_len} tokens)")
+    return int(min(upper, fits))
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The round at the median seconds: with an even count, the mean of the middle two rounds' seconds (and
+    prefill seconds) on the faster one's record."""
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    mid = ordered[(len(ordered) - 1) // 2]
+    if len(ordered) % 2:
+        return mid
+    pair = ordered[len(ordered) // 2 - 1:len(ordered) // 2 + 1]
+    return {**mid, "seconds": sum(r["seconds"] for r in pair) / 2,
+            "prefill_seconds": sum(r["prefill_seconds"] for r in pair) / 2}
 
 
 def _dry_bound(s: _System, requests, costs, recorded) -> float:
@@ -249,8 +302,7 @@ def _time_hf(model, requests, max_active) -> dict:
     start = _clock(model.device)
     latency = hf_static_generate(model, reqs, max_active=max_active)
     return {"seconds": _clock(model.device) - start, "tokens": sum(r.max_new_tokens for r in reqs),
-            "latency": list(latency.values()), "seq": max(len(r.prompt) + r.max_new_tokens for r in reqs),
-            "max_active": max_active}
+            "latency": list(latency.values()), "seq": max(len(r.prompt) + r.max_new_tokens for r in reqs)}
 
 
 def _clock(device) -> float:
@@ -260,14 +312,18 @@ def _clock(device) -> float:
     return time.perf_counter()
 
 
-def _row(s: _System, run: dict, runs: list[dict], bound: float) -> dict:
-    """One system's row: throughput (median, min, max over repeats), bound, profile, exits, memory."""
+def _row(s: _System, run: dict, runs: list[dict], bound: float, *, prompt_tokens: int, num_requests: int) -> dict:
+    """One system's row: throughput (median, min, max over repeats), decode-only throughput, bound, profile, exits,
+    memory."""
     lat = torch.tensor(run["latency"], dtype=torch.float64)
     engine = "stats" in run
     tokens = run["stats"]["tokens"] if engine else run["tokens"]
     seconds = [r["seconds"] for r in runs]
+    decode_s = run["seconds"] - run["prefill_seconds"]
     row = {"system": s.name, "model": _model_name(s.model), "exit_policy": s.exit_policy, "kv_policy": s.kv_policy,
-           "tokens": tokens, "seconds": run["seconds"], "repeats": len(seconds),
+           "max_active": s.max_active, "tokens": tokens, "seconds": run["seconds"], "repeats": len(seconds),
+           "prefill_seconds": run["prefill_seconds"],
+           "decode_tokens_per_s": (tokens - num_requests) / decode_s if decode_s > 0 else float("nan"),
            "tokens_per_s": tokens / run["seconds"], "tokens_per_s_min": tokens / max(seconds),
            "tokens_per_s_max": tokens / min(seconds), "ms_per_token": 1e3 * run["seconds"] / tokens,
            "bound_s": bound, "bound_tokens_per_s": tokens / bound, "real_over_bound": bound / run["seconds"],
@@ -284,10 +340,13 @@ def _row(s: _System, run: dict, runs: list[dict], bound: float) -> dict:
                     "mean_loops_per_token": sum((b + 1) * n for b, n in enumerate(exits)) / max(sum(exits), 1),
                     "propagation_rows": s_["propagation_items"], "filled_rows": s_["filled_rows"],
                     "layer_rows": layer_rows, "tokens_per_layer_row": tokens / max(layer_rows, 1),
+                    # a prompt token runs every layer once in every system (B loops of L / B layers)
+                    "decode_tokens_per_layer_row": (tokens - num_requests) / max(
+                        layer_rows - prompt_tokens * run["num_shared"] * num_loops(s.model), 1),
                     "schedule_s": p.schedule_s, "block_s": p.block_s, "attn_s": p.attn_s, "route_s": p.route_s,
                     "head_s": p.head_s, "score_waste": p.score_waste})
     else:
-        kv_pool, packed = run["max_active"] * run["seq"] * kv_bytes_per_token(s.model), 0
+        kv_pool, packed = s.max_active * run["seq"] * kv_bytes_per_token(s.model), 0
     peak = (max(r["peak"] for r in runs) if s.model.device.type == "cuda"
             else weight_bytes(s.model) + packed + kv_pool)
     row.update({"weight_bytes": weight_bytes(s.model), "packed_bytes": packed,
@@ -390,9 +449,9 @@ def dummy_model(name: str, *, device: str = "cpu", dtype: torch.dtype = torch.fl
     return model.eval()
 
 
-SUMMARY_COLUMNS = ["system", "model", "exit_policy", "kv_policy", "tokens_per_s", "tokens_per_s_min",
+SUMMARY_COLUMNS = ["system", "model", "exit_policy", "kv_policy", "max_active", "tokens_per_s", "tokens_per_s_min",
                    "tokens_per_s_max", "ratio_vs_hf_generate", "delta_v", "delta_seq", "delta_seq_bound",
-                   "delta_seq_rows", "real_over_bound", "mean_loops_per_token", "steps", "mean_rows_per_step",
+                   "delta_seq_rows", "delta_seq_decode", "delta_seq_decode_rows", "real_over_bound", "mean_loops_per_token", "steps", "mean_rows_per_step",
                    "score_waste", "latency_p50_s", "latency_p99_s"]
 
 

@@ -4,8 +4,8 @@ store, through rrt.runs), each benchmarked against every system, scored as serve
 At cluster scale (`data_source: hub`) the requests and the calibration text come from the packed held-out sets
 that `make pack` wrote for the served models' recipe (04's `eval_corpora`), never from the hub: 05's job runs
 offline. The calibration sequences are exactly what packing the streamed corpus would give (the same token
-stream, cut at 128); the requests are whole documents of that stream, shuffled by the seed, where the embedded
-path shuffles the corpus's documents (`rrt.serving.workload.corpus_samples`).
+stream, cut at 128); the requests are windows of prompt + output tokens of that stream's documents, shuffled
+by the seed, where the embedded path shuffles the corpus's documents (`rrt.serving.workload.corpus_samples`).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def served_models(study, original, tokenizer) -> dict:
         return {f"B={b} r={r}": convert(original, RecursiveSpec(num_blocks=b, lora_rank=r))
                 for b in study.num_blocks for r in study.lora_ranks}
     served = study.served()
-    runs = [run for pair in served.values() for run in pair]
+    runs = study.runs()  # the KD teacher, then every served model's uptraining and post-training
     if not all(run.trained() for run in runs):
         if study.read_only:  # the sweep's notebook job: its waves trained these runs
             check_done(runs, lambda run: run.trained(), study.notebook, "trained")
@@ -61,18 +61,20 @@ def throughput_study(study, original, tokenizer) -> dict[str, pd.DataFrame]:
     exit × KV policy as served (`quality`), and few-shot accuracy as served (`accuracy`). `deltas`
     is Tables 17/19: Δ_V (vs vanilla static) and Δ_Seq (vs vanilla continuous) per system; `targets`
     the serving targets per served model (`rrt.serving.targets`).
+
+    Every model is benchmarked in each App. N setting (`shapes`) on each held-out set (`corpora`), each model at
+    the largest batch within `memory_cap_gb` (`bench.batch_within_cap`); `throughput_by_corpus` keeps each set's
+    rows, the other tables average them per setting (App. N: the average over three held-out sets).
     """
-    corpus, _, split = study.corpus.partition("/")
-    fields = dict(corpus=corpus, split=split, source=study.data_source, num_requests=study.num_requests,
-                  prefix_len=study.prefix_len, decode_len=study.decode_len, seed=study.seed)
     cap = int(study.memory_cap_gb * 2**30) or None
     scored = bool(study.tasks) and tokenizer is not None  # dummy-weight models have no tokenizer
-    if study.data_source == "hub" and tokenizer is not None:
-        evals = load_data(study.training().data_spec(), tokenizer).evals  # make pack's shards
-        workload = PackedWorkload(packed_stream(evals[study.corpus], tokenizer), tokenizer, **fields)
+    evals = (load_data(study.training().data_spec(), tokenizer).evals  # make pack's shards
+             if study.data_source == "hub" and tokenizer is not None else None)
+    workloads = {(shape, corpus): _workload(study, shape, corpus, evals, tokenizer)
+                 for shape in study.shapes for corpus in study.corpora}
+    if evals is not None:
         heldout = repack(packed_stream(evals[study.calibration_corpus], tokenizer), tokenizer)
     else:
-        workload = Workload(**fields)
         heldout = heldout_text(tokenizer, study.calibration_corpus, vocab_size=original.config.vocab_size,
                                source=study.data_source, seed=study.seed)
     tables = {k: [] for k in ("throughput", "step_costs", "paper_sim", "latency", "calibration", "quality", "accuracy")}
@@ -84,23 +86,25 @@ def throughput_study(study, original, tokenizer) -> dict[str, pd.DataFrame]:
     grid = GridProgress(len(models), desc="served models")
     for config, rec in models.items():
         grid.start(config)
-        grid.note("benchmark")
         b = num_loops(rec)
         tag = {"config": config, "num_blocks": b}
         policies, calibration = calibrated_policies(rec, heldout, study.exit_policies,
                                                     target_agreement=study.target_agreement)
         tables["calibration"] += [{**tag, **row, "corpus": study.calibration_corpus} for row in calibration]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            result = run_benchmark(original, tokenizer, rec, workload=workload, max_active=study.max_active,
-                                   token_budget=study.token_budget, repeats=study.repeats,
-                                   kv_policies=tuple(study.kv_policies), exit_policies=policies,
-                                   arrival_rate=study.arrival_rate or None, memory_cap_bytes=cap)
-        for name, df in result.tables().items():
-            key = "throughput" if name == "bench" else name
-            if key == "throughput":  # what the numbers ran on
-                df = df.assign(device=result.settings["device"], dtype=result.settings["dtype"])
-            tables[key].append(df.assign(**tag, mean_loops_replayed=result.mean_loops))
+        for ((prefix, decode), corpus), workload in workloads.items():
+            grid.note(f"benchmark {prefix}/{decode} on {corpus}")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = run_benchmark(original, tokenizer, rec, workload=workload, max_active=study.max_active,
+                                       token_budget=study.token_budget, repeats=study.repeats,
+                                       kv_policies=tuple(study.kv_policies), exit_policies=policies,
+                                       arrival_rate=study.arrival_rate or None, memory_cap_bytes=cap)
+            setting = {"shape": f"{prefix}/{decode}", "corpus": corpus}
+            for name, df in result.tables().items():
+                key = "throughput" if name == "bench" else name
+                if key == "throughput":  # what the numbers ran on
+                    df = df.assign(device=result.settings["device"], dtype=result.settings["dtype"])
+                tables[key].append(df.assign(**tag, **setting, mean_loops_replayed=result.mean_loops))
         exits = {"none": "none", "oracle": "oracle", **policies}
         for (name, policy), kv in itertools.product(exits.items(), study.kv_policies):
             if name == "none" and kv != study.kv_policies[0]:
@@ -119,15 +123,47 @@ def throughput_study(study, original, tokenizer) -> dict[str, pd.DataFrame]:
     grid.close()
     out = {k: pd.concat(v, ignore_index=True) if v and isinstance(v[0], pd.DataFrame) else pd.DataFrame(v)
            for k, v in tables.items()}
+    out["throughput_by_corpus"] = out["throughput"]
+    out["throughput"] = average_corpora(out["throughput"], ["shape", "config", "num_blocks", "system", "model",
+                                                            "exit_policy", "kv_policy", "device", "dtype"])
+    out["step_costs"] = average_corpora(out["step_costs"], ["shape", "config", "model", "rows"])
     out["deltas"] = deltas(out["throughput"])
     out["targets"] = targets(out["throughput"])
-    out["max_batch"] = max_batch(out["step_costs"]) if len(out["step_costs"]) else pd.DataFrame()
+    out["max_batch"] = max_batch(out["throughput"])
     return out
 
 
+def _workload(study, shape, corpus_split, evals, tokenizer) -> Workload:
+    """App. N's queue of one setting (prompt, output tokens) on one held-out set: from `make pack`'s shards at
+    cluster scale (`evals`), else the corpus itself."""
+    corpus, _, split = corpus_split.partition("/")
+    fields = dict(corpus=corpus, split=split, source=study.data_source, num_requests=study.num_requests,
+                  prefix_len=shape[0], decode_len=shape[1], seed=study.seed)
+    if evals is not None:
+        return PackedWorkload(packed_stream(evals[corpus_split], tokenizer), tokenizer, **fields)
+    return Workload(**fields)
+
+
+def average_corpora(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """The mean over held-out sets of every numeric column, per `keys` (App. N averages its three sets); the
+    sets averaged in `corpus` ("a + b + c"). Text columns that vary by set (exits per loop) are dropped."""
+    if df.empty or "corpus" not in df:
+        return df
+    keys = [k for k in keys if k in df]
+    numeric = [c for c in df.select_dtypes("number").columns if c not in keys]
+    flags = [c for c in df.select_dtypes("bool").columns if c not in keys]  # e.g. fits: all sets must fit
+    grouped = df.groupby(keys, sort=False, dropna=False)
+    out = grouped[numeric].mean()
+    if flags:
+        out = out.join(grouped[flags].all())
+    corpora = " + ".join(dict.fromkeys(df["corpus"]))
+    return out.reset_index().assign(corpus=corpora)
+
+
 class PackedWorkload(Workload):
-    """App. N's queue cut from the documents of a packed held-out set: `num_requests` distinct documents, shuffled
-    by the seed, each long enough for a prompt and one continuation token (as `corpus_samples` cuts them).
+    """App. N's queue cut from the documents of a packed held-out set: each document split into consecutive windows
+    of a prompt and its continuation (a long PG19 book gives many requests; App. N samples 20K), `num_requests` of
+    the windows long enough for a prompt and one continuation token, shuffled by the seed.
 
     Not a dataclass of its own: the benchmark's settings (`asdict(workload)`) keep Workload's fields only."""
 
@@ -142,14 +178,18 @@ class PackedWorkload(Workload):
         body = self.prefix_len - len(head)
         ends = np.flatnonzero(self.stream == self.eos)  # documents are joined by EOS; the tail after the last is cut
         docs = [self.stream[a:b] for a, b in zip(np.concatenate([[0], ends[:-1] + 1]), ends)]
-        order = list(range(len(docs)))
-        random.Random(self.seed).shuffle(order)
-        picked = [k for k in order if len(docs[k]) > body][:self.num_requests]
-        if len(picked) < self.num_requests:
-            raise ValueError(f"{self.corpus}/{self.split} (packed): only {len(picked)} of {len(docs)} documents have "
-                             f"more than {body} tokens; need num_requests={self.num_requests}")
-        return [Sample(head + docs[k][:body].tolist(), docs[k][body:body + self.decode_len].tolist(),
-                       f"{self.corpus}/{self.split}[packed document {k}]") for k in picked]
+        width = body + self.decode_len
+        windows = [(k, start) for k, doc in enumerate(docs) for start in range(0, len(doc), width)
+                   if len(doc) - start > body]
+        random.Random(self.seed).shuffle(windows)
+        if len(windows) < self.num_requests:
+            raise ValueError(f"{self.corpus}/{self.split} (packed): its {len(docs)} documents give {len(windows)} "
+                             f"windows of {body} prompt + {self.decode_len} output tokens; need num_requests="
+                             f"{self.num_requests} (pack more held-out sequences: max_eval_seqs)")
+        return [Sample(head + docs[k][start:start + body].tolist(),
+                       docs[k][start + body:start + width].tolist(),
+                       f"{self.corpus}/{self.split}[packed document {k}, token {start}]")
+                for k, start in windows[:self.num_requests]]
 
 
 def packed_stream(seqs, tokenizer) -> np.ndarray:
@@ -170,23 +210,27 @@ def repack(stream: np.ndarray, tokenizer, *, seqs: int = 16, seq_len: int = 128)
 
 def deltas(throughput: pd.DataFrame) -> pd.DataFrame:
     """Tables 17/19: per served model and system, tokens/s and Δ_V / Δ_Seq (× vanilla static / continuous)."""
-    cols = ["config", "system", "exit_policy", "kv_policy", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max",
-            "delta_v", "delta_seq", "delta_seq_bound", "delta_seq_rows", "ratio_vs_hf_generate", "real_over_bound",
-            "mean_loops_per_token"]
+    cols = ["shape", "config", "system", "exit_policy", "kv_policy", "max_active", "tokens_per_s", "tokens_per_s_min",
+            "tokens_per_s_max", "delta_v", "delta_seq", "delta_seq_bound", "delta_seq_rows", "delta_seq_decode",
+            "delta_seq_decode_rows", "ratio_vs_hf_generate", "real_over_bound", "mean_loops_per_token"]
     return throughput[[c for c in cols if c in throughput]].copy()
 
 
 def targets(throughput: pd.DataFrame) -> pd.DataFrame:
     """Per served model, the serving targets read off its benchmark rows (`rrt.serving.targets`)."""
-    out = pd.concat([targets_table(rows).assign(config=config)
-                     for config, rows in throughput.groupby("config", sort=False)], ignore_index=True)
-    return out[["config", *(c for c in out.columns if c != "config")]]
+    keys = [k for k in ("shape", "config") if k in throughput]
+    out = pd.concat([targets_table(rows).assign(**dict(zip(keys, key)))
+                     for key, rows in throughput.groupby(keys, sort=False)], ignore_index=True)
+    return out[[*keys, *(c for c in out.columns if c not in keys)]]
 
 
-def max_batch(step_costs: pd.DataFrame) -> pd.DataFrame:
-    """Per model: the largest measured row count within the memory cap (Tables 16/18's max batch)."""
-    fits = step_costs[step_costs["fits"]]
-    return fits.groupby(["config", "model"])["rows"].max().rename("max_rows_within_cap").reset_index()
+def max_batch(throughput: pd.DataFrame) -> pd.DataFrame:
+    """Per setting and model: the batch it served at, the largest within the memory cap up to max_active (Tables 16
+    and 18's max batch), with its weights and KV per token."""
+    if throughput.empty:
+        return pd.DataFrame()
+    cols = ["shape", "model", "max_active", "weight_bytes", "kv_bytes_per_token"]
+    return throughput[[c for c in cols if c in throughput]].drop_duplicates(["shape", "model"]).reset_index(drop=True)
 
 
 def throughput_vs_accuracy(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:

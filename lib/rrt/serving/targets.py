@@ -3,25 +3,24 @@
     python -m rrt targets outputs/examples/serving/cpu-64-256/b2-r0 [more bench directories]
 
 prints one table over the directories and writes `targets.csv` into each (`rrt.serving.bench`
-writes it itself from now on). The targets (issue "Fig. 8 measured, not simulated"):
+writes it itself). The targets (issue "The paper's final models and its serving study"):
 
-- `real_over_bound`: each system's throughput over its own bound ≥ 0.90;
-- `delta_seq_over_b_over_e`: CDB + oracle over continuous sequence-wise batching (Δ_Seq), as a
-  fraction of B / E (B loops, E the run's mean loops per output token) ≥ 0.90;
+- `real_over_bound`: each engine system's throughput over its own bound ≥ 0.90 (HF `generate` is
+  reported in the bench table, not targeted: its bound prices calls it does not make the same way);
 - `ratio_vs_hf_generate`: CDB + oracle over HF `generate` at the same batch ≥ 1.5;
+- `delta_seq`: CDB + oracle over our continuous sequence-wise batching (Δ_Seq, prompts included) ≥ 1.2;
+- `delta_seq_over_row_bound`: Δ_Seq over its row bound `delta_seq_rows` (what Δ_Seq would be if a
+  layer call cost the same per row: the compute the system saves) ≥ 0.90;
+- `delta_seq_decode_over_row_bound`: the paper's Δ_Seq (decode time only, `delta_seq_decode`) over its
+  row bound over decode rows (`delta_seq_decode_rows`) ≥ 0.90;
 - `lora_cost`: the throughput LoRA costs, 1 − CDB + oracle / the same model without its LoRA on the
   same trajectories, ≤ 0.15.
 
-`at_equal_row_cost` is the value `delta_seq_over_b_over_e` would take if a layer call cost the same
-per row in both systems: the system's tokens per layer row over continuous batching's
-(`delta_seq_rows`), over B / E. Where CDB's calls run as many rows as continuous batching's (a copy
-policy: one row per live request per call, as continuous batching runs one per request per forward),
-it is the most the target can reach, before the LM head CDB runs at every call where a token exits.
-`propagate` runs its exited tokens' remaining loops as extra rows in the same calls, which cost
-less per row, so it can exceed it. Every prompt token runs every loop, so under a copy policy it is
-about E·(P + D) / (B·P + E·D) for P prompt and D output tokens, and it reaches 0.9 only if
-E ≥ 0.9·B·P / (P + 0.1·D): at App. N's 1 : 4 prompt-to-output shapes E ≥ 0.64·B (1.93 loops of 3,
-1.29 of 2). The more a model exits, the further the target sits above what it can save.
+`row_bound` is, for the two row-bound targets, the row bound itself. Every prompt token runs every
+loop, so under a copy policy the prompts-included bound is about E·(P + D) / (B·P + E·D) of B / E for P
+prompt and D output tokens and E mean loops per output token; the decode-only bound is about B / E.
+`propagate` runs its exited tokens' remaining loops as extra rows in the same calls, which cost less per
+row, so its Δ_Seq can exceed its row bound.
 """
 from __future__ import annotations
 
@@ -46,10 +45,15 @@ class Target:
         return value >= self.threshold if self.at_least else value <= self.threshold
 
 
-TARGETS = {t.name: t for t in (Target("real_over_bound", 0.90, True), Target("delta_seq_over_b_over_e", 0.90, True),
-                               Target("ratio_vs_hf_generate", 1.5, True), Target("lora_cost", 0.15, False))}
+TARGETS = {t.name: t for t in (Target("real_over_bound", 0.90, True), Target("ratio_vs_hf_generate", 1.5, True),
+                               Target("delta_seq", 1.2, True), Target("delta_seq_over_row_bound", 0.90, True),
+                               Target("delta_seq_decode_over_row_bound", 0.90, True),
+                               Target("lora_cost", 0.15, False))}
 ORACLE_SYSTEMS = ("cdb_oracle", "cdb_oracle_own")  # replayed text trajectories, the model's own output's
-COLUMNS = ["target", "system", "model", "exit_policy", "kv_policy", "value", "threshold", "met", "at_equal_row_cost"]
+# (target, Δ column, its row bound): Δ_Seq with prompts (ours), and decode time only (the paper's)
+ROW_BOUNDS = (("delta_seq_over_row_bound", "delta_seq", "delta_seq_rows"),
+              ("delta_seq_decode_over_row_bound", "delta_seq_decode", "delta_seq_decode_rows"))
+COLUMNS = ["target", "system", "model", "exit_policy", "kv_policy", "value", "threshold", "met", "row_bound"]
 
 
 def model_loops_and_rank(model: str) -> tuple[int, int]:
@@ -73,16 +77,18 @@ def targets_table(bench: pd.DataFrame) -> pd.DataFrame:
         t = TARGETS[target]
         rows.append({"target": target, "system": r.system, "model": r.model, "exit_policy": r.exit_policy,
                      "kv_policy": r.kv_policy, "value": value, "threshold": t.threshold, "met": t.met(value),
-                     "at_equal_row_cost": equal_cost})
+                     "row_bound": equal_cost})
 
-    for r in df.itertuples():
+    for r in df[df.system != "hf_generate_static"].itertuples():
         add("real_over_bound", r, r.real_over_bound)
-    for r in df[df.system.isin(ORACLE_SYSTEMS)].itertuples():
-        b_over_e = model_loops_and_rank(r.model)[0] / r.mean_loops_per_token
-        add("delta_seq_over_b_over_e", r, r.delta_seq / b_over_e, r.delta_seq_rows / b_over_e)
-    if "ratio_vs_hf_generate" in df:
-        for r in df[df.system.isin(ORACLE_SYSTEMS)].itertuples():
+    oracle = df[df.system.isin(ORACLE_SYSTEMS)]
+    for r in oracle.itertuples():
+        if "ratio_vs_hf_generate" in df:
             add("ratio_vs_hf_generate", r, r.ratio_vs_hf_generate)
+        add("delta_seq", r, r.delta_seq)
+        for target, delta, bound in ROW_BOUNDS:
+            if {delta, bound} <= set(df):  # a bench.csv from before the decode-only Δ has no decode columns
+                add(target, r, getattr(r, delta) / getattr(r, bound), getattr(r, bound))
     bare = df[df.system == "cdb_oracle_no_lora"].set_index("kv_policy")["tokens_per_s"]
     for r in df[df.system == "cdb_oracle"].itertuples():
         if r.kv_policy in bare and model_loops_and_rank(r.model)[1] > 0:
