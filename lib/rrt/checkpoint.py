@@ -22,7 +22,7 @@ from rrt.spec import spec_of
 
 WEIGHTS = "model.safetensors"
 TRAINING_STATE = "training_state.pt"  # beside the weights in rrt.train's checkpoints: step, scheduler
-MANIFEST = "manifest.json"  # written last by save and train: each file's size and sha256 (train's: the step, the config hash)
+MANIFEST = "manifest.json"  # written last by save and train: each file's size and sha256 (train: step, config hash)
 PROCESS_STATE = "rank{rank}.pt"  # beside them in rrt.train's checkpoints: one process's RNG and optimiser state
 _PROCESS_STATE_NAME = re.compile(r"rank\d+\.pt")  # PROCESS_STATE for any rank
 
@@ -129,7 +129,7 @@ def verify_manifest(path: str | Path, *, process_state: bool = True) -> dict:
             raise CheckpointError(f"{file} is missing (listed in {path / MANIFEST})")
         if file.stat().st_size != want["bytes"]:
             raise CheckpointError(f"{file} has {file.stat().st_size} bytes, the manifest says {want['bytes']} "
-                                  f"(truncated?)")
+                                  f"(truncated or rewritten?)")
         found = _sha256(file)
         if found != want["sha256"]:
             raise CheckpointError(f"{file}: sha256 differs from {path / MANIFEST}'s (expected {want['sha256']}, "
@@ -208,8 +208,10 @@ def fsync_path(path: str | Path) -> None:
 def load(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> nn.Module:
     """Return the model saved by `save`, ties and LoRAs rebuilt from its spec; needs no original model.
 
-    Also reads a plain HF single-file checkpoint (GPT-NeoX's head under either name). A spec that does
-    not match the stored tensors (a hand-edited config.rrt) is refused naming the tensors, never loaded.
+    Also reads a plain HF single-file checkpoint (GPT-NeoX's head under either name). The files are first
+    verified against the directory's manifest (CheckpointError naming an altered one; a directory without a
+    manifest loads with an UnverifiedCheckpointWarning). A spec that does not match the stored tensors (a
+    hand-edited config.rrt, its manifest rewritten) is refused naming the tensors, never loaded.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -230,7 +232,8 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu"
 
 def load_into(model: nn.Module, path: str | Path) -> int | None:
     """Copy a `save` directory's unique tensors into `model` in place (ties survive); return the training
-    step stored beside them (an rrt.train checkpoint), or None. The model must have exactly those tensors."""
+    step stored beside them (an rrt.train checkpoint), or None. The model must have exactly those tensors;
+    the files are verified against the manifest as `load` does."""
     path = _checked(path)
     state, own = load_file(path / WEIGHTS), unique_state_dict(model)
     if set(state) != set(own):
@@ -244,7 +247,8 @@ def load_into(model: nn.Module, path: str | Path) -> int | None:
 
 def _checked(path: str | Path) -> Path:
     """Return `path` once its weights (and config, tokenizer, training state) match its manifest; without one,
-    warn (UnverifiedCheckpointWarning) and go on: rrt.save wrote none before 2026-12, nor does transformers."""
+    warn (UnverifiedCheckpointWarning) and go on: older rrt.save wrote none, nor does transformers, and
+    refusing would strand those directories (a strict caller turns the warning into an error)."""
     path = Path(path)
     if not (path / WEIGHTS).exists():
         raise ValueError(f"{path} holds no {WEIGHTS}: not a directory written by rrt.save")

@@ -101,9 +101,10 @@ def save_checkpoint(run_dir: Path, step: int, run, config: TrainConfig, last_goo
     or a full disk leaves the last one); refuse non-finite weights before writing anything.
 
     The model is written once, by the main process (gathered whole from its shards under fsdp; each shared
-    tensor once). `rank{r}.pt` (PROCESS_STATE) holds process r's RNG states and, under fsdp, its own shard of the optimizer
-    state; under DDP the state is the same on every process and only rank0.pt holds it. Each process hashes
-    its file as it writes it, and every collective here runs on `run.group` (a long timeout), so no
+    tensor once). `rank{r}.pt` (PROCESS_STATE) holds process r's RNG states and, under fsdp, its own shard of
+    the optimizer state; under DDP the state is the same on every process and only rank0.pt holds it. Each
+    process hashes its file as it writes it (a full disk: an OSError naming the file and the bytes needed, the
+    temp dir removed), and every collective here runs on `run.group` (a long timeout), so no
     process waits on checkpoint I/O inside the training collectives' (NCCL's) 10-minute timeout.
     The last checkpoint of a run holds the model and step only: optimiser moments (twice the model's size) and
     RNG states could only serve more steps, and a longer run is another config, refused here.
