@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import load_file
 
 import rrt
-from rrt.checkpoint import WEIGHTS
+from rrt.checkpoint import MANIFEST, WEIGHTS, UnverifiedCheckpointWarning, write_manifest
 from tests.test_recursive import assert_tied
 
 
@@ -51,6 +51,7 @@ def test_load_refuses_a_spec_that_does_not_fit_the_layers(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["rrt"]["num_blocks"] = 4  # 6 layers
     (tmp_path / "config.json").write_text(json.dumps(config))
+    write_manifest(tmp_path)  # edited on purpose: vouched for (else the load refuses the altered config.json)
     with pytest.raises(ValueError, match="config.rrt does not fit this model: num_blocks=4 does not divide "
                                          "the 6 layers.*valid values: 1, 2, 3, 6"):
         rrt.load(tmp_path)
@@ -87,6 +88,7 @@ def _edit_config(path, edit):
     config = json.loads((path / "config.json").read_text())
     edit(config["rrt"])
     (path / "config.json").write_text(json.dumps(config))
+    write_manifest(path)  # edited on purpose: vouched for (else the load refuses the altered config.json)
 
 
 def test_load_refuses_num_blocks_edited_to_another_divisor(tmp_path):
@@ -123,9 +125,10 @@ def test_load_reads_gpt_neox_heads_under_either_name(tmp_path):
     state = load_file(tmp_path / "rec" / WEIGHTS)
     state["embed_out.weight"] = state.pop("lm_head.weight")
     save_file(state, tmp_path / "rec" / WEIGHTS)
+    (tmp_path / "rec" / MANIFEST).unlink()  # rrt.save wrote none then
     model.save_pretrained(tmp_path / "hf")  # stores embed_out.weight, the hub's name
     x = torch.randint(3, 99, (2, 11))
-    with torch.no_grad():
+    with torch.no_grad(), pytest.warns(UnverifiedCheckpointWarning, match="manifest.json is missing"):
         assert torch.equal(rrt.load(tmp_path / "rec")(x).logits, rec(x).logits)
         assert torch.equal(rrt.load(tmp_path / "hf")(x).logits, model(x).logits)
 
@@ -163,7 +166,7 @@ def test_a_manifest_verifies_a_saved_directory_and_names_each_altered_file(tmp_p
     with pytest.raises(CheckpointError, match=r"rank0.pt: sha256 differs"):
         verify_manifest(tmp_path)
     (tmp_path / "rank0.pt").write_bytes(b"optimiser")
-    with pytest.raises(CheckpointError, match=r"rank0.pt has 9 bytes, the manifest says 15 \(truncated\?\)"):
+    with pytest.raises(CheckpointError, match=r"rank0.pt has 9 bytes, the manifest says 15 \(truncated or rewritten"):
         verify_manifest(tmp_path)
     (tmp_path / "rank0.pt").unlink()
     with pytest.raises(CheckpointError, match=r"rank0.pt is missing"):

@@ -4,9 +4,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -18,25 +22,48 @@ from rrt.spec import spec_of
 
 WEIGHTS = "model.safetensors"
 TRAINING_STATE = "training_state.pt"  # beside the weights in rrt.train's checkpoints: step, scheduler
-MANIFEST = "manifest.json"  # written last into rrt.train's checkpoints: each file's sha256, the step, the config hash
+MANIFEST = "manifest.json"  # written last by save and train: each file's size and sha256 (train: step, config hash)
+PROCESS_STATE = "rank{rank}.pt"  # beside them in rrt.train's checkpoints: one process's RNG and optimiser state
+_PROCESS_STATE_NAME = re.compile(r"rank\d+\.pt")  # PROCESS_STATE for any rank
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory that fails its manifest (missing, torn, truncated or altered files)."""
 
 
+class UnverifiedCheckpointWarning(UserWarning):
+    """Weights loaded from a directory without a manifest (older code, another tool): nothing checked them."""
+
+
 def save(model: nn.Module, path: str | Path, tokenizer=None, *, tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write config (with the recursion spec) + each unique tensor once to `path`; return it.
+    """Write config (with the recursion spec) + each unique tensor once to `path`, then a manifest of the files
+    written (size, sha256; what `load` verifies); return `path`. A full disk raises OSError naming the file.
 
     tensors: the unique tensors to write instead of the model's own (a sharded model's, gathered whole).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(path)
-    save_file(unique_state_dict(model) if tensors is None else tensors, path / WEIGHTS)
+    with _naming(path / "config.json"):
+        model.config.save_pretrained(path)
+    _save_file(unique_state_dict(model) if tensors is None else tensors, path / WEIGHTS)
+    written = ["config.json", WEIGHTS]
     if tokenizer is not None:
-        tokenizer.save_pretrained(path)
+        with _naming(path):  # which of the tokenizer's files: transformers does not say
+            written += [Path(f).name for f in tokenizer.save_pretrained(path) if Path(f).parent == path]
+    write_manifest(path, files=[name for name in written if (path / name).is_file()])
     return path
+
+
+def _save_file(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """safetensors' save_file, an I/O failure raised as the OSError it is (safetensors writes in Rust and raises
+    SafetensorError("... (os error 28)") on a full disk, with no errno and no file name)."""
+    try:
+        save_file(tensors, file)
+    except SafetensorError as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(file)) from e
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -50,18 +77,22 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_manifest(path: str | Path, digests: dict | None = None, **fields) -> dict:
-    """Write path/MANIFEST: `fields` (e.g. step, config_hash) and every other file's `file_digest`; return it.
+def write_manifest(path: str | Path, digests: dict | None = None, *, files: list[str] | None = None,
+                   **fields) -> dict:
+    """Write path/MANIFEST: `fields` (e.g. step, config_hash) and each file's `file_digest`; return it.
 
     digests: {file name: file_digest} already taken (each process of a launch hashes its own optimiser
-    state). Every file is fsynced first and the manifest last, so a directory whose manifest verifies is
-    complete on disk (a crash before this leaves no manifest, and `verify_manifest` refuses it).
+    state). files: the names to list (default: every file in `path` but the manifest). Every file is fsynced
+    first and the manifest last, so a directory whose manifest verifies is complete on disk (a crash before
+    this leaves no manifest, and `verify_manifest` refuses it).
     """
     path, digests = Path(path), digests or {}
-    files = {file.name: digests.get(file.name) or file_digest(file)
-             for file in sorted(p for p in path.iterdir() if p.is_file() and p.name != MANIFEST)}
+    if files is None:
+        files = [p.name for p in path.iterdir() if p.is_file() and p.name != MANIFEST]
+    files = {name: digests.get(name) or file_digest(path / name) for name in sorted(files)}
     manifest = {**fields, "files": files}
-    write_json(path / MANIFEST, manifest)  # fsynced, then renamed into place
+    with _naming(path / MANIFEST):
+        write_json(path / MANIFEST, manifest)  # fsynced, then renamed into place
     fsync_path(path)
     return manifest
 
@@ -81,47 +112,77 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def verify_manifest(path: str | Path) -> dict:
-    """Return path's manifest after checking every file it lists (size, then sha256); raise CheckpointError
-    naming the first file that is missing, truncated or altered."""
+def verify_manifest(path: str | Path, *, process_state: bool = True) -> dict:
+    """Return path's manifest after checking every file it lists (size, then sha256, read in chunks); raise
+    CheckpointError naming the first file that is missing, truncated or altered, with both hashes.
+
+    process_state: also check each process's RNG and optimiser state (PROCESS_STATE: twice the weights' size,
+    read only by a resume, which verifies them; a load reads the rest).
+    """
     path = Path(path)
     manifest = read_manifest(path)
     for name, want in manifest["files"].items():
+        if not process_state and _PROCESS_STATE_NAME.fullmatch(name):
+            continue
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file} is missing (listed in {path / MANIFEST})")
         if file.stat().st_size != want["bytes"]:
             raise CheckpointError(f"{file} has {file.stat().st_size} bytes, the manifest says {want['bytes']} "
-                                  f"(truncated?)")
-        if _sha256(file) != want["sha256"]:
-            raise CheckpointError(f"{file}: sha256 differs from {path / MANIFEST} (the file was altered)")
+                                  f"(truncated or rewritten?)")
+        found = _sha256(file)
+        if found != want["sha256"]:
+            raise CheckpointError(f"{file}: sha256 differs from {path / MANIFEST}'s (expected {want['sha256']}, "
+                                  f"found {found}): the file was altered or corrupted")
     return manifest
 
 
 def save_hashed(obj, file: str | Path) -> dict:
     """torch.save `obj` to `file`, hashing the bytes as they are written; return its `file_digest` (no read-back:
-    a rank's optimizer state can be tens of GB on a shared filesystem)."""
-    with open(file, "wb") as f:
+    a rank's optimizer state can be tens of GB on a shared filesystem). A failed write (a full disk) raises
+    its OSError naming `file`."""
+    with _naming(file), open(file, "wb") as f:
         writer = _HashingWriter(f, str(file))
-        torch.save(obj, writer)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:  # torch reports a write that raised as RuntimeError("... unexpected pos ..."), no errno
+            if writer.error is None:
+                raise
+            raise writer.error from None
         f.flush()
         os.fsync(f.fileno())
     return {"bytes": writer.size, "sha256": writer.sha256.hexdigest()}
 
 
 class _HashingWriter:
-    """A write-only file object that hashes what passes through it (torch.save needs only write and flush)."""
+    """A write-only file object that hashes what passes through it (torch.save needs only write and flush),
+    keeping the OSError of a failed write (torch replaces it with a RuntimeError)."""
 
     def __init__(self, file, name: str):
-        self.file, self.name, self.sha256, self.size = file, name, hashlib.sha256(), 0
+        self.file, self.name, self.sha256, self.size, self.error = file, name, hashlib.sha256(), 0, None
 
     def write(self, data) -> int:
         self.sha256.update(data)
         self.size += memoryview(data).nbytes
-        return self.file.write(data)
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
 
     def flush(self) -> None:
         self.file.flush()
+
+
+@contextmanager
+def _naming(file: str | Path):
+    """Raise an OSError that names no file (a buffered write's, an fsync's) as one naming `file`, errno kept."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(file)) from e
 
 
 def file_digest(file: str | Path) -> dict:
@@ -131,7 +192,7 @@ def file_digest(file: str | Path) -> dict:
 
 
 def _sha256(file: Path) -> str:
-    with open(file, "rb") as f:
+    with open(file, "rb") as f:  # streamed: file_digest reads 256 KiB at a time into one buffer
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
@@ -147,8 +208,10 @@ def fsync_path(path: str | Path) -> None:
 def load(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> nn.Module:
     """Return the model saved by `save`, ties and LoRAs rebuilt from its spec; needs no original model.
 
-    Also reads a plain HF single-file checkpoint (GPT-NeoX's head under either name). A spec that does
-    not match the stored tensors (a hand-edited config.rrt) is refused naming the tensors, never loaded.
+    Also reads a plain HF single-file checkpoint (GPT-NeoX's head under either name). The files are first
+    verified against the directory's manifest (CheckpointError naming an altered one; a directory without a
+    manifest loads with an UnverifiedCheckpointWarning). A spec that does not match the stored tensors (a
+    hand-edited config.rrt, its manifest rewritten) is refused naming the tensors, never loaded.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -169,7 +232,8 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu"
 
 def load_into(model: nn.Module, path: str | Path) -> int | None:
     """Copy a `save` directory's unique tensors into `model` in place (ties survive); return the training
-    step stored beside them (an rrt.train checkpoint), or None. The model must have exactly those tensors."""
+    step stored beside them (an rrt.train checkpoint), or None. The model must have exactly those tensors;
+    the files are verified against the manifest as `load` does."""
     path = _checked(path)
     state, own = load_file(path / WEIGHTS), unique_state_dict(model)
     if set(state) != set(own):
@@ -182,9 +246,25 @@ def load_into(model: nn.Module, path: str | Path) -> int | None:
 
 
 def _checked(path: str | Path) -> Path:
+    """Return `path` once its weights (and config, tokenizer, training state) match its manifest; without one,
+    warn (UnverifiedCheckpointWarning) and go on: older rrt.save wrote none, nor does transformers, and
+    refusing would strand those directories (a strict caller turns the warning into an error)."""
     path = Path(path)
     if not (path / WEIGHTS).exists():
         raise ValueError(f"{path} holds no {WEIGHTS}: not a directory written by rrt.save")
+    if not (path / MANIFEST).exists():
+        warnings.warn(f"{path / MANIFEST} is missing: {path / WEIGHTS} is loaded unverified (written by older "
+                      f"code or another tool). To vouch for the files as they are now, run "
+                      f"rrt.checkpoint.write_manifest({str(path)!r})", UnverifiedCheckpointWarning, stacklevel=3)
+        return path
+    try:
+        manifest = verify_manifest(path, process_state=False)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; refusing to load {path}: restore the file, or save the model again "
+                              f"(rrt.save)") from None
+    if WEIGHTS not in manifest["files"]:
+        raise CheckpointError(f"{path / MANIFEST} does not list {WEIGHTS}: it vouches for other files; refusing "
+                              f"to load unverified weights (rrt.checkpoint.write_manifest({str(path)!r}) lists them)")
     return path
 
 

@@ -139,6 +139,19 @@ def tie_layers(model: nn.Module, spec: RecursiveSpec) -> None:
                     continue
                 owner_name, _, attr = name.rpartition(".")
                 setattr(layers[depth].get_submodule(owner_name), attr, p)
+    model.save_pretrained = SavePretrainedRefused()  # an instance attribute: copies keep it, rrt.merge drops it
+
+
+class SavePretrainedRefused:
+    """A recursive model's `save_pretrained`: refused, naming rrt.save. An HF checkpoint has no place for ties
+    between depths or per-loop LoRAs: transformers refuses the shared tensors, and a copy saved untied would
+    reload through from_pretrained as a plain model, its LoRAs dropped."""
+
+    def __call__(self, save_directory, *args, **kwargs):
+        raise ValueError(f"save_pretrained cannot store a recursive model (config.rrt: layers shared across "
+                         f"depths, per-loop LoRAs): use rrt.save(model, {str(save_directory)!r}, tokenizer=tok), "
+                         f"loaded back by rrt.load or rrt.load_model; for a plain HF model (every depth untied, "
+                         f"LoRAs folded in) use rrt.merge(model).save_pretrained(...)")
 
 
 def _untie_values(rec: nn.Module, original: nn.Module) -> None:

@@ -280,6 +280,7 @@ def merge(model: nn.Module) -> nn.Module:
                 parent, _, child = name.rpartition(".")
                 setattr(layer.get_submodule(parent) if parent else layer, child, base)
     del merged.config.rrt
+    del merged.save_pretrained  # recursive.SavePretrainedRefused: a plain HF model saves as one again
     if hasattr(merged, "head_lora"):  # intermediate exits only: a merged one-loop model has none
         del merged.head_lora
     return merged

@@ -19,8 +19,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from rrt.checkpoint import (TRAINING_STATE, CheckpointError, fsync_path, read_manifest, save, save_hashed,
-                            unique_state_dict, verify_manifest, write_manifest)
+from rrt.checkpoint import (PROCESS_STATE, TRAINING_STATE, CheckpointError, fsync_path, read_manifest, save,
+                            save_hashed, unique_state_dict, verify_manifest, write_manifest)
 from rrt.rundir import CONFIG, METRICS, read_config, read_json
 from rrt.trainconfig import TrainConfig
 
@@ -101,9 +101,10 @@ def save_checkpoint(run_dir: Path, step: int, run, config: TrainConfig, last_goo
     or a full disk leaves the last one); refuse non-finite weights before writing anything.
 
     The model is written once, by the main process (gathered whole from its shards under fsdp; each shared
-    tensor once). `rank{r}.pt` holds process r's RNG states and, under fsdp, its own shard of the optimizer
-    state; under DDP the state is the same on every process and only rank0.pt holds it. Each process hashes
-    its file as it writes it, and every collective here runs on `run.group` (a long timeout), so no
+    tensor once). `rank{r}.pt` (PROCESS_STATE) holds process r's RNG states and, under fsdp, its own shard of
+    the optimizer state; under DDP the state is the same on every process and only rank0.pt holds it. Each
+    process hashes its file as it writes it (a full disk: an OSError naming the file and the bytes needed, the
+    temp dir removed), and every collective here runs on `run.group` (a long timeout), so no
     process waits on checkpoint I/O inside the training collectives' (NCCL's) 10-minute timeout.
     The last checkpoint of a run holds the model and step only: optimiser moments (twice the model's size) and
     RNG states could only serve more steps, and a longer run is another config, refused here.
@@ -118,7 +119,8 @@ def save_checkpoint(run_dir: Path, step: int, run, config: TrainConfig, last_goo
 
     def fail(e: OSError):
         return OSError(e.errno, f"writing checkpoint {final} failed at {e.filename or tmp}: {e.strerror or e}; "
-                                f"removed the partial copy; last good checkpoint: {last_good}")
+                                f"it needs about {_checkpoint_bytes(run, last)} bytes, {_free_bytes(root)} free "
+                                f"there; removed the partial copy; last good checkpoint: {last_good}")
 
     written = {}
     try:
@@ -128,16 +130,23 @@ def save_checkpoint(run_dir: Path, step: int, run, config: TrainConfig, last_goo
         _all_gather(None, run.group)  # the temp dir exists before any process writes into it
         if acc.is_main_process:
             save(run.student, tmp, tensors=weights)  # compact: each shared tensor once, the spec in config.json
-            torch.save({"step": step, "scheduler": run.scheduler.state_dict(), "world_size": acc.num_processes,
-                        "sharding": config.sharding}, tmp / TRAINING_STATE)
+            written.update(read_manifest(tmp)["files"])  # save hashed its files: the final manifest reuses them
+            # through Python (save_hashed): a full disk is an OSError; torch's own file writer raises RuntimeError
+            written[TRAINING_STATE] = save_hashed({"step": step, "scheduler": run.scheduler.state_dict(),
+                                                   "world_size": acc.num_processes, "sharding": config.sharding},
+                                                  tmp / TRAINING_STATE)
         if not last:
             state = {"rng": _rng_state()}
             if config.sharding == "fsdp" or acc.is_main_process:
                 state["optimizer"] = _local_optimizer_state(run.optimizer)
-            mine = tmp / f"rank{acc.process_index}.pt"
+            mine = tmp / PROCESS_STATE.format(rank=acc.process_index)
             written[mine.name] = save_hashed(state, mine)
     except OSError as e:
         written = fail(e)
+    except BaseException:  # not an I/O failure (a bug, an interrupt): no partial copy left behind either
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     outcomes = _all_gather(written, run.group)  # a failed write on any process reaches every process
     error = next((o for o in outcomes if isinstance(o, OSError)), None)
     if error is None and acc.is_main_process:
@@ -158,6 +167,24 @@ def save_checkpoint(run_dir: Path, step: int, run, config: TrainConfig, last_goo
     if error is not None:
         raise error
     return final
+
+
+def _checkpoint_bytes(run, last: bool) -> int:
+    """Return about how many bytes a checkpoint takes over every process: the unique weights whole and, but in
+    the last, the optimiser's tensors (whole: under fsdp each process writes its shard of them)."""
+    tensors = {id(t): t for t in run.student.state_dict(keep_vars=True).values()}
+    if not last:
+        tensors.update({id(v): v for per_param in run.optimizer.state.values() for v in per_param.values()
+                        if torch.is_tensor(v)})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _free_bytes(root: Path) -> int | str:
+    """Return the free bytes on root's filesystem ("unknown" when even that fails)."""
+    try:
+        return shutil.disk_usage(root).free
+    except OSError:
+        return "unknown"
 
 
 def checkpoint_group(num_processes: int):
@@ -228,8 +255,8 @@ def load_training_state(checkpoint: Path, run, config: TrainConfig) -> None:
     """Load the scheduler, this process's RNG states and its optimizer state (its shard under fsdp)."""
     rank = run.acc.process_index
     shared = torch.load(checkpoint / TRAINING_STATE, weights_only=False)
-    mine = torch.load(checkpoint / f"rank{rank}.pt", weights_only=False)
-    owner = mine if config.sharding == "fsdp" or rank == 0 else torch.load(checkpoint / "rank0.pt",
+    mine = torch.load(checkpoint / PROCESS_STATE.format(rank=rank), weights_only=False)
+    owner = mine if config.sharding == "fsdp" or rank == 0 else torch.load(checkpoint / PROCESS_STATE.format(rank=0),
                                                                            weights_only=False)
     run.scheduler.load_state_dict(shared["scheduler"])
     run.optimizer.load_state_dict(_sharded_like(owner["optimizer"], run.optimizer))
