@@ -266,6 +266,7 @@ def test_fault_fails_only_the_poisoned_request(llama, seven, kind, error):
         policy = OracleExit(dict(enumerate(trajectories)))
         assert Engine(rec, token_budget=16, exit_policy=policy).run(
             [Request(p, NEW, request_id=i) for i, p in enumerate(prompts)]) == dict(enumerate(expected))
+        policy.trajectories["poison"] = trajectories[3]  # long enough to pass submit's check
     engine = Engine(rec, token_budget=16, exit_policy=policy, debug=True)
     bad = Request(prompts[3][::-1] + [poison], NEW, request_id="poison")  # fails after its first chunk
     requests = [Request(p, NEW, request_id=i) for i, p in enumerate(prompts)]
@@ -273,6 +274,8 @@ def test_fault_fails_only_the_poisoned_request(llama, seven, kind, error):
         engine.submit(r)
     if kind == "oov_after_submit":
         bad.prompt[-1] = rec.config.vocab_size  # corrupted after validation
+    if kind == "exit_policy":
+        del policy.trajectories["poison"]  # taken away after validation (submit refuses a request without one)
     hooks = _install_fault(kind, engine, poison) if kind in ("raise", "nan") else []
     fail, slots = engine._fail, []
     engine._fail = lambda live, e: (slots.append(live.slot), fail(live, e))  # which slot it held

@@ -51,6 +51,18 @@ class OracleExit:
         oracle = [int(self.trajectories[rid][pos]) for rid, pos in keys]
         return torch.as_tensor(oracle, device=loop.device) <= loop
 
+    def check_request(self, request_id, request) -> None:
+        """Raise ValueError unless a trajectory for `request_id` covers its first exit decision (the engine asks
+        before any compute; later positions may be cut short by a stop token, so only the first is certain)."""
+        try:
+            trajectory = self.trajectories[request_id]
+        except (KeyError, IndexError, TypeError):
+            raise ValueError(f"request {request_id!r}: the oracle exit policy has no trajectory for it; it holds "
+                             f"{len(self.trajectories)} (record them with record_oracle_trajectories)") from None
+        if len(trajectory) < len(request.prompt):
+            raise ValueError(f"request {request_id!r}: the oracle exit policy's trajectory covers {len(trajectory)} "
+                             f"positions; this request's first decision is at position {len(request.prompt) - 1}")
+
 
 @dataclass(frozen=True)
 class _ScoredExit:

@@ -73,8 +73,14 @@ def family_of(model: nn.Module) -> Family:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """Return the model's decoder layers (one module per depth)."""
-    return model.get_submodule(family_of(model).layers)
+    """Return the model's decoder layers (one module per depth); a bare decoder (no LM head) is refused."""
+    path = family_of(model).layers
+    try:
+        return model.get_submodule(path)
+    except AttributeError:  # e.g. transformers.LlamaModel: its layers sit at `layers`, and it has no head
+        raise ValueError(f"{type(model).__name__} has no decoder layers at {path!r}: rrt needs a causal LM with its "
+                         f"LM head (a ...ForCausalLM, e.g. AutoModelForCausalLM.from_pretrained or rrt.load_model), "
+                         f"not the bare decoder") from None
 
 
 def head_logits(model: nn.Module, hidden: torch.Tensor, loop_idx: int | torch.Tensor | None = None) -> torch.Tensor:

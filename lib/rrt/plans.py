@@ -195,9 +195,8 @@ class Distillation(TrainingStudy):
         for r in self.final_lora_ranks:
             check_at_least("final_lora_ranks", r, 0)
         self.check_num_blocks("num_blocks", self.num_blocks)
-        self.check_num_blocks("final_num_blocks", self.final_num_blocks)
-        if self.final_num_blocks and min(self.final_num_blocks) < 2:
-            raise ValueError(f"final_num_blocks {list(self.final_num_blocks)}: a recursive model needs B >= 2")
+        self.check_num_blocks("final_num_blocks", self.final_num_blocks, least=2, needs="a recursive model",
+                              empty=True)
         if self.long_warmup_steps > self.long_steps:
             raise ValueError(f"long_warmup_steps={self.long_warmup_steps} exceeds long_steps={self.long_steps}")
         super().validate()
@@ -287,14 +286,12 @@ class EarlyExit(TrainingStudy):
 
     def validate(self):
         check_choice("init", self.init, INITS)
-        self.check_num_blocks("num_blocks", self.num_blocks)
+        self.check_num_blocks("num_blocks", self.num_blocks, least=2, needs="early exit")
         check_at_least("uptrain_steps", self.uptrain_steps, 1)
         check_at_least("head_lora_rank", self.head_lora_rank, 1)
         for c in self.exit_coefficients + self.relaxed_exit_coefficients + (self.exit_coefficient,):
             if not 0 <= c <= 1:
                 raise ValueError(f"exit coefficient {c} out of range [0, 1]")
-        if min(self.num_blocks) < 2:
-            raise ValueError(f"num_blocks {list(self.num_blocks)}: early exit needs B >= 2")
         super().validate()
 
     def uptrained(self, b: int) -> Run:
@@ -431,9 +428,7 @@ class Throughput(Study):
         if self.arrival_rate < 0 or self.memory_cap_gb < 0:
             raise ValueError(f"arrival_rate and memory_cap_gb must be >= 0, got {self.arrival_rate}, {self.memory_cap_gb}")
         if not self.checkpoint:
-            self.check_num_blocks("num_blocks", self.num_blocks)
-            if min(self.num_blocks) < 2:
-                raise ValueError(f"num_blocks {list(self.num_blocks)}: early exit needs B >= 2")
+            self.check_num_blocks("num_blocks", self.num_blocks, least=2, needs="early exit")
             if self.trains():
                 self.runs()  # 04's params at this scale must load, and every run validates
         self._check_packed()

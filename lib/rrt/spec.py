@@ -110,8 +110,9 @@ class RecursiveSpec:
         if self.norm_init is not None:
             check_choice("norm_init", self.norm_init, NORM_INITS)
         check_choice("lora_init", self.lora_init, LORA_INITS)
-        if not isinstance(self.num_blocks, int) or isinstance(self.num_blocks, bool) or self.num_blocks < 1:
-            raise ValueError(f"num_blocks must be a positive int, got {self.num_blocks!r}")
+        if not _is_positive_int(self.num_blocks):
+            raise ValueError(f"num_blocks must be a positive int dividing the model's layer count (B loops of L/B "
+                             f"shared layers), got {self.num_blocks!r}")
         if not isinstance(self.untie_norms, bool):
             raise TypeError(f"untie_norms must be a bool, got {self.untie_norms!r}")
         check_int("head_lora_rank", self.head_lora_rank, 0)
@@ -168,12 +169,28 @@ def num_loops(model) -> int:
     return spec_of(model).num_blocks
 
 
-def check_num_blocks(num_layers: int, num_blocks: int) -> None:
-    """Raise unless num_blocks divides num_layers, naming the values that do."""
-    if num_layers % num_blocks:
-        valid = [b for b in range(1, num_layers + 1) if num_layers % b == 0]
-        raise ValueError(f"num_blocks={num_blocks} does not divide the {num_layers} layers of this model; "
-                         f"valid values: {', '.join(map(str, valid))}")
+def check_num_blocks(num_layers: int, num_blocks, *, least: int = 1, needs: str = "") -> None:
+    """Raise unless num_blocks is an int >= `least` (`needs` says why, when over 1) dividing num_layers, naming the
+    values that are."""
+    if not _is_positive_int(num_blocks):  # 0 would divide by zero; -2 "divides" 6
+        problem = "is not a positive int"
+    elif num_layers % num_blocks:
+        problem = f"does not divide the {num_layers} layers of this model"
+    elif num_blocks < least:
+        problem = f"is under {least}: {needs} needs B >= {least}"
+    else:
+        return
+    raise ValueError(f"num_blocks={num_blocks!r} {problem}; valid values: "
+                     f"{', '.join(map(str, valid_num_blocks(num_layers, least)))}")
+
+
+def valid_num_blocks(num_layers: int, least: int = 1) -> list[int]:
+    """The B values >= `least` that divide num_layers."""
+    return [b for b in range(least, num_layers + 1) if num_layers % b == 0]
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _check_module_ranks(module_ranks, lora_rank: int) -> tuple[int, ...]:

@@ -17,7 +17,7 @@ from rrt.recipes import PAPER_MODELS
 from rrt.runs.memory import fit_memory
 from rrt.runs.store import PRETRAINED, DataSpec, EvalSpec, Run, make_run
 from rrt.trainconfig import TrainConfig
-from rrt.spec import check_at_least, check_choice, check_items, check_num_blocks, check_types
+from rrt.spec import check_at_least, check_choice, check_items, check_num_blocks, check_types, valid_num_blocks
 
 SCALES = ("smoke", "cpu", *PAPER_MODELS)
 OUTPUTS = Path(__file__).resolve().parents[2] / "outputs"
@@ -69,13 +69,19 @@ class Study:
     def to_dict(self) -> dict:
         return {"notebook": self.notebook, **{f.name: _lists(getattr(self, f.name)) for f in dataclasses.fields(self)}}
 
-    def check_num_blocks(self, key: str, values) -> None:
-        """Raise unless every B in `values` divides the model's layer count (a paper-* name: its shape's)."""
+    def check_num_blocks(self, key: str, values, *, least: int = 1, needs: str = "", empty: bool = False) -> None:
+        """Raise naming `key`, the value and the valid ones unless every B in `values` is an int >= `least` (`needs`
+        says why, when over 1) dividing the model's layer count (a paper-* name: its shape's); an empty `values`
+        too, unless `empty` (a field whose docs say empty means none of its runs)."""
         layers = model_config(PAPER_MODELS[self.model].model if self.model in PAPER_MODELS else self.model
                               ).num_hidden_layers
+        if not values and not empty:  # a grid over no B would plan nothing, or fail reading its first B
+            valid = ", ".join(map(str, valid_num_blocks(layers, least)))
+            raise ValueError(f"{key} is empty: give at least one B; valid values: {valid} "
+                             f"({self.model} has {layers} layers)")
         for b in values:
             try:
-                check_num_blocks(layers, b)
+                check_num_blocks(layers, b, least=least, needs=needs)
             except ValueError as err:
                 raise ValueError(f"{key}: {err} ({self.model} has {layers} layers)") from None
 

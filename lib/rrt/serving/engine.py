@@ -24,7 +24,7 @@ exit hidden state to every deeper depth's attention, which computes only its key
 cost (almost) nothing and change later tokens' keys; `serving.scoring` measures what that costs.
 
 Bad input and faults: `submit` refuses a malformed request before any compute (`ValueError` naming
-the request and the value). A fault inside a step (an exception in the block or the routing, or a
+the request and the value); `run(requests)` checks them all first, so it queues all or none. A fault inside a step (an exception in the block or the routing, or a
 non-finite hidden state) is isolated: the step's KV writes are undone and its items re-run one
 request at a time; a request whose own items still fail is moved to `failed` with the error, its
 slot freed, and the others are served on. (A non-finite key poisons every row of the batch that
@@ -47,8 +47,8 @@ from rrt.families import decoder_layers, head_logits
 from rrt.relax import lora_modules
 from rrt.serving.kv import KVPool, ScheduleError, StepLayout, per_row_rotary, ragged_attention, rotary_tables
 from rrt.serving.packed import PackedLinears, packing_supported
-from rrt.serving.requests import (Live, Request, StepProfile, attention_of, check_kv_only, check_request,
-                                  check_supported, is_int, token_ids)
+from rrt.serving.requests import (Live, Request, StepProfile, attention_of, check_kv_only, check_limits,
+                                  check_requests, check_supported, is_int, token_ids)
 from rrt.serving.rows import RowLoRAs
 from rrt.spec import check_choice, num_loops
 
@@ -74,8 +74,7 @@ class Engine:
         if pack_weights and not packing_supported(model):
             raise ValueError("pack_weights=True needs a bf16 model on a CPU with oneDNN (rrt.serving.packed); "
                              "pass None to pack only where it runs")
-        if token_budget < 1 or max_active < 1:
-            raise ValueError(f"token_budget and max_active must be >= 1, got {token_budget}, {max_active}")
+        check_limits(token_budget=token_budget, max_active=max_active, max_seq_len=max_seq_len)
         check_choice("kv_policy", kv_policy, KV_POLICIES)
         self.model, self.token_budget, self.max_active = model, token_budget, max_active
         self.kv_policy = kv_policy
@@ -133,15 +132,7 @@ class Engine:
 
     def submit(self, request: Request) -> None:
         """Queue a request (validated now, so a bad one fails before any compute)."""
-        rid = request.request_id if request.request_id is not None else self._submitted
-        check_request(request, rid, vocab_size=self.vocab_size, max_seq_len=self.max_seq_len, in_use=lambda: (
-            rid in self.results or rid in self.failed or any(q.request_id == rid for q in self.queue)
-            or any(live.request.request_id == rid for live in self.active)))
-        request.request_id = rid
-        self._submitted += 1
-        self.queue.append(request)
-        # stable: submission order within a step
-        self.queue.sort(key=lambda r: (r.arrival_step, r.arrival_s or 0.0))
+        self._enqueue([request])
 
     def collect(self, request_id) -> list[int]:
         """Return a finished request's generated ids and forget it (its id may be reused).
@@ -168,9 +159,9 @@ class Engine:
 
         Requests whose items faulted are not in it: see `failed` {request_id: error message}.
         While nothing is live and the next request arrives later (`arrival_s`), the engine sleeps.
+        All or nothing: a bad request (`submit`'s checks, ids unique in the call) raises before any is queued.
         """
-        for r in requests or []:
-            self.submit(r)
+        self._enqueue(list(requests or []))
         start = self._t0 = time.perf_counter()
         with self._packed():  # once for the run (the block and head calls inside it switch nothing)
             while self.queue or self.active:
@@ -220,6 +211,21 @@ class Engine:
         s["mean_batch_fill"] = s["items"] / max(s["steps"], 1) / self.token_budget
         s["tokens_per_s"] = s["tokens"] / s["seconds"] if s["seconds"] else float("nan")
         return s
+
+    def _enqueue(self, requests: list) -> None:
+        """Check every request, then queue them all with their ids set (all or none)."""
+        ids = check_requests(requests, first_index=self._submitted, in_use=self._in_use, vocab_size=self.vocab_size,
+                             max_seq_len=self.max_seq_len, exit_policy=self.exit_policy)
+        for request, rid in zip(requests, ids):
+            request.request_id = rid
+            self.queue.append(request)
+        self._submitted += len(requests)
+        # stable: submission order within a step
+        self.queue.sort(key=lambda r: (r.arrival_step, r.arrival_s or 0.0))
+
+    def _in_use(self, rid) -> bool:
+        return (rid in self.results or rid in self.failed or any(q.request_id == rid for q in self.queue)
+                or any(live.request.request_id == rid for live in self.active))
 
     # ------------------------------------------------------------------ scheduling
 

@@ -1,7 +1,8 @@
-"""What the engine accepts, checked before any compute: a `Request` (`check_request`, `token_ids`) and a
+"""What the engine accepts, checked before any compute: requests (`check_requests`, `check_request`, `token_ids`) and a
 model (`check_supported`); and the engine-side records of a request (`Live`) and of a step (`StepProfile`)."""
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Collection, Sequence, Set
 from dataclasses import dataclass, field
@@ -87,6 +88,39 @@ class StepProfile:
 
 
 
+def check_limits(*, token_budget, max_active, max_seq_len) -> None:
+    """Raise ValueError naming a bad engine limit: rows per step, live requests, KV positions per request."""
+    if token_budget < 1 or max_active < 1:
+        raise ValueError(f"token_budget and max_active must be >= 1, got {token_budget}, {max_active}")
+    if max_seq_len is not None and (not is_int(max_seq_len) or max_seq_len < 1):  # 0 would mean the default
+        raise ValueError(f"max_seq_len must be an int >= 1 (KV positions per request) or None (the model's "
+                         f"max_position_embeddings), got {max_seq_len!r}")
+
+
+def check_requests(requests: list, *, first_index: int, in_use, vocab_size: int, max_seq_len: int,
+                   exit_policy=None) -> list:
+    """Return each request's id (by default its submission index, counting from `first_index`), or raise naming the
+    first request that cannot be served: `check_request`'s checks, ids unique within the call and not `in_use(rid)`
+    in the engine, and the exit policy's own `check_request` if it has one (an oracle lacking a trajectory).
+    Nothing changes here, so the caller queues all the requests or none."""
+    ids, objects = [], set()
+    check_policy = getattr(exit_policy, "check_request", None)
+    for n, request in enumerate(requests):
+        default = first_index + n
+        if not isinstance(request, Request):
+            raise TypeError(f"request {default}: expected an rrt.serving.Request, got {type(request).__name__}")
+        rid = request.request_id if request.request_id is not None else default
+        if id(request) in objects:  # its one request_id field cannot hold two ids
+            raise ValueError(f"request {rid!r}: the same Request object is given twice; give each its own")
+        check_request(request, rid, vocab_size=vocab_size, max_seq_len=max_seq_len,
+                      in_use=lambda rid=rid: rid in ids or in_use(rid))
+        if check_policy is not None:
+            check_policy(rid, request)
+        ids.append(rid)
+        objects.add(id(request))
+    return ids
+
+
 def check_request(r: Request, rid, *, in_use, vocab_size: int, max_seq_len: int) -> None:
     """Raise ValueError naming request `rid` and the bad value, if `r` cannot be served (`in_use()`: whether
     its hashable id is already taken in the engine)."""
@@ -105,8 +139,8 @@ def check_request(r: Request, rid, *, in_use, vocab_size: int, max_seq_len: int)
         if not is_int(value) or value < (1 if name == "max_new_tokens" else 0):
             raise bad(f"{name} must be an int >= {1 if name == 'max_new_tokens' else 0}, got {value!r}")
     if r.arrival_s is not None and (isinstance(r.arrival_s, bool) or not isinstance(r.arrival_s, (int, float))
-                                    or not r.arrival_s >= 0):
-        raise bad(f"arrival_s must be a number of seconds >= 0 or None, got {r.arrival_s!r}")
+                                    or not 0 <= r.arrival_s < math.inf):  # inf: `run` would sleep forever
+        raise bad(f"arrival_s must be a number of seconds, finite and >= 0, or None, got {r.arrival_s!r}")
     if not _is_ids(r.prompt) or isinstance(r.prompt, Set) or len(r.prompt) == 0:  # a set has no order
         raise bad(f"needs a non-empty prompt (a sequence of token ids), got {r.prompt!r}")
     token_ids(r.prompt, f"request {rid!r}", "prompt", vocab_size)

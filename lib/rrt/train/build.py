@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from rrt.checkpoint import WEIGHTS, load
 from rrt.families import decoder_layers
-from rrt.models import load_model
+from rrt.models import load_model, model_config
 from rrt.recursive import convert
 from rrt.relax import add_head_lora, set_trainable
 from rrt.spec import check_num_blocks, spec_of
@@ -35,6 +35,18 @@ def build_student(config: TrainConfig, original: nn.Module) -> nn.Module:
         model = convert(original, config.spec()).float()
     _set_trainable_parts(model, config.trainable)
     return model.train()
+
+
+def check_fits(config: TrainConfig, original: nn.Module | None) -> None:
+    """Raise unless config.num_blocks divides the layer count of the model it converts (`original`, else
+    config.model's config: shapes only), so a bad B stops before any run directory is made or model loaded."""
+    if config.init_from is not None:  # a saved recursive model: its own spec is checked against the config on load
+        return
+    layers = len(decoder_layers(original)) if original is not None else model_config(config.model).num_hidden_layers
+    try:
+        check_num_blocks(layers, config.num_blocks)
+    except ValueError as err:
+        raise ValueError(f"TrainConfig.num_blocks: {err} (model {config.model!r})") from None
 
 
 def _check_init_from(config: TrainConfig, saved) -> None:

@@ -56,7 +56,7 @@ from rrt.losses import (chunked_early_exit_loss, chunked_uptrain_loss, early_exi
 from rrt.models import load_model
 from rrt.recursive import loop_heads, loop_hidden_states, loop_logits
 from rrt.rundir import CONFIG, Metrics, RunLock, write_config, write_json, write_versions
-from rrt.train.build import build_student, build_teacher
+from rrt.train.build import build_student, build_teacher, check_fits
 from rrt.train.resume import (SEQS, check_layout, check_run_dir, checkpoint_group, load_training_state, prune,
                               save_checkpoint)
 from rrt.trainconfig import TrainConfig
@@ -106,6 +106,7 @@ def train(config: TrainConfig, *, train_seqs, eval_seqs=None, original: nn.Modul
     if config.sharding == "fsdp" and state.num_processes == 1:
         raise ValueError("sharding='fsdp' splits parameters and optimizer state over processes, and this is one "
                          "process: use sharding='none', or launch more processes")
+    check_fits(config, original)  # a B not dividing the layers: before the run directory exists
     lock = RunLock(config.out)  # the processes of one launch are one writer: its main process holds the lock
     _on_main(state, lock.acquire)
     try:
