@@ -161,7 +161,8 @@ def test_a_read_only_study_names_the_missing_runs_and_trains_nothing(tmp_path):
     with pytest.raises(RuntimeError, match=r"read_only: 8 of 8 runs are not evaluated.*'full-size' \(not trained"):
         run_plan(study, original=None, tokenizer=None, data=None, run_dir=tmp_path / "nb")
     served = load_params("05_throughput", "smoke", runs_root=str(tmp_path), read_only=True)
-    with pytest.raises(RuntimeError, match=r"read_only: 2 of 2 runs are not trained.*'average B=2 r=4 fkl 3 steps' \(not trained"):
+    with pytest.raises(RuntimeError, match=r"read_only: 3 of 3 runs are not trained.*'full-size' \(not trained"
+                                           r".*'average B=2 r=4 fkl 3 steps'"):
         served_models(served, original=None, tokenizer=None)
     assert not list(tmp_path.rglob("checkpoints")) and not (tmp_path / "nb").exists()
 

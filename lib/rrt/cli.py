@@ -386,14 +386,12 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="auto: bf16 on a GPU or a CPU with bf16 matmuls (AVX512-BF16/AMX), else float32")
     p.add_argument("--no-hf-generate", action="store_true", help="skip the HF generate baseline")
-    p.add_argument("--out", default=None, help="directory for the CSVs, config and report.md (default: a new "
-                                               "outputs/serving_bench/<time>-<pid>, never an earlier run's)")
+    p.add_argument("--out", default=None, help="directory of the results (default: new outputs/serving_bench/<time>-<pid>)")
     return p
 
 
 def bench_main(argv=None):
-    """Run the benchmark; write bench.csv, step_costs.csv, paper_sim.csv, latency.csv, targets.csv, report.md,
-    config.json."""
+    """Run the benchmark; write its CSVs (bench, step_costs, paper_sim, latency, targets), report.md, config.json."""
     args = bench_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -411,17 +409,15 @@ def bench_main(argv=None):
     policies, calibration = calibrated_policies(rec, text, args.exit_policies, target_agreement=args.target_agreement)
     result = run_benchmark(model, tok, rec, workload=workload, max_active=args.max_active,
                            token_budget=args.token_budget, repeats=args.repeats, kv_policies=tuple(args.kv_policies),
-                           exit_policies=policies, hf_generate=not args.no_hf_generate,
-                           arrival_rate=args.arrival_rate, memory_cap_bytes=int(args.memory_cap_gb * 2**30) or None,
-                           progress=True)
+                           exit_policies=policies, hf_generate=not args.no_hf_generate, progress=True,
+                           arrival_rate=args.arrival_rate, memory_cap_bytes=int(args.memory_cap_gb * 2**30) or None)
     result.settings["calibration"] = calibration
-    out = Path(args.out) if args.out else REPO / "outputs" / "serving_bench" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    out = Path(args.out or REPO / "outputs" / "serving_bench" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     write_config(out, {**vars(args), **result.settings})
     write_versions(out)
-    for name, df in result.tables().items():
+    tables = {**result.tables(), "targets": (targets := targets_table(result.systems))}
+    for name, df in tables.items():
         df.to_csv(out / f"{name}.csv", index=False)
-    targets = targets_table(result.systems)
-    targets.to_csv(out / "targets.csv", index=False)
     command = " ".join(argv if argv is not None else sys.argv[2:])
     text = "\n\n".join([f"`python -m rrt bench {command}` on {result.settings['device']}; "
                         f"mean loops per token E = {result.mean_loops:.3f}", summary_table(result),
