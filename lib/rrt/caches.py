@@ -108,23 +108,6 @@ def remove_stale_temps(path: str | Path, suffix: str = "partial") -> list[Path]:
     return removed
 
 
-def _files(path: Path) -> dict[str, Path]:
-    """{name: file} of a cache: the file itself, or a directory's files."""
-    if path.is_dir():
-        return {p.name: p for p in sorted(path.iterdir()) if p.is_file()}
-    return {path.name: path}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's live process
-    return True
-
-
 @contextlib.contextmanager
 def writing(path: str | Path, temp: str | Path | None = None, *, need: int | None = None, then: str = ""):
     """Run the write of path, through temp (a file or directory) if given: on any error (a full disk, a kill) temp
@@ -148,4 +131,22 @@ def write_error(path: str | Path, err: OSError, *, need: int | None = None, then
     except OSError:
         free = "free space unknown"
     needs = f"it needs {need:,} bytes, " if need is not None else ""
-    return OSError(err.errno, f"writing {path} failed ({err.strerror or err}): {needs}{free}{'; ' + then if then else ''}")
+    then = f"; {then}" if then else ""
+    return OSError(err.errno, f"writing {path} failed ({err.strerror or err}): {needs}{free}{then}")
+
+
+def _files(path: Path) -> dict[str, Path]:
+    """{name: file} of a cache: the file itself, or a directory's files."""
+    if path.is_dir():
+        return {p.name: p for p in sorted(path.iterdir()) if p.is_file()}
+    return {path.name: path}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
