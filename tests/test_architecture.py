@@ -11,7 +11,7 @@ LIB = ROOT / "lib" / "rrt"
 # The floors, bottom first (README, "Architecture"): a module may import its own floor and the ones below.
 FLOORS = [
     # 0: the spec, and what needs nothing of rrt
-    {"rrt.spec", "rrt.devices", "rrt.losses", "rrt.rundir", "rrt.progress", "rrt.recipes", "rrt.params",
+    {"rrt.spec", "rrt.devices", "rrt.losses", "rrt.rundir", "rrt.caches", "rrt.progress", "rrt.recipes", "rrt.params",
      "rrt.tasks", "rrt.tasks.utils"},
     {"rrt.families", "rrt.data", "rrt.shards"},                          # 1: per-family facts, corpora, shards
     {"rrt.relax"},                                                       # 2: per-loop LoRA

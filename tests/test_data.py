@@ -86,10 +86,10 @@ def test_packing_is_deterministic_and_cached(char_tok, tmp_path):
     assert len(first) == 50 and all(len(b) == 64 for b in first["input_ids"])
     assert first["input_ids"] == again["input_ids"] == fresh["input_ids"]
     cached = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("tinystories-"))
-    assert len(cached) == 1
+    assert cached == [cached[0], cached[0] + ".json"]  # the Arrow file and its sidecar (rrt.caches)
     # another sequence length is another cache entry
     data.load_packed("tinystories", "test", tokenizer=char_tok, seq_len=32, max_seqs=50, cache_dir=tmp_path)
-    assert len([p for p in tmp_path.iterdir() if p.name.startswith("tinystories-")]) == 2
+    assert len([p for p in tmp_path.glob("tinystories-*.arrow")]) == 2
 
 
 def test_cached_packing_is_written_to_disk_and_read_memory_mapped(char_tok, tmp_path):
@@ -108,7 +108,7 @@ def test_a_hub_corpus_is_packed_to_the_studys_fixed_count_that_covers_every_run(
     from rrt.shards import PackSet, packed_path
     calls = []
     monkeypatch.setattr(rrt.runs.execute, "load_packed", lambda name, split, **kw: calls.append((name, split, kw)))
-    monkeypatch.setattr(rrt.runs.execute, "PackedShards", lambda path: calls.append(path))  # `make pack` wrote them
+    monkeypatch.setattr(rrt.runs.execute, "PackedShards", lambda path, **kw: calls.append(path))  # `make pack` wrote them
     hub = dict(model="tiny-llama", seq_len=2048, data_source="hub", train_corpus="slimpajama", train_split="train",
                eval_corpora=["pg19/test"], max_eval_seqs=4, steps=100, global_batch_size=16, batch_size=8)
     # Table 12's 75B full-size model reads post_steps past long_steps (App. M: new tokens): the count covers both

@@ -5,6 +5,8 @@ Two sources give the same `datasets` objects with a `text` column, one document 
 "hub" streams the paper's corpora by name (SlimPajama, RedPajama, PG19; cluster scale, §3).
 At cluster scale packing is its own step before training (`rrt.shards`, `make pack`): the same sequences,
 written once as resumable shard files that every training job reads memory-mapped.
+A packed cache carries a sidecar with its source text's hash and its own (`rrt.caches`), verified whenever it is
+loaded: an edited, truncated or stale one is packed again, with a warning naming it.
 """
 import hashlib
 import json
@@ -16,6 +18,8 @@ from pathlib import Path
 import datasets
 from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
+
+from rrt.caches import cache_problem, file_hash, remove_stale_temps, sidecar, temp_name, write_sidecar, writing
 
 # The library is installed editable from lib/rrt, so the repository root is two levels up.
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
@@ -111,19 +115,40 @@ def load_packed(name, split, *, tokenizer, seq_len, source="embedded", cache_dir
     key = _cache_key(tokenizer=tokenizer, source=source, name=name, split=split, seq_len=seq_len, max_seqs=max_seqs,
                      bos=bos_id)
     path = Path(cache_dir) / f"{name}-{split}-{seq_len}-{key}.arrow"
-    if not path.exists():
+    text_hash = source_hash(name, split, source=source)
+    problem = cache_problem(path, source=text_hash)
+    if problem is not None:
+        if path.exists() or sidecar(path).exists():
+            warnings.warn(f"packed cache {path}: {problem}; packing it again", stacklevel=2)
         _check_packable(tokenizer, seq_len)
         ds = load_corpus(name, split, source=source, streaming=streaming, cache_dir=cache_dir)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # one per process: ranks may pack at once
-        # datasets' own Arrow writer, flushed every 1000 rows; renamed into place once complete,
-        # so an interrupted packing never leaves a truncated cache entry behind
+        seqs = _packed_sequences(ds, tokenizer, seq_len, max_seqs, bos_id, f"packing {name}/{split}")
+        _write_packed(path, seqs, source=text_hash, need=None if max_seqs is None else max_seqs * (seq_len + 1) * 4)
+        print(f"packed {name}/{split} into {path}")
+    return datasets.Dataset.from_file(str(path))
+
+
+def source_hash(name, split, *, source="embedded") -> str | None:
+    """Return the content hash of an embedded corpus' vendored text file, what its packed caches are built from;
+    None for a hub corpus (streamed: its name and split are all that is known of it here)."""
+    splits = EMBEDDED.get(name, {}).get("splits", {}) if source == "embedded" else {}
+    return file_hash(DATA_DIR / "text" / splits[split]) if split in splits else None
+
+
+def _write_packed(path: Path, seqs, *, source: str | None, need: int | None) -> None:
+    """Write packed sequences to the Arrow file path, then its sidecar. Written under a temporary name per process
+    (ranks may pack at once) and renamed into place once complete, so an interrupted or failed packing never leaves
+    a truncated cache behind, nor its temporary file; those of killed processes are removed first."""
+    remove_stale_temps(path)
+    partial = temp_name(path)
+    with writing(path, partial, need=need, then="no partial file is kept: free space and load it again"):
+        # datasets' own Arrow writer, flushed every 1000 rows
         with ArrowWriter(features=PACKED, path=str(partial), writer_batch_size=1000) as writer:
-            for seq in _packed_sequences(ds, tokenizer, seq_len, max_seqs, bos_id, f"packing {name}/{split}"):
+            for seq in seqs:
                 writer.write({"input_ids": seq})
             writer.finalize()
         os.replace(partial, path)
-        print(f"packed {name}/{split} into {path}")
-    return datasets.Dataset.from_file(str(path))
+        write_sidecar(path, source=source)
 
 
 def pack(dataset, tokenizer, seq_len, *, max_seqs=None, bos=None, desc="packing"):

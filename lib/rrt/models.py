@@ -7,10 +7,12 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
+from rrt.caches import cache_problem, file_hash, sidecar, write_sidecar, writing
 from rrt.checkpoint import load
 from rrt.families import FAMILIES
 from rrt.recipes import PAPER_MODELS
@@ -28,7 +30,8 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, device: str = "c
     """Return (model, tokenizer) for a hub id, a local dir, an embedded name or a tiny test name.
 
     Embedded GGUF models are dequantised once and cached as safetensors under `cache_dir`
-    (default ~/.cache/rrt/models) so later loads take seconds.
+    (default ~/.cache/rrt/models) so later loads take seconds; the cache's sidecar (`rrt.caches`) holds the GGUF's
+    hash and each file's, verified on every load: a damaged or stale cache is dequantised again, with a warning.
     A directory written by `rrt.save` (config.json holds the recursion spec `rrt`) is loaded exactly by
     `rrt.load`, ties and LoRAs rebuilt; it must hold the tokenizer (`rrt.save(model, path, tokenizer=tok)`),
     else this refuses, naming `rrt.load` (which needs none). A checkpoint that leaves any of the model's
@@ -122,13 +125,23 @@ def _gguf_path(name: str) -> Path:
 
 
 def _embedded_cache(name: str, cache_root: Path) -> Path:
-    """Dequantise an embedded GGUF model once into cache_root/name; return that directory."""
+    """Dequantise an embedded GGUF model once into cache_root/name; return that directory once it verifies
+    against its sidecar (the GGUF's hash, each file's), dequantising again, with a warning, when it does not."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = cache_root / name
-    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+    try:
+        gguf = _gguf_path(name)
+    except ValueError:  # its pip package is not installed here: a cache whose files verify is still used
+        if cache_problem(target, source=None) is None:
+            return target
+        raise
+    source = file_hash(gguf)
+    problem = cache_problem(target, source=source)
+    if problem is None:
         return target
-    gguf = _gguf_path(name)
+    if target.exists() or sidecar(target).exists():
+        warnings.warn(f"dequantised cache {target}: {problem}; dequantising {gguf} again")
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The dequantised weights are plain float32: drop the GGUF quantizer marker so HF will save them.
@@ -138,11 +151,17 @@ def _embedded_cache(name: str, cache_root: Path) -> Path:
     cache_root.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename: a crash mid-write never leaves a half cache behind.
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_root))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    need = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    with writing(tmp, tmp, need=need, then=f"caching the dequantised {name} in {cache_root} failed, nothing "
+                                         f"half-written is kept: free space and load it again"):
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        old = target.with_name(tmp.name + "-old")
+        if target.exists():
+            os.replace(target, old)  # two renames, then the removal: a reader never sees a half-removed cache
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+        write_sidecar(target, source=source)
     return target
 
 

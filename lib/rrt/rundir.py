@@ -40,11 +40,15 @@ def write_json(path: str | Path, value) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per writer: concurrent writers never share it
-    with tmp.open("w") as f:
-        f.write(json.dumps(value, indent=2, default=str))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w") as f:
+            f.write(json.dumps(value, indent=2, default=str))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or a kill: the previous file stays, and no temporary file is left
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -3,15 +3,19 @@
 A corpus is cut into fixed units of whole documents (embedded: `docs_per_shard` documents each; hub: the
 streamed dataset's own files). Each unit's documents are tokenized alone, each followed by EOS, exactly as
 `rrt.data.pack` reads them, into `tokens-00012.npy` (the smallest unsigned dtype that holds the vocabulary)
-with a sidecar `tokens-00012.json`; both are written under a `.partial` name and renamed, so a finished unit
-is never redone and a killed one is. The packed sequences are the units' token stream, in unit order, cut as
-`pack` cuts it (an optional BOS, then seq_len - 1 corpus tokens; the tail dropped): the same sequences as
-`rrt.data.load_packed`, whatever the number of workers. `index.json`, written last, lists the units used.
+with a sidecar `tokens-00012.json` (tokens, bytes, content hash); both are written under a temporary name and
+renamed, so a finished unit is never redone and a killed (or full-disk) one is. The packed sequences are the units'
+token stream, in unit order, cut as `pack` cuts it (an optional BOS, then seq_len - 1 corpus tokens; the tail
+dropped): the same sequences as `rrt.data.load_packed`, whatever the number of workers. `index.json`, written last,
+lists the units used, their hashes and an embedded corpus' text's hash: `PackedShards` verifies them, refusing a
+damaged or stale set naming the file and `make pack`, which packs again what is (training never packs).
 """
 import gzip
+import json
 import math
 import multiprocessing
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +23,15 @@ import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
-from rrt.data import DATA_DIR, EMBEDDED, _cache_key, _check_packable, _documents, load_corpus, packed_bos
+from rrt.caches import digest_of, file_hash, new_hash, writing
+from rrt.data import DATA_DIR, EMBEDDED, _cache_key, _check_packable, _documents, load_corpus, packed_bos, source_hash
 from rrt.rundir import read_json, write_json
 
 PACKED_DIR = DATA_DIR.parent / "outputs" / "packed"  # default root: one directory per packed set below it
 INDEX = "index.json"
 DOCS_PER_SHARD = 1000  # documents per unit of an embedded corpus (a hub corpus: one unit per file)
 PACK_COMMAND = "make pack NB=<notebook> SCALE=<scale> (python -m rrt pack)"
+KEPT = f"the finished shards are kept: free space and run {PACK_COMMAND} again"  # after a failed write
 # Tokens per second per worker: 89,574 measured 2026-12-04 on this repository's 2-core CPU machine (shared with
 # other jobs), SmolLM2's tokenizer (rrt.models' embedded default), one worker, TOKENIZERS_PARALLELISM=false, over
 # the five embedded corpora (1,121,712 tokens in 12.5 s; 59-126k tok/s per corpus), timed around
@@ -159,34 +165,41 @@ def pack_shards(pack_set: PackSet, tokenizer, *, out=None, bos=None, workers=1, 
 
 class PackedShards:
     """A finished packing read memory-mapped, row by row: reads like a packed `datasets.Dataset` of `input_ids`
-    (what `rrt.train.train` and `rrt.evaluation.perplexity` take), and `rows(idx)` gives int32 [n, seq_len]."""
+    (what `rrt.train.train` and `rrt.evaluation.perplexity` take), and `rows(idx)` gives int32 [n, seq_len].
 
-    def __init__(self, directory):
+    verify: hash every file against index.json when opened (reads the whole set: see `rrt.caches` for the cost;
+    the processes of one launch share the files, so one of them verifies). Sizes are always checked.
+    """
+
+    def __init__(self, directory, *, verify=True):
         self.directory = Path(directory)
         index = read_json(self.directory / INDEX)
         if index is None:
             raise ValueError(f"{self.directory / INDEX} is missing: the set is not packed (or its packing did not "
                              f"finish); write it with {PACK_COMMAND}")
+        if index.get("text_hash") != source_hash(index["corpus"], index["split"], source=index["source"]):
+            raise ValueError(f"{index['corpus']}/{index['split']}'s text changed since {self.directory} was packed (or "
+                             f"it was packed before its text's hash was kept): run {PACK_COMMAND} again to repack it")
+        if any("hash" not in unit for unit in index["units"]):
+            raise ValueError(f"{self.directory / INDEX} records no content hash of its shards (packed before hashes "
+                             f"were kept): run {PACK_COMMAND} again to record them (nothing is re-tokenized)")
+        for file, why in _damaged(self.directory, index, verify=verify).items():
+            raise ValueError(f"shard {self.directory / file} {why}; run {PACK_COMMAND} again, which packs it again")
         self.index = index
         self.seq_len, self.bos = index["seq_len"], index["bos"]
         self._body = self.seq_len - (self.bos is not None)  # corpus tokens per sequence
-        self._files = []
-        for unit in index["units"]:
-            path = self.directory / unit["file"]
-            try:
-                tokens = np.load(path, mmap_mode="r")
-            except (FileNotFoundError, ValueError) as err:
-                raise ValueError(f"shard {path} is missing or unreadable ({err}); write it with {PACK_COMMAND}") \
-                    from None
-            if tokens.shape != (unit["tokens"],):
-                raise ValueError(f"shard {path} holds {tokens.shape} tokens, index.json says {unit['tokens']}: a "
-                                 f"partial shard; remove {self.directory} and write it with {PACK_COMMAND}")
-            self._files.append(tokens)
+        self._files = [np.load(self.directory / unit["file"], mmap_mode="r") for unit in index["units"]]
         self._starts = np.cumsum([0] + [len(f) for f in self._files])  # stream offset of each file
         self.shape = (index["sequences"], self.seq_len)
 
     def __len__(self):
         return self.shape[0]
+
+    def content_hash(self) -> str:
+        """Return a hash of every token the rows read: the files' hashes in index.json (verified when opened), with
+        how rows are cut from them (`rrt.train`'s fingerprint of the training sequences)."""
+        units = [u["hash"] for u in self.index["units"]]
+        return digest_of(new_hash(json.dumps([self.seq_len, self.bos, len(self), units]).encode()))
 
     def rows(self, idx) -> np.ndarray:
         """Return sequences `idx` (ints, a slice or an int array) as int32 [n, seq_len]."""
@@ -265,6 +278,7 @@ class _Packer:
     def __init__(self, pack_set, tokenizer, dtype, docs_per_shard, directory):
         self.pack_set, self.tokenizer, self.dtype = pack_set, tokenizer, dtype
         self.docs_per_shard, self.directory = docs_per_shard, Path(directory)
+        self.text_hash = source_hash(pack_set.name, pack_set.split, source=pack_set.source)
         self._corpus = None
 
     def corpus(self):
@@ -301,7 +315,7 @@ class _Packer:
         s = self.pack_set
         return {"corpus": s.name, "split": s.split, "source": s.source, "seq_len": s.seq_len, "bos": bos_id,
                 "max_seqs": s.max_seqs, "dtype": self.dtype.name, "tokenizer": _cache_key(tokenizer=self.tokenizer),
-                "docs_per_shard": self.docs_per_shard}
+                "docs_per_shard": self.docs_per_shard, "text_hash": self.text_hash}
 
     def write(self, u: int) -> int:
         """Tokenize unit u into tokens-<u>.npy and its sidecar (each renamed into place); return its token count."""
@@ -314,19 +328,21 @@ class _Packer:
                 parts.append(np.asarray(ids + [eos], self.dtype))
         tokens = np.concatenate(parts) if parts else np.zeros(0, self.dtype)
         path = self.directory / _name(u, "npy")
-        partial = path.with_name(path.name + ".partial")
-        with partial.open("wb") as f:
+        partial = path.with_name(path.name + ".partial")  # one writer per unit: a fixed name, stale ones overwritten
+        with writing(path, partial, need=tokens.nbytes + 128, then=KEPT), partial.open("wb") as f:  # 128: npy header
             np.save(f, tokens)
             f.flush()
             os.fsync(f.fileno())
+        digest = {"bytes": partial.stat().st_size, "hash": file_hash(partial)}
         try:
             os.replace(partial, path)
         except FileNotFoundError:
             if (self.directory / INDEX).exists():  # another part finished the set and removed this unneeded unit
                 return len(tokens)
             raise
-        write_json(self.directory / _name(u, "json"), {"unit": u, **where, "tokens": len(tokens),
-                                                       "dtype": self.dtype.name})
+        side = self.directory / _name(u, "json")
+        with writing(side, then=KEPT):  # a unit without its sidecar is not finished: the next pack redoes it
+            write_json(side, {"unit": u, **where, "tokens": len(tokens), "dtype": self.dtype.name, **digest})
         return len(tokens)
 
 
@@ -400,6 +416,10 @@ def _finalize(directory: Path, packer: _Packer, total: int, need, bos_id) -> Pat
             return None
         used.append(u)
         tokens += done[u]
+    sides = {u: read_json(directory / _name(u, "json")) for u in used}  # a sidecar from before hashes: the file's
+    units = [{"unit": u, "file": _name(u, "npy"), "tokens": done[u],
+              "bytes": sides[u].get("bytes") or (directory / _name(u, "npy")).stat().st_size,
+              "hash": sides[u].get("hash") or file_hash(directory / _name(u, "npy"))} for u in used]
     keep = {_name(u, ext) for u in used for ext in ("npy", "json")}
     # the rest: units past the prefix, partial files, and write_json's temporary files of a killed worker
     for path in [*directory.glob("tokens-*"), *directory.glob(".tokens-*")]:
@@ -407,23 +427,65 @@ def _finalize(directory: Path, packer: _Packer, total: int, need, bos_id) -> Pat
             path.unlink(missing_ok=True)
     max_seqs, body = packer.pack_set.max_seqs, packer.pack_set.seq_len - (bos_id is not None)
     sequences = tokens // body if max_seqs is None else min(max_seqs, tokens // body)
-    write_json(directory / INDEX, {
-        **packer.index_fields(bos_id), "sequences": sequences, "tokens": tokens,
-        "units": [{"unit": u, "file": _name(u, "npy"), "tokens": done[u]} for u in used]})
+    with writing(directory / INDEX, then=KEPT):
+        write_json(directory / INDEX, {**packer.index_fields(bos_id), "sequences": sequences, "tokens": tokens,
+                                       "units": units})
     return directory
 
 
 def _already_packed(directory: Path, packer: _Packer, bos_id) -> bool:
-    """Whether directory holds this set's finished packing; refuse one packed otherwise."""
+    """Whether directory holds this set's finished packing, each file as index.json records it; refuse one packed
+    otherwise. With a warning: a packing of text since changed, or damaged units, are removed to be packed again;
+    an index without hashes (packed before they were kept) is written again with them."""
     index = read_json(directory / INDEX)
     if index is None:
         return False
-    want = packer.index_fields(bos_id)
+    s, want = packer.pack_set, packer.index_fields(bos_id)
     differ = {k: (index.get(k), v) for k, v in want.items() if index.get(k) != v}
+    if set(differ) == {"text_hash"}:
+        warnings.warn(f"{directory}: {s.name}/{s.split}'s text changed since it was packed (or it was packed before "
+                      f"its text's hash was kept): packing it again")
+        _remove(directory, [u["unit"] for u in index["units"]])
+        return False
     if differ:
         raise ValueError(f"{directory} holds another packing ({{field: (there, asked)}}: {differ}); "
                          f"pack into another --out, or remove it")
+    damaged = _damaged(directory, index)
+    if damaged:
+        warnings.warn("; ".join(f"shard {directory / f} {why}" for f, why in damaged.items()) + ": packing it again")
+        _remove(directory, [u["unit"] for u in index["units"] if u["file"] in damaged])
+        return False
+    if any("hash" not in u for u in index["units"]):
+        warnings.warn(f"{directory / INDEX} was written before content hashes were kept: recorded the content hashes "
+                      f"of its shards as they are now")
+        return False  # every unit is finished: _finalize writes index.json again, with the hashes
     return True
+
+
+def _damaged(directory: Path, index: dict, verify=True) -> dict[str, str]:
+    """{file: what is wrong} for each unit in index.json whose file is missing, truncated, or (verify) altered."""
+    bad = {}
+    for unit in index["units"]:
+        path = directory / unit["file"]
+        try:
+            tokens, size = np.load(path, mmap_mode="r").shape, path.stat().st_size
+        except (OSError, ValueError) as err:
+            bad[unit["file"]] = f"is missing or unreadable ({err})"
+        else:
+            if tokens != (unit["tokens"],) or size != unit.get("bytes", size):
+                bad[unit["file"]] = f"holds {tokens} tokens in {size:,} bytes, index.json says {unit['tokens']} in " \
+                                    f"{unit.get('bytes')}: a partial shard"
+            elif verify and "hash" in unit and file_hash(path) != unit["hash"]:
+                bad[unit["file"]] = "differs from its hash in index.json (edited or damaged)"
+    return bad
+
+
+def _remove(directory: Path, units: list[int]) -> None:
+    """Remove index.json, then the files of units (index first: a kill in between leaves a set still to finish)."""
+    (directory / INDEX).unlink(missing_ok=True)
+    for u in units:
+        for ext in ("json", "npy"):
+            (directory / _name(u, ext)).unlink(missing_ok=True)
 
 
 def _embedded_documents(s: PackSet) -> int | None:

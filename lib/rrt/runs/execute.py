@@ -46,10 +46,13 @@ def load_data(spec: DataSpec, tokenizer, cache_dir=PACKED_CACHE) -> StudyData:
     """Return the packed training and held-out sequences of a `DataSpec`, cached and memory-mapped.
 
     A hub corpus is read from the shards `make pack` wrote (under spec.packed_dir, default outputs/packed;
-    missing ones are an error naming the command, never packed here); an embedded one is packed in-process.
+    missing ones are an error naming the command, never packed here), their content verified by the main process
+    (the processes of a launch read the same files); an embedded one is packed in-process.
     """
     if spec.data_source == "hub":
-        sets = [PackedShards(packed_path(s, tokenizer, root=spec.packed_dir or None)) for s in pack_sets(spec)]
+        verify = PartialState(cpu=not torch.cuda.is_available()).is_main_process
+        sets = [PackedShards(packed_path(s, tokenizer, root=spec.packed_dir or None), verify=verify)
+                for s in pack_sets(spec)]
         return StudyData(train=sets[0], evals=dict(zip(spec.eval_corpora, sets[1:])))
     common = dict(tokenizer=tokenizer, seq_len=spec.seq_len, source=spec.data_source, cache_dir=cache_dir)
     train_seqs = load_packed(spec.train_corpus, spec.train_split, max_seqs=spec.max_train_seqs, **common)

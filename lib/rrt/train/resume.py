@@ -52,11 +52,17 @@ def check_run_dir(run_dir: Path, config: TrainConfig, seqs) -> Path | None:
     if old is None:
         warnings.warn(f"{run_dir / CONFIG} is missing; {latest} is of this config (its manifest's hash): "
                       f"resuming from it and writing {CONFIG} again")
-    saved, given = read_json(run_dir / SEQS) or read_json(run_dir / LEGACY_SEQS), seqs.fingerprint()
+    saved = read_json(run_dir / SEQS) or read_json(run_dir / LEGACY_SEQS)
+    sampled = saved is not None and "rows" in saved and saved.get("shape") == list(seqs.shape)
+    given = seqs.sampled_fingerprint(saved["rows"]) if sampled else seqs.fingerprint()
     if saved is not None and saved != given:
         raise ValueError(f"{run_dir / SEQS}: this run trained on other sequences (saved {saved}, given {given}); "
                          f"the data label {config.data!r} does not tell them apart. Pass the same train_seqs, "
                          f"or use another `out` directory")
+    if sampled:  # written before every row was hashed (train then rewrites it whole)
+        warnings.warn(f"{run_dir / SEQS} hashed only {len(saved['rows'])} of its {saved['shape'][0]} training "
+                      f"sequences (written before every row was hashed); they match these: resuming, and recording "
+                      f"a hash of every row")
     return latest
 
 
