@@ -35,7 +35,7 @@ from rrt.study import SCALES
 from rrt.suite import owners, suite_text
 from rrt.recipes import PAPER_MODELS
 from rrt.recursive import convert
-from rrt.rundir import write_config, write_versions
+from rrt.rundir import write_config, write_csv, write_text, write_versions
 from rrt.runs.cost import COST_RULE, format_tokens, plan_table, totals_text
 from rrt.runs.memory import HEADROOM, MEMORY_RULE
 from rrt.runs.execute import execute_run, load_data
@@ -203,7 +203,7 @@ def plan_main(argv=None):
           f"run store: {store.relative_to(REPO) if store.is_relative_to(REPO) else store}\n"
           + estimate_text(recipe.data_spec(), model_config(recipe.model).vocab_size))
     if args.csv:
-        table.to_csv(args.csv, index=False)
+        write_csv(args.csv, table)
     return table
 
 
@@ -321,8 +321,10 @@ def report_parser() -> argparse.ArgumentParser:
 def report_main(argv=None):
     """`make report`: render every executed notebook under a root to HTML, with an index page."""
     args = report_parser().parse_args(argv)
-    root = Path(args.root)
-    print(f"wrote {report.write_index(root)}")
+    found = report.entries(root := Path(args.root))
+    for entry in filter(report.unreadable, found):  # listed on the index, not rendered: say so here too
+        print(f"not rendered: {entry.notebook} ({entry.status})", file=sys.stderr)
+    print(f"wrote {report.write_index(root, found)}")
     for shot in report.screenshots(root, Path(args.screenshots)) if args.screenshots else ():
         print(f"wrote {shot}")
 
@@ -350,7 +352,7 @@ def init_perplexity_main(argv=None):
     df = explore.init_perplexity(model, seqs, num_blocks=args.num_blocks)
     print(df.to_markdown(index=False, floatfmt=".4g"))
     if args.out:
-        df.to_csv(args.out, index=False)
+        write_csv(args.out, df)
     return df
 
 
@@ -413,16 +415,15 @@ def bench_main(argv=None):
     out = Path(args.out)
     write_config(out, {**vars(args), **result.settings})
     write_versions(out)
-    for name, df in result.tables().items():
-        df.to_csv(out / f"{name}.csv", index=False)
     targets = targets_table(result.systems)
-    targets.to_csv(out / "targets.csv", index=False)
+    for name, df in {**result.tables(), "targets": targets}.items():
+        write_csv(out / f"{name}.csv", df)
     command = " ".join(argv if argv is not None else sys.argv[2:])
     text = "\n\n".join([f"`python -m rrt bench {command}` on {result.settings['device']}; "
                         f"mean loops per token E = {result.mean_loops:.3f}", summary_table(result),
                         result.step_costs.to_markdown(index=False, floatfmt=".4g"),
                         "Targets (`rrt.serving.targets`):", targets.to_markdown(index=False, floatfmt=".3g")]) + "\n"
-    (out / "report.md").write_text(text)
+    write_text(out / "report.md", text)
     print(text)
     return result
 

@@ -19,7 +19,7 @@ from rrt.recipes import PAPER_MODELS, TABLE8_INIT, TABLE12_KD, TABLE13
 from rrt.runs.store import Run
 from rrt.serving.engine import KV_POLICIES
 from rrt.spec import INITS, RANK_GROUPS, check_at_least, check_choice, check_items
-from rrt.study import Study, TrainingStudy
+from rrt.study import Study, TrainingStudy, check_corpora
 
 # Fig. 11 (App. I), InitAblation.variants: each variant's (init, norm_init)
 INIT_VARIANTS = {"stepwise_start": ("stepwise_start", None), "norm_choice": ("average", "choice"),
@@ -403,6 +403,8 @@ class Throughput(Study):
     tasks: tuple[str, ...] = ("piqa",)  # few-shot tasks for the accuracy axis of Fig. 8
     task_limit: int | None = 50       # examples per task (None: the full split)
 
+    paths: typing.ClassVar[tuple[str, ...]] = (*Study.paths, "checkpoint", "runs_root")
+
     def validate(self):
         check_items("tasks", self.tasks, tuple(TASKS))
         check_items("kv_policies", self.kv_policies, KV_POLICIES)
@@ -413,6 +415,8 @@ class Throughput(Study):
         for key in ("corpus", "calibration_corpus"):
             if "/" not in getattr(self, key):
                 raise ValueError(f"{key}={getattr(self, key)!r} must be 'corpus/split', e.g. 'wikitext2/test'")
+            if self.data_source == "embedded":  # a hub one: from the packed held-out sets (_check_packed)
+                check_corpora(key, [getattr(self, key)], self.data_source)
         for key in ("num_requests", "prefix_len", "decode_len", "max_active", "token_budget", "repeats", "threads"):
             check_at_least(key, getattr(self, key), 1)
         for r in self.lora_ranks:
