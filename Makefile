@@ -44,11 +44,16 @@ pack: setup  ## tokenize a plan's corpora into shards before training (a hub cor
 	$(PY) -m rrt pack $(NB) $(SCALE) --workers $(or $(WORKERS),1) $(if $(OUT),--out $(OUT),)
 
 RUN_DIR = $(CURDIR)/outputs/$(NB)/$(SCALE)-$(STAMP)
-run: setup  ## run one notebook: make run NB=01_init_ablation SCALE=cpu [P="steps=20 lr=1e-4"] (outputs/<NB>/<SCALE>-<time>/)
+# mkdir (no -p) creates the directory or fails: a second run started in the same second takes <dir>-2, -3, ...
+# (rrt.rundir.new_run_dir's rule), so two runs never write into one directory
+NEW_RUN_DIR = mkdir -p $(dir $(RUN_DIR)); run_dir=$(RUN_DIR); n=1; \
+	until mkdir "$$run_dir" 2>/dev/null; do test -d "$$run_dir" || { mkdir "$$run_dir"; exit 1; }; \
+	n=$$((n + 1)); run_dir=$(RUN_DIR)-$$n; done
+run: setup  ## run one notebook: make run NB=01_init_ablation SCALE=cpu [P="steps=20 lr=1e-4"] (outputs/<NB>/<SCALE>-<time>[-n]/)
 	@$(CHECK_NB_SCALE)
-	mkdir -p $(RUN_DIR)
-	$(OFFLINE) $(PY) -m papermill notebooks/$(NB).ipynb $(RUN_DIR)/$(NB).ipynb \
-	  -f params/$(NB)/$(SCALE).yaml $(foreach kv,$(P),-p $(subst =, ,$(kv))) -p run_dir $(RUN_DIR) --log-output --no-progress-bar
+	@$(NEW_RUN_DIR); echo "run directory: $$run_dir"; \
+	$(OFFLINE) $(PY) -m papermill notebooks/$(NB).ipynb "$$run_dir/$(NB).ipynb" \
+	  -f params/$(NB)/$(SCALE).yaml $(foreach kv,$(P),-p $(subst =, ,$(kv))) -p run_dir "$$run_dir" --log-output --no-progress-bar
 
 demo: setup  ## the main job: every notebook at cpu scale on the embedded SmolLM2-135M, headless
 	set -e; for nb in $(NOTEBOOKS); do $(MAKE) --no-print-directory run NB=$$nb SCALE=cpu STAMP=$(STAMP); done

@@ -36,7 +36,7 @@ from rrt.study import SCALES
 from rrt.suite import owners, suite_text
 from rrt.recipes import PAPER_MODELS
 from rrt.recursive import convert
-from rrt.rundir import write_config, write_versions
+from rrt.rundir import write_config, write_csv, write_text, write_versions
 from rrt.runs.cost import COST_RULE, format_tokens, plan_table, totals_text
 from rrt.runs.memory import HEADROOM, MEMORY_RULE
 from rrt.runs.execute import execute_run, load_data
@@ -204,7 +204,7 @@ def plan_main(argv=None):
           f"run store: {store.relative_to(REPO) if store.is_relative_to(REPO) else store}\n"
           + estimate_text(recipe.data_spec(), model_config(recipe.model).vocab_size))
     if args.csv:
-        table.to_csv(args.csv, index=False)
+        write_csv(args.csv, table)
     return table
 
 
@@ -322,8 +322,10 @@ def report_parser() -> argparse.ArgumentParser:
 def report_main(argv=None):
     """`make report`: render every executed notebook under a root to HTML, with an index page."""
     args = report_parser().parse_args(argv)
-    root = Path(args.root)
-    print(f"wrote {report.write_index(root)}")
+    found = report.entries(root := Path(args.root))
+    for entry in filter(report.unreadable, found):  # listed on the index, not rendered: say so here too
+        print(f"not rendered: {entry.notebook} ({entry.status})", file=sys.stderr)
+    print(f"wrote {report.write_index(root, found)}")
     for shot in report.screenshots(root, Path(args.screenshots)) if args.screenshots else ():
         print(f"wrote {shot}")
 
@@ -351,7 +353,7 @@ def init_perplexity_main(argv=None):
     df = explore.init_perplexity(model, seqs, num_blocks=args.num_blocks)
     print(df.to_markdown(index=False, floatfmt=".4g"))
     if args.out:
-        df.to_csv(args.out, index=False)
+        write_csv(args.out, df)
     return df
 
 
@@ -397,12 +399,10 @@ def bench_main(argv=None):
     device = resolve_device(args.device)
     dtype = serving_dtype(device, args.dtype)
     model, tok = load_bench_model(args.model, device=device, dtype=dtype)
-    if args.checkpoint:
-        if args.lora_rank:
-            raise ValueError("--checkpoint serves the checkpoint's own LoRA: drop --lora-rank")
-        rec = load(args.checkpoint, dtype=dtype, device=device)
-    else:
-        rec = convert(model, RecursiveSpec(num_blocks=args.num_blocks, lora_rank=args.lora_rank))
+    if args.checkpoint and args.lora_rank:
+        raise ValueError("--checkpoint serves the checkpoint's own LoRA: drop --lora-rank")
+    rec = (load(args.checkpoint, dtype=dtype, device=device) if args.checkpoint
+           else convert(model, RecursiveSpec(num_blocks=args.num_blocks, lora_rank=args.lora_rank)))
     workload = Workload(corpus=args.corpus, split=args.split, num_requests=args.num_requests,
                         prefix_len=args.prefix_len, decode_len=args.decode_len, seed=args.seed)
     text = heldout_text(tok, args.calibration_corpus, vocab_size=model.config.vocab_size) if args.exit_policies else []
@@ -415,15 +415,14 @@ def bench_main(argv=None):
     out = Path(args.out or REPO / "outputs" / "serving_bench" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     write_config(out, {**vars(args), **result.settings})
     write_versions(out)
-    tables = {**result.tables(), "targets": (targets := targets_table(result.systems))}
-    for name, df in tables.items():
-        df.to_csv(out / f"{name}.csv", index=False)
+    for name, df in {**result.tables(), "targets": (targets := targets_table(result.systems))}.items():
+        write_csv(out / f"{name}.csv", df)
     command = " ".join(argv if argv is not None else sys.argv[2:])
     text = "\n\n".join([f"`python -m rrt bench {command}` on {result.settings['device']}; "
                         f"mean loops per token E = {result.mean_loops:.3f}", summary_table(result),
                         result.step_costs.to_markdown(index=False, floatfmt=".4g"),
                         "Targets (`rrt.serving.targets`):", targets.to_markdown(index=False, floatfmt=".3g")]) + "\n"
-    (out / "report.md").write_text(text)
+    write_text(out / "report.md", text)
     print(text)
     return result
 

@@ -60,15 +60,11 @@ def load_corpus(name, split, *, source="embedded", streaming=None, cache_dir=Non
 
     streaming defaults to False for "embedded" and True for "hub" (SlimPajama is 627B tokens).
     """
-    table = _table(source)
-    if name not in table:
-        raise ValueError(f"unknown {source} corpus {name!r}; known: {sorted(table)}")
-    splits = table[name]["splits"]
-    if split not in splits and (name, split) in RENAMED_SPLITS:
+    if split not in _splits(name, source) and (name, split) in RENAMED_SPLITS:
         warnings.warn(f"{name}/{split} is now {name}/{RENAMED_SPLITS[name, split]}: reading that", stacklevel=2)
         split = RENAMED_SPLITS[name, split]
-    if split not in splits:
-        raise ValueError(f"corpus {name!r} ({source}) has no split {split!r}; known: {sorted(splits)}")
+    check_corpus(name, split, source=source)
+    splits = _table(source)[name]["splits"]
     if source == "hub":
         ds = datasets.load_dataset(**HUB[name]["args"], split=splits[split],
                                    streaming=True if streaming is None else streaming, cache_dir=cache_dir)
@@ -79,6 +75,21 @@ def load_corpus(name, split, *, source="embedded", streaming=None, cache_dir=Non
     ds = datasets.load_dataset("text", data_files={split: str(path)}, sample_by="document", split=split,
                                streaming=bool(streaming), cache_dir=cache_dir)
     return ds.map(_documents, batched=True, fn_kwargs={"how": EMBEDDED[name]["documents"]})
+
+
+def check_corpus(name, split, *, source="embedded"):
+    """Raise ValueError naming the known corpora (or the corpus' splits) unless `name`/`split` is one of `source`'s
+    (a former split name, RENAMED_SPLITS, counts: it is read under its new name)."""
+    splits = _splits(name, source)
+    if split not in splits and (name, split) not in RENAMED_SPLITS:
+        raise ValueError(f"corpus {name!r} ({source}) has no split {split!r}; known: {sorted(splits)}")
+
+
+def _splits(name, source):
+    table = _table(source)
+    if name not in table:
+        raise ValueError(f"unknown {source} corpus {name!r}; known: {sorted(table)}")
+    return table[name]["splits"]
 
 
 def corpora(source="embedded"):

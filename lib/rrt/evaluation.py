@@ -275,7 +275,7 @@ def save_results(df, out_dir, *, params, name="results", versions=None):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv, js = out_dir / f"{name}.csv", out_dir / f"{name}.json"
-    df.to_csv(csv, index=False)
+    rundir.write_csv(csv, df)
     record = {"params": params, "versions": versions or rundir.versions(),
               "rows": json.loads(df.to_json(orient="records"))}
     rundir.write_json(js, record)

@@ -26,7 +26,7 @@ import torch
 from rrt.devices import resolve_device
 from rrt.notebook import load_params
 from rrt.recursive import convert
-from rrt.rundir import write_config, write_versions
+from rrt.rundir import new_run_dir, write_config, write_csv, write_versions
 from rrt.runs.cost import train_flops
 from rrt.runs.memory import estimate_memory
 from rrt.serving.bench import Workload, dummy_model, run_benchmark, serving_dtype
@@ -78,7 +78,7 @@ def run_gpu_check(*, out: str | Path | None = None, dry_run: bool = False) -> Gp
     device = torch.device("cpu") if dry_run else resolve_device("cuda")
     size = DRY_RUN if dry_run else GPU
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu dry run"
-    out = Path(out) if out else OUTPUTS / "gpu-check" / f"{_slug(name)}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    out = Path(out) if out else new_run_dir(OUTPUTS / "gpu-check", f"{_slug(name)}-{dt.datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
     write_versions(out)
     write_config(out, {"device": name, "torch": torch.__version__, "torch_cuda": torch.version.cuda,
@@ -86,7 +86,7 @@ def run_gpu_check(*, out: str | Path | None = None, dry_run: bool = False) -> Gp
                        **{k: v if not isinstance(v, Workload) else dataclasses.asdict(v)
                           for k, v in dataclasses.asdict(size).items()}})
     trained = pd.DataFrame([train_check(size, device=device, device_name=name, out=out / "train-run")])
-    trained.to_csv(out / "train.csv", index=False)  # written before serving starts: a serving failure keeps it
+    write_csv(out / "train.csv", trained)  # written before serving starts: a serving failure keeps it
     systems, costs = serve_check(size, device=device, out=out)
     return GpuCheckResult(out, trained, systems, costs)
 
@@ -164,8 +164,8 @@ def serve_check(size: CheckSize, *, device: torch.device, out: Path) -> tuple[pd
                         "dtype": result.settings["dtype"], "mean_loops": result.mean_loops}
                 systems.append(result.systems.assign(**tags))
                 costs.append(result.step_costs.assign(**tags))
-                pd.concat(systems, ignore_index=True).to_csv(out / "bench.csv", index=False)
-                pd.concat(costs, ignore_index=True).to_csv(out / "step_costs.csv", index=False)
+                write_csv(out / "bench.csv", pd.concat(systems, ignore_index=True))
+                write_csv(out / "step_costs.csv", pd.concat(costs, ignore_index=True))
                 del rec, result
                 _release(device)
         del model

@@ -15,7 +15,7 @@ from pathlib import Path
 from rrt.params import read_params
 from rrt.plans import STUDIES, Throughput
 from rrt.study import OUTPUTS, Study, TrainingStudy
-from rrt.rundir import write_config, write_versions
+from rrt.rundir import new_run_dir, write_config, write_csv, write_versions
 from rrt.runs.cost import plan_table
 from rrt.runs.store import write_run_files
 
@@ -48,14 +48,16 @@ def load_params(notebook: str, scale: str, **overrides) -> Study:
 def start(study: Study) -> Path:
     """Create the notebook's run directory; write config.json, versions.json and (a plan that trains) plan.csv
     and each run's run.json in the run store."""
-    run_dir = Path(study.run_dir) if study.run_dir else (
-        OUTPUTS / study.notebook / f"{study.scale}-{dt.datetime.now():%Y%m%d-%H%M%S}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if study.run_dir:  # `make run` made it (new_run_dir's rule in the shell): papermill writes the notebook there
+        run_dir = Path(study.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        run_dir = new_run_dir(OUTPUTS / study.notebook, f"{study.scale}-{dt.datetime.now():%Y%m%d-%H%M%S}")
     write_config(run_dir, study.to_dict())
     write_versions(run_dir)
     recipe = planned(study)
     if recipe is not None:
-        plan_table(study.runs()).to_csv(run_dir / "plan.csv", index=False)
+        write_csv(run_dir / "plan.csv", plan_table(study.runs()))
         write_run_files(study.runs(), recipe.data_spec(), recipe.eval_spec())
     return run_dir
 

@@ -19,7 +19,7 @@ from rrt.recipes import PAPER_MODELS, TABLE8_INIT, TABLE12_KD, TABLE13
 from rrt.runs.store import Run
 from rrt.serving.engine import KV_POLICIES
 from rrt.spec import INITS, RANK_GROUPS, check_at_least, check_choice, check_items
-from rrt.study import Study, TrainingStudy
+from rrt.study import Study, TrainingStudy, check_corpora
 
 # Fig. 11 (App. I), InitAblation.variants: each variant's (init, norm_init)
 INIT_VARIANTS = {"stepwise_start": ("stepwise_start", None), "norm_choice": ("average", "choice"),
@@ -402,6 +402,8 @@ class Throughput(Study):
     tasks: tuple[str, ...] = ("piqa",)  # few-shot tasks for the accuracy axis of Fig. 8
     task_limit: int | None = 50       # examples per task (None: the full split)
 
+    paths: typing.ClassVar[tuple[str, ...]] = (*Study.paths, "checkpoint", "runs_root")
+
     def validate(self):
         check_items("tasks", self.tasks, tuple(TASKS))
         check_items("kv_policies", self.kv_policies, KV_POLICIES)
@@ -414,6 +416,8 @@ class Throughput(Study):
         for key, value in [("corpora", c) for c in self.corpora] + [("calibration_corpus", self.calibration_corpus)]:
             if "/" not in value:
                 raise ValueError(f"{key}: {value!r} must be 'corpus/split', e.g. 'wikitext2/test'")
+            if self.data_source == "embedded":  # a hub one: from the packed held-out sets (_check_packed)
+                check_corpora(key, [value], self.data_source)
         for shape in self.shapes:
             if len(shape) != 2 or min(shape) < 1:
                 raise ValueError(f"shapes holds {list(shape)}: each is [prompt tokens, output tokens], both >= 1")

@@ -16,6 +16,7 @@ import seaborn as sns
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
+from rrt.rundir import replacing, write_csv
 from rrt.runs.store import label_of  # noqa: F401 (re-exported as rrt.plots.label_of)
 
 # Paper-like: white grid, small sans fonts. Figures are built with matplotlib.figure.Figure, not pyplot:
@@ -67,14 +68,14 @@ def save(plot, run_dir: Path, name: str) -> None:
     A Plot without a figure is written as a rendered table, so every named figure exists at every scale."""
     out = Path(run_dir) / "figures"
     out.mkdir(parents=True, exist_ok=True)
-    if not isinstance(plot, Plot):  # a bare matplotlib figure (00_explore's heatmap)
-        plot.savefig(out / f"{name}.png", dpi=150)
-        plot.savefig(out / f"{name}.svg")
-        return None
-    plot.table.assign(plot=plot.kind)[["plot", *plot.table.columns]].to_csv(out / f"{name}.csv", index=False)
-    fig = plot.figure if plot.figure is not None else _table_figure(plot)
-    fig.savefig(out / f"{name}.png", dpi=150)
-    fig.savefig(out / f"{name}.svg")
+    if isinstance(plot, Plot):
+        write_csv(out / f"{name}.csv", plot.table.assign(plot=plot.kind)[["plot", *plot.table.columns]])
+        fig = plot.figure if plot.figure is not None else _table_figure(plot)
+    else:  # a bare matplotlib figure (00_explore's heatmap)
+        fig = plot
+    for suffix, options in ((".png", {"dpi": 150}), (".svg", {})):
+        with replacing(out / f"{name}{suffix}") as tmp:
+            fig.savefig(tmp, **options)
     return None
 
 

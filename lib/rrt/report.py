@@ -2,7 +2,8 @@
 
 The index has one row per notebook run (outputs/<notebook>/<scale>-<time>/, outputs/examples/…), ordered
 by notebook then newest first: its scale, date, commit, status (a failed run names its failing cell) and
-figures; directories of results without an executed notebook (committed examples) get a row too.
+figures; directories of results without an executed notebook (committed examples) get a row too. A notebook
+that is not valid JSON (the disk filled while papermill wrote it) gets a row naming it and is not rendered.
 `--screenshots DIR` also writes full-page PNGs of the index and of every page (headless Chromium).
 """
 from __future__ import annotations
@@ -17,6 +18,8 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+from rrt.rundir import replacing, write_text
 
 RESULT_FILES = ("*.csv", "*.md", "*.txt", "*.png")
 # Under root: @jupyter-widgets/html-manager's embed-amd.js and require.js (`make report` fetches them with npm).
@@ -33,14 +36,16 @@ class Entry:
     scale: str
     date: datetime        # when papermill finished the notebook, else the run directory's stamp, else its newest file
     commit: str           # versions.json's git_commit, shortened ("-dirty" kept); "?" when absent
-    status: str           # "ok", "failed at In [n]: Error: message", "stopped at In [n]", "results only"
+    status: str           # "ok", "failed at In [n]: Error: message", "stopped at In [n]", "results only",
+                          # "unreadable: <notebook> is not valid JSON (...)"
 
 
-def write_index(root: Path) -> Path:
-    """Render every executed notebook under root and write root/index.html, one row per `entries` entry."""
+def write_index(root: Path, found: list[Entry] | None = None) -> Path:
+    """Render every readable executed notebook under root and write root/index.html, one row per `entries` entry
+    (or per entry of `found`, when the caller has them already)."""
     rows = []
-    for e in entries(root):
-        page = render(e.notebook, widget_js=root / WIDGET_JS) if e.notebook else None
+    for e in entries(root) if found is None else found:
+        page = None if e.notebook is None or unreadable(e) else render(e.notebook, widget_js=root / WIDGET_JS)
         link = f'<a href="{_rel(page, root)}">{html.escape(e.name)}</a>' if page else html.escape(e.name)
         files = "" if page else " ".join(f'<a href="{_rel(f, root)}">{html.escape(f.name)}</a>'
                                          for f in _result_files(e.dir) if f.suffix != ".png")
@@ -52,8 +57,7 @@ def write_index(root: Path) -> Path:
                     f'<td class="{state}">{html.escape(e.status)}</td>'
                     f'<td><a href="{_rel(e.dir, root)}/">{html.escape(str(_rel(e.dir, root)))}</a> {files}</td>'
                     f'<td>{thumbs}</td></tr>')
-    index = root / "index.html"
-    index.write_text("<!doctype html><meta charset=utf-8><title>rrt results</title><style>"
+    index = write_text(root / "index.html", "<!doctype html><meta charset=utf-8><title>rrt results</title><style>"
                      "body{font-family:sans-serif}td{padding:4px 10px;vertical-align:top}"
                      "tr:nth-child(even){background:#f4f4f4}.bad{color:#b00;font-weight:bold}"
                      ".nowrap{white-space:nowrap}</style>"
@@ -61,6 +65,11 @@ def write_index(root: Path) -> Path:
                      "<th>commit</th><th>status</th><th>run directory</th><th>figures</th></tr>"
                      + "".join(rows) + "</table>")
     return index
+
+
+def unreadable(entry: Entry) -> bool:
+    """Whether the entry's notebook could not be read (its row names it; it is not rendered)."""
+    return entry.notebook is not None and f"{entry.notebook} is not valid JSON" in entry.status
 
 
 def entries(root: Path) -> list[Entry]:
@@ -72,30 +81,33 @@ def entries(root: Path) -> list[Entry]:
 
 
 def describe(run_dir: Path, notebook: Path | None, root: Path | None = None) -> Entry:
-    """Return the index row of a run directory (its executed notebook, config.json and versions.json)."""
-    config, versions = _read(run_dir / "config.json"), _read(run_dir / "versions.json")
+    """Return the index row of a run directory (its executed notebook, config.json and versions.json); a file that
+    is not valid JSON is named in the row's status, never a crash of the whole report."""
+    damaged = []
+    config, versions = _read(run_dir / "config.json", damaged), _read(run_dir / "versions.json", damaged)
+    nb = _read(notebook, damaged) if notebook else {}
     commit = str(versions.get("git_commit") or "?")
     commit = commit[:10] + ("-dirty" if commit.endswith("-dirty") else "") if len(commit) >= 40 else commit
-    if notebook is None:
-        name = config.get("notebook") or str(run_dir.relative_to(root))
-        return Entry(name=name, dir=run_dir, notebook=None, scale=str(config.get("scale", "?")),
-                     date=_stamp(run_dir, config), commit=commit, status="results only")
-    nb = json.loads(notebook.read_text())
     papermill = nb.get("metadata", {}).get("papermill", {})
-    params = papermill.get("parameters", {})
     ended = papermill.get("end_time") or papermill.get("start_time")
-    date = datetime.fromisoformat(ended) if ended else _stamp(run_dir, config)
-    scale = str(params.get("scale", config.get("scale", "?")))
-    return Entry(name=notebook.stem, dir=run_dir, notebook=notebook, scale=scale, date=date, commit=commit,
-                 status=status(nb))
+    name = notebook.stem if notebook else config.get("notebook") or str(run_dir.relative_to(root))
+    state = ("unreadable: " + "; ".join(damaged) if damaged else status(nb) if notebook else "results only")
+    return Entry(name=name, dir=run_dir, notebook=notebook,
+                 scale=str(papermill.get("parameters", {}).get("scale", config.get("scale", "?"))),
+                 date=datetime.fromisoformat(ended) if ended else _stamp(run_dir, config), commit=commit, status=state)
 
 
 def status(nb: dict) -> str:
     """Return "ok", "failed at In [n]: Error: message" or "stopped at In [n]" (killed, or still running) from
-    the cell metadata papermill writes as it executes (`metadata.papermill.status` / `exception` per cell)."""
-    for cell in nb.get("cells", []):
+    the cell metadata papermill writes as it executes (`metadata.papermill.status` / `exception` per cell).
+
+    papermill marks a cell running before the kernel numbers it, so a run killed then has no In [n]: the cell is
+    named by its place in the notebook instead ("cell 7 of 20 (not yet numbered)")."""
+    cells = nb.get("cells", [])
+    for place, cell in enumerate(cells, 1):
         meta = cell.get("metadata", {}).get("papermill", {})
-        where = f"In [{cell.get('execution_count') or '?'}]"
+        count = cell.get("execution_count")
+        where = f"In [{count}]" if count else f"cell {place} of {len(cells)} (not yet numbered)"
         if meta.get("exception") or meta.get("status") == "failed":
             error = next((o for o in cell.get("outputs", []) if o.get("output_type") == "error"), {})
             message = f"{error.get('ename', 'error')}: {error.get('evalue', '')}".strip(": ")
@@ -117,9 +129,7 @@ def render(notebook: Path, *, widget_js: Path | None = None) -> Path:
         rel = Path(os.path.relpath(widget_js, notebook.parent)).as_posix()
         local = {"widget_renderer_url": f"{rel}/embed-amd.js", "require_js_url": f"{rel}/require.js"}
     body, _ = HTMLExporter(**local).from_filename(str(notebook))
-    out = notebook.with_suffix(".html")
-    out.write_text(body)
-    return out
+    return write_text(notebook.with_suffix(".html"), body)
 
 
 def screenshots(root: Path, out_dir: Path, *, width: int = 1280, height: int = 16000) -> list[Path]:
@@ -158,14 +168,15 @@ def _crop_blank_bottom(png: Path, margin: int = 24) -> None:
     background = Image.new("RGB", image.size, image.getpixel((0, image.height - 1)))
     box = ImageChops.difference(image, background).getbbox()
     if box:
-        image.crop((0, 0, image.width, min(image.height, box[3] + margin))).save(png)
+        with replacing(png) as tmp:
+            image.crop((0, 0, image.width, min(image.height, box[3] + margin))).save(tmp)
 
 
 def _stamp(run_dir: Path, config: dict) -> datetime:
-    """The <scale>-<YYYYmmdd-HHMMSS> stamp `make run` names a run directory with (local time; a copied example
+    """The <scale>-<YYYYmmdd-HHMMSS>[-n] stamp `make run` names a run directory with (local time; a copied example
     keeps it in config.json's run_dir), else the directory's newest file: checkouts and copies reset mtimes."""
     for name in (str(config.get("run_dir", "")), run_dir.name):
-        found = re.search(r"(\d{8}-\d{6})/?$", name)
+        found = re.search(r"(\d{8}-\d{6})(-\d+)?/?$", name)  # -n: a second run started in the same second
         if found:
             return datetime.strptime(found.group(1), "%Y%m%d-%H%M%S").astimezone(timezone.utc)
     return datetime.fromtimestamp(max(f.stat().st_mtime for f in run_dir.iterdir()), timezone.utc)
@@ -180,8 +191,15 @@ def _result_files(run_dir: Path) -> list[Path]:
     return sorted(f for pattern in RESULT_FILES for f in run_dir.glob(pattern))
 
 
-def _read(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+def _read(path: Path, damaged: list[str]) -> dict:
+    """Return a JSON file's contents ({} if absent); a damaged one gives {} and a line naming it in `damaged`."""
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (ValueError, UnicodeDecodeError) as err:
+        damaged.append(f"{path} is not valid JSON ({err}); rerun the notebook or move it aside")
+        return {}
 
 
 def _rel(path: Path, root: Path) -> str:

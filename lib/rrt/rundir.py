@@ -6,6 +6,8 @@ write them through this module, so every run directory reads the same. Files are
 atomically (temp file, fsync, rename) and metrics appended one fsynced line at a time, so a kill or
 a full disk leaves at most a torn last line, which `Metrics` truncates on resume; `RunLock` keeps a
 second writer out of a directory (an O_EXCL lock file with a heartbeat, not flock: shared filesystems).
+Every other file a notebook, table, figure or report writes goes through `replacing` the same way, and
+`new_run_dir` names a notebook run's directory so that two started in one second never share one.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import sys
 import threading
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 CONFIG, VERSIONS, METRICS, LOCK = "config.json", "versions.json", "metrics.jsonl", "run.lock"
@@ -36,20 +39,66 @@ def read_config(run_dir: str | Path) -> dict | None:
 
 
 def write_json(path: str | Path, value) -> Path:
-    """Write `value` as JSON to `path` atomically (temp file, fsync, rename; creating the directory); return it."""
+    """Write `value` as JSON to `path` atomically (`replacing`; creating the directory); return it."""
+    return write_text(path, json.dumps(value, indent=2, default=str))
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` atomically (`replacing`; creating the directory); return it."""
+    with replacing(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_csv(path: str | Path, df) -> Path:
+    """Write DataFrame `df` as CSV (without its index) to `path` atomically (`replacing`); return it."""
+    with replacing(path) as tmp:
+        df.to_csv(tmp, index=False)
+    return Path(path)
+
+
+@contextmanager
+def replacing(path: str | Path):
+    """Yield a temp path beside `path` for any writer (`df.to_csv(tmp)`, `fig.savefig(tmp)`); when the block ends,
+    fsync it and rename it onto `path`. On a failure (a full disk) the temp file is removed, `path` is left as it
+    was, and an OSError names `path`: a reader sees the previous file or the new one, never a torn one.
+
+    The temp name keeps the suffix (savefig and to_csv infer the format from it) and holds the pid and thread, so
+    concurrent writers never share one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per writer: concurrent writers never share it
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp{path.suffix}")
     try:
-        with tmp.open("w") as f:
-            f.write(json.dumps(value, indent=2, default=str))
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except BaseException:  # a full disk or a kill: the previous file stays, and no temporary file is left
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"writing {path} failed: {e.strerror or e}; the previous file is left as it was",
+                      str(path)) from e
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def new_run_dir(parent: str | Path, name: str) -> Path:
+    """Create and return parent/name, or parent/name-2, -3, … if taken: each mkdir either creates the directory
+    or fails, so two runs started in the same second (one timestamp in `name`) never share a directory."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        path = parent / (name if n == 1 else f"{name}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{parent / name}: 10,000 run directories of that name already exist")
 
 
 def read_json(path: str | Path):
@@ -115,12 +164,7 @@ class Metrics:
                 warnings.warn(f"{self.path}: dropped a torn last line ({torn[:80]!r}): an append was interrupted")
             kept = [r for r in records if keep_until and r["step"] <= keep_until]
             if torn or len(kept) != len(records) or not keep_until:
-                tmp = self.path.with_name(f".{self.path.name}.tmp")
-                with tmp.open("w") as f:
-                    f.write("".join(_json_line(r) for r in kept))
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
+                write_text(self.path, "".join(_json_line(r) for r in kept))
 
     def write(self, record: dict) -> None:
         """Append one record as one fsynced line (only in the writing process); on failure, cut it back off."""

@@ -6,6 +6,7 @@ models ↔ recursive ↔ relax ↔ checkpoint, each reaching for the spec throug
 """
 from __future__ import annotations
 
+import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -42,6 +43,15 @@ def check_at_least(name: str, value, low) -> None:
     """Raise ValueError unless the number value >= low."""
     if value < low:
         raise ValueError(f"{name}={value!r} must be >= {low}")
+
+
+def expand_home(obj, names) -> None:
+    """Replace a leading `~` in the path fields `names` of frozen dataclass `obj` by the home directory: a quoted or
+    YAML `~/runs` reaches Python unexpanded, and would otherwise be a directory named "~" under the working one."""
+    for name in names:
+        value = getattr(obj, name, None)
+        if isinstance(value, str) and value.startswith("~"):
+            object.__setattr__(obj, name, os.path.expanduser(value))
 
 
 def check_types(obj) -> None:

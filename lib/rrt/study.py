@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from rrt.data import check_corpus
 from rrt.devices import resolve_device
 from rrt.evaluation import TASKS
 from rrt.models import model_config
@@ -17,7 +18,8 @@ from rrt.recipes import PAPER_MODELS
 from rrt.runs.memory import fit_memory
 from rrt.runs.store import PRETRAINED, DataSpec, EvalSpec, Run, make_run
 from rrt.trainconfig import TrainConfig
-from rrt.spec import check_at_least, check_choice, check_items, check_num_blocks, check_types, valid_num_blocks
+from rrt.spec import (check_at_least, check_choice, check_items, check_num_blocks, check_types, expand_home,
+                       valid_num_blocks)
 
 SCALES = ("smoke", "cpu", *PAPER_MODELS)
 OUTPUTS = Path(__file__).resolve().parents[2] / "outputs"
@@ -37,12 +39,14 @@ class Study:
 
     notebook: typing.ClassVar[str] = ""
     per_loop: typing.ClassVar[bool] = False  # evaluate every loop exit (static exiting, §3.7), not the last only
+    paths: typing.ClassVar[tuple[str, ...]] = ("model", "run_dir")  # fields that may name a path: `~` expanded
 
     def __post_init__(self):
         check_types(self)
         for f in dataclasses.fields(self):  # YAML gives lists (of lists); a frozen study holds tuples (of tuples)
             if isinstance(getattr(self, f.name), list):
                 object.__setattr__(self, f.name, _tuples(getattr(self, f.name)))
+        expand_home(self, self.paths)
         check_choice("scale", self.scale, SCALES)
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
@@ -109,8 +113,13 @@ class TrainingStudy(Study):
     tasks: tuple[str, ...] = ("arc_easy", "piqa")  # few-shot tasks (clusters: all seven)
     task_limit: int | None = 20       # examples per task (None: the full split)
 
+    paths: typing.ClassVar[tuple[str, ...]] = (*Study.paths, "runs_root", "teacher")
+
     def validate(self):
         check_choice("data_source", self.data_source, ("embedded", "hub"))
+        check_corpora(f"train_corpus={self.train_corpus!r}, train_split={self.train_split!r}",
+                      [f"{self.train_corpus}/{self.train_split}"], self.data_source)
+        check_corpora("eval_corpora", self.eval_corpora, self.data_source)
         check_items("tasks", self.tasks, tuple(TASKS))
         for name in ("seq_len", "max_eval_seqs", "steps", "global_batch_size", "batch_size", "gpus_per_run"):
             check_at_least(name, getattr(self, name), 2 if name == "seq_len" else 1)
@@ -201,3 +210,14 @@ def _tuples(value):
 def _lists(value):
     """Tuples, nested too, as lists (JSON and the parameters cell)."""
     return [_lists(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def check_corpora(key: str, names, source: str) -> None:
+    """Raise ValueError naming `key`, the bad name and the known ones unless every "corpus/split" in `names` is a
+    corpus of `source` (a name without a split means its test split, as `load_data` reads it)."""
+    for name in names:
+        corpus, _, split = name.partition("/")
+        try:
+            check_corpus(corpus, split or "test", source=source)
+        except ValueError as err:
+            raise ValueError(f"{key}: {err}") from None

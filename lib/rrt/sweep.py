@@ -45,7 +45,7 @@ from pathlib import Path
 import yaml
 
 from rrt.notebook import load_params, planned
-from rrt.rundir import LOCK, RunLock, read_json, write_json
+from rrt.rundir import LOCK, RunLock, read_json, write_json, write_text
 from rrt.runs.cost import plan_table
 from rrt.runs.execute import read_results
 from rrt.runs.store import RUN_FILE, write_run_files
@@ -89,7 +89,7 @@ def execute(notebook: str, run_dir: Path, params: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     papermill.execute_notebook(str(REPO / "notebooks" / f"{notebook}.ipynb"), str(run_dir / f"{notebook}.ipynb"),
                                parameters={**params, "run_dir": str(run_dir)}, progress_bar=True, cwd=str(REPO))
-    (run_dir / DONE).write_text("ok\n")
+    write_text(run_dir / DONE, "ok\n")
 
 
 def run_local(grid_file, out_root: Path = REPO / "outputs", run=execute) -> list[Path]:
@@ -111,7 +111,7 @@ def write_slurm(grid_file, out_root: Path = REPO / "outputs") -> Path:
     root = out_root / "sweeps" / Path(grid_file).stem
     root.mkdir(parents=True, exist_ok=True)
     script = root / "sweep.sbatch"
-    script.write_text(f"""#!/bin/bash
+    write_text(script, f"""#!/bin/bash
 #SBATCH --job-name=rrt-{Path(grid_file).stem}
 #SBATCH --array=0-{len(runs) - 1}
 #SBATCH --gres=gpu:1
@@ -205,7 +205,7 @@ def write_plan_jobs(notebook: str, scale: str, out_root: Path = REPO / "outputs"
         done.append(var)
     lines.append(f'echo "status: make sweep-status NB={notebook} SCALE={scale}"')
     submit = root / "submit.sh"
-    submit.write_text("\n".join(lines) + "\n")
+    write_text(submit, "\n".join(lines) + "\n")
     return submit
 
 
@@ -304,7 +304,7 @@ def _write_pack(root, notebook, scale, slurm, study, runs) -> Path:
     header = slurm.header(f"rrt-{notebook}-{scale}-pack", root / "slurm-pack-%A_%a.out", cpus=slurm.pack_cpus,
                           mem_gb=4 * slurm.pack_cpus, seconds=_seconds("max_time", slurm.max_time),
                           array=slurm.pack_parts)
-    script.write_text(f"""#!/bin/bash
+    write_text(script, f"""#!/bin/bash
 {header}
 #SBATCH --requeue
 # The packing wave: tokenizes the plan's hub corpora into shards under outputs/packed/ (`make pack`), CPU only.
@@ -327,7 +327,7 @@ def _write_fetch(root, notebook, scale, slurm, study, runs) -> Path:
     downloads = "\n".join(f'hf download {m} --include "*.json" "*.safetensors" "tokenizer*"' for m in hub)
     if getattr(study, "data_source", "") == "hub" and study.tasks:  # lm-eval's built-in tasks: their hub datasets
         downloads += f"\npython -c 'from rrt.evaluation import download_tasks; download_tasks({json.dumps(study.tasks)})'"
-    script.write_text(f"""#!/bin/bash
+    write_text(script, f"""#!/bin/bash
 {header}
 # After every packing task: the same command without --part finds each shard done and writes the index.
 set -euo pipefail
@@ -348,7 +348,7 @@ def _write_wave(root, i, wave, notebook, scale, slurm, h100_hours) -> Path:
     header = slurm.header(f"rrt-{notebook}-{scale}-w{i}", root / f"slurm-w{i}-%A_%a.out", cpus=slurm.cpus_per_gpu * gpus,
                           mem_gb=slurm.mem_gb_per_gpu * gpus, seconds=seconds, gpus=gpus, array=len(wave),
                           dependent=True)
-    script.write_text(f"""#!/bin/bash
+    write_text(script, f"""#!/bin/bash
 {header}
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@{slurm.grace_seconds}
@@ -374,15 +374,16 @@ def _write_collect(root, study, notebook, scale, slurm, overrides) -> Path:
     header = slurm.header(f"rrt-{notebook}-{scale}-collect", root / "slurm-collect-%j.out", cpus=slurm.cpus_per_gpu,
                           mem_gb=slurm.mem_gb_per_gpu, seconds=_seconds("max_time", slurm.max_time), gpus=gpus,
                           dependent=True)
-    script.write_text(f"""#!/bin/bash
+    write_text(script, f"""#!/bin/bash
 {header}
 # Trains nothing: lists the runs that are not done with their logs and exits 1, or renders the notebook from the
 # finished run directories (read_only: the notebook stops, naming a run, rather than train it).
 set -euo pipefail
 {_preamble(slurm)}
 python -m rrt sweep-status {notebook} {scale} --check --out-root {root.parents[1]}
-run_dir={root.parents[1]}/{notebook}/{scale}-$(date +%Y%m%d-%H%M%S)
-mkdir -p "$run_dir"
+base={root.parents[1]}/{notebook}/{scale}-$(date +%Y%m%d-%H%M%S); run_dir=$base; n=1
+mkdir -p "$(dirname "$base")"  # then mkdir creates the run directory or fails: a taken name gets -2, -3, ...
+until mkdir "$run_dir" 2>/dev/null; do test -d "$run_dir" || {{ mkdir "$run_dir"; exit 1; }}; n=$((n + 1)); run_dir=$base-$n; done
 python -m papermill notebooks/{notebook}.ipynb "$run_dir/{notebook}.ipynb" -f params/{notebook}/{scale}.yaml{params} \\
   -p read_only True -p run_dir "$run_dir" --log-output --no-progress-bar
 """)

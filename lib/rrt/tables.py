@@ -16,6 +16,7 @@ import re
 import numpy as np
 import pandas as pd
 
+from rrt.rundir import write_csv
 from rrt.runs.execute import average_accuracy
 from rrt.runs.store import label_of, tag_is_true
 
@@ -284,7 +285,7 @@ def save(df: pd.DataFrame, run_dir, name: str, caption: str):
 
     out = Path(run_dir) / "tables"
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / f"{name}.csv", index=False)
+    write_csv(out / f"{name}.csv", df)
     return style(df, caption)
 
 

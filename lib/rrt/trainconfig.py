@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 
 from rrt.losses import KD_KINDS, LOOP_SCHEMES, loop_weights
-from rrt.spec import RecursiveSpec, check_choice, check_int
+from rrt.spec import RecursiveSpec, check_choice, check_int, expand_home
 
 OBJECTIVES = ("uptrain", "early_exit")
 BASELINES = ("full", "reduced")
@@ -89,6 +89,7 @@ class TrainConfig:
     seed: int = 0                         # data order, random init, LoRA A matrices
 
     def __post_init__(self):
+        expand_home(self, ("out", "model", "init_from", "teacher"))  # before `hash`: "~/x" and "/home/u/x" are one run
         check_choice("objective", self.objective, OBJECTIVES)
         if self.baseline is not None:
             check_choice("baseline", self.baseline, BASELINES)

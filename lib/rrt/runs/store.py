@@ -8,6 +8,7 @@ train and evaluate it alone (`python -m rrt.runs <run dir>/run.json`).
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -112,11 +113,30 @@ def make_run(store: Path, *, name: str, role: str, tags: dict, needs: tuple = ()
 
 def write_run_files(runs: list[Run], data: DataSpec, evaluation: EvalSpec) -> list[Path]:
     """Write <run dir>/run.json for every run: all `python -m rrt.runs` needs to train and evaluate it as its
-    own (multi-GPU) job, e.g. `accelerate launch --num_processes N -m rrt.runs <run dir>/run.json`."""
-    return [write_json(run.dir / RUN_FILE, {
-        "name": run.name, "role": run.role, "tags": run.tags, "needs": list(run.needs),
-        "config": run.config.to_dict(), "data": data.to_dict(), "evaluation": evaluation.to_dict()})
-        for run in runs]
+    own (multi-GPU) job, e.g. `accelerate launch --num_processes N -m rrt.runs <run dir>/run.json`.
+
+    A run.json that already says the same is left untouched: starting a plan again never rewrites a finished
+    run's file. One that differs is replaced whole (atomically): a run shared by two notebooks is evaluated as
+    the later one asks (04 scores 03's models at every loop). The studies validate every field before this.
+    """
+    paths = []
+    for run in runs:
+        path = run.dir / RUN_FILE
+        spec = json.loads(json.dumps({
+            "name": run.name, "role": run.role, "tags": run.tags, "needs": list(run.needs),
+            "config": run.config.to_dict(), "data": data.to_dict(), "evaluation": evaluation.to_dict()}, default=str))
+        if _existing(path) != spec:
+            write_json(path, spec)
+        paths.append(path)
+    return paths
+
+
+def _existing(path: Path):
+    """A run file's contents; None if absent or damaged (then it is written again)."""
+    try:
+        return read_json(path)
+    except ValueError:
+        return None
 
 
 def read_run_file(path: str | Path) -> tuple[Run, DataSpec, EvalSpec]:

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from rrt.rundir import write_csv
+
 __all__ = ["Target", "TARGETS", "targets_table", "model_loops_and_rank"]
 
 
@@ -114,7 +116,7 @@ def targets_over_dirs(dirs, *, write: bool = True) -> pd.DataFrame:
             raise FileNotFoundError(f"{d}: no bench.csv (a `python -m rrt bench --out {d}` directory?)")
         table = targets_table(pd.read_csv(d / "bench.csv"))
         if write:
-            table.to_csv(d / "targets.csv", index=False)
+            write_csv(d / "targets.csv", table)
         config = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
         shape = f"{config.get('prefix_len', '?')}/{config.get('decode_len', '?')}"
         tables.append(table.assign(run=d.name, shape=shape))
