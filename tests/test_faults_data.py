@@ -342,7 +342,7 @@ def test_a_full_disk_while_packing_shards_names_the_file_and_leaves_no_partial(t
 
     def fsync(fd):  # unit 2's sidecar: its temporary file is written, then the disk is full
         name = os.readlink(f"/proc/self/fd/{fd}")
-        if target == "sidecar" and Path(name).name.startswith(".tokens-00002.json."):
+        if target == "sidecar" and Path(name).name.startswith(".tokens-00002.") and name.endswith(".json"):
             raise enospc(name)
         return real_fsync(fd)
 

@@ -96,7 +96,7 @@ def test_two_make_runs_in_one_second_get_two_run_directories(tmp_path):
     ("01_init_ablation", {"tasks": ["nosuch"]}, "tasks holds 'nosuch'; valid: lambada_openai"),
     ("01_init_ablation", {"model": "nosuch-model"}, "model 'nosuch-model': no config found"),
     ("05_throughput", {"calibration_corpus": "nosuch/test"}, "calibration_corpus: unknown embedded corpus 'nosuch'"),
-    ("05_throughput", {"corpus": "tinystories/validation"}, "corpus: corpus 'tinystories' (embedded) has no split"),
+    ("05_throughput", {"corpora": ["tinystories/validation"]}, "corpora: corpus 'tinystories' (embedded) has no split"),
 ])
 def test_an_unknown_corpus_task_or_model_stops_the_study_before_anything_is_written(tmp_path, notebook, overrides,
                                                                                     named):

@@ -227,7 +227,7 @@ def test_a_full_disk_in_a_python_write_is_an_oserror_naming_the_file(tmp_path, l
     def full_open(file, mode="r", *args, **kwargs):
         f = real(file, mode, *args, **kwargs)
         path = "" if isinstance(file, int) else os.fspath(file)
-        if ".tmp-step-00000004" in path and "w" in mode and target in Path(path).name:
+        if ".tmp-step-00000004" in path and "w" in mode and Path(target).stem in Path(path).name:
             return FullFile(f, room=100)
         return f
 
