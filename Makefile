@@ -52,7 +52,7 @@ NEW_RUN_DIR = mkdir -p $(dir $(RUN_DIR)); run_dir=$(RUN_DIR); n=1; \
 run: setup  ## run one notebook: make run NB=01_init_ablation SCALE=cpu [P="steps=20 lr=1e-4"] (outputs/<NB>/<SCALE>-<time>[-n]/)
 	@$(CHECK_NB_SCALE)
 	@$(NEW_RUN_DIR); echo "run directory: $$run_dir"; \
-	$(OFFLINE) $(PY) -m papermill notebooks/$(NB).ipynb "$$run_dir/$(NB).ipynb" \
+	$(OFFLINE) $(PY) -m rrt.nbrun notebooks/$(NB).ipynb "$$run_dir/$(NB).ipynb" \
 	  -f params/$(NB)/$(SCALE).yaml $(foreach kv,$(P),-p $(subst =, ,$(kv))) -p run_dir "$$run_dir" --log-output --no-progress-bar
 
 demo: setup  ## the main job: every notebook at cpu scale on the embedded SmolLM2-135M, headless

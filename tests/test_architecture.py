@@ -29,7 +29,7 @@ FLOORS = [
     {"rrt.notebook", "rrt.suite", "rrt.serving.study", "rrt.explore", "rrt.tables", "rrt.plots", "rrt.plots_base",
      "rrt.plots_serving", "rrt.report", "rrt.sweep", "rrt.gpucheck"},
     # 10: the command lines and the public package
-    {"rrt.cli", "rrt.__main__", "rrt.train.__main__", "rrt.runs.__main__", "rrt"},
+    {"rrt.cli", "rrt.nbrun", "rrt.__main__", "rrt.train.__main__", "rrt.runs.__main__", "rrt"},
 ]
 FLOOR = {m: i for i, mods in enumerate(FLOORS) for m in mods}
 

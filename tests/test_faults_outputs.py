@@ -153,7 +153,18 @@ WRITERS = {  # name: (write the small version, write the big one; return the fil
                                      d / "figures" / "fig.png")[1],
     "write_json": lambda d, df: write_json(d / "results.json", df.to_dict("records")),
     "report index": lambda d, df: report.write_index(d) if len(df) > 1 else _index(d),
+    "papermill notebook": lambda d, df: _papermill_notebook(d / "01_init_ablation.ipynb", df),
 }
+
+
+def _papermill_notebook(path, df):
+    """How papermill writes the executed notebook after each cell (`make run` runs it through rrt.nbrun)."""
+    from papermill.iorw import write_ipynb
+    from rrt.nbrun import whole_notebook_writes
+    whole_notebook_writes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_ipynb(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(df.to_csv())]), str(path))
+    return path
 
 
 def _index(root):

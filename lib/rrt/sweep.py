@@ -384,7 +384,7 @@ python -m rrt sweep-status {notebook} {scale} --check --out-root {root.parents[1
 base={root.parents[1]}/{notebook}/{scale}-$(date +%Y%m%d-%H%M%S); run_dir=$base; n=1
 mkdir -p "$(dirname "$base")"  # then mkdir creates the run directory or fails: a taken name gets -2, -3, ...
 until mkdir "$run_dir" 2>/dev/null; do test -d "$run_dir" || {{ mkdir "$run_dir"; exit 1; }}; n=$((n + 1)); run_dir=$base-$n; done
-python -m papermill notebooks/{notebook}.ipynb "$run_dir/{notebook}.ipynb" -f params/{notebook}/{scale}.yaml{params} \\
+python -m rrt.nbrun notebooks/{notebook}.ipynb "$run_dir/{notebook}.ipynb" -f params/{notebook}/{scale}.yaml{params} \\
   -p read_only True -p run_dir "$run_dir" --log-output --no-progress-bar
 """)
     return script
