@@ -8,7 +8,8 @@ run for latency. Exit trajectories are recorded teacher-forced on that text and 
 position (`workload.replay_trajectories`), so timing is separated from what the model happens to
 generate (as the CDB anchor does); a second oracle system uses the model's own greedy output.
 
-Systems, all serving the same requests with the same `max_active` live requests:
+Systems, all serving the same requests, every system of a model at that model's batch (`max_active`, or
+the largest within `memory_cap_bytes`):
 - `hf_generate_static`: HF `generate` in static batches (finished rows ride along as padding);
 - `vanilla_static`, `vanilla_continuous`: the engine on the unconverted model, admitting a new
   batch only when the last one finished / as soon as a slot frees (Orca/vLLM sequence-wise);
@@ -34,13 +35,16 @@ layer call cost the same per row. Every prompt token runs every loop, so it stay
 about B·(P + D) / (B·P + E·D) for P prompt and D output tokens under a copy policy, and about 1
 under `propagate` (exited tokens run their remaining loops wherever a later token reads them).
 `delta_seq_decode_rows` is the same ratio over decode rows only: a prompt token runs all
-L layers in every system (B loops of L / B), so the decode layer rows are the layer rows less L per prompt token.
+L layers in every system (B loops of L / B), so the decode layer rows are the layer rows less L per prompt
+token.
 Each system runs once as warm-up, then `repeats` rounds, round-robin so load drift hits all
 alike; the median seconds (the mean of the middle two for an even count) with min and max.
 
 `memory_cap_bytes` (App. N: 16 GB): each model serves at the largest batch whose weights, the engine's packed
 copies and the KV of that many requests of the longest sequence fit, at most `max_active`
-(`batch_within_cap`; the paper: "batch up to OOM", Tables 16 and 18), the same for every system of that model. On CUDA every timed phase is bracketed by `torch.cuda.synchronize` (kernels
+(`batch_within_cap`; the paper: "batch up to OOM", Tables 16 and 18), the same for every system of that model.
+
+On CUDA every timed phase is bracketed by `torch.cuda.synchronize` (kernels
 run asynchronously: an unsynchronised clock times the launches), and each system's peak memory is its own:
 the previous system's engine is freed (its KV pool and packed weights) and the peak statistics reset just
 before each of its rounds; `peak_memory_bytes` is its weights plus the most its round allocated above what
@@ -451,7 +455,8 @@ def dummy_model(name: str, *, device: str = "cpu", dtype: torch.dtype = torch.fl
 
 SUMMARY_COLUMNS = ["system", "model", "exit_policy", "kv_policy", "max_active", "tokens_per_s", "tokens_per_s_min",
                    "tokens_per_s_max", "ratio_vs_hf_generate", "delta_v", "delta_seq", "delta_seq_bound",
-                   "delta_seq_rows", "delta_seq_decode", "delta_seq_decode_rows", "real_over_bound", "mean_loops_per_token", "steps", "mean_rows_per_step",
+                   "delta_seq_rows", "delta_seq_decode", "delta_seq_decode_rows", "real_over_bound",
+                   "mean_loops_per_token", "steps", "mean_rows_per_step",
                    "score_waste", "latency_p50_s", "latency_p99_s"]
 
 
