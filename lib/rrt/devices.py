@@ -2,7 +2,14 @@
 computes fast: bf16 matmuls on bf16 hardware or not (then fp32 is the fast path)."""
 from __future__ import annotations
 
+import os
+import platform
+from pathlib import Path
+
 import torch
+
+# The CPU flags that decide the fast precision (Linux /proc/cpuinfo names): bf16 matmuls need AVX512-BF16 or AMX
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 
 def native_bf16(device: str | torch.device | None = None) -> bool:
@@ -14,6 +21,35 @@ def native_bf16(device: str | torch.device | None = None) -> bool:
     if kind == "cuda":
         return True
     return kind == "cpu" and bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """Return "<CPU model>; <the CPU_FLAGS it has>" (e.g. "AMD EPYC; avx2 avx512f avx512_bf16"), what a CPU
+    measurement must name: the same code runs bf16 or fp32, about 2.4× apart, by these flags alone."""
+    model, flags = platform.processor() or platform.machine(), set()
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    present = [f for f in CPU_FLAGS if f in flags]
+    return f"{model}; {' '.join(present) or 'none of ' + '/'.join(CPU_FLAGS)}"
+
+
+def machine_report() -> dict:
+    """What this machine computes and how (`python -m rrt machine`): the CPU and its flags, torch's build, the
+    GPU if any, and the precision `precision="auto"` (training) and `--dtype auto` (serving) pick."""
+    bf16 = native_bf16()
+    return {"cpu": cpu_description(), "cores": os.cpu_count(),
+            "torch": f"{torch.__version__} ({'CUDA ' + torch.version.cuda if torch.version.cuda else 'CPU build'})",
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+            "bf16 matmuls": "yes" if bf16 else "no (AVX512-BF16 or AMX needed on a CPU)",
+            "training precision (auto)": "bf16 autocast" if bf16 else "fp32",
+            "serving dtype (auto)": "bfloat16" if bf16 else "float32",
+            "tests skipped here": "none for precision" if bf16 else
+            "the prepacked-bf16 engine tests (tests/test_serving.py: packing_supported is False)"}
 
 
 DEVICES = ("auto", "cpu", "cuda")

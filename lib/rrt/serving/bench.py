@@ -63,7 +63,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rrt.data import load_packed
-from rrt.devices import native_bf16
+from rrt.devices import cpu_description, native_bf16
 from rrt.exits import POLICY_CLASSES, OracleExit, calibrate_threshold, record_oracle_trajectories
 from rrt.models import load_model, model_config
 from rrt.recipes import PAPER_MODELS
@@ -416,7 +416,7 @@ def _model_name(model) -> str:
 def _device_name(model) -> str:
     if model.device.type == "cuda":
         return torch.cuda.get_device_name(model.device)
-    return f"cpu, {torch.get_num_threads()} threads"
+    return f"cpu ({cpu_description()}), {torch.get_num_threads()} threads"
 
 
 # ---------------------------------------------------------------------- models and CLI
