@@ -47,3 +47,11 @@ def test_machine_report_names_the_precision_auto_picks(monkeypatch):
     monkeypatch.setattr(devices, "native_bf16", lambda device=None: True)
     report = devices.machine_report()
     assert report["training precision (auto)"] == "bf16 autocast" and report["serving dtype (auto)"] == "bfloat16"
+
+
+def test_machine_command_prints_one_aligned_line_per_fact(capsys):
+    from rrt.cli import main
+    assert main(["machine"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[0].strip() for line in lines] == list(devices.machine_report())
+    assert len({line.index(str(value)) for line, value in zip(lines, devices.machine_report().values())}) == 1

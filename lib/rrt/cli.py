@@ -27,7 +27,7 @@ from transformers import AutoTokenizer
 from rrt import explore, gpucheck, report, sweep
 from rrt.checkpoint import load
 from rrt.data import SOURCES, load_packed, train_seqs_to_pack
-from rrt.devices import machine_report, resolve_device
+from rrt.devices import machine_text, resolve_device
 from rrt.exits import SCORED_POLICIES
 from rrt.models import EMBEDDED, TINY, _gguf_path, load_model, model_config, tiny_tokenizer
 from rrt.notebook import load_params, planned
@@ -440,8 +440,7 @@ def gpu_check_parser() -> argparse.ArgumentParser:
 
 def gpu_check_main(argv=None):
     """GPU check: does a paper-scale run fit and how fast it trains and serves (needs CUDA unless --dry-run)."""
-    parser = gpu_check_parser()
-    args = parser.parse_args(argv)
+    args = (parser := gpu_check_parser()).parse_args(argv)
     if not args.dry_run:
         try:
             resolve_device("cuda")
@@ -465,34 +464,22 @@ def targets_parser() -> argparse.ArgumentParser:
 
 def targets_main(argv=None):
     """The throughput targets read off bench output directories (bench.csv), one table over them."""
-    args = targets_parser().parse_args(argv)
-    return targets_over_dirs(args.dirs, write=not args.no_write)
-
-
-def machine_parser() -> argparse.ArgumentParser:
-    return _parser("machine", "What this machine computes: CPU and its bf16 flags, torch build, GPU, the precisions "
-                              "`auto` picks for training and serving.")
+    return targets_over_dirs((args := targets_parser().parse_args(argv)).dirs, write=not args.no_write)
 
 
 def machine_main(argv=None):
     """What this machine computes: CPU flags, torch build, GPU, and the precision `auto` picks (bf16 or fp32)."""
-    machine_parser().parse_args(argv)
-    report = machine_report()
-    width = max(map(len, report))
-    print("\n".join(f"{key:{width}}  {value}" for key, value in report.items()))
-    return report
+    _parser("machine", machine_main.__doc__).parse_args(argv), print(machine_text())
 
 
-COMMANDS = {"plan": plan_main, "sweep": sweep_main, "sweep-status": sweep_status_main,
-            "report": report_main, "bench": bench_main,
-            "targets": targets_main, "init-perplexity": init_perplexity_main, "gpu-check": gpu_check_main,
-            "pack": pack_main, "machine": machine_main}
+COMMANDS = {"plan": plan_main, "sweep": sweep_main, "sweep-status": sweep_status_main, "report": report_main,
+            "bench": bench_main, "targets": targets_main, "init-perplexity": init_perplexity_main,
+            "gpu-check": gpu_check_main, "pack": pack_main, "machine": machine_main}
 # every parser, for `--help` and its test (each flag has a one-line description)
 PARSERS = {"rrt.train": train_parser, "rrt.runs": runs_parser, "plan": plan_parser, "sweep": sweep_parser,
-           "sweep-status": sweep_status_parser,
-           "report": report_parser, "bench": bench_parser, "targets": targets_parser,
-           "init-perplexity": init_perplexity_parser, "gpu-check": gpu_check_parser,
-           "pack": pack_parser, "machine": machine_parser}
+           "sweep-status": sweep_status_parser, "report": report_parser, "bench": bench_parser,
+           "targets": targets_parser, "init-perplexity": init_perplexity_parser, "gpu-check": gpu_check_parser,
+           "pack": pack_parser, "machine": lambda: _parser("machine", machine_main.__doc__)}
 
 
 def _parser(command: str, description: str) -> argparse.ArgumentParser:

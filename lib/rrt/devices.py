@@ -52,6 +52,13 @@ def machine_report() -> dict:
             "the prepacked-bf16 engine tests (tests/test_serving.py: packing_supported is False)"}
 
 
+def machine_text() -> str:
+    """`machine_report` as aligned "key  value" lines (`python -m rrt machine`, the end of `make setup`)."""
+    report = machine_report()
+    width = max(map(len, report))
+    return "\n".join(f"{key:{width}}  {value}" for key, value in report.items())
+
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
