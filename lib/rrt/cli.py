@@ -22,14 +22,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 from accelerate import PartialState
-from transformers import AutoTokenizer
 
 from rrt import explore, gpucheck, report, sweep
 from rrt.checkpoint import load
 from rrt.data import SOURCES, load_packed, train_seqs_to_pack
 from rrt.devices import machine_text, resolve_device
 from rrt.exits import SCORED_POLICIES
-from rrt.models import EMBEDDED, TINY, _gguf_path, load_model, model_config, tiny_tokenizer
+from rrt.models import load_model, load_tokenizer, model_config
 from rrt.notebook import load_params, planned
 from rrt.plans import STUDIES
 from rrt.study import SCALES
@@ -298,18 +297,8 @@ def pack_main(argv=None):
     if (recipe := planned(study)) is None:
         print(f"{args.notebook} trains nothing: nothing to pack")
         return None
-    return pack_spec(recipe.data_spec(), pack_tokenizer(recipe.model), root=args.out, workers=args.workers,
+    return pack_spec(recipe.data_spec(), load_tokenizer(recipe.model), root=args.out, workers=args.workers,
                      part=args.part, docs_per_shard=args.docs_per_shard)
-
-
-def pack_tokenizer(source: str):
-    """Return model `source`'s tokenizer without its weights: tiny, embedded (the GGUF's metadata), hub or dir."""
-    if source in TINY:
-        return tiny_tokenizer()
-    if source in EMBEDDED:
-        gguf = _gguf_path(source)
-        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    return AutoTokenizer.from_pretrained(source)
 
 
 def report_parser() -> argparse.ArgumentParser:
@@ -469,7 +458,8 @@ def targets_main(argv=None):
 
 def machine_main(argv=None):
     """What this machine computes: CPU flags, torch build, GPU, and the precision `auto` picks (bf16 or fp32)."""
-    _parser("machine", machine_main.__doc__).parse_args(argv), print(machine_text())
+    _parser("machine", machine_main.__doc__).parse_args(argv)
+    print(machine_text())
 
 
 COMMANDS = {"plan": plan_main, "sweep": sweep_main, "sweep-status": sweep_status_main, "report": report_main,

@@ -252,3 +252,15 @@ def model_config(source: str):
     except OSError as err:
         raise ValueError(f"model {source!r}: no config found (not tiny, not one of {sorted(SHAPES)}, "
                          f"not a directory with config.json, not reachable on the hub: {err})") from None
+
+
+def load_tokenizer(source: str):
+    """Return model `source`'s tokenizer without its weights: tiny, embedded (the GGUF's metadata), hub or dir."""
+    from transformers import AutoTokenizer
+
+    if source in TINY:
+        return tiny_tokenizer()
+    if source in EMBEDDED:
+        gguf = _gguf_path(source)
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return AutoTokenizer.from_pretrained(source)

@@ -35,7 +35,7 @@ KEPT = f"the finished shards are kept: free space and run {PACK_COMMAND} again" 
 # Tokens per second per worker: 89,574 measured 2026-12-04 on this repository's 2-core CPU machine (shared with
 # other jobs), SmolLM2's tokenizer (rrt.models' embedded default), one worker, TOKENIZERS_PARALLELISM=false, over
 # the five embedded corpora (1,121,712 tokens in 12.5 s; 59-126k tok/s per corpus), timed around
-#   pack_shards(PackSet(name, split, "embedded", 128, None), rrt.cli.pack_tokenizer("smollm2-135m"), out=DIR)
+#   pack_shards(PackSet(name, split, "embedded", 128, None), rrt.models.load_tokenizer("smollm2-135m"), out=DIR)
 # after one warm-up pack of each (datasets' cache). 60B tokens: ~186 CPU hours, ~12 h on 16 workers.
 PACK_RATE = 9.0e4
 # Tokens per byte of text, the same tokenizer over the same corpora (0.2617; `estimate` of a whole corpus only).
