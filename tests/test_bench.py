@@ -241,7 +241,8 @@ def test_cli_writes_tables(tmp_path):
     # real / bound for every system; Δ_Seq and its two row-bound fractions for the four oracle rows (no HF, no LoRA)
     assert len(written) == 9 + 3 * 4
     again = targets_main([str(tmp_path), "--no-write"])
-    assert again["value"].tolist() == pytest.approx(written["value"].tolist())
+    # a tiny model's decode time can time at <= 0 (prefill-only run as slow by noise): its Δ is NaN on both reads
+    assert again["value"].tolist() == pytest.approx(written["value"].tolist(), nan_ok=True)
     assert again["met"].tolist() == written["met"].tolist()
     with pytest.raises(FileNotFoundError, match="no bench.csv"):
         targets_main([str(tmp_path / "missing")])
