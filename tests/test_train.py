@@ -258,7 +258,7 @@ def test_resume_dir_of_another_config_fails_before_training(tmp_path, llama):
 def test_cli_flags_build_the_config(tmp_path):
     import argparse
 
-    from rrt.cli import add_dataclass_arguments, dataclass_from_args
+    from rrt.cliargs import add_dataclass_arguments, dataclass_from_args
     parser = argparse.ArgumentParser()
     add_dataclass_arguments(parser, TrainConfig)
     args = parser.parse_args(["--out", "x", "--kd", "fkl", "--exit-coefficient", "none", "--exit-scheme",
