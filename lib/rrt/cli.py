@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import yaml
 from accelerate import PartialState
 
 from rrt import examples, explore, gpucheck, report, sweep
@@ -27,7 +26,7 @@ from rrt.devices import machine_text, resolve_device
 from rrt.exits import SCORED_POLICIES
 from rrt.models import load_model, load_tokenizer, model_config
 from rrt.notebook import check_params, load_params, planned
-from rrt.params import parse_overrides
+from rrt.params import overrides_yaml, parse_overrides
 from rrt.plans import STUDIES
 from rrt.study import SCALES
 from rrt.suite import owners, suite_text
@@ -417,7 +416,7 @@ def check_params_main(argv=None):
     except (ValueError, TypeError) as err:  # what the notebook's first cell would raise, as one line
         parser.exit(2, f"error: {args.notebook}: {' '.join(str(err).split())}\n")
     if args.yaml:
-        print(yaml.safe_dump(overrides, default_flow_style=True, sort_keys=False, width=float("inf")).strip())
+        print(overrides_yaml(overrides))
     return study
 
 
@@ -433,8 +432,7 @@ def examples_main(argv=None):
     """`make examples`: regenerate outputs/examples (every notebook at cpu scale, the plans, the screenshots)."""
     args = (parser := examples_parser()).parse_args(argv)
     try:
-        examples.check_committed()
-        report.find_chromium()  # before hours of notebooks, not after
+        examples.check_ready()  # before hours of notebooks, not after
     except (ValueError, RuntimeError) as err:
         parser.exit(2, f"error: {err}\n")
     return examples.regenerate(runs_root=args.runs_root)

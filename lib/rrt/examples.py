@@ -17,11 +17,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
 from rrt.notebook import load_params, planned
+from rrt.params import overrides_yaml
 from rrt.plans import STUDIES
-from rrt.report import screenshots, write_index
+from rrt.report import find_chromium, screenshots, write_index
 from rrt.rundir import read_json
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,6 +60,13 @@ def regenerate(*, repo: Path = REPO, scale: str = "cpu", runs_root: str = "", st
     shutil.rmtree(staging, ignore_errors=True)
     log(f"examples: {examples} regenerated at {commit}; the run store {runs_root} can be removed")
     return examples
+
+
+def check_ready(repo: Path = REPO) -> str:
+    """Return the HEAD commit if the examples can be regenerated: the code committed, Chromium installed."""
+    commit = check_committed(repo)
+    find_chromium()
+    return commit
 
 
 def check_committed(repo: Path = REPO) -> str:
@@ -110,7 +116,7 @@ def planned_notebooks(scale: str = PLAN_SCALE) -> list[str]:
 def _run_notebook(notebook: str, scale: str, run_dir: Path, overrides: dict, repo: Path) -> None:
     """Execute notebooks/<notebook>.ipynb with papermill into repo/run_dir, as `make run` does."""
     (repo / run_dir).mkdir(parents=True)  # a second regeneration in the same second fails here, not half-way
-    params = yaml.safe_dump({**overrides, "run_dir": str(run_dir)}, default_flow_style=True, width=float("inf"))
+    params = overrides_yaml({**overrides, "run_dir": str(run_dir)})
     subprocess.run([sys.executable, "-m", "rrt.nbrun", f"notebooks/{notebook}.ipynb", f"{run_dir}/{notebook}.ipynb",
                     "-f", f"params/{notebook}/{scale}.yaml", "-y", params, "--cwd", str(repo),
                     "--log-output", "--no-progress-bar"], cwd=repo, check=True)

@@ -55,3 +55,8 @@ def parse_overrides(text: str) -> dict:
             raise ValueError(f"override {name}={raw!r} is not a YAML value ({problem}); "
                              f"lists: {name}=[2,3], strings with spaces: {name}='a b'") from None
     return found
+
+
+def overrides_yaml(overrides: dict) -> str:
+    """Return `overrides` as one line of YAML (papermill's -y), floats written so that YAML reads them back."""
+    return yaml.safe_dump(overrides, default_flow_style=True, sort_keys=False, width=float("inf")).strip()
