@@ -3,7 +3,7 @@ a misspelt or invalid parameter is one line naming it, before anything is create
 import pytest
 
 from rrt.cli import check_params_main
-from rrt.notebook import check_params, parameters_cell
+from rrt.notebook import check_params, load_params, parameters_cell
 from rrt.params import parse_overrides, read_params
 from rrt.study import OUTPUTS
 
@@ -68,3 +68,9 @@ def test_valid_parameters_pass_and_print_papermills_yaml(capsys):
     assert capsys.readouterr().out == "{num_blocks: [2, 3], lr: 0.0001}\n"  # yaml reads it back as a float
     assert check_params_main(["01_init_ablation", "smoke"]).notebook == "01_init_ablation"
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("notebook", sorted(p.stem for p in (OUTPUTS.parent / "notebooks").glob("*.ipynb")))
+def test_every_notebooks_cell_and_params_file_check_as_the_study_they_build(notebook):
+    for scale in ("smoke", "cpu"):
+        assert check_params(notebook, scale, {}) == load_params(notebook, scale)
