@@ -13,7 +13,7 @@ LAB_ARGS ?= --no-browser --ip=127.0.0.1 --port=8888
 CHECK_NB_SCALE = test -f notebooks/$(NB).ipynb || { echo "unknown NB=$(NB); valid: $(NOTEBOOKS)" >&2; exit 2; }; \
 	test -f params/$(NB)/$(SCALE).yaml || { echo "unknown SCALE=$(SCALE) for $(NB); valid: $$(cd params/$(NB) && ls *.yaml | sed 's/\.yaml$$//' | tr '\n' ' ')" >&2; exit 2; }
 
-.PHONY: help setup test test-fast demo smoke plan pack run sweep sweep-status report screenshots lab strip gpu-check
+.PHONY: help setup test test-fast demo smoke plan pack run sweep sweep-status report screenshots examples lab strip gpu-check
 
 help:  ## list every target with one line each
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -52,11 +52,14 @@ RUN_DIR = $(CURDIR)/outputs/$(NB)/$(SCALE)-$(STAMP)
 NEW_RUN_DIR = mkdir -p $(dir $(RUN_DIR)); run_dir=$(RUN_DIR); n=1; \
 	until mkdir "$$run_dir" 2>/dev/null; do test -d "$$run_dir" || { mkdir "$$run_dir"; exit 1; }; \
 	n=$$((n + 1)); run_dir=$(RUN_DIR)-$$n; done
-run: setup  ## run one notebook: make run NB=01_init_ablation SCALE=cpu [P="steps=20 lr=1e-4"] (outputs/<NB>/<SCALE>-<time>[-n]/)
+# P as one single-quoted shell word: a list's spaces and brackets reach check-params whole
+P_WORD = '$(subst ','\'',$(P))'
+run: setup  ## run one notebook: make run NB=01_init_ablation SCALE=cpu [P="steps=20 lr=1e-4 num_blocks=[2, 3]"] (values YAML; outputs/<NB>/<SCALE>-<time>[-n]/)
 	@$(CHECK_NB_SCALE)
-	@$(NEW_RUN_DIR); echo "run directory: $$run_dir"; \
+	@overrides=$$($(OFFLINE) $(PY) -m rrt check-params $(NB) $(SCALE) --yaml $(P_WORD)) || exit 2; \
+	$(NEW_RUN_DIR); echo "run directory: $$run_dir"; \
 	$(OFFLINE) $(PY) -m rrt.nbrun notebooks/$(NB).ipynb "$$run_dir/$(NB).ipynb" \
-	  -f params/$(NB)/$(SCALE).yaml $(foreach kv,$(P),-p $(subst =, ,$(kv))) -p run_dir "$$run_dir" --log-output --no-progress-bar
+	  -f params/$(NB)/$(SCALE).yaml -y "$$overrides" -p run_dir "$$run_dir" --log-output --no-progress-bar
 
 demo: setup  ## the main job: every notebook at cpu scale on the embedded SmolLM2-135M, headless
 	set -e; for nb in $(NOTEBOOKS); do $(MAKE) --no-print-directory run NB=$$nb SCALE=cpu STAMP=$(STAMP); done
@@ -83,9 +86,12 @@ gpu-check: setup  ## one GPU, offline, minutes: 3 paper-gemma-2b training steps 
 report: setup outputs/.widgets/embed-amd.js  ## render every executed notebook under outputs/ to HTML, with an index page
 	$(PY) -m rrt report outputs
 
-SHOTS ?= outputs/examples/screenshots
-screenshots: setup outputs/.widgets/embed-amd.js  ## make report, plus full-page PNGs of its pages (headless Chromium) in SHOTS=outputs/examples/screenshots
+SHOTS ?=
+screenshots: setup outputs/.widgets/embed-amd.js  ## make report, plus full-page PNGs of its pages (headless Chromium) in outputs/screenshots/<time>/ [SHOTS=DIR]
 	$(PY) -m rrt report outputs --screenshots $(SHOTS)
+
+examples: setup outputs/.widgets/embed-amd.js  ## regenerate outputs/examples (every notebook at cpu scale, the plans, the screenshots) at this commit; hours
+	$(OFFLINE) $(PY) -m rrt examples
 
 # nbconvert's pages load the widget renderer from a CDN: kept beside the report, widgets render offline too.
 # Without npm the pages use the CDN (`-`: a failure here does not stop the report).

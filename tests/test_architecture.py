@@ -27,7 +27,7 @@ FLOORS = [
     {"rrt.study", "rrt.plans"},                                          # 8: the studies
     # 9: what a notebook calls around them: parameters, serving study, views, tables, figures, jobs
     {"rrt.notebook", "rrt.suite", "rrt.serving.study", "rrt.explore", "rrt.tables", "rrt.plots", "rrt.plots_base",
-     "rrt.plots_serving", "rrt.report", "rrt.sweep", "rrt.gpucheck"},
+     "rrt.plots_serving", "rrt.report", "rrt.sweep", "rrt.gpucheck", "rrt.examples"},
     # 10: the command lines and the public package
     {"rrt.cli", "rrt.cliargs", "rrt.nbrun", "rrt.__main__", "rrt.train.__main__", "rrt.runs.__main__", "rrt"},
 ]

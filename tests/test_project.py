@@ -83,12 +83,37 @@ def test_make_run_refuses_an_unknown_notebook_or_scale_in_one_line_creating_noth
 
 
 @pytest.mark.slow
-def test_make_run_passes_one_parameter_override_per_key_value():
+def test_make_run_checks_the_parameters_then_passes_them_as_yaml():
+    """P as one shell word to check-params (a list's spaces and brackets intact), its YAML to papermill's -y."""
     import subprocess
     root = Path(__file__).resolve().parents[1]
-    dry = subprocess.run(["make", "-n", "run", "NB=03_distillation", "SCALE=smoke", 'P=steps=3 lr=1e-4'], cwd=root,
-                         capture_output=True, text=True).stdout
-    assert "-f params/03_distillation/smoke.yaml -p steps 3 -p lr 1e-4 -p run_dir " in dry
+    dry = subprocess.run(["make", "-n", "run", "NB=03_distillation", "SCALE=smoke", "P=num_blocks=[2, 3] model='a'"],
+                         cwd=root, capture_output=True, text=True).stdout
+    quoted = "'num_blocks=[2, 3] model='\\''a'\\'''"  # P in single quotes, its own quotes escaped
+    assert f"-m rrt check-params 03_distillation smoke --yaml {quoted}) || exit 2;" in dry
+    assert dry.index("check-params") < dry.index("mkdir")  # checked before the run directory exists
+    assert '-f params/03_distillation/smoke.yaml -y "$overrides" -p run_dir ' in dry
+
+
+@pytest.mark.slow
+def test_make_run_refuses_a_misspelt_parameter_in_one_line_creating_nothing(tmp_path):
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["make", "-s", "run", "NB=01_init_ablation", "SCALE=smoke", "P=stpes=3 lr=1e-4",
+                           f"STAMP=test-{tmp_path.name}"], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[0].startswith(
+        "error: 01_init_ablation: unknown parameter 'stpes' (did you mean 'steps'?)"), done.stderr
+    assert not [line for line in done.stderr.splitlines()[1:] if not line.startswith("make")]  # make's own line only
+    assert not list((root / "outputs").glob(f"*/*test-{tmp_path.name}"))
+
+
+def test_make_screenshots_writes_beside_the_runs_not_into_the_examples():
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    dry = subprocess.run(["make", "-n", "screenshots"], cwd=root, capture_output=True, text=True).stdout
+    shot = next(line for line in dry.splitlines() if "--screenshots" in line)
+    assert shot.split("--screenshots")[1].strip() == "" and "examples" not in shot  # report.screenshot_dir's default
 
 
 @pytest.mark.slow

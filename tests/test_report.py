@@ -3,12 +3,15 @@ date, commit and status (a failed run names its failing cell), committed example
 when Chromium is installed."""
 import json
 import shutil
+import sys
+from datetime import datetime
 
 import nbformat
 import pytest
 
+from rrt import report
 from rrt.cli import report_main as main
-from rrt.report import entries, screenshots, status, write_index
+from rrt.report import entries, screenshot_dir, screenshots, status, write_index
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -118,6 +121,25 @@ def test_screenshots(outputs, tmp_path):
                                        "examples-cpu-05_throughput.png"]
     width, height = Image.open(shots[0]).size
     assert width == 1280 and height < 2000  # the blank bottom is cropped
+
+
+def test_screenshots_by_default_beside_the_runs_never_into_the_examples(outputs, tmp_path, monkeypatch):
+    """`make screenshots` (`--screenshots` without DIR): root/screenshots/<time>/; the committed examples untouched
+    but for their rendered pages (.html, ignored by git). Chromium is a fake that writes a blank PNG."""
+    fake = tmp_path / "chromium"
+    fake.write_text(f"#!{sys.executable}\nimport sys\nfrom PIL import Image\n"
+                    "shot = next(a for a in sys.argv if a.startswith('--screenshot=')).split('=', 1)[1]\n"
+                    "Image.new('RGB', (1280, 40), 'white').save(shot)\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(report, "find_chromium", lambda: str(fake))
+    committed = sorted(p for p in (outputs / "examples").rglob("*") if p.suffix != ".html")
+    main([str(outputs), "--screenshots"])
+    (made,) = (outputs / "screenshots").iterdir()
+    assert datetime.strptime(made.name, "%Y%m%d-%H%M%S")
+    assert "index.png" in {p.name for p in made.iterdir()} and "examples-cpu-05_throughput.png" in {
+        p.name for p in made.iterdir()}
+    assert sorted(p for p in (outputs / "examples").rglob("*") if p.suffix != ".html") == committed
+    assert screenshot_dir(outputs, datetime(2026, 1, 2, 3, 4, 5)) == outputs / "screenshots" / "20260102-030405"
 
 
 def test_results_only_dated_by_their_run_directory_stamp(outputs):

@@ -18,14 +18,15 @@ import pandas as pd
 import torch
 from accelerate import PartialState
 
-from rrt import explore, gpucheck, report, sweep
+from rrt import examples, explore, gpucheck, report, sweep
 from rrt.checkpoint import load
 from rrt.cliargs import add_dataclass_arguments, dataclass_from_args
 from rrt.data import SOURCES, load_packed, train_seqs_to_pack
 from rrt.devices import machine_text, resolve_device
 from rrt.exits import SCORED_POLICIES
 from rrt.models import load_model, load_tokenizer, model_config
-from rrt.notebook import load_params, planned
+from rrt.notebook import check_params, load_params, planned
+from rrt.params import overrides_yaml, parse_overrides
 from rrt.plans import STUDIES
 from rrt.study import SCALES
 from rrt.suite import owners, suite_text
@@ -242,7 +243,8 @@ def pack_main(argv=None):
 def report_parser() -> argparse.ArgumentParser:
     parser = _parser("report", "Render every executed notebook under a root to HTML, with an index page.")
     parser.add_argument("root", nargs="?", default="outputs", help="the folder searched for executed notebooks")
-    parser.add_argument("--screenshots", metavar="DIR", help="also write full-page PNGs of every page into DIR")
+    parser.add_argument("--screenshots", metavar="DIR", nargs="?", const="", help="also write full-page PNGs of "
+                        "every page into DIR (given without DIR: <root>/screenshots/<time>/)")
     return parser
 
 
@@ -253,7 +255,8 @@ def report_main(argv=None):
     for entry in filter(report.unreadable, found):  # listed on the index, not rendered: say so here too
         print(f"not rendered: {entry.notebook} ({entry.status})", file=sys.stderr)
     print(f"wrote {report.write_index(root, found)}")
-    for shot in report.screenshots(root, Path(args.screenshots)) if args.screenshots else ():
+    shots = None if args.screenshots is None else Path(args.screenshots or report.screenshot_dir(root))
+    for shot in report.screenshots(root, shots) if shots else ():
         print(f"wrote {shot}")
 
 
@@ -394,6 +397,47 @@ def targets_main(argv=None):
     return targets_over_dirs((args := targets_parser().parse_args(argv)).dirs, write=not args.no_write)
 
 
+def check_params_parser() -> argparse.ArgumentParser:
+    p = _parser("check-params", "Check a notebook's parameters as `make run` would set them, creating nothing: "
+                                "one line naming a bad one (and the closest valid name), exit 2.")
+    p.add_argument("notebook", help="the notebook, e.g. 01_init_ablation")
+    p.add_argument("scale", help=f"a params file: {', '.join(SCALES)}, or the path of a YAML file")
+    p.add_argument("overrides", nargs="*", help="NAME=VALUE ..., each value YAML: steps=20 num_blocks=[2,3] lr=1e-4")
+    p.add_argument("--yaml", action="store_true", help="print the overrides as one YAML line (papermill's -y)")
+    return p
+
+
+def check_params_main(argv=None):
+    """Check a notebook's parameters (cell, params file, NAME=VALUE overrides); one line and exit 2 if bad."""
+    args = (parser := check_params_parser()).parse_intermixed_args(argv)
+    try:
+        overrides = parse_overrides(" ".join(args.overrides))
+        study = check_params(args.notebook, args.scale, overrides)
+    except (ValueError, TypeError) as err:  # what the notebook's first cell would raise, as one line
+        parser.exit(2, f"error: {args.notebook}: {' '.join(str(err).split())}\n")
+    if args.yaml:
+        print(overrides_yaml(overrides))
+    return study
+
+
+def examples_parser() -> argparse.ArgumentParser:
+    p = _parser("examples", "Regenerate outputs/examples at this commit (refused while lib/, notebooks/ or params/ "
+                            "have uncommitted changes): every notebook at cpu scale, the plans, the screenshots.")
+    p.add_argument("--runs-root", default="", help="the run store the notebooks train into (default: a new "
+                   "outputs/runs-examples-<time>, so no run trained by older code is read back)")
+    return p
+
+
+def examples_main(argv=None):
+    """`make examples`: regenerate outputs/examples (every notebook at cpu scale, the plans, the screenshots)."""
+    args = (parser := examples_parser()).parse_args(argv)
+    try:
+        examples.check_ready()  # before hours of notebooks, not after
+    except (ValueError, RuntimeError) as err:
+        parser.exit(2, f"error: {err}\n")
+    return examples.regenerate(runs_root=args.runs_root)
+
+
 def machine_main(argv=None):
     """What this machine computes: CPU flags, torch build, GPU, and the precision `auto` picks (bf16 or fp32)."""
     _parser("machine", machine_main.__doc__).parse_args(argv)
@@ -402,12 +446,14 @@ def machine_main(argv=None):
 
 COMMANDS = {"plan": plan_main, "sweep": sweep_main, "sweep-status": sweep_status_main, "report": report_main,
             "bench": bench_main, "targets": targets_main, "init-perplexity": init_perplexity_main,
-            "gpu-check": gpu_check_main, "pack": pack_main, "machine": machine_main}
+            "gpu-check": gpu_check_main, "pack": pack_main, "machine": machine_main, "check-params": check_params_main,
+            "examples": examples_main}
 # every parser, for `--help` and its test (each flag has a one-line description)
 PARSERS = {"rrt.train": train_parser, "rrt.runs": runs_parser, "plan": plan_parser, "sweep": sweep_parser,
            "sweep-status": sweep_status_parser, "report": report_parser, "bench": bench_parser,
            "targets": targets_parser, "init-perplexity": init_perplexity_parser, "gpu-check": gpu_check_parser,
-           "pack": pack_parser, "machine": lambda: _parser("machine", machine_main.__doc__)}
+           "pack": pack_parser, "machine": lambda: _parser("machine", machine_main.__doc__),
+           "check-params": check_params_parser, "examples": examples_parser}
 
 
 def _parser(command: str, description: str) -> argparse.ArgumentParser:

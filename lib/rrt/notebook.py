@@ -1,16 +1,20 @@
 """What a notebook's first cells call: its study from the parameters cell (`resolve`), its run directory
-(`start`); and the same study read from a params file by scripts (`load_params`).
+(`start`); and the same study read from a params file by scripts (`load_params`), or as `make run` would build
+it, checked before anything is created (`check_params`).
 
 papermill silently accepts a misspelt `-p num_blcks 2` as a new variable: every name that is not a
 field of the notebook's study stops the run here, with the closest field and the allowed ones.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import datetime as dt
 import difflib
 import types
 from pathlib import Path
+
+import papermill
 
 from rrt.params import read_params
 from rrt.plans import STUDIES, Throughput
@@ -18,6 +22,8 @@ from rrt.study import OUTPUTS, Study, TrainingStudy
 from rrt.rundir import new_run_dir, write_config, write_csv, write_versions
 from rrt.runs.cost import plan_table
 from rrt.runs.store import write_run_files
+
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
 
 def resolve(notebook: str, namespace: dict) -> Study:
@@ -43,6 +49,22 @@ def load_params(notebook: str, scale: str, **overrides) -> Study:
     """Return the study of params/<notebook>/<scale>.yaml, or of a YAML file's path given as `scale`
     (overrides of the dataclass defaults), then `overrides`."""
     return from_dict(notebook, {**read_params(notebook, scale), **overrides})
+
+
+def check_params(notebook: str, scale: str, overrides: dict) -> Study:
+    """Return the study `make run NB=notebook SCALE=scale P=overrides` builds at its parameters stage: the
+    notebook's parameters cell, then params/<notebook>/<scale>.yaml, then `overrides`; raises what the notebook
+    would (an unknown name with the closest field, a bad value); creates nothing."""
+    return from_dict(notebook, {**parameters_cell(notebook), **read_params(notebook, scale), **overrides})
+
+
+def parameters_cell(notebook: str) -> dict:
+    """Return notebooks/<notebook>.ipynb's parameters cell as {name: value} (its typed literals)."""
+    path = NOTEBOOKS / f"{notebook}.ipynb"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")))
+        raise ValueError(f"unknown notebook {notebook!r}; known: {known}")
+    return {name: ast.literal_eval(p["default"]) for name, p in papermill.inspect_notebook(str(path)).items()}
 
 
 def start(study: Study) -> Path:

@@ -4,7 +4,8 @@ The index has one row per notebook run (outputs/<notebook>/<scale>-<time>/, outp
 by notebook then newest first: its scale, date, commit, status (a failed run names its failing cell) and
 figures; directories of results without an executed notebook (committed examples) get a row too. A notebook
 that is not valid JSON (the disk filled while papermill wrote it) gets a row naming it and is not rendered.
-`--screenshots DIR` also writes full-page PNGs of the index and of every page (headless Chromium).
+`--screenshots [DIR]` also writes full-page PNGs of the index and of every page (headless Chromium), by default
+into root/screenshots/<time>/.
 """
 from __future__ import annotations
 
@@ -138,11 +139,7 @@ def screenshots(root: Path, out_dir: Path, *, width: int = 1280, height: int = 1
     Chromium's --screenshot takes the window, not the page: it shoots a `height`-tall window and the blank
     bottom is cropped (a page longer than `height` is cut there).
     """
-    chromium = next((shutil.which(c) for c in ("chromium", "chromium-browser", "google-chrome") if shutil.which(c)),
-                    None)
-    if chromium is None:
-        raise RuntimeError("no Chromium found (chromium, chromium-browser or google-chrome on PATH); "
-                           "on Debian: apt-get install chromium")
+    chromium = find_chromium()
     out_dir.mkdir(parents=True, exist_ok=True)
     pages = [root / "index.html"] + [e.notebook.with_suffix(".html") for e in entries(root) if e.notebook]
     shots = []
@@ -158,6 +155,21 @@ def screenshots(root: Path, out_dir: Path, *, width: int = 1280, height: int = 1
         _crop_blank_bottom(shot)
         shots.append(shot)
     return shots
+
+
+def find_chromium() -> str:
+    """Return the path of a headless-capable Chromium on PATH; raise naming what to install if there is none."""
+    found = next((shutil.which(c) for c in ("chromium", "chromium-browser", "google-chrome") if shutil.which(c)), None)
+    if found is None:
+        raise RuntimeError("no Chromium found (chromium, chromium-browser or google-chrome on PATH); "
+                           "on Debian: apt-get install chromium")
+    return found
+
+
+def screenshot_dir(root: Path, when: datetime | None = None) -> Path:
+    """Where `make screenshots` writes by default: root/screenshots/<YYYYmmdd-HHMMSS>/, beside the runs, never
+    into the committed examples (`make examples` regenerates those)."""
+    return root / "screenshots" / f"{when or datetime.now():%Y%m%d-%H%M%S}"
 
 
 def _crop_blank_bottom(png: Path, margin: int = 24) -> None:
