@@ -147,6 +147,18 @@ def test_table8_our_uniform_rank_models_beside_the_papers_per_module_ranks():
     assert t[TP.NOTE].str.contains("per-module ranks").all()
 
 
+def test_table8_per_module_runs_are_measured():
+    f = frames()
+    extra = frames({"average B=2 ranks=64/128/64/128": ("study", None, "average", 128, "svd", 60e6, 500.0, 0.5)})
+    extra["runs"]["module_ranks"] = "64/128/64/128"
+    study = {k: pd.concat([f[k][f[k]["role"] == "study"], extra[k]], ignore_index=True) if len(f[k]) else f[k]
+             for k in f}
+    t = TP.table8(study)
+    row = t[t["model"] == "average B=2 ranks=64/128/64/128"].iloc[0]
+    assert [row[c] for c in TP.MODULES] == [64, 128, 64, 128] and row["ppl wikitext2/test"] == 500.0
+    assert t[TP.NOTE].isna().all() and TP.measured(t)
+
+
 def test_table15_without_final_models_is_the_papers_tinyllama_rows_with_the_note():
     t = TP.table15(frames())
     assert t["source"].eq("paper").all() and t[TP.NOTE].str.startswith(TP.NOT_MEASURED).all()

@@ -60,22 +60,34 @@ def table3(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def table8(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Table 8 (App. J): relaxed models by LoRA rank per module (q, kv, out, FFN): ours are the SVD-initialised relaxed
-    models of 02 (one rank for every module, the only kind its plan runs), the paper's Gemma Average B=2 rows below
-    (SlimPajama perplexity, average accuracy)."""
+    """Table 8 (App. J): relaxed models by LoRA rank per module (q, kv, out, FFN): ours are 02's SVD-initialised relaxed
+    models (tag `module_ranks` "q/kv/o/mlp" for `module_rank_sets`' runs, the uniform `lora_ranks` ones with that rank
+    in every module), the paper's Gemma Average B=2 rows below (SlimPajama perplexity, average accuracy)."""
     t9 = T.table9(tables)
+    runs = tables["runs"]
+    sets = (runs.assign(model=runs["run"].map(label_of)).groupby("model")["module_ranks"].first()
+            if "module_ranks" in runs else pd.Series(dtype=object))
     ppl = [c for c in t9 if c.startswith("ppl ")]
     mine = t9[pd.to_numeric(t9["lora_rank"], errors="coerce").gt(0) & t9["lora_init"].eq("svd")]
-    ours = [{"source": "ours", "model": r["model"], "init": r["init"], "num_blocks": r["num_blocks"],
-             **{f"rank {m}": r["lora_rank"] for m in ("q", "kv", "out", "FFN")}, PARAMS: r[PARAMS],
-             **{c: r[c] for c in ppl}, ACC: r[ACC]} for _, r in mine.iterrows()]
+    ours = []
+    for _, r in mine.iterrows():
+        per_module = sets.get(r["model"])
+        ranks = ([int(x) for x in str(per_module).split("/")] if isinstance(per_module, str)
+                 else [int(float(r["lora_rank"]))] * 4)
+        ours.append({"source": "ours", "model": r["model"], "init": r["init"], "num_blocks": r["num_blocks"],
+                     **dict(zip(MODULES, ranks)), PARAMS: r[PARAMS], **{c: r[c] for c in ppl}, ACC: r[ACC]})
     rows = [{"source": "paper", "model": "Gemma 2B, Average B=2, SVD", "init": "average", "num_blocks": 2,
-             **dict(zip(("rank q", "rank kv", "rank out", "rank FFN"), ranks)), PARAMS: n * 1e3,
-             "paper ppl SlimPajama": p, ACC: a} for ranks, (n, p, a) in paper.TABLE8.items()]
-    why = (f"{NOT_MEASURED}: per-module ranks; 02's plan gives every module one rank (lora_ranks), so our rows are "
-           "the uniform-rank relaxed models" if ours else
-           f"{NOT_MEASURED}: no SVD-initialised relaxed model (lora_ranks > 0) in this plan")
-    return pd.DataFrame(ours + rows).assign(**{NOTE: why})
+             **dict(zip(MODULES, ranks)), PARAMS: n * 1e3, "paper ppl SlimPajama": p, ACC: a}
+            for ranks, (n, p, a) in paper.TABLE8.items()]
+    df = pd.DataFrame(ours + rows)
+    varied = df["source"].eq("ours") & df[list(MODULES)].nunique(axis=1).gt(1)
+    why = (NAN if varied.any() else
+           f"{NOT_MEASURED}: per-module ranks (module_rank_sets is empty at this scale); our rows are the uniform-rank "
+           "relaxed models" if ours else f"{NOT_MEASURED}: no SVD-initialised relaxed model (lora_ranks > 0) in this plan")
+    return df.assign(**{NOTE: why})
+
+
+MODULES = ("rank q", "rank kv", "rank out", "rank FFN")  # Table 8's columns; our tag's order (q, kv, o, mlp)
 
 
 def table15(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
