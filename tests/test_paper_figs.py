@@ -89,21 +89,27 @@ def test_fig7a_pareto_without_a_size_axis_or_the_metric_is_the_table_with_a_note
     assert plot.figure is None and "no perplexity" in plot.note
 
 
-def test_fig15_pairs_svd_and_zero_and_hatches_only_gains_over_rank_zero():
+def test_fig15_pairs_svd_and_zero_and_fills_only_gains_over_rank_zero():
     f = frames()
     plot = PP.fig15_svd_vs_zero(f["accuracy"], f["perplexity"], study=STUDY)
     assert plot.figure is not None and "Fig. 15" in plot.figure.get_suptitle()
     t = plot.table.set_index("lora_init")
     assert t.loc["svd", "perplexity"] == 400.0 and t.loc["zero", "perplexity"] == 650.0
     assert (t["reference"] == 700.0).all()  # the rank-0 model of the same init
-    bars = [p for p in plot.figure.axes[0].patches if p.get_height() > 0]
-    assert [b.get_height() for b in bars] == [400.0, 650.0]
-    assert all(b.get_hatch() for b in bars)  # both beat rank 0 (lower perplexity)
+    assert [m.get_ydata()[0] for m in markers(plot)] == [400.0, 650.0]
+    assert [filled(m) for m in markers(plot)] == [True, True]  # both beat rank 0 (lower perplexity)
     worse = {**MODELS, "average B=2 r=64 zero": MODELS["average B=2 r=64 zero"][:6] + (800.0, 0.4)}
     g = frames(worse)
-    bars = [p for p in PP.fig15_svd_vs_zero(g["accuracy"], g["perplexity"], study=STUDY).figure.axes[0].patches
-            if p.get_height() > 0]
-    assert [bool(b.get_hatch()) for b in bars] == [True, False]
+    assert [filled(m) for m in markers(PP.fig15_svd_vs_zero(g["accuracy"], g["perplexity"], study=STUDY))] == [True, False]
+
+
+def markers(plot):
+    """The data markers of each errorbar, in drawing order."""
+    return [c.lines[0] for c in plot.figure.axes[0].containers]
+
+
+def filled(line):
+    return line.get_markerfacecolor() != "white" and tuple(matplotlib.colors.to_rgb(line.get_markerfacecolor())) != (1, 1, 1)
 
 
 def test_fig15_without_zero_init_runs_is_the_table_with_a_note():

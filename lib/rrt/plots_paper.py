@@ -48,7 +48,8 @@ def fig7a_pareto(runs: pd.DataFrame, acc: pd.DataFrame, ppl: pd.DataFrame, *, st
         m = means.loc[label]
         ax.errorbar(m["x"], m["y"], yerr=[[m["y"] - m["lo"]], [m["hi"] - m["y"]]], fmt="osD^vP*X"[k % 8], ms=7,
                     capsize=3, mfc="none", mew=1.5, color=colours.get(label), label=label)
-        ax.annotate(label, (m["x"], m["y"]), textcoords="offset points", xytext=(6, 4 if k % 2 == 0 else -11), fontsize=7)  # equal sizes: alternate
+        above = m["y"] >= means.loc[means["x"] == m["x"], "y"].max()  # equal sizes: the top label above, others below
+        ax.annotate(label, (m["x"], m["y"]), textcoords="offset points", xytext=(7, 4 if above else -11), fontsize=7)
     line = means[means.index.map(front)].sort_values("x")
     ax.plot(line["x"], line["y"], ":", color="black", lw=1.2, label="Pareto frontier")
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(human))
@@ -57,15 +58,15 @@ def fig7a_pareto(runs: pd.DataFrame, acc: pd.DataFrame, ppl: pd.DataFrame, *, st
         log_axis(ax, "y")
     ax.margins(x=0.15)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.suptitle(title(study, what + f" ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better)"), fontsize=9)
+    fig.suptitle(title(study, what + f"; {'lower' if metric in LOWER_IS_BETTER else 'higher'} is better"), fontsize=9)
     return Plot("fig7a_pareto", table, fig)
 
 
 def fig15_svd_vs_zero(acc: pd.DataFrame, ppl: pd.DataFrame, *, study, metric: str | None = None,
                       what: str = "SVD vs zero init of the relaxation LoRA (Fig. 15)") -> Plot:
     """Fig. 15: per init and LoRA rank, the SVD- and the zero-initialised relaxed model side by side (mean over seeds,
-    whisker as in `fig7a_pareto`); hatched where relaxation beats the recursive model of the same init (rank 0,
-    dotted), plain where it does not."""
+    whisker as in `fig7a_pareto`); filled where relaxation beats the recursive model of the same init (rank 0,
+    dotted), hollow where it does not (the paper's Fig. 15: hatched bars vs dotted outlines)."""
     metric = metric or quality_metric(study)
     table = quality_rows(None, acc, ppl, study=study)
     if metric not in table or table[metric].isna().all():
@@ -93,20 +94,20 @@ def fig15_svd_vs_zero(acc: pd.DataFrame, ppl: pd.DataFrame, *, study, metric: st
             y, lo, hi = _spread(rows, metric)
             ref = rows["reference"].iloc[0]
             gains = not np.isnan(ref) and (y < ref if lower else y > ref)
-            ax.bar(i + (j - 0.5) * 0.38, y, width=0.36, color=colours[how], alpha=0.85, hatch="///" if gains else None,
-                   edgecolor="black", lw=0.6, label=f"{how} init" if i == 0 else None)
-            ax.errorbar(i + (j - 0.5) * 0.38, y, yerr=[[y - lo], [hi - y]], fmt="none", ecolor="black", capsize=3, lw=1)
+            ax.errorbar(i + (j - 0.5) * 0.3, y, yerr=[[y - lo], [hi - y]], fmt="os"[j], ms=8, capsize=3, mew=1.5,
+                        color=colours[how], mfc=colours[how] if gains else "white",
+                        label=f"{how} init" if i == 0 else None)
         ref = d["reference"].iloc[0]
         if not np.isnan(ref):
-            ax.hlines(ref, i - 0.45, i + 0.45, colors="black", linestyles=":", lw=1.4,
+            ax.hlines(ref, i - 0.4, i + 0.4, colors="black", linestyles=":", lw=1.4,
                       label="recursive (rank 0), same init" if i == 0 else None)
+    # points, not bars from 0: perplexities that differ by 1% would look equal on bars
     ax.set(xticks=range(len(groups)), xticklabels=groups, xlim=(-0.7, len(groups) - 0.3),
-           ylabel=_ylabel(metric, study).replace(" (log)", ""))  # bars: a linear axis from 0
-    if lower:
-        ax.set_ylim(0, ax.get_ylim()[1] * 1.05)
+           ylabel=_ylabel(metric, study).replace(" (log)", ""))
+    ax.margins(y=0.15)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5),
-              title="hatched: beats rank 0", title_fontsize=7)
-    fig.suptitle(title(study, what + f" ({'lower' if lower else 'higher'} is better)"), fontsize=9)
+              title="filled: beats rank 0", title_fontsize=7)
+    fig.suptitle(title(study, what + f"; {'lower' if lower else 'higher'} is better"), fontsize=9)
     keep = [c for c in ["label", "seed", "variant", "init", "lora_rank", "lora_init", "untie_norms", "corpus", metric,
                         "stderr", "reference"] if c in relaxed]
     return Plot("fig15_svd_vs_zero", relaxed[keep].reset_index(drop=True), fig)
