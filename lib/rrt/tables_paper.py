@@ -117,7 +117,7 @@ def table18(step_costs: pd.DataFrame, *, shapes=((64, 256),)) -> pd.DataFrame:
     if costs is None or costs.empty:
         rows = [{"source": "paper", "model": _model_name(loops, rank), "paper batch size": b, "paper block ms/token": ms}
                 for (loops, rank), times in paper.TABLE18.items() for b, ms in times.items()]
-        why = f"{NOT_MEASURED}: the 64/256 workload is not in this study's shapes {list(map(tuple, shapes))}"
+        why = f"{NOT_MEASURED}: the 64/256 workload is not in this study's shapes ({', '.join(f'{p}/{d}' for p, d in shapes)})"
         return pd.DataFrame(rows).assign(**{NOTE: why})
     df = T.table16(costs).drop(columns=["paper batch size", "paper block ms/token", "paper block time × vanilla"],
                                errors="ignore")
@@ -145,7 +145,7 @@ def table19(deltas: pd.DataFrame, *, shapes=((64, 256),)) -> pd.DataFrame:
     if d is None or d.empty:
         rows = [{"source": "paper", "system": s, "config": c or "any", "paper Δ_V (×)": dv,
                  "paper Δ_Seq (×)": NAN if ds is None else ds} for (s, c), (dv, ds) in paper.TABLE19.items()]
-        why = f"{NOT_MEASURED}: the 64/256 workload is not in this study's shapes {list(map(tuple, shapes))}"
+        why = f"{NOT_MEASURED}: the 64/256 workload is not in this study's shapes ({', '.join(f'{p}/{d}' for p, d in shapes)})"
         return pd.DataFrame(rows).assign(**{NOTE: why})
     df = T.table17(d).drop(columns=["paper tokens/s", "paper Δ_V (×)", "paper Δ_Seq (×)"], errors="ignore")
     ref = [paper.TABLE19.get((s, c), paper.TABLE19.get((s, None), (NAN, None))) for s, c in zip(df["system"], df["config"])]
