@@ -13,7 +13,6 @@ matplotlib.use("Agg")
 from rrt import paper, plots_paper as PP, tables_paper as TP, tables_style as TS  # noqa: E402
 from rrt import plots, tables as T  # noqa: E402
 from rrt.plots_base import save  # noqa: E402
-from rrt.report import WIDE_TABLES_CSS  # noqa: E402
 
 CORPORA = ("wikitext2/test", "tinystories/test")
 STUDY = SimpleNamespace(model="tiny-llama", scale="cpu", num_blocks=(2,), train_corpus="wikitext2",
@@ -240,5 +239,6 @@ def test_rank_plot_note_and_title_without_numpy_reprs():
     assert "np." not in plot._repr_html_()
 
 
-def test_report_pages_let_wide_tables_scroll_and_headers_wrap():
-    assert "overflow-x:auto" in WIDE_TABLES_CSS and "white-space:normal" in WIDE_TABLES_CSS
+def test_styled_headers_wrap():
+    html = TS.style(pd.DataFrame({"paper Δ acc SVD vs zero (pts)": [1.0]})).to_html()
+    assert "white-space: normal" in html and "max-width: 9em" in html
