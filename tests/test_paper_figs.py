@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 
 from rrt import paper, plots_paper as PP, tables_paper as TP, tables_style as TS  # noqa: E402
 from rrt import plots, tables as T  # noqa: E402
+from tests.test_tables import early_exit_final_study  # noqa: E402
 from rrt.plots_base import save  # noqa: E402
 
 CORPORA = ("wikitext2/test", "tinystories/test")
@@ -168,6 +169,19 @@ def test_table15_without_final_models_is_the_papers_tinyllama_rows_with_the_note
     t = TP.table15(frames())
     assert t["source"].eq("paper").all() and t[TP.NOTE].str.startswith(TP.NOT_MEASURED).all()
     assert t["paper TinyLlama avg acc (%)"].tolist() == list(paper.TABLE15.values())
+
+
+def test_table15_puts_the_papers_tinyllama_numbers_on_our_final_models_last_loop():
+    t = TP.table15(early_exit_final_study()).set_index(["model", "loop"])
+    assert not any(c.startswith("paper avg") or c.startswith("paper Δ") for c in t.columns)  # Gemma's left to Table 14
+    paper_acc = t["paper TinyLlama avg acc (%)"]
+    assert paper_acc[("stepwise B=2", "loop 2")] == 44.3 and pd.isna(paper_acc[("stepwise B=2", "loop 1")])
+    assert paper_acc[("average B=2 r=64", "loop 2")] == 45.0
+    assert paper_acc[("stepwise B=2 post", "loop 2")] == 44.8 and paper_acc[("average B=2 r=64 post 0.1", "loop 2")] == 45.1
+    d = t["paper TinyLlama Δ last loop vs before (pts)"].dropna()
+    assert d.to_dict() == pytest.approx({("stepwise B=2 post", "loop 2"): 0.5, ("average B=2 r=64 post 0.1", "loop 2"): 0.1})
+    assert t["source"].eq("ours").all() and t[TP.NOTE].isna().all()
+    assert t.loc[("stepwise B=2 post", "loop 2"), "avg acc (%)"] == pytest.approx(53.0)
 
 
 def step_costs():
