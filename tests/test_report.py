@@ -162,3 +162,11 @@ def test_pages_load_the_widget_renderer_kept_beside_the_report(outputs):
     write_index(outputs)
     page = (outputs / "00_explore/smoke-20260104-100000/00_explore.html").read_text()
     assert "'../../.widgets/embed-amd.js'" in page and 'src="../../.widgets/require.js"' in page
+
+
+def test_pages_let_wide_tables_scroll_and_headers_wrap(outputs):
+    """A table wider than the page scrolls inside its output and its headers wrap (the screenshots cut it off before)."""
+    write_index(outputs)
+    page = (outputs / "01_init_ablation/smoke-20260101-100000/01_init_ablation.html").read_text()
+    head = page[:page.index("</head>")]
+    assert ".jp-OutputArea-output{overflow-x:auto" in head and "white-space:normal" in head

@@ -16,6 +16,7 @@ from rrt.runs.store import tag_is_true
 from rrt.plots_base import (MIN_LINE_POINTS, METRIC_COLUMNS, TAG_COLUMNS, Plot, figure, human, label_of, log_axis,
                             ordered, palette, panels, save, table_only, title)
 from rrt.plots_serving import energy_heatmap, real_over_bound, step_costs, throughput
+from rrt.tables_style import plain
 
 __all__ = ["Plot", "save", "palette", "label_of", "title", "TAG_COLUMNS", "METRIC_COLUMNS", "loss_curves",
            "accuracy", "task_accuracy", "perplexity", "size_vs_quality", "final_models", "rank_accuracy",
@@ -249,8 +250,8 @@ def final_models(runs: pd.DataFrame, acc: pd.DataFrame, *, study,
     return Plot("final_models", table, fig)
 
 
-def rank_accuracy(acc: pd.DataFrame, *, study, what: str = "Accuracy vs LoRA rank (Fig. 7a, 16)") -> Plot:
-    """Fig. 7a / 16: average accuracy (± stderr, chance dashed) against LoRA rank, one line per init ×
+def rank_accuracy(acc: pd.DataFrame, *, study, what: str = "Accuracy vs LoRA rank (Fig. 16)") -> Plot:
+    """Fig. 16 (Fig. 7a's size axis is `rrt.plots_paper.fig7a_pareto`): average accuracy (± stderr, chance dashed) against LoRA rank, one line per init ×
     LoRA init (× norm tying); rank 0 (the recursive model) starts every line of its init.
     A table instead when fewer than MIN_LINE_POINTS ranks were run."""
     rows = _accuracy_rows(acc, by=["init", "lora_rank", "lora_init", "untie_norms"]) if not acc.empty else acc
@@ -259,7 +260,7 @@ def rank_accuracy(acc: pd.DataFrame, *, study, what: str = "Accuracy vs LoRA ran
     rows = _rank_zero_in_every_line(rows)
     rows["chance"] = _chance(acc["task"].unique())
     if rows["lora_rank"].nunique() < MIN_LINE_POINTS:
-        return table_only("rank_accuracy", rows, f"ranks {sorted(rows['lora_rank'].unique())}: fewer than "
+        return table_only("rank_accuracy", rows, f"ranks {plain(sorted(rows['lora_rank'].unique()))}: fewer than "
                           f"{MIN_LINE_POINTS} ranks make no curve, so the table")
     fig = _rank_lines(rows, y="avg_accuracy", err="stderr", ylabel="average few-shot accuracy")
     ax = fig.axes[0]

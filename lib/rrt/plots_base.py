@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 
 from rrt.rundir import replacing, write_csv
 from rrt.runs.store import label_of  # noqa: F401 (re-exported as rrt.plots.label_of)
+from rrt.tables_style import plain, style
 
 # Paper-like: white grid, small sans fonts. Figures are built with matplotlib.figure.Figure, not pyplot:
 # nothing is drawn twice by the inline backend and nothing leaks between cells or tests.
@@ -49,14 +50,13 @@ class Plot:
         if self.figure is None:
             return None
         buf = io.BytesIO()
-        self.figure.savefig(buf, format="png", dpi=110)
+        self.figure.savefig(buf, format="png", dpi=110, bbox_inches="tight", pad_inches=0.05)
         return buf.getvalue()
 
     def _repr_html_(self):
         if self.figure is not None:
             return None
-        styled = self.table.style.format(precision=3).hide(axis="index")
-        return f"<p><i>{self.note}</i></p>" + styled.to_html()
+        return f"<p><i>{self.note}</i></p>" + style(self.table).to_html()
 
     def __repr__(self):
         return f"Plot({self.kind}, {len(self.table)} rows, {'figure' if self.figure is not None else 'table only'})"
@@ -74,6 +74,7 @@ def save(plot, run_dir: Path, name: str) -> None:
     else:  # a bare matplotlib figure (00_explore's heatmap)
         fig = plot
     for suffix, options in ((".png", {"dpi": 150}), (".svg", {})):
+        options |= {"bbox_inches": "tight", "pad_inches": 0.05}  # legends outside the axes, long tick labels: never cut
         with replacing(out / f"{name}{suffix}") as tmp:
             fig.savefig(tmp, **options)
     return None
@@ -183,7 +184,7 @@ def panels(table: pd.DataFrame, *, panel: str | None, value: str, err: str | Non
         if log:
             log_axis(ax, "x")
         else:
-            ax.set_xlim(0, max(1e-9, ax.get_xlim()[1]))
+            ax.set_xlim(min(0, ax.dataLim.x0), max(1e-9, ax.get_xlim()[1]))  # a whisker below 0 drawn whole
     handles = [matplotlib.lines.Line2D([], [], color="black", ls="--", lw=1, label="chance")] if chance is not None else []
     if table["seed"].nunique() > 1:
         handles.append(matplotlib.lines.Line2D([], [], ls="", marker="x" if log else "o", color="black", mfc="white",
@@ -199,7 +200,7 @@ def table_only(kind: str, table: pd.DataFrame, why: str) -> Plot:
 
 
 def _table_figure(plot: Plot) -> Figure:
-    shown = plot.table.head(30).round(4).astype(str)
+    shown = plot.table.head(30).round(4).map(plain)
     if shown.empty:
         shown = pd.DataFrame({"": ["(no rows)"]})
     fig, axes = figure(min(2 + 1.3 * shown.shape[1], 16), 1.2 + 0.25 * len(shown))

@@ -26,6 +26,12 @@ RESULT_FILES = ("*.csv", "*.md", "*.txt", "*.png")
 # Under root: @jupyter-widgets/html-manager's embed-amd.js and require.js (`make report` fetches them with npm).
 # nbconvert's pages load both from a CDN, so without them widgets (00_explore's controls) render empty offline.
 WIDGET_JS = ".widgets"
+# Wide tables: headers wrap, and a table still wider than the page scrolls inside its output, never past the page's
+# edge (nbconvert's lab template lets it overflow: the screenshots cut it off).
+WIDE_TABLES_CSS = ("<style>.jp-OutputArea-output{overflow-x:auto;max-width:100%}"
+                   ".jp-RenderedHTMLCommon table{table-layout:auto}"
+                   ".jp-RenderedHTMLCommon thead th{white-space:normal;max-width:9em;vertical-align:bottom}"
+                   ".jp-RenderedImage img{max-width:100%;height:auto}</style>")
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,7 @@ def render(notebook: Path, *, widget_js: Path | None = None) -> Path:
         rel = Path(os.path.relpath(widget_js, notebook.parent)).as_posix()
         local = {"widget_renderer_url": f"{rel}/embed-amd.js", "require_js_url": f"{rel}/require.js"}
     body, _ = HTMLExporter(**local).from_filename(str(notebook))
-    return write_text(notebook.with_suffix(".html"), body)
+    return write_text(notebook.with_suffix(".html"), body.replace("</head>", WIDE_TABLES_CSS + "</head>", 1))
 
 
 def screenshots(root: Path, out_dir: Path, *, width: int = 1280, height: int = 16000) -> list[Path]:

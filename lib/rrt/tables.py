@@ -19,6 +19,7 @@ import pandas as pd
 from rrt.rundir import write_csv
 from rrt.runs.execute import average_accuracy
 from rrt.runs.store import label_of, tag_is_true
+from rrt import tables_style
 
 NAN = float("nan")
 
@@ -290,18 +291,10 @@ def save(df: pd.DataFrame, run_dir, name: str, caption: str):
 
 
 def style(df: pd.DataFrame, caption: str | None = None):
-    """Return a Styler for a notebook: the paper's precision per column kind, NaN as "–", Δ columns coloured by
-    sign (diverging red–green centred on 0, or on 1 for × ratios), and `caption` (name the paper table and our
-    scale, e.g. "Table 5 at the cpu scale: SmolLM2-135M, 10 steps")."""
-    styler = df.style.format(na_rep="–").hide(axis="index")
-    numeric = [c for c in df.columns if pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])]
-    styler = styler.format({c: _format(c) for c in numeric}, na_rep="–")  # bools (Table 16's fits) stay True/False
-    for col in [c for c in df.columns if c.startswith(("Δ", "paper Δ"))]:
-        center = 1.0 if "×" in col else 0.0
-        spread = (pd.to_numeric(df[col], errors="coerce") - center).abs().max()
-        if spread > 0:
-            styler = styler.background_gradient(cmap="RdYlGn", subset=[col], vmin=center - spread, vmax=center + spread)
-    return styler.set_caption(caption) if caption else styler
+    """Return a Styler for a notebook (`rrt.tables_style.style`): the paper's precision per column kind, NaN as a grey
+    "–", Δ columns coloured by sign only beyond float noise, and `caption` (name the paper table and our scale, e.g.
+    "Table 5 at the cpu scale: SmolLM2-135M, 10 steps")."""
+    return tables_style.style(df, caption)
 
 
 # ---------------------------------------------------------------- helpers
@@ -430,11 +423,3 @@ def _shape(model: str) -> tuple[int, int]:
     """(loops, LoRA rank) of a step-costs model name: "vanilla" → (1, 0), "recursive B=2 r=64" → (2, 64)."""
     found = re.search(r"B=(\d+) r=(\d+)", model)
     return (int(found[1]), int(found[2])) if found else (1, 0)
-
-
-def _format(col: str) -> str:
-    for key, fmt in (("(pts)", "{:+.1f}"), ("(%)", "{:.1f}"), ("×", "{:.2f}×"), ("ppl ", "{:.2f}"),
-                     ("ms/token", "{:.3f}"), ("tokens/s", "{:.1f}"), ("(M)", "{:.1f}")):
-        if key in col:
-            return fmt
-    return "{:.4g}"
