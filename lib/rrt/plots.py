@@ -18,8 +18,8 @@ from matplotlib import ticker
 
 from rrt.evaluation import CHANCE
 from rrt.runs.store import tag_is_true
-from rrt.plots_base import (MIN_LINE_POINTS, METRIC_COLUMNS, SIGMAS, TAG_COLUMNS, Plot, figure, human, label_of,
-                            log_axis, ordered, palette, panels, points, save, signal_caption, table_only, title,
+from rrt.plots_base import (GOLD_LABEL, GOLD_MISSING, MIN_LINE_POINTS, METRIC_COLUMNS, SIGMAS, TAG_COLUMNS, Plot,
+                            figure, human, label_of, log_axis, ordered, palette, panels, points, save, signal_caption, table_only, title,
                             versus_chance)
 from rrt.plots_serving import energy_heatmap, real_over_bound, step_costs, throughput
 
@@ -27,9 +27,6 @@ __all__ = ["Plot", "save", "palette", "label_of", "title", "TAG_COLUMNS", "METRI
            "accuracy", "task_accuracy", "perplexity", "size_vs_quality", "final_models", "rank_accuracy",
            "init_perplexity", "init_variants", "throughput", "step_costs", "real_over_bound", "energy_heatmap"]
 
-GOLD_LABEL = "gold answer's log-likelihood (nats; per char. for acc_norm tasks)"
-GOLD_MISSING = ("gold_ll is missing from these rows (evaluated before it was logged): accuracy is plotted, "
-                "as at paper scale.")
 LOSS_LABELS = {"loss": "training loss (nats/token, smoothed)",
                "loss/ce": "CE part of the loss (nats/token)"}  # the KD term left out; smoothed like the total
 

@@ -38,6 +38,10 @@ METRIC_COLUMNS = ("tokens", "loss", "loss/ce", "perplexity", "avg_accuracy", "ac
                   "ms_per_token", "real_over_bound", "reference", "gold_ll", "gold_ll_stderr", "gold_margin")
 # A difference (or a distance from chance) counts when it exceeds SIGMAS standard errors (about 95%, two-sided).
 SIGMAS = 2
+# What accuracy figures plot below paper scale (`rrt.evaluation.gold_summary`), and their caption where rows lack it.
+GOLD_LABEL = "gold answer's log-likelihood (nats; per char. for acc_norm tasks)"
+GOLD_MISSING = ("gold_ll is missing from these rows (evaluated before it was logged): accuracy is plotted, "
+                "as at paper scale.")
 
 
 @dataclass
@@ -241,7 +245,7 @@ def signal(values: pd.Series, errors: pd.Series) -> Signal:
         for b in values.index:
             gap, error = values[a] - values[b], float(np.hypot(errors[a], errors[b]))
             z = gap / error if error > 0 else (float("inf") if gap > 0 else 0.0)
-            if gap > 0 and z > z_best:  # NaN errors give NaN z: never the best, never separated
+            if a != b and gap >= 0 and z > z_best:  # NaN errors give NaN z: never the best, never separated
                 z_best, best = z, Signal(bool(z > SIGMAS), str(a), str(b), float(gap), error)
     return best
 
