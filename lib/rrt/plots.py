@@ -149,7 +149,8 @@ def task_accuracy(acc: pd.DataFrame, *, study, colours: dict | None = None,
         return table_only("task_accuracy", rows, "one model only: nothing to compare")
     value, err, gold = _plotted(acc, study, "accuracy")
     fig = panels(rows, panel="task", value=value, err=err, colours=colours or palette(rows["label"]),
-                 xlabel=GOLD_LABEL if gold else "accuracy", chance=None if gold else chance, width_per_panel=2.2,
+                 xlabel=GOLD_LABEL.replace(" (", "\n(") if gold else "accuracy", chance=None if gold else chance,
+                 width_per_panel=2.2,
                  dots=gold)
     fig.suptitle(title(study, _what(what, gold), where=f"{int(d['n'].max()) if 'n' in d else '?'} examples per task"),
                  fontsize=9)
