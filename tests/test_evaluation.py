@@ -226,7 +226,8 @@ def test_hub_source_runs_lm_evals_built_in_tasks_and_embedded_hellaswag_says_whe
     def simple_evaluate(*, tasks, task_manager, **kwargs):  # what lm-eval is asked to run, not run
         calls.append((tasks, task_manager))
         return {"results": {t: {"acc,none": 0.5, "acc_norm,none": 0.5} for t in tasks},
-                "n-samples": {t: {"effective": 1} for t in tasks}, "n-shot": {t: 0 for t in tasks}}
+                "n-samples": {t: {"effective": 1} for t in tasks}, "n-shot": {t: 0 for t in tasks},
+                "samples": {t: [] for t in tasks}}
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda **kwargs: kwargs)  # the arguments it was built with
