@@ -19,8 +19,8 @@ from matplotlib import ticker
 from rrt.evaluation import CHANCE
 from rrt.runs.store import tag_is_true
 from rrt.plots_base import (GOLD_LABEL, GOLD_MISSING, MIN_LINE_POINTS, METRIC_COLUMNS, SIGMAS, TAG_COLUMNS, Plot,
-                            figure, human, label_of, log_axis, ordered, palette, panels, points, save, signal_caption, table_only, title,
-                            versus_chance)
+                            figure, human, label_of, log_axis, ordered, palette, panels, points, save, signal_caption,
+                            table_only, title, versus_chance)
 from rrt.plots_serving import energy_heatmap, real_over_bound, step_costs, throughput
 
 __all__ = ["Plot", "save", "palette", "label_of", "title", "TAG_COLUMNS", "METRIC_COLUMNS", "loss_curves",
@@ -150,8 +150,7 @@ def task_accuracy(acc: pd.DataFrame, *, study, colours: dict | None = None,
     value, err, gold = _plotted(acc, study, "accuracy")
     fig = panels(rows, panel="task", value=value, err=err, colours=colours or palette(rows["label"]),
                  xlabel=GOLD_LABEL.replace(" (", "\n(") if gold else "accuracy", chance=None if gold else chance,
-                 width_per_panel=2.2,
-                 dots=gold)
+                 width_per_panel=2.2, dots=gold)
     fig.suptitle(title(study, _what(what, gold), where=f"{int(d['n'].max()) if 'n' in d else '?'} examples per task"),
                  fontsize=9)
     caption = _caption(acc, rows, study, accuracy="accuracy", panel="task", chance=chance)
