@@ -170,14 +170,27 @@ def test_per_loop_perplexity_last_loop_is_ordinary_perplexity(tiny, recursive, t
         evaluation.perplexity(recursive, tiny_seqs, loop_idx=2)
 
 
-def test_every_embedded_task_runs_through_lm_eval_without_network(tiny, no_network):
+def test_every_embedded_task_runs_through_lm_eval_without_network(tiny, no_network, monkeypatch):
     model, tok = tiny
     with pytest.raises(AssertionError, match="network connection attempted"):  # the guard is armed
         socket.create_connection(("huggingface.co", 443))
+    logged = {}  # every task's lm-eval samples, as few_shot_rows hands them to gold_summary
+    summary = evaluation.gold_summary
+    monkeypatch.setattr(evaluation, "gold_summary", lambda samples, *, task: logged.setdefault(task, samples) and
+                        summary(samples, task=task))
     df = evaluation.few_shot(model, tok, limit=2, batch_size=4, model_name="tiny-llama")
     assert df["task"].tolist() == list(evaluation.TASKS)
     assert df.columns.tolist() == ["model", "task", "loop_idx", "metric", "value", "stderr", "n", "num_fewshot",
-                                   "source"]
+                                   "source", "gold_ll", "gold_ll_stderr", "gold_margin"]
+    # gold_score reads lm-eval's own samples as lm-eval scores them: the gold wins (margin > 0) where it counted
+    # the example correct, and the row's gold_ll is the mean over the examples
+    for row in df.itertuples():
+        scores = [evaluation.gold_score(s, task=row.task) for s in logged[row.task]]
+        assert row.gold_ll == pytest.approx(sum(g for g, _ in scores) / len(scores))
+        assert row.gold_ll < 0 and row.gold_ll_stderr > 0
+        if row.task != "lambada_openai":
+            assert [m > 0 for _, m in scores] == [s[row.metric] == 1 for s in logged[row.task]]
+            assert row.gold_margin == pytest.approx(sum(m for _, m in scores) / len(scores))
     assert df["metric"].tolist() == ["acc", "acc_norm", "acc_norm", "acc", "acc_norm", "acc_norm", "acc_norm"]
     assert (df["n"] == 2).all() and (df["num_fewshot"] == 0).all() and (df["source"] == "embedded").all()
     assert df["value"].between(0, 1).all() and df["stderr"].notna().all()
@@ -213,7 +226,8 @@ def test_hub_source_runs_lm_evals_built_in_tasks_and_embedded_hellaswag_says_whe
     def simple_evaluate(*, tasks, task_manager, **kwargs):  # what lm-eval is asked to run, not run
         calls.append((tasks, task_manager))
         return {"results": {t: {"acc,none": 0.5, "acc_norm,none": 0.5} for t in tasks},
-                "n-samples": {t: {"effective": 1} for t in tasks}, "n-shot": {t: 0 for t in tasks}}
+                "n-samples": {t: {"effective": 1} for t in tasks}, "n-shot": {t: 0 for t in tasks},
+                "samples": {t: [] for t in tasks}}
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda **kwargs: kwargs)  # the arguments it was built with
@@ -366,3 +380,38 @@ def test_quiet_lm_eval_hides_warnings_and_bars_within_the_block_only(capsys):
         raise RuntimeError("lm-eval failed")
     assert "what lm-eval said before failing" in capsys.readouterr().err  # shown when it raises
     assert parent.level == before
+
+
+def _sample(lls, *, target, continuations, doc=None):
+    """A logged sample as lm-eval's evaluator writes it (log_samples=True), for a multiple-choice task."""
+    return {"doc_id": 0, "doc": doc or {}, "target": target,
+            "arguments": [("Question: q\nAnswer:", c) for c in continuations],
+            "resps": [[(ll, False)] for ll in lls], "filtered_resps": [(ll, False) for ll in lls]}
+
+
+def test_gold_score_is_the_gold_choices_loglik_and_its_margin_over_the_best_wrong_one():
+    # piqa (acc_norm): per character of the choice, the space lm-eval sends before it not counted
+    s = _sample([-6.0, -3.0], target=0, continuations=[" abc", " a"])
+    assert evaluation.gold_score(s, task="piqa") == (-2.0, 1.0)  # -6 / 3 against -3 / 1: raw, the gold would lose
+    # winogrande (acc): raw logliks, gold from doc["answer"] (its target is the shared continuation)
+    s = _sample([-3.0, -5.0], target="went home", continuations=[" went home"] * 2, doc={"answer": "2"})
+    assert evaluation.gold_score(s, task="winogrande") == (-5.0, -2.0)
+    # a choice-text target; three choices: the margin is over the best wrong one
+    s = _sample([-1.0, -4.0, -2.5], target="b", continuations=[" a", " b", " c"])
+    assert evaluation.gold_score(s, task="arc_easy") == (-4.0, -3.0)
+    # LAMBADA: one loglikelihood request, no wrong choices
+    lambada = {"target": " word", "arguments": [("ctx", " word")], "filtered_resps": [(-7.5, True)], "doc": {}}
+    g, m = evaluation.gold_score(lambada, task="lambada_openai")
+    assert g == -7.5 and math.isnan(m)
+    with pytest.raises(ValueError, match="gold answer 3 is not one of the 2 choices"):
+        evaluation.gold_score(_sample([-1.0, -2.0], target=3, continuations=[" a", " b"]), task="piqa")
+
+
+def test_gold_summary_is_the_mean_over_examples_with_its_standard_error():
+    samples = [_sample([a, b], target=0, continuations=[" x", " y"]) for a, b in [(-1.0, -2.0), (-3.0, -2.0),
+                                                                                    (-2.0, -2.0)]]
+    out = evaluation.gold_summary(samples, task="piqa")
+    assert out["gold_ll"] == pytest.approx(-2.0)
+    assert out["gold_ll_stderr"] == pytest.approx(1.0 / math.sqrt(3))  # std (n-1) of -1, -3, -2 is 1
+    assert out["gold_margin"] == pytest.approx((1.0 - 1.0 + 0.0) / 3)
+    assert math.isnan(evaluation.gold_summary([], task="piqa")["gold_ll"])

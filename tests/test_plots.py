@@ -14,7 +14,7 @@ from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.colors import to_rgb  # noqa: E402
 
 import rrt.plots as plots  # noqa: E402
-from rrt.plots_base import human  # noqa: E402
+from rrt.plots_base import GOLD_MISSING, SIGMAS, human, points, signal, signal_caption, versus_chance  # noqa: E402
 from rrt.evaluation import CHANCE, chance_level  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +50,13 @@ def accuracy_table(names=RUNS, tasks=TASKS, loops=(None,), **tags):
     rng = np.random.default_rng(0)
     return pd.DataFrame([{"run": r, "seed": _seed(r), "task": t, "loop_idx": b, "value": rng.uniform(0.3, 0.7),
                           "stderr": 0.05, "n": 20, **tags} for r in names for t in tasks for b in loops])
+
+
+def gold_table(names=RUNS, tasks=TASKS, loops=(None,)):
+    """accuracy_table's rows at chance (0.375 ± 0.1), with the gold answer's log-likelihood: -1 nat per run apart."""
+    acc = accuracy_table(names, tasks, loops).assign(value=0.375, stderr=0.1)
+    rank = {label: i for i, label in enumerate(dict.fromkeys(plots.label_of(r) for r in names))}
+    return acc.assign(gold_ll=-2.0 - acc["run"].map(plots.label_of).map(rank), gold_ll_stderr=0.05, gold_margin=-0.1)
 
 
 def perplexity_table(names=RUNS, loops=(None,)):
@@ -359,3 +366,78 @@ def test_init_variants_compare_each_variant_with_its_init_in_its_own_panel():
     assert "lower" not in set(plot.table["init"])
     fallback = plots.init_variants(curves_table(), study=STUDY)
     assert fallback.figure is None and "no init variants" in fallback.note
+
+
+def test_signal_names_the_most_separated_pair_and_whether_it_exceeds_its_error_bars():
+    values, errors = pd.Series({"a": -2.0, "b": -1.5, "c": -1.9}), pd.Series({"a": 0.05, "b": 0.05, "c": 0.5})
+    found = signal(values, errors)
+    assert (found.separated, found.high, found.low) == (True, "b", "a")
+    assert found.gap == pytest.approx(0.5) and found.error == pytest.approx(np.hypot(0.05, 0.05))
+    # the same gap under wide error bars: not separated (gap / error = 0.5 / 0.28 < SIGMAS)
+    close = signal(values, pd.Series({"a": 0.2, "b": 0.2, "c": 0.5}))
+    assert not close.separated and close.gap / close.error < SIGMAS
+    assert not signal(pd.Series({"a": 1.0, "b": 1.0}), pd.Series({"a": 0.1, "b": 0.1})).separated
+
+
+def test_versus_chance_is_every_value_within_its_error_bars_of_chance():
+    assert versus_chance(pd.Series([0.30, 0.42]), pd.Series([0.05, 0.05]), 0.375)
+    assert not versus_chance(pd.Series([0.30, 0.60]), pd.Series([0.05, 0.05]), 0.375)
+
+
+def test_caption_says_whether_differences_exceed_error_bars_and_whether_all_is_at_chance():
+    table = pd.DataFrame({"label": ["Stepwise", "Average"], "seed": 0, "v": [-1.5, -1.91], "e": [0.05, 0.06]})
+    text = signal_caption(points(table, value="v", err="e"), unit=" nats")
+    assert text == "Differences exceed their error bars (gap > 2σ): Stepwise vs Average, gap 0.41 ± 0.078 nats."
+    at_chance = table.assign(v=[0.35, 0.40], e=[0.1, 0.1])
+    text = signal_caption(points(at_chance, value="v", err="e"), chance=0.375)
+    assert text.startswith("Every value is within 2σ of chance (0.375): this figure shows no accuracy difference")
+    assert "No difference exceeds its error bars" in text
+
+
+@pytest.mark.parametrize("scale", ["cpu", "smoke", "paper-gemma-2b"])
+def test_accuracy_figures_plot_the_gold_loglik_below_paper_scale_and_save_their_caption(scale, tmp_path):
+    study = SimpleNamespace(**{**vars(STUDY), "scale": scale})
+    acc = gold_table()
+    plot = plots.accuracy(acc, study=study)
+    ax = plot.figure.axes[0]
+    means = plot.table.groupby("label", sort=False)[["gold_ll", "avg_accuracy"]].mean()
+    if scale.startswith("paper"):  # the paper's figure: accuracy bars, chance dashed
+        assert "accuracy" in ax.get_xlabel() and dashed_lines(plot.figure)
+        assert sorted(p.get_width() for p in ax.patches) == pytest.approx(sorted(means["avg_accuracy"]))
+        assert plot.caption.startswith("Every value is within 2σ of chance")
+    else:  # a dot per run at its mean gold log-likelihood; accuracy and chance in the table
+        assert "log-likelihood" in ax.get_xlabel() and not ax.patches and not dashed_lines(plot.figure)
+        drawn = sorted(ln.get_xdata()[0] for ln in ax.get_lines() if ln.get_marker() == "o" and len(ln.get_xdata()) == 1)
+        assert drawn == pytest.approx(sorted(means["gold_ll"]))
+        assert {"avg_accuracy", "stderr", "chance"} <= set(plot.table)
+        assert plot.caption.startswith("Accuracy (in the table) is within 2σ of chance for every model")
+        assert "Differences exceed their error bars" in plot.caption and plot.caption.endswith(" nats.")
+    assert plot.figure.get_supxlabel().replace("\n", " ") == plot.caption  # shown under the figure
+    plots.save(plot, tmp_path, "fig5b")
+    assert (tmp_path / "figures" / "fig5b.txt").read_text() == plot.caption + "\n"
+
+
+def test_every_accuracy_figure_plots_the_gold_loglik_at_cpu_scale_with_a_caption():
+    study = SimpleNamespace(**{**vars(STUDY), "scale": "cpu"})
+    acc = gold_table()
+    points_, _, _ = serving_tables()
+    served = points_.assign(avg_accuracy=0.375, accuracy_stderr=0.1, gold_ll=[-2.0, -2.0, -1.0] * 2, gold_ll_stderr=0.05)
+    made = [plots.accuracy(gold_table(loops=(0, 1)), study=study, per_loop=True),
+            plots.task_accuracy(acc, study=study),
+            plots.size_vs_quality(runs_table(), acc, perplexity_table(), study=study),
+            plots.rank_accuracy(rank_table().assign(value=0.375, stderr=0.1, gold_ll=-2.0, gold_ll_stderr=0.05,
+                                                    gold_margin=0.0), study=study),
+            plots.throughput(served, study=study, chance=0.375)]
+    for plot in made:
+        labels = " ".join(ax.get_xlabel() + ax.get_ylabel() for ax in plot.figure.axes)
+        assert "log-likelihood" in labels, plot.kind
+        assert plot.caption.startswith("Accuracy (in the table) is within 2σ of chance"), (plot.kind, plot.caption)
+    assert "in 2 of 3 panels" in made[1].caption or "in 3 of 3 panels" in made[1].caption  # per task + average
+    assert "No difference exceeds its error bars (every gap ≤ 2σ); the largest:" in made[3].caption  # all at -2.0
+    assert "gap 0 ± 0.05 nats" in made[3].caption  # each ± 0.05 √2 / 2 (two tasks pooled)
+
+
+def test_rows_without_gold_loglik_still_plot_accuracy_and_say_so():
+    study = SimpleNamespace(**{**vars(STUDY), "scale": "cpu"})
+    for plot in (plots.accuracy(accuracy_table(), study=study), plots.task_accuracy(accuracy_table(), study=study)):
+        assert dashed_lines(plot.figure) and plot.caption.startswith(GOLD_MISSING)

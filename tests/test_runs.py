@@ -116,6 +116,14 @@ def test_fig8_points_take_the_accuracy_of_what_each_system_serves():
     assert pd.isna(points.loc["cdb_oracle_no_lora", "avg_accuracy"])
     assert points.loc["cdb_oracle", "delta_v_min"] == pytest.approx(1.3)
     assert points.loc["cdb_oracle", "delta_v_max"] == pytest.approx(1.5)
+    assert "gold_ll" not in points  # rows evaluated before gold_ll was logged
+    # with the gold answer's log-likelihood: its mean over tasks and the pooled stderr, None where accuracy is
+    gold = pd.concat([acc.assign(task="piqa"), acc.assign(task="arc_easy", value=0.3)])
+    gold = gold.assign(gold_ll=[-1.0, -2.0, -3.0, -4.0, -2.0, -3.0, -4.0, -5.0], gold_ll_stderr=0.3)
+    points = throughput_vs_accuracy({"throughput": t, "accuracy": gold}).set_index("system")
+    assert points["gold_ll"].tolist()[:4] == [-1.5, -2.5, -3.5, -4.5]
+    assert points["gold_ll_stderr"].iloc[:4].tolist() == pytest.approx([(2 * 0.3 ** 2) ** 0.5 / 2] * 4)
+    assert pd.isna(points.loc["cdb_oracle_no_lora", "gold_ll"])
 
 
 def test_run_plan_shows_each_training_step_on_its_one_bar(tmp_path, monkeypatch):

@@ -140,7 +140,7 @@ def test_engine_lm_scores_what_hflm_scores(relaxed):
 
 
 COLUMNS = ["model", "task", "loop_idx", "metric", "value", "stderr", "n", "num_fewshot", "source",
-           "exit_policy", "kv_policy", "mean_exit_loop"]
+           "gold_ll", "gold_ll_stderr", "gold_margin", "exit_policy", "kv_policy", "mean_exit_loop"]
 
 
 def test_served_few_shot_without_exits_is_few_shot(relaxed):
@@ -149,7 +149,11 @@ def test_served_few_shot_without_exits_is_few_shot(relaxed):
     served = served_few_shot(model, tok, exit_policy="none", kv_policy="propagate", max_active=4, **kw)
     assert served.columns.tolist() == COLUMNS
     plain = evaluation.few_shot(model, tok, batch_size=4, **kw)
-    assert served[plain.columns].equals(plain)  # the same accuracy, stderr, n and tags
+    exact = [c for c in plain.columns if not c.startswith("gold_")]
+    assert served[exact].equals(plain[exact])  # the same accuracy, stderr, n and tags
+    # the gold answer's log-likelihood: the engine's and HFLM's logits agree to float precision
+    gold = ["gold_ll", "gold_ll_stderr", "gold_margin"]
+    assert served[gold].values.tolist()[0] == pytest.approx(plain[gold].values.tolist()[0], rel=1e-4)
     assert served[["exit_policy", "kv_policy", "mean_exit_loop"]].values.tolist() == [["none", "propagate", 2.0]]
 
 

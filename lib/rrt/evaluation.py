@@ -1,5 +1,6 @@
 """Evaluation: token-weighted perplexity (`perplexity`, `token_nll`, per loop: `per_loop_perplexity`), lm-eval
-few-shot accuracy (`few_shot`, per loop: `loop_idx` or `per_loop_few_shot`), tidy results on disk (`save_results`).
+few-shot accuracy (`few_shot`, per loop: `loop_idx` or `per_loop_few_shot`) with the gold answer's log-likelihood
+beside it (`gold_score`, `gold_summary`), tidy results on disk (`save_results`).
 
 Loops are counted from 0 (`loop_idx`); exiting every token at loop_idx b is the paper's static
 exiting (§3.7): loop b's hidden state through the final norm and the shared LM head.
@@ -150,7 +151,8 @@ def _windows(ids, stride, bos_token_id=None):
 
 def few_shot(model, tokenizer, *, tasks=tuple(TASKS), limit=None, loop_idx=None, source="embedded",
              num_fewshot=None, batch_size=8, model_name="model", seed=1234):
-    """Returns a DataFrame, one row per task: (model, task, loop_idx, metric, value, stderr, n, num_fewshot, source).
+    """Returns a DataFrame, one row per task: (model, task, loop_idx, metric, value, stderr, n, num_fewshot, source,
+    gold_ll, gold_ll_stderr, gold_margin): accuracy, and the gold answer's log-likelihood (`gold_summary`).
 
     Runs lm-eval's HFLM on the in-memory model. source (`rrt.data.SOURCES`, a study's data_source):
     "embedded" uses the task YAMLs in rrt/tasks over the vendored benchmarks (no network; warns where
@@ -190,15 +192,71 @@ def few_shot_rows(lm, *, tasks, limit, source, num_fewshot, seed, model_name, lo
     with quiet_lm_eval():
         out = lm_eval.simple_evaluate(model=lm, tasks=[prefix + t for t in tasks], task_manager=manager,
                                       num_fewshot=num_fewshot, limit=limit, random_seed=seed, numpy_random_seed=seed,
-                                      torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False)
+                                      torch_random_seed=seed, fewshot_random_seed=seed, log_samples=True)
     rows = []
     for task in tasks:
         result, metric = out["results"][prefix + task], TASKS[task]
         rows.append({"model": model_name, "task": task, "loop_idx": loop_idx, "metric": metric,
                      "value": result[f"{metric},none"], "stderr": result.get(f"{metric}_stderr,none"),
                      "n": out["n-samples"][prefix + task]["effective"],
-                     "num_fewshot": out["n-shot"][prefix + task], "source": source})
+                     "num_fewshot": out["n-shot"][prefix + task], "source": source,
+                     **gold_summary(out["samples"][prefix + task], task=task)})
     return rows
+
+
+def gold_summary(samples, *, task) -> dict:
+    """Returns {gold_ll, gold_ll_stderr, gold_margin} over lm-eval's logged `samples` of `task` (`gold_score` each).
+
+    gold_ll: the mean over examples of the gold answer's log-likelihood (nats; per character where the task's
+    metric is acc_norm), the quantity whose per-example argmax is the accuracy; stderr = std / sqrt(n).
+    Below the paper's scale every model is at chance, but this still separates them (issue 30).
+    gold_margin: the mean of gold minus the best wrong choice (> 0 on the examples counted correct; NaN on
+    LAMBADA, which has no choices)."""
+    scores = [gold_score(s, task=task) for s in samples]
+    if not scores:
+        return {"gold_ll": math.nan, "gold_ll_stderr": math.nan, "gold_margin": math.nan}
+    gold, margin = (torch.tensor(x, dtype=torch.float64) for x in zip(*scores))
+    stderr = gold.std().item() / math.sqrt(len(gold)) if len(gold) > 1 else math.nan
+    return {"gold_ll": gold.mean().item(), "gold_ll_stderr": stderr, "gold_margin": margin.mean().item()}
+
+
+def gold_score(sample, *, task) -> tuple[float, float]:
+    """Returns (log-likelihood of the gold answer, it minus the best wrong choice's) for one lm-eval logged sample.
+
+    A sample (lm_eval.evaluator, log_samples=True) holds "filtered_resps": one (loglikelihood, is_greedy) per
+    choice, "arguments": one (context, continuation) per choice, "target" and "doc". As lm-eval scores
+    acc_norm (TASKS[task]), each choice's log-likelihood is divided by its length in characters (without
+    the space lm-eval puts before it). A loglikelihood task (LAMBADA) has one response: the target's own,
+    margin NaN.
+    """
+    lls = [float(resp[0]) for resp in sample["filtered_resps"]]
+    if len(lls) == 1:
+        return lls[0], math.nan
+    if TASKS[task] == "acc_norm":
+        lls = [ll / max(1, len(_choice_text(args[1]))) for ll, args in zip(lls, sample["arguments"])]
+    gold = _gold_index(sample, task)
+    if not 0 <= gold < len(lls):
+        raise ValueError(f"{task}: gold answer {gold} is not one of the {len(lls)} choices (doc {sample.get('doc_id')})")
+    return lls[gold], lls[gold] - max(ll for i, ll in enumerate(lls) if i != gold)
+
+
+def _choice_text(continuation: str) -> str:
+    """The choice as doc_to_choice gives it: lm-eval sends it after target_delimiter (" " in all seven tasks)."""
+    return continuation[1:] if continuation.startswith(" ") else continuation
+
+
+def _gold_index(sample, task) -> int:
+    """The gold choice's index: the target (an index, or the choice's text); WinoGrande's choices are contexts
+    (lm-eval's multiple_input) and its target the shared continuation, so its gold is doc["answer"] ("1" | "2")."""
+    if task == "winogrande":
+        return int(sample["doc"]["answer"]) - 1
+    target = sample["target"]
+    if isinstance(target, numbers.Integral):  # lm-eval turns a digit-string target into an int itself
+        return int(target)
+    choices = [_choice_text(args[1]) for args in sample["arguments"]]
+    if target not in choices:
+        raise ValueError(f"{task}: target {target!r} is neither an index nor one of the choices {choices}")
+    return choices.index(target)
 
 
 def download_tasks(tasks=tuple(TASKS)):

@@ -3,7 +3,12 @@
 Every figure takes the study config (for its title: model, B, data, scale) and the study's palette
 (`palette(tables["runs"]["run"])`: one colour and one order per run in every figure). Where the data
 cannot make a readable plot (one point, a line through two ranks) the result is the table instead.
-`save(plot, run_dir, name)` writes figures/<name>.png, .svg and the source table <name>.csv.
+`save(plot, run_dir, name)` writes figures/<name>.png, .svg, the source table <name>.csv and the caption <name>.txt.
+
+Accuracy figures below paper scale (`smoke`, `cpu`: every model is at chance there) plot the mean log-likelihood
+of the gold answer instead (`rrt.evaluation.gold_summary`: the quantity whose argmax accuracy is), accuracy and
+chance kept in the table; at `paper-*` scales they plot accuracy as the paper does. Each carries a computed
+caption (`rrt.plots_base.signal_caption`): whether its differences exceed their error bars.
 """
 from __future__ import annotations
 
@@ -13,8 +18,9 @@ from matplotlib import ticker
 
 from rrt.evaluation import CHANCE
 from rrt.runs.store import tag_is_true
-from rrt.plots_base import (MIN_LINE_POINTS, METRIC_COLUMNS, TAG_COLUMNS, Plot, figure, human, label_of, log_axis,
-                            ordered, palette, panels, save, table_only, title)
+from rrt.plots_base import (GOLD_LABEL, GOLD_MISSING, MIN_LINE_POINTS, METRIC_COLUMNS, SIGMAS, TAG_COLUMNS, Plot,
+                            figure, human, label_of, log_axis, ordered, palette, panels, points, save, signal_caption,
+                            table_only, title, versus_chance)
 from rrt.plots_serving import energy_heatmap, real_over_bound, step_costs, throughput
 from rrt.tables_style import plain
 
@@ -108,7 +114,7 @@ def accuracy(acc: pd.DataFrame, *, study, colours: dict | None = None, per_loop:
              what: str = "Average few-shot accuracy (Fig. 5b, Table 5)") -> Plot:
     """Fig. 5b / 6b / 7b, Tables 5, 9, 11 (per_loop: Table 13, one panel per exit loop): average accuracy
     over tasks per run label, ± stderr (lm-eval's, propagated over tasks and seeds), seeds as dots,
-    and the tasks' chance accuracy dashed."""
+    and the tasks' chance accuracy dashed; below paper scale the gold answer's log-likelihood instead."""
     if acc.empty:
         return table_only("accuracy", acc, "no few-shot evaluation in this study")
     rows = _accuracy_rows(acc, by=["loop"] if per_loop else [])
@@ -116,32 +122,40 @@ def accuracy(acc: pd.DataFrame, *, study, colours: dict | None = None, per_loop:
     if rows["label"].nunique() < 2:
         return table_only("accuracy", rows, "one model only: nothing to compare")
     loops = rows["loop"].max() if per_loop else None
-    fig = panels(rows, panel="loop" if per_loop else None, value="avg_accuracy", err="stderr",
-                 colours=colours or palette(rows["label"]), xlabel="average few-shot accuracy",
-                 chance=rows["chance"].iloc[0], panel_title=lambda b: f"exit at loop {b} of {loops}", sharex=per_loop)
-    fig.suptitle(title(study, what + " ± stderr", where=_tasks(acc)), fontsize=9)
-    return Plot("accuracy", rows, fig)
+    value, err, gold = _plotted(acc, study, "avg_accuracy")
+    chance = None if gold else rows["chance"].iloc[0]
+    fig = panels(rows, panel="loop" if per_loop else None, value=value, err=err, colours=colours or palette(rows["label"]),
+                 xlabel="average " + (GOLD_LABEL if gold else "few-shot accuracy"), chance=chance, dots=gold,
+                 panel_title=lambda b: f"exit at loop {b} of {loops}", sharex=per_loop)
+    fig.suptitle(title(study, _what(what, gold), where=_tasks(acc)), fontsize=9)
+    caption = _caption(acc, rows, study, accuracy="avg_accuracy", panel="loop" if per_loop else None,
+                       chance=rows["chance"].iloc[0])
+    return Plot("accuracy", rows, fig, caption=caption)
 
 
 def task_accuracy(acc: pd.DataFrame, *, study, colours: dict | None = None,
                   what: str = "Few-shot accuracy per task (Fig. 13)") -> Plot:
     """Fig. 13: one panel per task (and the average), a bar per run label ± lm-eval stderr, seeds as
-    dots, each task's chance accuracy dashed."""
+    dots, each task's chance accuracy dashed; below paper scale the gold answer's log-likelihood instead."""
     if acc.empty:
         return table_only("task_accuracy", acc, "no few-shot evaluation in this study")
     d = _final_exit(_labelled(acc))
-    rows = d.rename(columns={"value": "accuracy"})[["label", "seed", "task", "accuracy", "stderr"]]
+    columns = ["label", "seed", "task", "accuracy", "stderr", *(c for c in GOLD_COLUMNS if c in d)]
+    rows = d.rename(columns={"value": "accuracy"})[columns]
     avg = _accuracy_rows(d).rename(columns={"avg_accuracy": "accuracy"}).assign(task="average")
     rows = pd.concat([rows, avg[rows.columns]], ignore_index=True)
     chance = {t: CHANCE.get(t) for t in d["task"].unique()} | {"average": _chance(d["task"].unique())}
     rows["chance"] = rows["task"].map(chance)
     if rows["label"].nunique() < 2:
         return table_only("task_accuracy", rows, "one model only: nothing to compare")
-    fig = panels(rows, panel="task", value="accuracy", err="stderr", colours=colours or palette(rows["label"]),
-                 xlabel="accuracy", chance=chance, width_per_panel=2.2)
-    fig.suptitle(title(study, what + " ± stderr", where=f"{int(d['n'].max()) if 'n' in d else '?'} examples per task"),
+    value, err, gold = _plotted(acc, study, "accuracy")
+    fig = panels(rows, panel="task", value=value, err=err, colours=colours or palette(rows["label"]),
+                 xlabel=GOLD_LABEL.replace(" (", "\n(") if gold else "accuracy", chance=None if gold else chance,
+                 width_per_panel=2.2, dots=gold)
+    fig.suptitle(title(study, _what(what, gold), where=f"{int(d['n'].max()) if 'n' in d else '?'} examples per task"),
                  fontsize=9)
-    return Plot("task_accuracy", rows, fig)
+    caption = _caption(acc, rows, study, accuracy="accuracy", panel="task", chance=chance)
+    return Plot("task_accuracy", rows, fig, caption=caption)
 
 
 def perplexity(ppl: pd.DataFrame, *, study, colours: dict | None = None, per_loop: bool = False,
@@ -181,13 +195,14 @@ def size_vs_quality(runs: pd.DataFrame, acc: pd.DataFrame, ppl: pd.DataFrame, *,
     if table["non_embedding"].nunique() < 2:
         return table_only("size_vs_quality", table, "every model has the same size: no size axis")
     colours = colours or palette(table["label"])
-    metrics = [m for m in ("avg_accuracy", "perplexity") if m in table and table[m].notna().any()]
+    score, score_err, gold = _plotted(acc, study, "avg_accuracy")
+    metrics = [m for m in (score, "perplexity") if m in table and table[m].notna().any()]
     fig, axes = figure(3.4 * len(metrics) + 2.2, 3.4, ncols=len(metrics), sharex=True)
     for ax, metric in zip(axes[0], metrics):
         for k, label in enumerate(ordered(table["label"], colours)):
             rows = table[table["label"] == label]
             y = rows[metric].mean()
-            yerr = (np.sqrt((rows["stderr"] ** 2).mean() / len(rows)) if metric == "avg_accuracy"
+            yerr = (np.sqrt((rows[score_err] ** 2).mean() / len(rows)) if metric == score
                     else [[y - rows[metric].min()], [rows[metric].max() - y]])
             ax.errorbar(rows["non_embedding"].iloc[0], y, yerr=yerr, fmt="osD^vP*X"[k % 8], ms=7, capsize=3, mfc="none",
                         mew=1.5, color=colours.get(label), label=label)  # hollow, one marker each: equal sizes overlap
@@ -196,13 +211,17 @@ def size_vs_quality(runs: pd.DataFrame, acc: pd.DataFrame, ppl: pd.DataFrame, *,
         if metric == "avg_accuracy":
             ax.axhline(_chance(acc["task"].unique()), color="black", ls="--", lw=1, label="chance")
             ax.set_ylabel("average few-shot accuracy")
+        elif metric == score:
+            ax.set_ylabel("average " + GOLD_LABEL.replace(" (", "\n("))
         else:
             log_axis(ax, "y")
             ax.set_ylabel(f"held-out perplexity (log), {corpus}")
     axes[0][-1].legend(*axes[0][0].get_legend_handles_labels(), fontsize=7, loc="center left",
                        bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(title(study, what), fontsize=9)
-    return Plot("size_vs_quality", table, fig)
+    caption = (_caption(acc, table, study, accuracy="avg_accuracy", chance=_chance(acc["task"].unique()))
+               if score in metrics else "")
+    return Plot("size_vs_quality", table, fig, caption=caption)
 
 
 def final_models(runs: pd.DataFrame, acc: pd.DataFrame, *, study,
@@ -247,7 +266,8 @@ def final_models(runs: pd.DataFrame, acc: pd.DataFrame, *, study,
     ax.set(xlabel="non-embedding parameters (LoRA included)", ylabel="average few-shot accuracy")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(title(study, what + " ± stderr", where=_tasks(acc)), fontsize=9)
-    return Plot("final_models", table, fig)
+    marks = points(table.assign(value=table["avg_accuracy"]), value="value", err="stderr")
+    return Plot("final_models", table, fig, caption=signal_caption(marks, chance=table["chance"].iloc[0]))
 
 
 def rank_accuracy(acc: pd.DataFrame, *, study, what: str = "Accuracy vs LoRA rank (Fig. 16)") -> Plot:
@@ -262,12 +282,16 @@ def rank_accuracy(acc: pd.DataFrame, *, study, what: str = "Accuracy vs LoRA ran
     if rows["lora_rank"].nunique() < MIN_LINE_POINTS:
         return table_only("rank_accuracy", rows, f"ranks {plain(sorted(rows['lora_rank'].unique()))}: fewer than "
                           f"{MIN_LINE_POINTS} ranks make no curve, so the table")
-    fig = _rank_lines(rows, y="avg_accuracy", err="stderr", ylabel="average few-shot accuracy")
+    value, err, gold = _plotted(acc, study, "avg_accuracy")
+    fig = _rank_lines(rows, y=value, err=err, ylabel="average " + (GOLD_LABEL if gold else "few-shot accuracy"))
     ax = fig.axes[0]
-    ax.axhline(rows["chance"].iloc[0], color="black", ls="--", lw=1, label="chance")
+    if not gold:
+        ax.axhline(rows["chance"].iloc[0], color="black", ls="--", lw=1, label="chance")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.suptitle(title(study, what + " ± stderr", where=_tasks(acc)), fontsize=9)
-    return Plot("rank_accuracy", rows, fig)
+    fig.suptitle(title(study, _what(what, gold), where=_tasks(acc)), fontsize=9)
+    marks = rows.drop_duplicates(subset=["label", "seed"])  # rank 0 is drawn in every line, counted once
+    caption = _caption(acc, marks, study, accuracy="avg_accuracy", chance=rows["chance"].iloc[0])
+    return Plot("rank_accuracy", rows, fig, caption=caption)
 
 
 def init_perplexity(curve: pd.DataFrame, *, study, what: str = "Perplexity right after conversion, no training "
@@ -303,13 +327,58 @@ def _labelled(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _accuracy_rows(acc: pd.DataFrame, by=()) -> pd.DataFrame:
-    """Per label × seed (× by): mean accuracy over tasks and its stderr, √(Σ stderr²) / tasks (tasks independent)."""
+    """Per label × seed (× by): mean accuracy over tasks and its stderr, √(Σ stderr²) / tasks (tasks independent);
+    the same for the gold answer's log-likelihood where the rows have it (GOLD_COLUMNS)."""
     d = _labelled(acc)
     d = d if "loop" in by else _final_exit(d)
     keys = ["label", "seed", *by]
+    gold = {"gold_ll": ("gold_ll", "mean"), "gold_ll_stderr": ("gold_ll_stderr", _pooled),
+            "gold_margin": ("gold_margin", "mean")} if "gold_ll" in d else {}
     return (d.groupby(keys, sort=False, dropna=False)
-            .agg(avg_accuracy=("value", "mean"), stderr=("stderr", lambda s: np.sqrt((s ** 2).sum()) / len(s)))
+            .agg(avg_accuracy=("value", "mean"), stderr=("stderr", _pooled), **gold)
             .reset_index())
+
+
+def _pooled(stderr: pd.Series) -> float:
+    """The stderr of a mean over independent tasks: √(Σ stderr²) / tasks."""
+    return float(np.sqrt((stderr ** 2).sum()) / len(stderr))
+
+
+GOLD_COLUMNS = ("gold_ll", "gold_ll_stderr", "gold_margin")
+
+
+def _plotted(acc: pd.DataFrame, study, accuracy: str) -> tuple[str, str, bool]:
+    """(value column, its stderr column, whether it is the gold answer's log-likelihood): accuracy at paper scale
+    (or where the rows lack gold_ll), gold_ll below it, where accuracy is at chance."""
+    if str(study.scale).startswith("paper") or not _has_gold(acc):
+        return accuracy, "stderr", False
+    return "gold_ll", "gold_ll_stderr", True
+
+
+def _has_gold(acc: pd.DataFrame) -> bool:
+    return not acc.empty and "gold_ll" in acc and bool(acc["gold_ll"].notna().all())
+
+
+def _what(what: str, gold: bool) -> str:
+    return what + (": the gold answer's log-likelihood ± stderr (accuracy in the table)" if gold else " ± stderr")
+
+
+def _caption(acc: pd.DataFrame, rows: pd.DataFrame, study, *, accuracy: str, chance, panel: str | None = None) -> str:
+    """The figure's computed caption: whether the plotted values' differences exceed their error bars, and
+    whether accuracy (plotted, or in the table) is within its error bars of chance."""
+    value, err, gold = _plotted(acc, study, accuracy)
+    marks = points(rows, value=value, err=err, panel=panel)
+    if not gold:
+        prefix = "" if str(study.scale).startswith("paper") else GOLD_MISSING
+        return signal_caption(marks, chance=chance, prefix=prefix)
+    accs = points(rows, value=accuracy, err="stderr", panel=panel)
+    line = {k: chance.get(k) if isinstance(chance, dict) else chance for k in dict.fromkeys(accs["panel"])}
+    at_chance = all(versus_chance(accs.loc[accs["panel"] == k, "value"], accs.loc[accs["panel"] == k, "error"], c)
+                    for k, c in line.items() if c is not None)
+    prefix = ("Accuracy (in the table) is within " + f"{SIGMAS}σ of chance for every model: the gold answer's "
+              "log-likelihood is plotted instead." if at_chance else
+              "The gold answer's log-likelihood is plotted; accuracy is in the table.")
+    return signal_caption(marks, unit=" nats", prefix=prefix)
 
 
 def _final_exit(d: pd.DataFrame) -> pd.DataFrame:

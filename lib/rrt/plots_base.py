@@ -1,4 +1,6 @@
-"""What every figure shares: the `Plot` result, `save`, one palette per study, titles, log ticks, bar panels.
+"""What every figure shares: the `Plot` result, `save`, one palette per study, titles, log ticks, bar panels, and
+the computed caption saying whether a figure's differences exceed their error bars (`signal`, `versus_chance`,
+`signal_caption`).
 
 The figures themselves are in `rrt.plots` (training studies) and `rrt.plots_serving` (05); import
 them from `rrt.plots`.
@@ -6,6 +8,7 @@ them from `rrt.plots`.
 from __future__ import annotations
 
 import io
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import seaborn as sns
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
-from rrt.rundir import replacing, write_csv
+from rrt.rundir import replacing, write_csv, write_text
 from rrt.runs.store import label_of  # noqa: F401 (re-exported as rrt.plots.label_of)
 from rrt.tables_style import plain, style
 
@@ -33,18 +36,31 @@ TAG_COLUMNS = ("plot", "label", "run", "seed", "role", "init", "num_blocks", "lo
                "baseline", "pareto")
 METRIC_COLUMNS = ("tokens", "loss", "loss/ce", "perplexity", "avg_accuracy", "accuracy", "stderr", "chance",
                   "non_embedding", "delta_v", "delta_v_min", "delta_v_max", "accuracy_stderr", "tokens_per_s",
-                  "ms_per_token", "real_over_bound", "reference")
+                  "ms_per_token", "real_over_bound", "reference", "gold_ll", "gold_ll_stderr", "gold_margin")
+# A difference (or a distance from chance) counts when it exceeds SIGMAS standard errors (about 95%, two-sided).
+SIGMAS = 2
+# What accuracy figures plot below paper scale (`rrt.evaluation.gold_summary`), and their caption where rows lack it.
+GOLD_LABEL = "gold answer's log-likelihood (nats; per char. for acc_norm tasks)"
+GOLD_MISSING = ("gold_ll is missing from these rows (evaluated before it was logged): accuracy is plotted, "
+                "as at paper scale.")
 
 
 @dataclass
 class Plot:
     """A figure and the tidy table it draws (`figure` is None when the data cannot make a readable plot:
-    then the table is the result). Displays itself in a notebook: the figure, or the table with a note."""
+    then the table is the result). Displays itself in a notebook: the figure with its caption under it, or the
+    table with a note."""
     kind: str                 # the rrt.plots function that made it
     table: pd.DataFrame       # one row per drawn mark: tag columns, then metric columns
     figure: Figure | None = None
     note: str = ""            # why there is no figure
     extra: dict = field(default_factory=dict)
+    caption: str = ""         # computed: whether the differences drawn exceed their error bars (`signal_caption`)
+
+    def __post_init__(self):
+        if self.figure is not None and self.caption:  # under the axes, in the notebook and in the saved PNG / SVG
+            width = max(40, int(self.figure.get_figwidth() * 15))  # characters of 7 pt text per line
+            self.figure.supxlabel(textwrap.fill(self.caption, width), fontsize=7, ha="center")
 
     def _repr_png_(self):
         if self.figure is None:
@@ -63,13 +79,16 @@ class Plot:
 
 
 def save(plot, run_dir: Path, name: str) -> None:
-    """Write <run_dir>/figures/<name>.png and .svg, and for a `Plot` its source table as <name>.csv.
+    """Write <run_dir>/figures/<name>.png and .svg, and for a `Plot` its source table as <name>.csv and its
+    caption as <name>.txt.
 
     A Plot without a figure is written as a rendered table, so every named figure exists at every scale."""
     out = Path(run_dir) / "figures"
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(plot, Plot):
         write_csv(out / f"{name}.csv", plot.table.assign(plot=plot.kind)[["plot", *plot.table.columns]])
+        if plot.caption:
+            write_text(out / f"{name}.txt", plot.caption + "\n")
         fig = plot.figure if plot.figure is not None else _table_figure(plot)
     else:  # a bare matplotlib figure (00_explore's heatmap)
         fig = plot
@@ -145,11 +164,12 @@ def ordered(labels, colours: dict) -> list:
 
 
 def panels(table: pd.DataFrame, *, panel: str | None, value: str, err: str | None, colours: dict, xlabel: str,
-           chance=None, log=False, panel_title=str, width_per_panel=3.2, sharex=False) -> Figure:
-    """One horizontal panel per `panel` value: a bar (a dot on log axes) per label = mean over seeds,
-    whisker = `err` (stderr of that mean; min–max over seeds when err is None), seed values as dots.
+           chance=None, log=False, panel_title=str, width_per_panel=3.2, sharex=False, dots=False) -> Figure:
+    """One horizontal panel per `panel` value: a bar (a dot on log axes, or with dots=True) per label = mean over
+    seeds, whisker = `err` (stderr of that mean; min–max over seeds when err is None), seed values as dots.
 
     chance: a number, or {panel value: number}: the dashed "chance" line of each panel.
+    dots: values that need not start at 0 (log-likelihoods are negative): a dot, the x range fitted to them.
     sharex: one x range for all panels (exits of one model are compared across panels)."""
     keys = list(dict.fromkeys(table[panel])) if panel else [None]
     labels = ordered(table["label"], colours)
@@ -168,7 +188,7 @@ def panels(table: pd.DataFrame, *, panel: str | None, value: str, err: str | Non
             else:
                 xerr = [[mean - rows[value].min()], [rows[value].max() - mean]]
             colour = colours.get(label, "C0")
-            if log:
+            if log or dots:
                 ax.errorbar(mean, i, xerr=xerr, fmt="o", color=colour, ms=7, capsize=3, lw=1.2)
             else:
                 ax.barh(i, mean, color=colour, height=0.7)
@@ -183,7 +203,7 @@ def panels(table: pd.DataFrame, *, panel: str | None, value: str, err: str | Non
             ax.set_title(panel_title(key), fontsize=9)
         if log:
             log_axis(ax, "x")
-        else:
+        elif not dots:
             ax.set_xlim(min(0, ax.dataLim.x0), max(1e-9, ax.get_xlim()[1]))  # a whisker below 0 drawn whole
     handles = [matplotlib.lines.Line2D([], [], color="black", ls="--", lw=1, label="chance")] if chance is not None else []
     if table["seed"].nunique() > 1:
@@ -192,6 +212,79 @@ def panels(table: pd.DataFrame, *, panel: str | None, value: str, err: str | Non
     if handles:
         fig.legend(handles=handles, fontsize=7, loc="outside lower right", ncols=len(handles))
     return fig
+
+
+def points(table: pd.DataFrame, *, value: str, err: str, panel: str | None = None) -> pd.DataFrame:
+    """The marks `panels` draws: per (panel and) label, the mean of `value` over seeds and its stderr
+    √(mean err² / seeds); columns panel ("" without one), label, value, error."""
+    d = table.assign(_panel=table[panel] if panel else "")
+    by = d.groupby(["_panel", "label"], sort=False, dropna=False)
+    out = by.agg(value=(value, "mean"), ms=(err, lambda e: (e ** 2).mean()), seeds=(value, "size")).reset_index()
+    return pd.DataFrame({"panel": out["_panel"], "label": out["label"], "value": out["value"],
+                         "error": np.sqrt(out["ms"] / out["seeds"])})
+
+
+@dataclass(frozen=True)
+class Signal:
+    """The most separated pair of values: `high` - `low` = gap ± error (their stderrs combined), and whether
+    the gap exceeds SIGMAS errors."""
+    separated: bool
+    high: str
+    low: str
+    gap: float
+    error: float
+
+
+def signal(values: pd.Series, errors: pd.Series) -> Signal:
+    """Returns the pair of `values` (indexed by label, ± `errors`, standard errors) whose gap is the most
+    standard errors of the difference, √(e₁² + e₂²), apart; separated when that is over SIGMAS.
+
+    Unpaired, so conservative: models scored on the same examples differ by less noise than this."""
+    best = Signal(False, "", "", 0.0, float("nan"))
+    z_best = -1.0
+    for a in values.index:
+        for b in values.index:
+            gap, error = values[a] - values[b], float(np.hypot(errors[a], errors[b]))
+            z = gap / error if error > 0 else (float("inf") if gap > 0 else 0.0)
+            if a != b and gap >= 0 and z > z_best:  # NaN errors give NaN z: never the best, never separated
+                z_best, best = z, Signal(bool(z > SIGMAS), str(a), str(b), float(gap), error)
+    return best
+
+
+def versus_chance(values: pd.Series, errors: pd.Series, chance: float) -> bool:
+    """Returns whether every value is within SIGMAS of its standard errors of `chance` (the figure shows nothing)."""
+    return bool(((values - chance).abs() <= SIGMAS * errors).all())
+
+
+def signal_caption(marks: pd.DataFrame, *, unit: str = "", chance=None, prefix: str = "") -> str:
+    """The caption of a figure of `marks` (`points`: panel, label, value, error): whether its differences
+    exceed their error bars (SIGMAS standard errors), naming the most separated pair in each panel; with
+    `chance` (a number, or {panel: number}), first whether every value is within its error bar of chance."""
+    keys = list(dict.fromkeys(marks["panel"]))
+    line = {k: chance.get(k) if isinstance(chance, dict) else chance for k in keys}
+    parts = [prefix] if prefix else []
+    if chance is not None and all(versus_chance(*_series(marks, k), line[k]) for k in keys if line[k] is not None):
+        levels = ", ".join(dict.fromkeys(f"{v:.3g}" for v in line.values() if v is not None))
+        parts.append(f"Every value is within {SIGMAS}σ of chance ({levels}): this figure shows no accuracy "
+                     f"difference at this scale.")
+    found = {k: signal(*_series(marks, k)) for k in keys}
+    found = {k: s for k, s in found.items() if s.high}
+    if not found:
+        return " ".join(parts + ["One value per panel: no difference to test."])
+    where = {k: (f"{k}: " if len(keys) > 1 else "") for k in found}
+    pairs = "; ".join(f"{where[k]}{s.high} vs {s.low}, gap {s.gap:.3g} ± {s.error:.2g}{unit}" for k, s in found.items())
+    if any(s.separated for s in found.values()):
+        n = sum(s.separated for s in found.values())
+        scope = f" in {n} of {len(found)} panels" if len(found) > 1 else ""
+        parts.append(f"Differences exceed their error bars (gap > {SIGMAS}σ){scope}: {pairs}.")
+    else:
+        parts.append(f"No difference exceeds its error bars (every gap ≤ {SIGMAS}σ); the largest: {pairs}.")
+    return " ".join(parts)
+
+
+def _series(marks: pd.DataFrame, key) -> tuple[pd.Series, pd.Series]:
+    d = marks[marks["panel"] == key]
+    return d.set_index("label")["value"], d.set_index("label")["error"]
 
 
 def table_only(kind: str, table: pd.DataFrame, why: str) -> Plot:

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from rrt.plots_base import MIN_LINE_POINTS, Plot, figure, log_axis, palette, table_only, title
+from rrt.plots_base import (GOLD_LABEL, GOLD_MISSING, MIN_LINE_POINTS, SIGMAS, Plot, figure, log_axis, palette,
+                            signal_caption, table_only, title, versus_chance)
 
 # Systems that serve the unconverted model: measured once per served config, drawn once (the first config's).
 VANILLA = ("hf_generate_static", "vanilla_static", "vanilla_continuous")
@@ -17,30 +18,51 @@ def throughput(points: pd.DataFrame, *, study, chance: float | None = None,
                what: str = "Throughput vs accuracy (Fig. 8)") -> Plot:
     """Fig. 8: accuracy (± stderr) against measured throughput / vanilla static batching (min–max over
     repeats); one colour per system (vanilla systems drawn once), one marker per KV policy; dashed:
-    vanilla static (x = 1) and chance accuracy."""
+    vanilla static (x = 1) and chance accuracy. Below paper scale, where the points have it, the gold
+    answer's log-likelihood (± stderr) instead of accuracy (accuracy stays in the table); a computed caption."""
     df = _vanilla_once(points.dropna(subset=["avg_accuracy"]), key="system")
     label = np.where(df["system"].isin(VANILLA), df["system"],
                      df["system"] + " (" + df["config"] + ", " + df["exit_policy"] + ")") + _shape_label(df)
+    gold = [c for c in ("gold_ll", "gold_ll_stderr") if c in df]
     table = df.assign(label=label)[["label", "config", "system", "exit_policy", "kv_policy", "delta_v", "delta_v_min",
-                                    "delta_v_max", "avg_accuracy", "accuracy_stderr"]].reset_index(drop=True)
+                                    "delta_v_max", "avg_accuracy", "accuracy_stderr", *gold]].reset_index(drop=True)
     if len(table) < 2:
         return table_only("throughput", table, "one system only: nothing to compare")
+    plots_gold = not str(study.scale).startswith("paper") and bool(gold) and table["gold_ll"].notna().all()
+    y, y_err = ("gold_ll", "gold_ll_stderr") if plots_gold else ("avg_accuracy", "accuracy_stderr")
     colours = palette(table["label"])
     fig, axes = figure(7.4, 3.8)
     ax = axes[0][0]
     for row in table.itertuples():
         xerr = [[row.delta_v - row.delta_v_min], [row.delta_v_max - row.delta_v]]
-        ax.errorbar(row.delta_v, row.avg_accuracy, xerr=xerr, yerr=row.accuracy_stderr,
+        ax.errorbar(row.delta_v, getattr(row, y), xerr=xerr, yerr=getattr(row, y_err),
                     fmt=KV_MARKERS.get(row.kv_policy, "D"), color=colours[row.label], ms=6, capsize=2, lw=0.8,
                     label=row.label if row.exit_policy == "none" else f"{row.label}, KV {row.kv_policy}")
     ax.axvline(1.0, color="grey", lw=0.8, ls="--", label="vanilla static batching")
-    if chance is not None:
+    if chance is not None and not plots_gold:
         ax.axhline(chance, color="black", lw=1, ls="--", label="chance")
     ax.set(xlabel="throughput / vanilla static batching (measured, min–max over repeats)",
-           ylabel="few-shot accuracy as served")
+           ylabel=GOLD_LABEL.replace(" (", " as served\n(") if plots_gold
+           else "few-shot accuracy as served")
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.suptitle(title(study, what + " ± stderr", where=" + ".join(study.corpora)), fontsize=9)
-    return Plot("throughput", table, fig)
+    scored = ": the gold answer's log-likelihood ± stderr (accuracy in the table)" if plots_gold else " ± stderr"
+    fig.suptitle(title(study, what + scored, where=" + ".join(study.corpora)), fontsize=9)
+    return Plot("throughput", table, fig, caption=_throughput_caption(table, study, chance, plots_gold))
+
+
+def _throughput_caption(table: pd.DataFrame, study, chance, plots_gold: bool) -> str:
+    """Fig. 8's computed caption: whether the served models' scores (y) differ beyond their error bars."""
+    marks = table.assign(panel="", label=table["label"] + " [KV " + table["kv_policy"] + "]")
+    accs = marks.assign(value=marks["avg_accuracy"], error=marks["accuracy_stderr"])
+    if not plots_gold:
+        missing = "" if str(study.scale).startswith("paper") else GOLD_MISSING
+        return signal_caption(accs, chance=chance, prefix=missing)
+    at_chance = chance is not None and versus_chance(accs["value"], accs["error"], chance)
+    prefix = (f"Accuracy (in the table) is within {SIGMAS}σ of chance for every system: the gold answer's "
+              "log-likelihood is plotted instead." if at_chance else
+              "The gold answer's log-likelihood is plotted; accuracy is in the table.")
+    return signal_caption(marks.assign(value=marks["gold_ll"], error=marks["gold_ll_stderr"]), unit=" nats",
+                          prefix=prefix)
 
 
 def step_costs(costs: pd.DataFrame, *, study, what: str = "Time per token by batch size (Tables 16, 18)") -> Plot:

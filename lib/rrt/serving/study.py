@@ -234,15 +234,18 @@ def max_batch(throughput: pd.DataFrame) -> pd.DataFrame:
 
 
 def throughput_vs_accuracy(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Fig. 8's points: per served model, system, exit and KV policy, Δ_V (min–max over repeats) and accuracy ± stderr."""
+    """Fig. 8's points: per served model, system, exit and KV policy, Δ_V (min–max over repeats) and accuracy ± stderr
+    (and the gold answer's log-likelihood ± stderr, `rrt.evaluation.gold_summary`, where the rows have it)."""
     t = tables["throughput"].copy()
     base = t["tokens_per_s"] / t["delta_v"]
     t["delta_v_min"], t["delta_v_max"] = t["tokens_per_s_min"] / base, t["tokens_per_s_max"] / base
     acc = tables["accuracy"]
     if len(acc):
         by = acc.groupby(["config", "exit_policy", "kv_policy"])
-        avg = by.agg(avg_accuracy=("value", "mean"),
-                     accuracy_stderr=("stderr", lambda s: (s.pow(2).sum() ** 0.5) / len(s))).reset_index()
+        pooled = {"accuracy_stderr": ("stderr", _pooled)}
+        if "gold_ll" in acc:
+            pooled |= {"gold_ll": ("gold_ll", "mean"), "gold_ll_stderr": ("gold_ll_stderr", _pooled)}
+        avg = by.agg(avg_accuracy=("value", "mean"), **pooled).reset_index()
         # the vanilla rows and the no-exit rows are scored without exits
         t["acc_config"] = t["config"].where(~t["system"].str.startswith(("vanilla", "hf_")), "vanilla")
         t["acc_exit"] = t["exit_policy"].replace({"oracle (own output)": "oracle"})
@@ -251,7 +254,15 @@ def throughput_vs_accuracy(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
                     right_on=["config", "exit_policy", "kv_policy"], suffixes=("", "_acc"))
         t = t.drop(columns=[c for c in t if c.endswith("_acc") or c.startswith("acc_")])
         # the LoRA-removed model is timed, never evaluated: its accuracy is not the served model's
-        t.loc[t["system"].str.endswith("_no_lora"), ["avg_accuracy", "accuracy_stderr"]] = float("nan")
+        t.loc[t["system"].str.endswith("_no_lora"), [c for c in SCORES if c in t]] = float("nan")
     cols = ["config", "system", "exit_policy", "kv_policy", "tokens_per_s", "delta_v", "delta_v_min", "delta_v_max",
-            "avg_accuracy", "accuracy_stderr"]
+            *SCORES]
     return t[[c for c in cols if c in t]]
+
+
+SCORES = ("avg_accuracy", "accuracy_stderr", "gold_ll", "gold_ll_stderr")  # Fig. 8's y: mean over tasks, ± pooled
+
+
+def _pooled(stderr: pd.Series) -> float:
+    """The stderr of a mean over independent tasks: √(Σ stderr²) / tasks."""
+    return float(stderr.pow(2).sum() ** 0.5 / len(stderr))
