@@ -59,20 +59,29 @@ def replace_between_markers(text: str, table: str) -> str:
     return pattern.sub(lambda _: f"{BEGIN}\n{table}\n{END}", text)
 
 
-def claims_main(argv=None):
-    """`python -m rrt claims DIR... [--readme README.md]`: print each run dir's claims; rewrite the README's table."""
+def claims_parser() -> argparse.ArgumentParser:
+    """The parser of `python -m rrt claims`."""
     parser = argparse.ArgumentParser(prog="python -m rrt claims", description="Print the claims table of each "
-                                     "notebook output dir (its name starts with the notebook's number).")
-    parser.add_argument("dirs", nargs="+", help="notebook output dirs, e.g. outputs/examples/cpu/0[1-5]_*")
-    parser.add_argument("--readme", default=None, help="rewrite this README's table between the claims markers")
-    args = parser.parse_args(argv)
+                                     "notebook output dir (01…05: its name starts with the notebook's number).")
+    parser.add_argument("dirs", nargs="+", help="notebook output dirs, e.g. outputs/examples/cpu/0[1-5]_* (others "
+                                                "are skipped)")
+    parser.add_argument("--readme", default=None, help="rewrite this README's claims table, between the lines "
+                                                       f"{BEGIN} and {END}")
+    return parser
+
+
+def claims_main(argv=None) -> str:
+    """Print the claims tables of notebook output dirs; with --readme, write them into the README."""
+    args = claims_parser().parse_args(argv)
     dirs = [d for d in args.dirs if Path(d).name[:2] in BUILDERS]
     table = readme_table(dirs)
     print(table)
     if args.readme:
         path = Path(args.readme)
         path.write_text(replace_between_markers(path.read_text(), table))
-        print(f"wrote the claims table of {len(dirs)} notebooks into {path}")
+        print(f"wrote the claims of {len(dirs)} notebooks into {path}")
+    return table
+
 
 def _row(run: RunCSVs, claim: str, paper: str, build) -> list[str]:
     try:

@@ -20,6 +20,7 @@ from accelerate import PartialState
 
 from rrt import explore, gpucheck, report, sweep
 from rrt.checkpoint import load
+from rrt.claims import claims_main, claims_parser
 from rrt.cliargs import add_dataclass_arguments, dataclass_from_args
 from rrt.data import SOURCES, load_packed, train_seqs_to_pack
 from rrt.devices import machine_text, resolve_device
@@ -408,6 +409,7 @@ PARSERS = {"rrt.train": train_parser, "rrt.runs": runs_parser, "plan": plan_pars
            "sweep-status": sweep_status_parser, "report": report_parser, "bench": bench_parser,
            "targets": targets_parser, "init-perplexity": init_perplexity_parser, "gpu-check": gpu_check_parser,
            "pack": pack_parser, "machine": lambda: _parser("machine", machine_main.__doc__)}
+COMMANDS["claims"], PARSERS["claims"] = claims_main, claims_parser  # rrt.claims: each notebook's computed verdicts
 
 
 def _parser(command: str, description: str) -> argparse.ArgumentParser:
