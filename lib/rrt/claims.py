@@ -21,8 +21,9 @@ import pandas as pd
 
 from rrt.evidence import (Missing, RunCSVs, Stat, compare, final_loss, fmt, many, norm, rows_of,
                           values)
-from rrt.tables import PAPER
-from rrt.verdicts import better, combine, combined_error, same
+from rrt.rundir import write_csv
+from rrt.tables import PAPER, style
+from rrt.verdicts import K, better, combine, combined_error, same
 
 COLUMNS = ["claim", "paper", "ours", "measured as", "reproduces"]
 NOT_RUN = "not run"
@@ -37,6 +38,15 @@ def for_notebook(notebook: str, run_dir) -> pd.DataFrame:
         raise ValueError(f"no claims for notebook {notebook!r}; valid: {sorted(BUILDERS)}")
     run = RunCSVs(Path(run_dir))
     return pd.DataFrame([_row(run, *claim) for claim in BUILDERS[key]], columns=COLUMNS)
+
+
+def save(notebook: str, run_dir):
+    """Write `for_notebook`'s table as <run_dir>/claims.csv and return it styled for the notebook's last cell."""
+    table = for_notebook(notebook, run_dir)
+    write_csv(Path(run_dir) / "claims.csv", table)
+    caption = (f"Claims of {notebook}: the paper's finding, ours from this run's CSVs, and whether it reproduces "
+               f"(a difference beyond {K:g}× its error)")
+    return style(table, caption).set_properties(**{"text-align": "left"})
 
 
 def markdown(table: pd.DataFrame) -> str:
