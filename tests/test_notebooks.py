@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from rrt.claims import BUILDERS
 from rrt.plans import STUDIES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +44,10 @@ def test_notebook_smoke(name, tmp_path):
     paths += [tmp_path / "figures" / f"{f}.{ext}" for f in figures for ext in ("png", "svg")]
     for path in paths:
         assert path.exists() and path.stat().st_size > 0, path
+    if name[:2] in BUILDERS:  # the last cell's claims table: one row per claim, each with a verdict
+        claims = pd.read_csv(tmp_path / "claims.csv")
+        assert claims["claim"].tolist() == [claim for claim, _, _ in BUILDERS[name[:2]]]
+        assert claims["reproduces"].str.match("yes|no|within noise|not run").all(), claims["reproduces"].tolist()
     if (tmp_path / "runs.csv").exists():
         check_tables(tmp_path)
 

@@ -52,7 +52,8 @@ def save(notebook: str, run_dir):
 def markdown(table: pd.DataFrame) -> str:
     """Return a claims table (or several, concatenated) as a markdown table."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(v).replace("|", "/") for v in row) + " |" for row in table[COLUMNS].itertuples(index=False)]
+    lines += ["| " + " | ".join(str(v).replace("|", "/") for v in row) + " |"
+              for row in table[COLUMNS].itertuples(index=False)]
     return "\n".join(lines)
 
 
@@ -157,7 +158,8 @@ def lowest_loss(run: RunCSVs):
 
 def beats_reduced(run: RunCSVs):
     c = compare(run, _init("stepwise"), REDUCED)
-    return f"Stepwise {c.text('a')}{_seeds(run, _init('stepwise'))} vs reduced-size {c.text('b')}", c.measure, c.verdicts
+    ours = f"Stepwise {c.text('a')}{_seeds(run, _init('stepwise'))} vs reduced-size {c.text('b')}"
+    return ours, c.measure, c.verdicts
 
 
 def fixed_ends(run: RunCSVs):
@@ -345,7 +347,8 @@ BUILDERS = {
            ("04: weighted trades the last loop for loop 1, with self-distillation too (Table 13)",
             f"loop 1 / last: weighted {_t13('post', 'weighted', None, False, 'all', 'ovlp')} vs aggressive 0.1 "
             f"{_t13('post', 'aggressive', 0.1, False, 'all', 'ovlp')}; + SD "
-            f"{_t13('post', 'weighted', None, True, 'all', 'ovlp')} vs {_t13('post', 'aggressive', 0.1, True, 'all', 'ovlp')}",
+            f"{_t13('post', 'weighted', None, True, 'all', 'ovlp')} vs "
+            f"{_t13('post', 'aggressive', 0.1, True, 'all', 'ovlp')}",
             weighted_trade),
            ("04: post-training beats co-training on the last loop (Table 13)",
             f"loop 1 / last: post {_t13('post', 'aggressive', 0.1, False, 'all', 'ovlp')} vs co "
