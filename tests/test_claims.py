@@ -180,6 +180,9 @@ def nb04(tmp_path, new_last=(184.0, 1458.0)):
                      trainable="head_lora")
             + recipe("B=2 co aggressive 0.1", (3264.0, 10564.0), (2004.0, 7514.0), "aggressive", 0.1, training="co")
             + recipe("B=2 post aggressive 0.1 new-data", (225.0, 1511.0), new_last, "aggressive", 0.1, data="new"))
+    # 03's final models (Tables 14, 15) are uptrained too: not the uptrained model of Table 13's rows
+    rows += [{**r, "final": True, "kd": "fkl"} for r in ppl("stepwise B=2 fkl 90 steps", (90.0, 600.0), loop=1,
+                                                             role="uptrained", num_blocks=2)]
     return write(tmp_path, perplexity=rows)
 
 

@@ -242,11 +242,11 @@ def longer_helps(run: RunCSVs):
 
 # ---------------------------------------------------------------- 04: early exits (Tables 1, 13)
 
-UPTRAINED = {"role": "uptrained", "num_blocks": 2}
+UPTRAINED = {"role": "uptrained", "num_blocks": 2, "final": ""}  # not 03's final models (Tables 14, 15)
 
 
 def _post(scheme: str, coefficient=None, sd=False, *, trainable="all", data="ovlp", training="post") -> dict:
-    return {"num_blocks": 2, "training": training, "exit_scheme": scheme, "exit_coefficient": coefficient or "-",
+    return {"num_blocks": 2, "final": "", "training": training, "exit_scheme": scheme, "exit_coefficient": coefficient or "-",
             "self_distill": sd, "trainable": trainable, "data": data}
 
 

@@ -73,13 +73,15 @@ def norm(value) -> str:
 
 
 def rows_of(df: pd.DataFrame | None, tags: dict) -> pd.DataFrame:
-    """Rows of `df` whose columns equal `tags` (compared as text: 2.0 == 2, NaN == "")."""
+    """Rows of `df` whose columns equal `tags` (compared as text: 2.0 == 2, NaN == ""; a column the table lacks is
+    empty in every row)."""
     if df is None or df.empty:
         return pd.DataFrame()
     mask = pd.Series(True, index=df.index)
     for col, value in tags.items():
         if col not in df:
-            return df.iloc[0:0]
+            mask &= norm(value) == ""
+            continue
         mask &= df[col].map(norm) == norm(value)
     return df[mask]
 
