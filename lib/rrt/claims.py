@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rrt.evidence import (Missing, RunCSVs, Stat, compare, final_loss, fmt, many, norm, rows_of,
-                          values)
+from rrt.evidence import Missing, RunCSVs, Stat, compare, final_loss, fmt, many, norm, rows_of, values
 from rrt.rundir import write_csv
 from rrt.tables import PAPER, style
 from rrt.verdicts import K, better, combine, combined_error, same
@@ -110,7 +109,6 @@ def _verdict_text(verdicts: list[str]) -> str:
     return f"{overall} ({', '.join(f'{v} {n}' for v, n in counts.items())} of {len(verdicts)} tests)"
 
 
-
 # ---------------------------------------------------------------- 01: inits (Fig. 5, Table 5, Fig. 11)
 
 T5, T9, T11, T13 = PAPER["table5"], PAPER["table9"], PAPER["table11"], PAPER["table13"]
@@ -153,6 +151,8 @@ def lowest_loss(run: RunCSVs):
             continue
         texts.append(f"{name} {b.shown}")
         verdicts.append(better(a.value, b.value, error=combined_error(a.error, b.error), higher_is_better=False))
+    if not verdicts:
+        raise Missing
     return f"Stepwise {a.shown}; " + "; ".join(texts), "training loss (last tenth of the steps)", verdicts
 
 
@@ -175,7 +175,8 @@ def ln_zero(run: RunCSVs):
 # ---------------------------------------------------------------- 02: relaxation (Fig. 6, Table 9, App. I)
 
 def _relaxed(rank, lora_init: str) -> dict:
-    return {"init": "average", "num_blocks": 2, "lora_rank": rank} | ({"lora_init": lora_init} if rank else {})
+    tags = {"init": "average", "num_blocks": 2, "untie_norms": False, "final": "", "lora_rank": rank}
+    return tags | ({"lora_init": lora_init} if rank else {})
 
 
 def svd_beats_zero(run: RunCSVs):
@@ -246,8 +247,8 @@ UPTRAINED = {"role": "uptrained", "num_blocks": 2, "final": ""}  # not 03's fina
 
 
 def _post(scheme: str, coefficient=None, sd=False, *, trainable="all", data="ovlp", training="post") -> dict:
-    return {"num_blocks": 2, "final": "", "training": training, "exit_scheme": scheme, "exit_coefficient": coefficient or "-",
-            "self_distill": sd, "trainable": trainable, "data": data}
+    return {"num_blocks": 2, "final": "", "training": training, "exit_scheme": scheme,
+            "exit_coefficient": coefficient or "-", "self_distill": sd, "trainable": trainable, "data": data}
 
 
 AGG, AGG_SD = _post("aggressive", 0.1), _post("aggressive", 0.1, True)

@@ -108,6 +108,8 @@ def perplexity(run: RunCSVs, tags: dict, loop=None) -> dict[str, Stat]:
     rows = at_loop(rows_of(df, tags), loop)
     if rows.empty:
         raise Missing
+    if rows.duplicated(["seed", "corpus"]).any():  # two models under one set of tags would pass for seeds
+        raise ValueError(f"tags {tags} match several models: {sorted(rows['run'].unique())}")
     noise = _seed_noise(df)
     out = {}
     for corpus, g in rows.groupby("corpus", sort=False):
