@@ -244,3 +244,10 @@ def test_claims_command_rewrites_only_between_the_markers(tmp_path, capsys):
     assert readme.read_text() == f"# title\nbefore\n{claims.BEGIN}\n{table}\n{claims.END}\nafter\n"
     assert table.splitlines()[0] == "| " + " | ".join(claims.COLUMNS) + " |" and len(table.splitlines()) == 3
     assert table in capsys.readouterr().out
+
+
+def test_two_models_under_one_set_of_tags_are_an_error_not_seeds(tmp_path):
+    tags = {"role": "study", "init": "stepwise", "num_blocks": 2.0}
+    rows = ppl("stepwise B=2", (232.0, 1740.0), **tags) + ppl("stepwise B=2 other", (100.0, 900.0), **tags)
+    with pytest.raises(ValueError, match="match several models"):
+        claims.for_notebook("01", write(tmp_path / "01", perplexity=rows))
