@@ -91,6 +91,8 @@ def test_committed_notebook_is_stripped_and_keeps_logic_in_the_library(name):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert "parameters" in code[0].metadata.get("tags", [])
     assert f'rrt.notebook.resolve("{name}", globals())' in code[1].source  # validation right after parameters
+    if name[:2] in BUILDERS:  # the verdicts are the last cell's, computed from this run's CSVs
+        assert nb.cells[-1] is code[-1] and f'rrt.claims.save("{name}", run_dir)' in code[-1].source
     for cell in code:
         assert cell.outputs == [] and cell.execution_count is None, "run `make strip` before committing"
         assert not any(line.lstrip().startswith(("def ", "class ")) for line in cell.source.splitlines()), \
