@@ -12,7 +12,7 @@ LIB = ROOT / "lib" / "rrt"
 FLOORS = [
     # 0: the spec, and what needs nothing of rrt
     {"rrt.spec", "rrt.devices", "rrt.losses", "rrt.rundir", "rrt.caches", "rrt.progress", "rrt.recipes", "rrt.params",
-     "rrt.tasks", "rrt.tasks.utils", "rrt.paper"},
+     "rrt.tasks", "rrt.tasks.utils", "rrt.paper", "rrt.verdicts"},
     {"rrt.families", "rrt.data", "rrt.shards"},                          # 1: per-family facts, corpora, shards
     {"rrt.relax"},                                                       # 2: per-loop LoRA
     {"rrt.recursive"},                                                   # 3: conversion
@@ -28,7 +28,7 @@ FLOORS = [
     # 9: what a notebook calls around them: parameters, serving study, views, tables, figures, jobs
     {"rrt.notebook", "rrt.suite", "rrt.serving.study", "rrt.explore", "rrt.tables", "rrt.plots", "rrt.plots_base",
      "rrt.plots_serving", "rrt.plots_paper", "rrt.tables_paper", "rrt.tables_style", "rrt.report", "rrt.sweep",
-     "rrt.gpucheck", "rrt.examples"},
+     "rrt.gpucheck", "rrt.examples", "rrt.evidence", "rrt.claims"},
     # 10: the command lines and the public package
     {"rrt.cli", "rrt.cliargs", "rrt.nbrun", "rrt.__main__", "rrt.train.__main__", "rrt.runs.__main__", "rrt"},
 ]

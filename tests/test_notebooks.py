@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from rrt.claims import BUILDERS
 from rrt.plans import STUDIES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +45,10 @@ def test_notebook_smoke(name, tmp_path):
     paths += [tmp_path / "figures" / f"{f}.{ext}" for f in figures for ext in ("png", "svg")]
     for path in paths:
         assert path.exists() and path.stat().st_size > 0, path
+    if name[:2] in BUILDERS:  # the last cell's claims table: one row per claim, each with a verdict
+        claims = pd.read_csv(tmp_path / "claims.csv")
+        assert claims["claim"].tolist() == [claim for claim, _, _ in BUILDERS[name[:2]]]
+        assert claims["reproduces"].str.match("yes|no|within noise|not run").all(), claims["reproduces"].tolist()
     if (tmp_path / "runs.csv").exists():
         check_tables(tmp_path)
 
@@ -87,6 +92,8 @@ def test_committed_notebook_is_stripped_and_keeps_logic_in_the_library(name):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert "parameters" in code[0].metadata.get("tags", [])
     assert f'rrt.notebook.resolve("{name}", globals())' in code[1].source  # validation right after parameters
+    if name[:2] in BUILDERS:  # the verdicts are the last cell's, computed from this run's CSVs
+        assert nb.cells[-1] is code[-1] and f'rrt.claims.save("{name}", run_dir)' in code[-1].source
     for cell in code:
         assert cell.outputs == [] and cell.execution_count is None, "run `make strip` before committing"
         assert not any(line.lstrip().startswith(("def ", "class ")) for line in cell.source.splitlines()), \

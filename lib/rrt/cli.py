@@ -20,6 +20,7 @@ from accelerate import PartialState
 
 from rrt import examples, explore, gpucheck, report, sweep
 from rrt.checkpoint import load
+from rrt.claims import claims_main, claims_parser
 from rrt.cliargs import add_dataclass_arguments, dataclass_from_args
 from rrt.data import SOURCES, load_packed, train_seqs_to_pack
 from rrt.devices import machine_text, resolve_device
@@ -447,13 +448,13 @@ def machine_main(argv=None):
 COMMANDS = {"plan": plan_main, "sweep": sweep_main, "sweep-status": sweep_status_main, "report": report_main,
             "bench": bench_main, "targets": targets_main, "init-perplexity": init_perplexity_main,
             "gpu-check": gpu_check_main, "pack": pack_main, "machine": machine_main, "check-params": check_params_main,
-            "examples": examples_main}
+            "examples": examples_main, "claims": claims_main}
 # every parser, for `--help` and its test (each flag has a one-line description)
 PARSERS = {"rrt.train": train_parser, "rrt.runs": runs_parser, "plan": plan_parser, "sweep": sweep_parser,
            "sweep-status": sweep_status_parser, "report": report_parser, "bench": bench_parser,
            "targets": targets_parser, "init-perplexity": init_perplexity_parser, "gpu-check": gpu_check_parser,
            "pack": pack_parser, "machine": lambda: _parser("machine", machine_main.__doc__),
-           "check-params": check_params_parser, "examples": examples_parser}
+           "check-params": check_params_parser, "examples": examples_parser, "claims": claims_parser}
 
 
 def _parser(command: str, description: str) -> argparse.ArgumentParser:
