@@ -90,8 +90,8 @@ SHOTS ?=
 screenshots: setup outputs/.widgets/embed-amd.js  ## make report, plus full-page PNGs of its pages (headless Chromium) in outputs/screenshots/<time>/ [SHOTS=DIR]
 	$(PY) -m rrt report outputs --screenshots $(SHOTS)
 
-examples: setup outputs/.widgets/embed-amd.js  ## regenerate outputs/examples (every notebook at cpu scale, the plans, the screenshots) at this commit; hours
-	$(OFFLINE) $(PY) -m rrt examples
+examples: setup outputs/.widgets/embed-amd.js  ## regenerate outputs/examples (every notebook at cpu scale, the plans, the screenshots) at this commit; hours (NB="01 04": only those)
+	$(OFFLINE) $(PY) -m rrt examples $(if $(filter command line,$(origin NB)),--notebooks $(NB))
 
 # nbconvert's pages load the widget renderer from a CDN: kept beside the report, widgets render offline too.
 # Without npm the pages use the CDN (`-`: a failure here does not stop the report).

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from rrt.examples import check_committed, regenerate, swap_in
+from rrt.examples import check_committed, regenerate, select, swap_in
 
 NOTEBOOKS = ("00_explore", "01_init_ablation")
 
@@ -57,8 +57,8 @@ class Fakes:
             (out_dir / f"{name}.png").write_bytes(b"\x89PNG")
 
 
-def run(repo, fakes):
-    return regenerate(repo=repo, stamp="20260101-000000", run_notebook=fakes.run_notebook,
+def run(repo, fakes, only=()):
+    return regenerate(repo=repo, stamp="20260101-000000", only=only, run_notebook=fakes.run_notebook,
                       write_plans=fakes.write_plans, take_screenshots=fakes.take_screenshots, log=lambda line: None)
 
 
@@ -114,6 +114,23 @@ def test_an_example_made_by_another_checkout_is_refused(repo):
     with pytest.raises(ValueError, match="versions.json names commit 0123abc, not"):
         run(repo, Fakes(repo, commit="0123abc"))
     assert (repo / "outputs/examples/cpu/00_explore/stale.csv").exists()
+
+
+def test_only_the_chosen_notebooks_rerun_and_the_others_stay_as_they_were(repo):
+    fakes = Fakes(repo)
+    examples = run(repo, fakes, only=["01"])
+    assert [nb for nb, *_ in fakes.ran] == ["01_init_ablation"]
+    assert (examples / "cpu/00_explore/stale.csv").read_text() == "old\n"
+    assert sorted(p.name for p in (examples / "cpu/01_init_ablation").iterdir()) == ["runs.csv", "versions.json"]
+
+
+def test_an_unknown_notebook_is_refused_before_anything_runs(repo):
+    fakes = Fakes(repo)
+    with pytest.raises(ValueError, match=r"^no notebook '07': choose from 00_explore, 01_init_ablation"):
+        run(repo, fakes, only=["01", "07"])
+    assert fakes.ran == []
+    assert select([], list(NOTEBOOKS)) == list(NOTEBOOKS)
+    assert select(["01_init_ablation", "00"], list(NOTEBOOKS)) == list(NOTEBOOKS)  # run order, not the order asked
 
 
 def test_swap_in_replaces_a_directory_and_creates_a_new_one(tmp_path):

@@ -426,6 +426,8 @@ def examples_parser() -> argparse.ArgumentParser:
                             "have uncommitted changes): every notebook at cpu scale, the plans, the screenshots.")
     p.add_argument("--runs-root", default="", help="the run store the notebooks train into (default: a new "
                    "outputs/runs-examples-<time>, so no run trained by older code is read back)")
+    p.add_argument("--notebooks", nargs="*", default=[], help="only these notebooks (names or numbers, e.g. 01 04; "
+                   "default: all); the other examples stay as they were, each naming its own commit")
     return p
 
 
@@ -434,9 +436,10 @@ def examples_main(argv=None):
     args = (parser := examples_parser()).parse_args(argv)
     try:
         examples.check_ready()  # before hours of notebooks, not after
+        examples.select(args.notebooks, examples.notebooks())
     except (ValueError, RuntimeError) as err:
         parser.exit(2, f"error: {err}\n")
-    return examples.regenerate(runs_root=args.runs_root)
+    return examples.regenerate(runs_root=args.runs_root, only=args.notebooks)
 
 
 def machine_main(argv=None):

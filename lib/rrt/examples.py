@@ -28,22 +28,24 @@ SOURCES = ("lib", "notebooks", "params")  # what the examples' commit must hold 
 PLAN_SCALE = "paper-gemma-2b"             # the plans a cluster user reviews first
 
 
-def regenerate(*, repo: Path = REPO, scale: str = "cpu", runs_root: str = "", stamp: str = "",
+def regenerate(*, repo: Path = REPO, scale: str = "cpu", runs_root: str = "", stamp: str = "", only=(),
                run_notebook: Callable | None = None, write_plans: Callable | None = None,
                take_screenshots: Callable | None = None, log: Callable = print) -> Path:
     """Regenerate repo/outputs/examples: every notebook at `scale`, the plans, the screenshots; return that path.
 
     runs_root: the run store the notebooks train into (empty: a new outputs/runs-examples-<time>, so nothing is
-    read back from runs trained by older code). run_notebook(notebook, scale, run_dir, overrides, repo),
+    read back from runs trained by older code). only: the notebooks to rerun (names or their number, e.g. "01";
+    empty: all); the others' examples stay as they are, each naming its own commit. run_notebook(notebook, scale, run_dir, overrides, repo),
     write_plans(out_dir, repo) and take_screenshots(root, out_dir) default to papermill, `python -m rrt plan` and
     headless Chromium (tests pass fakes).
     """
     commit = check_committed(repo)
+    chosen = select(only, notebooks(repo))
     stamp = stamp or f"{dt.datetime.now():%Y%m%d-%H%M%S}"
     runs_root = runs_root or f"outputs/runs-examples-{stamp}"
     examples, staging = repo / "outputs" / "examples", repo / "outputs" / f".examples-{stamp}"
     fresh = {}
-    for notebook in notebooks(repo):  # all run before any is swapped in: a failure leaves the examples as they were
+    for notebook in chosen:  # all run before any is swapped in: a failure leaves the examples as they were
         run_dir = Path("outputs") / notebook / f"{scale}-{stamp}"  # relative: config.json then names no machine
         overrides = {"runs_root": runs_root} if "runs_root" in _fields(notebook) else {}
         log(f"examples: running {notebook} at {scale} into {run_dir}")
@@ -106,6 +108,18 @@ def swap_in(new: Path, dest: Path) -> None:
 def notebooks(repo: Path = REPO) -> list[str]:
     """Every notebook under repo/notebooks, in order (00_explore first: 05 reads 04's runs)."""
     return sorted(p.stem for p in (repo / "notebooks").glob("*.ipynb"))
+
+
+def select(only, available: list[str]) -> list[str]:
+    """The notebooks named in `only` (a full name or its number prefix, e.g. "04"), in run order; all if empty.
+    Raises one line naming an unknown one, before anything runs."""
+    chosen = set()
+    for name in only:
+        hits = [nb for nb in available if nb == name or nb.split("_")[0] == name]
+        if not hits:
+            raise ValueError(f"no notebook {name!r}: choose from {', '.join(available)} (or their numbers)")
+        chosen.update(hits)
+    return [nb for nb in available if nb in chosen] if only else available
 
 
 def planned_notebooks(scale: str = PLAN_SCALE) -> list[str]:
