@@ -32,7 +32,10 @@ NEEDS = {"loss_curves": {"label", "seed", "tokens"}, "accuracy": {"label", "seed
          "init_perplexity": {"init", "lora_rank", "untie_norms", "perplexity", "reference"},
          "init_variants": {"label", "seed", "variant", "tokens", "loss"},
          "throughput": {"label", "system", "kv_policy", "delta_v", "avg_accuracy", "accuracy_stderr"},
-         "step_costs": {"model", "rows", "ms_per_token"}, "real_over_bound": {"label", "system", "real_over_bound"}}
+         "step_costs": {"model", "rows", "ms_per_token"}, "real_over_bound": {"label", "system", "real_over_bound"},
+         # rrt.plots_paper's figures (kind = name): each also holds its study's quality metric (`quality_metric`)
+         "fig7a_pareto": {"label", "seed", "non_embedding", "pareto"},
+         "fig15_svd_vs_zero": {"label", "seed", "lora_rank", "lora_init", "reference"}}
 STRING_TAGS = {"plot", "label", "run", "role", "baseline", "init", "lora_init", "kd", "exit_scheme", "training", "trainable", "data",
                "config", "system", "exit_policy", "kv_policy", "model", "corpus", "task", "variant"}
 

@@ -8,7 +8,7 @@ from pandas.io.formats.style import Styler
 
 from rrt import tables as T
 from rrt.runs.execute import by_role
-from rrt.runs.store import label_of
+from rrt.runs.store import label_of, tag_is_true
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "outputs" / "examples" / "cpu"
 TASKS = ("arc_easy", "piqa")
@@ -381,7 +381,9 @@ def test_examples_one_row_per_model(folder, table, roles):
     tables = example(folder)
     tables = by_role(tables, *roles) if roles else tables
     t = table(tables)
-    assert list(t["model"]) == list(tables["runs"]["run"].map(label_of).unique())
+    runs = tables["runs"]
+    runs = runs[~runs["final"].map(tag_is_true)] if "final" in runs else runs  # the final models: Table 12
+    assert list(t["model"]) == list(runs["run"].map(label_of).unique())
     ours = [ACC] + [c for c in t if c.startswith("ppl ")]
     assert len(ours) == 3 and t[ours].notna().all().all()
 
@@ -389,9 +391,13 @@ def test_examples_one_row_per_model(folder, table, roles):
 def test_examples_early_exit():
     tables = example("04_early_exit")
     t13, t1 = T.table13(tables), T.table1(tables)
-    runs = tables["runs"]
-    assert len(t13) == 2 * len(runs) and set(t13["loop"]) == {"loop 1", "loop 2"}
-    assert t13[[ACC, "ppl wikitext2/test", "Δ acc vs uptrained (pts)"]].notna().all().all()
+    runs = tables["runs"][~tables["runs"]["final"].map(tag_is_true)]  # App. M's final models: Tables 14, 15
+    recursive = runs["num_blocks"].notna()
+    assert len(t13) == 2 * recursive.sum() + (~recursive).sum()  # the full-size reference once
+    assert set(t13["loop"]) == {"loop 1", "loop 2"}
+    ours = t13[t13["num_blocks"].notna()]
+    assert ours[[ACC, "ppl wikitext2/test", "Δ acc vs uptrained (pts)"]].notna().all().all()
+    assert t13.loc[t13["num_blocks"].isna(), ACC].notna().all()
     assert t1["model"].is_unique and t1["role"].iloc[0] == "uptrained"
     assert t1[["acc loop 1 (%)", "acc last loop (%)"]].notna().all().all()
 
