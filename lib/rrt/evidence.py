@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from rrt.evaluation import chance_level
-from rrt.verdicts import K, better, combined_error, not_worse, same
+from rrt.verdicts import K, better, combined_error, not_worse, pooled_stderr, same
 
 # log-perplexity's error for a run at one seed where no model of the run has two: 01's two Stepwise seeds at `cpu`
 # scale differ by 0.02 (WikiText-2) and 0.08 (TinyStories) in log-perplexity, a std of up to 0.05.
@@ -142,7 +142,7 @@ def accuracy(run: RunCSVs, tags: dict, loop=None) -> tuple[Stat, float] | None:
     means, errors = [], []
     for _, g in per_seed:
         means.append(g["value"].mean())
-        errors.append(math.sqrt((g["stderr"] ** 2).sum()) / len(g))
+        errors.append(pooled_stderr(g["stderr"]))
     value = float(np.mean(means))
     error = float(np.sqrt(np.mean(np.square(errors))) / math.sqrt(len(means)))
     return Stat(value, error, f"{100 * value:.1f}", "lm-eval stderr"), chance_level(rows["task"].unique())

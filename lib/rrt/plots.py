@@ -18,11 +18,12 @@ from matplotlib import ticker
 
 from rrt.evaluation import CHANCE
 from rrt.runs.store import tag_is_true
-from rrt.plots_base import (GOLD_LABEL, GOLD_MISSING, MIN_LINE_POINTS, METRIC_COLUMNS, SIGMAS, TAG_COLUMNS, Plot,
-                            figure, human, label_of, log_axis, ordered, palette, panels, points, save, signal_caption,
-                            table_only, title, versus_chance)
+from rrt.plots_base import (GOLD_LABEL, MIN_LINE_POINTS, METRIC_COLUMNS, TAG_COLUMNS, Plot, figure, final_exit,
+                            human, label_of, labelled, log_axis, ordered, palette, panels, paper_scale, points, save,
+                            scored_caption, signal_caption, table_only, title)
 from rrt.plots_serving import energy_heatmap, real_over_bound, step_costs, throughput
 from rrt.tables_style import plain
+from rrt.verdicts import pooled_stderr
 
 __all__ = ["Plot", "save", "palette", "label_of", "title", "TAG_COLUMNS", "METRIC_COLUMNS", "loss_curves",
            "accuracy", "task_accuracy", "perplexity", "size_vs_quality", "final_models", "rank_accuracy",
@@ -51,7 +52,7 @@ def loss_curves(curves: pd.DataFrame, *, study, colours: dict | None = None, met
 
 
 def _smoothed_curves(curves: pd.DataFrame, metric: str, smooth: int) -> pd.DataFrame:
-    d = _labelled(curves)
+    d = labelled(curves)
     d = d[d["kind"] == "train"] if "kind" in d else d
     if metric not in d or d[metric].isna().all():
         raise ValueError(f"curves have no {metric!r} column with values; columns: {sorted(curves.columns)}")
@@ -139,7 +140,7 @@ def task_accuracy(acc: pd.DataFrame, *, study, colours: dict | None = None,
     dots, each task's chance accuracy dashed; below paper scale the gold answer's log-likelihood instead."""
     if acc.empty:
         return table_only("task_accuracy", acc, "no few-shot evaluation in this study")
-    d = _final_exit(_labelled(acc))
+    d = final_exit(labelled(acc))
     columns = ["label", "seed", "task", "accuracy", "stderr", *(c for c in GOLD_COLUMNS if c in d)]
     rows = d.rename(columns={"value": "accuracy"})[columns]
     avg = _accuracy_rows(d).rename(columns={"avg_accuracy": "accuracy"}).assign(task="average")
@@ -162,11 +163,11 @@ def perplexity(ppl: pd.DataFrame, *, study, colours: dict | None = None, per_loo
                what: str = "Held-out perplexity") -> Plot:
     """Held-out perplexity per run label on log axes, one panel per corpus (per_loop: one panel per exit
     loop on the study's first held-out corpus); dot = mean over seeds, whisker = min–max over seeds."""
-    d = _labelled(ppl)
+    d = labelled(ppl)
     if per_loop:
         d = d[(d["corpus"] == study.eval_corpora[0]) & d["loop"].notna()]
     else:
-        d = _final_exit(d)
+        d = final_exit(d)
     rows = d[["label", "seed", "corpus", "loop", "perplexity"]].reset_index(drop=True)
     if not per_loop:
         rows = rows.drop(columns="loop")
@@ -186,11 +187,11 @@ def size_vs_quality(runs: pd.DataFrame, acc: pd.DataFrame, ppl: pd.DataFrame, *,
     """Fig. 4 / 7c: average accuracy (± stderr, chance dashed) and held-out perplexity (log; min–max over
     seeds) against non-embedding parameters (LoRA included), one point per run label."""
     corpus = study.eval_corpora[0]
-    table = _labelled(runs)[["label", "seed", "non_embedding"]]
+    table = labelled(runs)[["label", "seed", "non_embedding"]]
     if not acc.empty:
         table = table.merge(_accuracy_rows(acc), on=["label", "seed"], how="left")
-    p = _labelled(ppl)
-    p = _final_exit(p[p["corpus"] == corpus])[["label", "seed", "perplexity"]]
+    p = labelled(ppl)
+    p = final_exit(p[p["corpus"] == corpus])[["label", "seed", "perplexity"]]
     table = table.merge(p, on=["label", "seed"], how="left").assign(corpus=corpus)
     if table["non_embedding"].nunique() < 2:
         return table_only("size_vs_quality", table, "every model has the same size: no size axis")
@@ -230,7 +231,7 @@ def final_models(runs: pd.DataFrame, acc: pd.DataFrame, *, study,
     full-size 60B / 75B or the original checkpoint) against non-embedding parameters (LoRA included): one line per B
     through its recursive (r=0) and relaxed models in order of size, the full- and reduced-size references as grey
     points, and the Pareto frontier (no smaller model as accurate) dotted."""
-    d = _labelled(runs)
+    d = labelled(runs)
     d = d[_tag(d, "final").map(tag_is_true)]
     keys = ["label", "seed", "role", "baseline", "init", "num_blocks", "lora_rank", "non_embedding"]
     table = d.reindex(columns=keys).merge(_accuracy_rows(acc), on=["label", "seed"]) if not acc.empty else d.iloc[:0]
@@ -317,31 +318,17 @@ def init_perplexity(curve: pd.DataFrame, *, study, what: str = "Perplexity right
 
 # ---------------------------------------------------------------- helpers
 
-def _labelled(df: pd.DataFrame) -> pd.DataFrame:
-    """The table with `label` (run name without seed), `seed` (0 where untagged) and `loop` (1-based exit, or NaN)."""
-    d = df.copy()
-    d["label"] = d["run"].map(label_of)
-    d["seed"] = d["seed"].fillna(0).astype(int) if "seed" in d else 0
-    d["loop"] = d["loop_idx"] + 1 if "loop_idx" in d else np.nan
-    return d
-
-
 def _accuracy_rows(acc: pd.DataFrame, by=()) -> pd.DataFrame:
     """Per label × seed (× by): mean accuracy over tasks and its stderr, √(Σ stderr²) / tasks (tasks independent);
     the same for the gold answer's log-likelihood where the rows have it (GOLD_COLUMNS)."""
-    d = _labelled(acc)
-    d = d if "loop" in by else _final_exit(d)
+    d = labelled(acc)
+    d = d if "loop" in by else final_exit(d)
     keys = ["label", "seed", *by]
-    gold = {"gold_ll": ("gold_ll", "mean"), "gold_ll_stderr": ("gold_ll_stderr", _pooled),
+    gold = {"gold_ll": ("gold_ll", "mean"), "gold_ll_stderr": ("gold_ll_stderr", pooled_stderr),
             "gold_margin": ("gold_margin", "mean")} if "gold_ll" in d else {}
     return (d.groupby(keys, sort=False, dropna=False)
-            .agg(avg_accuracy=("value", "mean"), stderr=("stderr", _pooled), **gold)
+            .agg(avg_accuracy=("value", "mean"), stderr=("stderr", pooled_stderr), **gold)
             .reset_index())
-
-
-def _pooled(stderr: pd.Series) -> float:
-    """The stderr of a mean over independent tasks: √(Σ stderr²) / tasks."""
-    return float(np.sqrt((stderr ** 2).sum()) / len(stderr))
 
 
 GOLD_COLUMNS = ("gold_ll", "gold_ll_stderr", "gold_margin")
@@ -350,7 +337,7 @@ GOLD_COLUMNS = ("gold_ll", "gold_ll_stderr", "gold_margin")
 def _plotted(acc: pd.DataFrame, study, accuracy: str) -> tuple[str, str, bool]:
     """(value column, its stderr column, whether it is the gold answer's log-likelihood): accuracy at paper scale
     (or where the rows lack gold_ll), gold_ll below it, where accuracy is at chance."""
-    if str(study.scale).startswith("paper") or not _has_gold(acc):
+    if paper_scale(study) or not _has_gold(acc):
         return accuracy, "stderr", False
     return "gold_ll", "gold_ll_stderr", True
 
@@ -364,28 +351,11 @@ def _what(what: str, gold: bool) -> str:
 
 
 def _caption(acc: pd.DataFrame, rows: pd.DataFrame, study, *, accuracy: str, chance, panel: str | None = None) -> str:
-    """The figure's computed caption: whether the plotted values' differences exceed their error bars, and
-    whether accuracy (plotted, or in the table) is within its error bars of chance."""
+    """The figure's computed caption (`scored_caption`) from the rows it draws."""
     value, err, gold = _plotted(acc, study, accuracy)
-    marks = points(rows, value=value, err=err, panel=panel)
-    if not gold:
-        prefix = "" if str(study.scale).startswith("paper") else GOLD_MISSING
-        return signal_caption(marks, chance=chance, prefix=prefix)
     accs = points(rows, value=accuracy, err="stderr", panel=panel)
-    line = {k: chance.get(k) if isinstance(chance, dict) else chance for k in dict.fromkeys(accs["panel"])}
-    at_chance = all(versus_chance(accs.loc[accs["panel"] == k, "value"], accs.loc[accs["panel"] == k, "error"], c)
-                    for k, c in line.items() if c is not None)
-    prefix = ("Accuracy (in the table) is within " + f"{SIGMAS}σ of chance for every model: the gold answer's "
-              "log-likelihood is plotted instead." if at_chance else
-              "The gold answer's log-likelihood is plotted; accuracy is in the table.")
-    return signal_caption(marks, unit=" nats", prefix=prefix)
-
-
-def _final_exit(d: pd.DataFrame) -> pd.DataFrame:
-    """Rows of the model's own output: loop NaN, or (tables evaluated at every exit only) the last loop."""
-    if d["loop"].isna().any() or d.empty:
-        return d[d["loop"].isna()]
-    return d[d["loop"] == d["loop"].max()]
+    scores = points(rows, value=value, err=err, panel=panel) if gold else accs
+    return scored_caption(scores, accs, chance=chance, study=study, gold=gold)
 
 
 def _tag(d: pd.DataFrame, name: str) -> pd.Series:

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from rrt.rundir import replacing, write_csv, write_text
 from rrt.runs.store import label_of  # noqa: F401 (re-exported as rrt.plots.label_of)
 from rrt.tables_style import plain, style
+from rrt.verdicts import K
 
 # Paper-like: white grid, small sans fonts. Figures are built with matplotlib.figure.Figure, not pyplot:
 # nothing is drawn twice by the inline backend and nothing leaks between cells or tests.
@@ -37,8 +38,9 @@ TAG_COLUMNS = ("plot", "label", "run", "seed", "role", "init", "num_blocks", "lo
 METRIC_COLUMNS = ("tokens", "loss", "loss/ce", "perplexity", "avg_accuracy", "accuracy", "stderr", "chance",
                   "non_embedding", "delta_v", "delta_v_min", "delta_v_max", "accuracy_stderr", "tokens_per_s",
                   "ms_per_token", "real_over_bound", "reference", "gold_ll", "gold_ll_stderr", "gold_margin")
-# A difference (or a distance from chance) counts when it exceeds SIGMAS standard errors (about 95%, two-sided).
-SIGMAS = 2
+# A difference (or a distance from chance) counts when it exceeds SIGMAS standard errors (about 95%, two-sided):
+# rrt.verdicts' K, so a figure's caption and a claim's verdict read a difference alike.
+SIGMAS = K
 # What accuracy figures plot below paper scale (`rrt.evaluation.gold_summary`), and their caption where rows lack it.
 GOLD_LABEL = "gold answer's log-likelihood (nats; per char. for acc_norm tasks)"
 GOLD_MISSING = ("gold_ll is missing from these rows (evaluated before it was logged): accuracy is plotted, "
@@ -265,7 +267,7 @@ def signal_caption(marks: pd.DataFrame, *, unit: str = "", chance=None, prefix: 
     parts = [prefix] if prefix else []
     if chance is not None and all(versus_chance(*_series(marks, k), line[k]) for k in keys if line[k] is not None):
         levels = ", ".join(dict.fromkeys(f"{v:.3g}" for v in line.values() if v is not None))
-        parts.append(f"Every value is within {SIGMAS}σ of chance ({levels}): this figure shows no accuracy "
+        parts.append(f"Every value is within {SIGMAS:g}σ of chance ({levels}): this figure shows no accuracy "
                      f"difference at this scale.")
     found = {k: signal(*_series(marks, k)) for k in keys}
     found = {k: s for k, s in found.items() if s.high}
@@ -276,10 +278,49 @@ def signal_caption(marks: pd.DataFrame, *, unit: str = "", chance=None, prefix: 
     if any(s.separated for s in found.values()):
         n = sum(s.separated for s in found.values())
         scope = f" in {n} of {len(found)} panels" if len(found) > 1 else ""
-        parts.append(f"Differences exceed their error bars (gap > {SIGMAS}σ){scope}: {pairs}.")
+        parts.append(f"Differences exceed their error bars (gap > {SIGMAS:g}σ){scope}: {pairs}.")
     else:
-        parts.append(f"No difference exceeds its error bars (every gap ≤ {SIGMAS}σ); the largest: {pairs}.")
+        parts.append(f"No difference exceeds its error bars (every gap ≤ {SIGMAS:g}σ); the largest: {pairs}.")
     return " ".join(parts)
+
+
+def paper_scale(study) -> bool:
+    """Whether `study` runs at a `paper-*` scale, where figures plot accuracy as the paper does; below it (`smoke`,
+    `cpu`) every model's accuracy is at chance."""
+    return str(getattr(study, "scale", "cpu")).startswith("paper")
+
+
+def scored_caption(scores: pd.DataFrame, accs: pd.DataFrame, *, chance, study, gold: bool, who: str = "model") -> str:
+    """The caption of an accuracy figure: `accs` the accuracy marks (`points`: panel, label, value, error), `scores`
+    the marks plotted (the gold answer's log-likelihood when `gold`, else the accuracy marks again); says whether
+    accuracy is within its error bars of `chance` (a number, or {panel: number}) and whether the plotted
+    differences exceed their error bars."""
+    if not gold:
+        return signal_caption(accs, chance=chance, prefix="" if paper_scale(study) else GOLD_MISSING)
+    line = {k: chance.get(k) if isinstance(chance, dict) else chance for k in dict.fromkeys(accs["panel"])}
+    at_chance = any(c is not None for c in line.values()) and all(
+        versus_chance(*_series(accs, k), c) for k, c in line.items() if c is not None)
+    prefix = (f"Accuracy (in the table) is within {SIGMAS:g}σ of chance for every {who}: the gold answer's "
+              "log-likelihood is plotted instead." if at_chance else
+              "The gold answer's log-likelihood is plotted; accuracy is in the table.")
+    return signal_caption(scores, unit=" nats", prefix=prefix)
+
+
+def labelled(df: pd.DataFrame) -> pd.DataFrame:
+    """The table with `label` (run name without seed), `seed` (0 where untagged) and `loop` (1-based exit, or NaN)."""
+    d = df.copy()
+    d["label"] = d["run"].map(label_of)
+    d["seed"] = d["seed"].fillna(0).astype(int) if "seed" in d else 0
+    d["loop"] = d["loop_idx"] + 1 if "loop_idx" in d else np.nan
+    return d
+
+
+def final_exit(d: pd.DataFrame) -> pd.DataFrame:
+    """Rows (of `labelled`) of the model's own output: loop NaN, or (tables evaluated at every exit only) the last
+    loop."""
+    if d["loop"].isna().any() or d.empty:
+        return d[d["loop"].isna()]
+    return d[d["loop"] == d["loop"].max()]
 
 
 def _series(marks: pd.DataFrame, key) -> tuple[pd.Series, pd.Series]:

@@ -8,12 +8,13 @@ import numpy as np
 import pandas as pd
 from matplotlib import ticker
 
-from rrt.plots_base import Plot, figure, human, label_of, log_axis, ordered, palette, table_only, title
+from rrt.plots_base import (Plot, figure, final_exit, human, labelled, log_axis, ordered, palette, paper_scale,
+                            table_only, title)
 from rrt.runs.store import tag_is_true
+from rrt.verdicts import pooled_stderr
 
 __all__ = ["quality_metric", "fig7a_pareto", "fig15_svd_vs_zero", "QUALITY_LABELS", "LOWER_IS_BETTER"]
 
-SMALL_SCALES = ("smoke", "cpu")  # budgets at which few-shot accuracy cannot separate the models
 QUALITY_LABELS = {"perplexity": "held-out perplexity (log)", "avg_accuracy": "average few-shot accuracy"}
 LOWER_IS_BETTER = {"perplexity"}
 TAGS = ["label", "seed", "role", "baseline", "init", "num_blocks", "lora_rank", "lora_init", "untie_norms"]
@@ -22,7 +23,7 @@ TAGS = ["label", "seed", "role", "baseline", "init", "num_blocks", "lora_rank", 
 def quality_metric(study) -> str:
     """The column the paper-figure plots read as "performance": "perplexity" (held-out, the study's first corpus) at
     the small scales, "avg_accuracy" (mean over the few-shot tasks) at the paper's."""
-    return "perplexity" if getattr(study, "scale", "cpu") in SMALL_SCALES else "avg_accuracy"
+    return "avg_accuracy" if paper_scale(study) else "perplexity"
 
 
 def fig7a_pareto(runs: pd.DataFrame, acc: pd.DataFrame, ppl: pd.DataFrame, *, study, colours: dict | None = None,
@@ -119,19 +120,19 @@ def quality_rows(runs: pd.DataFrame | None, acc: pd.DataFrame, ppl: pd.DataFrame
     corpus = study.eval_corpora[0]
     parts = []
     if ppl is not None and len(ppl):
-        p = _final_exit(ppl[ppl["corpus"] == corpus])
-        parts.append(_labelled(p).groupby(["label", "seed"], sort=False).agg(perplexity=("perplexity", "mean")))
+        p = final_exit(labelled(ppl[ppl["corpus"] == corpus]))
+        parts.append(p.groupby(["label", "seed"], sort=False).agg(perplexity=("perplexity", "mean")))
     if acc is not None and len(acc):
-        a = _labelled(_final_exit(acc)).groupby(["label", "seed", "task"], sort=False)[["value", "stderr"]].mean()
+        a = final_exit(labelled(acc)).groupby(["label", "seed", "task"], sort=False)[["value", "stderr"]].mean()
         parts.append(a.groupby(["label", "seed"], sort=False).agg(
-            avg_accuracy=("value", "mean"), stderr=("stderr", lambda s: np.sqrt((s ** 2).sum()) / len(s))))
+            avg_accuracy=("value", "mean"), stderr=("stderr", pooled_stderr)))
     sources = [f for f in (runs, ppl, acc) if f is not None and len(f)]
-    tags = pd.concat([_labelled(f).reindex(columns=TAGS) for f in sources]).drop_duplicates(["label", "seed"])
+    tags = pd.concat([labelled(f).reindex(columns=TAGS) for f in sources]).drop_duplicates(["label", "seed"])
     table = tags.set_index(["label", "seed"])
     for part in parts:
         table = table.join(part, how="left")
     if runs is not None and "non_embedding" in runs:
-        sizes = _labelled(runs).groupby(["label", "seed"])["non_embedding"].first()
+        sizes = labelled(runs).groupby(["label", "seed"])["non_embedding"].first()
         table = table.join(sizes, how="left")
     return table.reset_index().assign(corpus=corpus)
 
@@ -144,22 +145,6 @@ def pareto(points: pd.DataFrame, *, lower_is_better: bool) -> dict:
 
 
 # ---------------------------------------------------------------- helpers
-
-def _labelled(df: pd.DataFrame) -> pd.DataFrame:
-    d = df.copy()
-    d["label"] = d["run"].map(label_of)
-    d["seed"] = d["seed"].fillna(0).astype(int) if "seed" in d else 0
-    return d
-
-
-def _final_exit(d: pd.DataFrame) -> pd.DataFrame:
-    """The model's own output: rows with no loop_idx, or (evaluated at every exit only) the last loop."""
-    if "loop_idx" not in d or d.empty:
-        return d
-    if d["loop_idx"].isna().any():
-        return d[d["loop_idx"].isna()]
-    return d[d["loop_idx"] == d["loop_idx"].max()]
-
 
 def _spread(rows: pd.DataFrame, metric: str) -> tuple[float, float, float]:
     """(mean, low, high): ± the propagated stderr for accuracy, min–max over seeds otherwise."""

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from rrt.plots_base import (GOLD_LABEL, GOLD_MISSING, MIN_LINE_POINTS, SIGMAS, Plot, figure, log_axis, palette,
-                            signal_caption, table_only, title, versus_chance)
+from rrt.plots_base import (GOLD_LABEL, MIN_LINE_POINTS, Plot, figure, log_axis, palette, paper_scale, scored_caption,
+                            table_only, title)
 
 # Systems that serve the unconverted model: measured once per served config, drawn once (the first config's).
 VANILLA = ("hf_generate_static", "vanilla_static", "vanilla_continuous")
@@ -28,7 +28,7 @@ def throughput(points: pd.DataFrame, *, study, chance: float | None = None,
                                     "delta_v_max", "avg_accuracy", "accuracy_stderr", *gold]].reset_index(drop=True)
     if len(table) < 2:
         return table_only("throughput", table, "one system only: nothing to compare")
-    plots_gold = not str(study.scale).startswith("paper") and bool(gold) and table["gold_ll"].notna().all()
+    plots_gold = not paper_scale(study) and bool(gold) and table["gold_ll"].notna().all()
     y, y_err = ("gold_ll", "gold_ll_stderr") if plots_gold else ("avg_accuracy", "accuracy_stderr")
     colours = palette(table["label"])
     fig, axes = figure(7.4, 3.8)
@@ -51,18 +51,12 @@ def throughput(points: pd.DataFrame, *, study, chance: float | None = None,
 
 
 def _throughput_caption(table: pd.DataFrame, study, chance, plots_gold: bool) -> str:
-    """Fig. 8's computed caption: whether the served models' scores (y) differ beyond their error bars."""
+    """Fig. 8's computed caption (`scored_caption`): whether the served models' scores (y) differ beyond their error
+    bars."""
     marks = table.assign(panel="", label=table["label"] + " [KV " + table["kv_policy"] + "]")
     accs = marks.assign(value=marks["avg_accuracy"], error=marks["accuracy_stderr"])
-    if not plots_gold:
-        missing = "" if str(study.scale).startswith("paper") else GOLD_MISSING
-        return signal_caption(accs, chance=chance, prefix=missing)
-    at_chance = chance is not None and versus_chance(accs["value"], accs["error"], chance)
-    prefix = (f"Accuracy (in the table) is within {SIGMAS}σ of chance for every system: the gold answer's "
-              "log-likelihood is plotted instead." if at_chance else
-              "The gold answer's log-likelihood is plotted; accuracy is in the table.")
-    return signal_caption(marks.assign(value=marks["gold_ll"], error=marks["gold_ll_stderr"]), unit=" nats",
-                          prefix=prefix)
+    scores = marks.assign(value=marks["gold_ll"], error=marks["gold_ll_stderr"]) if plots_gold else accs
+    return scored_caption(scores, accs, chance=chance, study=study, gold=plots_gold, who="system")
 
 
 def step_costs(costs: pd.DataFrame, *, study, what: str = "Time per token by batch size (Tables 16, 18)") -> Plot:

@@ -8,8 +8,7 @@ renamed, so a finished unit is never redone and a killed (or full-disk) one is. 
 token stream, in unit order, cut as `pack` cuts it (an optional BOS, then seq_len - 1 corpus tokens; the tail
 dropped): the same sequences as `rrt.data.load_packed`, whatever the number of workers. `index.json`, written last,
 lists the units used, their hashes and an embedded corpus' text's hash: `PackedShards` verifies them, refusing a
-damaged or stale set naming the file and `make pack`, which packs again what is (training never packs).
-"""
+damaged or stale set naming the file and `make pack`, which packs again what is (training never packs)."""
 import gzip
 import json
 import math

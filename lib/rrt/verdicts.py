@@ -19,6 +19,12 @@ def combined_error(*errors: float) -> float:
     return math.sqrt(sum(e * e for e in errors))
 
 
+def pooled_stderr(errors) -> float:
+    """Return the standard error of a mean of independent values (a mean over tasks): √(Σ error²) / n."""
+    errors = [float(e) for e in errors]
+    return combined_error(*errors) / len(errors)
+
+
 def better(ours_better: float, ours_worse: float, *, error: float, higher_is_better: bool, k: float = K) -> str:
     """Return yes / no / within noise for "the first arm beats the second" (the paper's finding), ours at `error`."""
     _check(ours_better, ours_worse, error)

@@ -28,6 +28,7 @@ from rrt.serving.workload import Sample
 from rrt.serving.scoring import served_few_shot, served_perplexity
 from rrt.serving.targets import targets_table
 from rrt.spec import RecursiveSpec, num_loops
+from rrt.verdicts import pooled_stderr
 
 
 def served_models(study, original, tokenizer) -> dict:
@@ -242,9 +243,9 @@ def throughput_vs_accuracy(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     acc = tables["accuracy"]
     if len(acc):
         by = acc.groupby(["config", "exit_policy", "kv_policy"])
-        pooled = {"accuracy_stderr": ("stderr", _pooled)}
+        pooled = {"accuracy_stderr": ("stderr", pooled_stderr)}
         if "gold_ll" in acc:
-            pooled |= {"gold_ll": ("gold_ll", "mean"), "gold_ll_stderr": ("gold_ll_stderr", _pooled)}
+            pooled |= {"gold_ll": ("gold_ll", "mean"), "gold_ll_stderr": ("gold_ll_stderr", pooled_stderr)}
         avg = by.agg(avg_accuracy=("value", "mean"), **pooled).reset_index()
         # the vanilla rows and the no-exit rows are scored without exits
         t["acc_config"] = t["config"].where(~t["system"].str.startswith(("vanilla", "hf_")), "vanilla")
@@ -261,8 +262,3 @@ def throughput_vs_accuracy(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 SCORES = ("avg_accuracy", "accuracy_stderr", "gold_ll", "gold_ll_stderr")  # Fig. 8's y: mean over tasks, ± pooled
-
-
-def _pooled(stderr: pd.Series) -> float:
-    """The stderr of a mean over independent tasks: √(Σ stderr²) / tasks."""
-    return float(stderr.pow(2).sum() ** 0.5 / len(stderr))
