@@ -162,17 +162,26 @@ def exit_run(name, acc, training="post", scheme="aggressive", coef=0.1, sd=False
 
 
 def early_exit_study():
-    return study(run("stepwise B=2", "uptrained", acc={0: 0.3, 1: 0.5}, ppl={0: 100.0, 1: 10.0}, init="stepwise",
-                     num_blocks=2),
-                 exit_run("B=2 post weighted", {0: 0.45, 1: 0.45}, scheme="weighted", coef="-"),
-                 exit_run("B=2 post aggressive 0.1 +SD", {0: 0.40, 1: 0.52}, sd=True),
-                 exit_run("B=2 co aggressive 0.1", {0: 0.35, 1: 0.50}, training="co"),
-                 exit_run("B=3 post weighted", {0: 0.2, 1: 0.3, 2: 0.4}, scheme="weighted", coef="-", b=3))
+    return study(*early_exit_study_runs())
+
+
+def early_exit_study_runs():
+    return (run("stepwise B=2", "uptrained", acc={0: 0.3, 1: 0.5}, ppl={0: 100.0, 1: 10.0}, init="stepwise",
+                num_blocks=2),
+            exit_run("B=2 post weighted", {0: 0.45, 1: 0.45}, scheme="weighted", coef="-"),
+            exit_run("B=2 post aggressive 0.1 +SD", {0: 0.40, 1: 0.52}, sd=True),
+            exit_run("B=2 co aggressive 0.1", {0: 0.35, 1: 0.50}, training="co"),
+            exit_run("B=3 post weighted", {0: 0.2, 1: 0.3, 2: 0.4}, scheme="weighted", coef="-", b=3))
 
 
 def test_table13_per_loop_deltas_and_labels():
     t = T.table13(early_exit_study())
     assert len(t) == 2 + 2 + 2 + 2 + 3  # one row per run and loop
+    assert "one pass" not in set(t["loop"])
+    with_full = T.table13(study(run("full-size", "baseline", acc={0: 0.6}, ppl={0: 8.0}, baseline="full",
+                                    num_blocks=1), *early_exit_study_runs()))
+    assert with_full["loop"].tolist()[0] == "one pass" and with_full["model"].tolist()[0] == "full-size"
+    assert with_full["loop"].tolist()[1:] == t["loop"].tolist()  # the full-size model has no loops to label
     assert t["loop"].tolist()[-3:] == ["loop 1", "loop 2", "loop 3"] and t["loop_idx"].tolist()[-3:] == [0, 1, 2]
     sd = t[t["model"] == "B=2 post aggressive 0.1 +SD"].set_index("loop")
     assert sd["Δ acc vs uptrained (pts)"].tolist() == pytest.approx([10.0, 2.0])

@@ -148,7 +148,8 @@ def table13(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     App. M's final models: `table14`."""
     df = _not_final(_per_model(tables, per_loop=True))
     df = df[df["loop_idx"].notna()].astype({"loop_idx": int}).reset_index(drop=True)  # a run with no metrics
-    df["loop"] = "loop " + (df["loop_idx"] + 1).astype(str)
+    one_pass = pd.to_numeric(df["num_blocks"], errors="coerce").eq(1)  # the full-size reference: no loops
+    df["loop"] = np.where(one_pass, "one pass", "loop " + (df["loop_idx"] + 1).astype(str))
     last = df["loop_idx"].eq(df.groupby("model")["loop_idx"].transform("max"))
     up = df["role"].eq("uptrained")
     pairs = [PAPER["table13"].get("uptrained" if u else _recipe(row)) if _at_b2(row) else None  # (loop 1, last)
@@ -216,7 +217,8 @@ def table14(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     df = df[_col(df, "final").map(tag_is_true) & df["loop_idx"].notna()].astype({"loop_idx": int})
     df = df.assign(order=_col(df, "baseline").isna()).sort_values("order", kind="stable")
     df = df.drop(columns="order").reset_index(drop=True)
-    df["loop"] = "loop " + (df["loop_idx"] + 1).astype(str)
+    one_pass = pd.to_numeric(df["num_blocks"], errors="coerce").eq(1)  # the full-size reference: no loops
+    df["loop"] = np.where(one_pass, "one pass", "loop " + (df["loop_idx"] + 1).astype(str))
     last = df["loop_idx"].eq(df.groupby("model")["loop_idx"].transform("max"))
     post = _col(df, "training").eq("post")
     before = ~post & _col(df, "init").notna() & last

@@ -8,7 +8,11 @@ writes it itself). The targets (issue "The paper's final models and its serving 
 - `real_over_bound`: each engine system's throughput over its own bound ≥ 0.90 (HF `generate` is
   reported in the bench table, not targeted: its bound prices calls it does not make the same way);
 - `ratio_vs_hf_generate`: CDB + oracle over HF `generate` at the same batch ≥ 1.5;
-- `delta_seq`: CDB + oracle over our continuous sequence-wise batching (Δ_Seq, prompts included) ≥ 1.2;
+- `delta_seq`: CDB + oracle over our continuous sequence-wise batching (Δ_Seq, prompts included) ≥ 1.2, under the
+  KV policies that skip an exited token's remaining loops (the copy policies: what the paper's simulation assumed).
+  `propagate` runs those loops as extra rows to keep every depth's KV exact, so it saves no layer rows (its row
+  bound is 1.00) and 1.2 is out of its reach by construction: its Δ_Seq is reported (bench.csv, Table 17) and
+  held to its row bound below, not to 1.2;
 - `delta_seq_over_row_bound`: Δ_Seq over its row bound `delta_seq_rows` (what Δ_Seq would be if a
   layer call cost the same per row: the compute the system saves) ≥ 0.90;
 - `delta_seq_decode_over_row_bound`: the paper's Δ_Seq (decode time only, `delta_seq_decode`) over its
@@ -51,7 +55,8 @@ TARGETS = {t.name: t for t in (Target("real_over_bound", 0.90, True), Target("ra
                                Target("delta_seq", 1.2, True), Target("delta_seq_over_row_bound", 0.90, True),
                                Target("delta_seq_decode_over_row_bound", 0.90, True),
                                Target("lora_cost", 0.15, False))}
-ORACLE_SYSTEMS = ("cdb_oracle", "cdb_oracle_own")  # replayed text trajectories, the model's own output's
+ORACLE_SYSTEMS = ("cdb_oracle", "cdb_oracle_own")
+NO_ROWS_SAVED = ("propagate",)  # KV policies that run an exited token's remaining loops (engine.KV_POLICIES)  # replayed text trajectories, the model's own output's
 # (target, Δ column, its row bound): Δ_Seq with prompts (ours), and decode time only (the paper's)
 ROW_BOUNDS = (("delta_seq_over_row_bound", "delta_seq", "delta_seq_rows"),
               ("delta_seq_decode_over_row_bound", "delta_seq_decode", "delta_seq_decode_rows"))
@@ -87,7 +92,8 @@ def targets_table(bench: pd.DataFrame) -> pd.DataFrame:
     for r in oracle.itertuples():
         if "ratio_vs_hf_generate" in df:
             add("ratio_vs_hf_generate", r, r.ratio_vs_hf_generate)
-        add("delta_seq", r, r.delta_seq)
+        if r.kv_policy not in NO_ROWS_SAVED:
+            add("delta_seq", r, r.delta_seq)
         for target, delta, bound in ROW_BOUNDS:
             if {delta, bound} <= set(df):  # a bench.csv from before the decode-only Δ has no decode columns
                 add(target, r, getattr(r, delta) / getattr(r, bound), getattr(r, bound))
