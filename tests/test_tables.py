@@ -417,6 +417,9 @@ def test_examples_throughput():
     t17, t16 = T.table17(deltas), T.table16(step_costs)
     assert len(t17) == len(deltas) and t17[["tokens/s", "Δ_V (×)", "Δ_Seq (×)"]].notna().all().all()
     assert len(t16) == len(step_costs) and t16["block ms/token"].notna().all()
-    assert (t16["paper batch size"] == 43).sum() == 2  # each model's largest batch within the cap
+    for _, group in t16.groupby(["config", "model"]):  # the paper's max batch (43) at each listed model's largest
+        paper = group[group["paper batch size"] == 43]
+        listed = group["paper batch size"].notna().any()  # Table 16 lists vanilla and B=2 r=0 only
+        assert len(paper) == listed and (not listed or paper["batch size"].iloc[0] == group["batch size"].max())
     for df in (t17, t16):
         assert "Table" in T.style(df, caption="Table 17/16 at the cpu scale").to_html()
