@@ -66,5 +66,6 @@ if __name__ == "__main__":  # rewrite the README's block from the committed exam
     text = readme.read_text()
     readme_block(text)  # the markers are there
     start, end = text.index(BEGIN), text.index(END) + len(END)
-    readme.write_text(text[:start] + f"{BEGIN}\n{targets_block()}\n{END}" + text[end:])
-    print(targets_block())
+    block = targets_block()
+    readme.write_text(text[:start] + f"{BEGIN}\n{block}\n{END}" + text[end:])
+    print(block)
